@@ -1,0 +1,238 @@
+"""The `imgjobs` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Annotated
+
+import redis
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from jobs.broker import connect_redis, require_broker_url
+from jobs.embedded import EmbeddedRedis, LocalWorker
+from jobs.manifest import ValidatedJob, validate_job
+from jobs.producer import submit as submit_job
+from jobs.registry import Registry
+from jobs.status import read_status
+from schemas.errors import ConfigError, ImgjobsError, SpecError
+from schemas.messages import WORKER_MODEL_ENV, WorkerModel
+from schemas.progress import JobState, JobStatus
+from schemas.settings import Settings
+
+app = typer.Typer(
+    help="Batch image-to-image jobs with diffusers on Celery workers.",
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+POLL_S = 0.5
+
+ModelsOption = Annotated[
+    Path | None, typer.Option("--models", help="models.yaml registry (default: $IMGJOBS_MODELS)", show_default=False)
+]
+JobArgument = Annotated[Path, typer.Argument(help="job spec, YAML or JSON", show_default=False)]
+
+
+def _registry(models: Path | None, settings: Settings) -> Registry:
+    return Registry.load(models or settings.models)
+
+
+def _validated(job_path: Path, models: Path | None, settings: Settings) -> tuple[ValidatedJob, Registry]:
+    registry = _registry(models, settings)
+    return validate_job(job_path, registry), registry
+
+
+@app.command()
+def validate(job: JobArgument, models: ModelsOption = None) -> None:
+    """Check the job spec and every item; print every problem with file, line and field."""
+    settings = Settings.from_env()
+    validated, _ = _validated(job, models, settings)
+    out.print(f"ok: {validated.total} item(s), job id {validated.job_id}")
+
+
+@app.command()
+def submit(job: JobArgument, models: ModelsOption = None) -> None:
+    """Validate, then enqueue the job on IMGJOBS_BROKER_URL; prints the job id."""
+    settings = Settings.from_env()
+    broker_url = require_broker_url(settings)
+    validated, _ = _validated(job, models, settings)
+    submission = submit_job(validated, settings, broker_url)
+    if submission.already_submitted:
+        err.print(f"job {submission.job_id} was already submitted; see `imgjobs status {submission.job_id}`")
+    print(submission.job_id)
+
+
+def _progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:.2f} items/s"), TextColumn("failed {task.fields[failed]}"),
+        TimeRemainingColumn(), console=err,
+    )
+
+
+def _rate(status: JobStatus) -> float:
+    if not status.started_at or not status.done:
+        return 0.0
+    return status.done / max((status.finished_at or time.time()) - status.started_at, 1e-6)
+
+
+def _watch(client: redis.Redis, job_id: str, workers: list[LocalWorker] | None = None) -> JobStatus:
+    with _progress_bar() as progress:
+        status = read_status(client, job_id)
+        task = progress.add_task(status.name, total=status.total, rate=0.0, failed=0)
+        while True:
+            status = read_status(client, job_id)
+            progress.update(task, completed=status.done, rate=_rate(status), failed=status.failed)
+            if status.finished:
+                return status
+            if workers is not None and not any(worker.alive() for worker in workers):
+                tails = "\n".join(w.log_tail() for w in workers)
+                raise ImgjobsError(f"every local worker exited before the job finished; last log lines:\n{tails}")
+            time.sleep(POLL_S)
+
+
+def _print_summary(status: JobStatus) -> None:
+    table = Table(title=f"job {status.job_id}: {status.state.value}", show_header=False)
+    table.add_row("items", str(status.total))
+    table.add_row("succeeded", str(status.succeeded))
+    table.add_row("failed", str(status.failed))
+    if status.started_at and status.finished_at:
+        table.add_row("time", f"{status.finished_at - status.started_at:.1f}s ({_rate(status):.2f} items/s)")
+    table.add_row("results", f"{status.output.rstrip('/')}/{status.job_id}/results.jsonl")
+    out.print(table)
+
+
+@app.command()
+def run(
+    job: JobArgument,
+    models: ModelsOption = None,
+    workers_per_model: Annotated[int, typer.Option(min=1, max=16, help="local workers for each model")] = 1,
+) -> None:
+    """Run a job to the end. With no IMGJOBS_BROKER_URL, start an embedded Redis and local workers."""
+    settings = Settings.from_env()
+    validated, registry = _validated(job, models, settings)
+    with ExitStack() as stack:
+        workers: list[LocalWorker] | None = None
+        if settings.broker_url:
+            broker_url = require_broker_url(settings)
+        else:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="imgjobs-")))
+            broker_url = stack.enter_context(EmbeddedRedis(workdir / "redis")).url
+            unique_models = {model.name: model for model in validated.models}
+            workers = [
+                stack.enter_context(LocalWorker(model, broker_url, registry.path, workdir / f"worker-{n}-{i}.log"))
+                for n, model in enumerate(unique_models.values())
+                for i in range(workers_per_model)
+            ]
+            err.print(f"embedded mode: redis at {broker_url}, {len(workers)} local worker(s)")
+        submission = submit_job(validated, settings, broker_url)
+        err.print(f"job {submission.job_id}: {submission.total} item(s) in {submission.chunks} chunk(s)")
+        status = _watch(connect_redis(broker_url), submission.job_id, workers)
+    _print_summary(status)
+    raise typer.Exit(0 if status.state == JobState.SUCCEEDED else EXIT_FAILED)
+
+
+@app.command()
+def status(
+    job_id: Annotated[str, typer.Argument(show_default=False)],
+    watch: Annotated[bool, typer.Option("--watch", help="follow until the job finishes")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object (one per poll with --watch)")] = False,
+) -> None:
+    """Show a job's state and counts."""
+    client = connect_redis(require_broker_url(Settings.from_env()))
+    if watch and not as_json:
+        _print_summary(_watch(client, job_id))
+        return
+    while True:
+        current = read_status(client, job_id)
+        if as_json:
+            print(json.dumps(current.model_dump(mode="json")), flush=True)
+        else:
+            out.print(
+                f"{current.job_id}: {current.state.value}  total {current.total}  pending {current.pending}  "
+                f"running {current.running}  succeeded {current.succeeded}  failed {current.failed}"
+            )
+        if not watch or current.finished:
+            return
+        time.sleep(POLL_S)
+
+
+@app.command()
+def worker(
+    model: Annotated[str, typer.Option("--model", help="registry name or diffusers folder", show_default=False)],
+    models: ModelsOption = None,
+    loglevel: Annotated[str, typer.Option(help="Celery log level")] = "info",
+) -> None:
+    """Start a Celery worker that loads MODEL once and consumes only that model's queue."""
+    settings = Settings.from_env()
+    broker_url = require_broker_url(settings)
+    resolved = _registry(models, settings).resolve(model, base_dir=Path.cwd())
+    connect_redis(broker_url)  # fail here, in one line, rather than in Celery's retry loop
+    queue = resolved.queue
+    env = os.environ | {WORKER_MODEL_ENV: WorkerModel(name=resolved.name, entry=resolved.entry).model_dump_json()}
+    argv = [
+        sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--queues", queue, "--concurrency", "1",
+        "--pool", "prefork", "--hostname", f"{queue}.{os.getpid()}@%h", "--without-gossip", "--without-mingle",
+        "--loglevel", loglevel,
+    ]
+    # Replace this process, so signals from a supervisor reach Celery directly.
+    os.execve(sys.executable, argv, env)
+
+
+@app.command("models")
+def list_models(models: ModelsOption = None) -> None:
+    """List the model registry: built-in entries and those of models.yaml."""
+    registry = _registry(models, Settings.from_env())
+    table = Table("name", "source", "dtype", "vae family", "description")
+    for name, entry in sorted(registry.entries.items()):
+        table.add_row(name, entry.source, entry.dtype, entry.vae_family or "", entry.description)
+    out.print(table)
+
+
+@app.command()
+def demo(
+    directory: Annotated[Path, typer.Option("--dir", help="where to write the demo")] = Path("demo-out"),
+    no_run: Annotated[bool, typer.Option("--no-run", help="only write the files")] = False,
+) -> None:
+    """Write tiny random-weight models, sample images, models.yaml and job.yaml, then run the job."""
+    # A separate interpreter, so the producer never imports torch.
+    written = subprocess.run(
+        [sys.executable, "-m", "workers.demo", str(directory)], capture_output=True, text=True, check=False
+    )
+    if written.returncode != 0:
+        raise ImgjobsError(f"writing the demo failed:\n{written.stderr[-2000:]}")
+    job_path = Path(written.stdout.strip().splitlines()[-1])
+    err.print(f"demo written to {directory}: {job_path.name}, models.yaml, items.jsonl, inputs/, models/")
+    if not no_run:
+        run(job_path, models=directory / "models.yaml")
+
+
+def main() -> None:
+    try:
+        app()
+    except SpecError as exc:
+        for problem in exc.problems:
+            err.print(f"error: {problem}", markup=False)
+        sys.exit(EXIT_INVALID)
+    except ConfigError as exc:
+        err.print(f"error: {exc}", markup=False)
+        sys.exit(EXIT_INVALID)
+    except ImgjobsError as exc:
+        err.print(f"error: {exc}", markup=False)
+        sys.exit(EXIT_FAILED)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)

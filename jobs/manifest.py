@@ -1,0 +1,214 @@
+"""Reading and validating a job: the spec (YAML or JSON) and its items file (JSONL or CSV).
+
+Validation streams the items once and collects every problem with its file and line; nothing is
+enqueued unless there are none. Planning streams them a second time, so memory stays flat in the
+number of items (except the set of ids used to reject duplicates).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from jobs.registry import Registry
+from schemas.errors import ConfigError, Problem, SpecError
+from schemas.job import Item, JobSpec, ResolvedParams, resolve_params
+from schemas.registry import ResolvedModel
+
+MAX_SPEC_BYTES = 1 * 2**20
+MAX_LINE_BYTES = 1 * 2**20
+MAX_PROBLEMS = 200
+ITEM_FORMATS = (".jsonl", ".csv")
+
+
+@dataclass(frozen=True)
+class ValidatedJob:
+    spec: JobSpec
+    spec_path: Path
+    items_path: Path
+    output: str
+    job_id: str
+    total: int
+    models: tuple[ResolvedModel, ...]
+
+
+def _node_line(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+    """The 1-based line of the YAML node that a pydantic error location points at."""
+    node = root
+    if node is None:
+        return None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            found = next((v for k, v in node.value if getattr(k, "value", None) == key), None)
+            if found is None:
+                break
+            node = found
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            break
+    return int(node.start_mark.line) + 1
+
+
+def _problems_from(exc: ValidationError, file: str, line_of: Any) -> list[Problem]:
+    problems = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        field = ".".join(str(p) for p in loc) or None
+        message = err["msg"].removeprefix("Value error, ")
+        problems.append(Problem(file=file, line=line_of(loc), field=field, message=message))
+    return problems
+
+
+def load_spec(spec_path: Path) -> JobSpec:
+    file = str(spec_path)
+    try:
+        if spec_path.stat().st_size > MAX_SPEC_BYTES:
+            raise SpecError([Problem(file, None, None, f"spec is larger than {MAX_SPEC_BYTES} bytes")])
+        text = spec_path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError([Problem(file, None, None, f"cannot read: {exc.strerror}")]) from None
+    except UnicodeDecodeError:
+        raise SpecError([Problem(file, None, None, "not UTF-8 text")]) from None
+    try:
+        # JSON is read by the YAML parser too; safe_load builds plain data only, never objects.
+        data = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        raise SpecError([Problem(file, line, None, f"not valid YAML/JSON: {getattr(exc, 'problem', exc)}")]) from None
+    if not isinstance(data, dict):
+        raise SpecError([Problem(file, 1, None, "the spec must be a mapping of version, name, output, items, stages")])
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_problems_from(exc, file, lambda loc: _node_line(root, loc))) from None
+
+
+def _raw_rows(items_path: Path, digest: Any) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """(line, row) for each item, or (line, message) where the line itself cannot be read."""
+    suffix = items_path.suffix.lower()
+    with items_path.open("rb") as raw:
+        if suffix == ".jsonl":
+            for number, line in enumerate(raw, start=1):
+                digest.update(line)
+                if len(line) > MAX_LINE_BYTES:
+                    yield number, f"line is longer than {MAX_LINE_BYTES} bytes"
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    yield number, f"not valid JSON: {exc}"
+                    continue
+                yield (number, row) if isinstance(row, dict) else (number, "each line must be a JSON object")
+        else:
+            text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+            reader = csv.DictReader(text)
+            try:
+                for row in reader:
+                    digest.update(json.dumps(row, sort_keys=True).encode())
+                    if None in row:
+                        yield reader.line_num, "more values than header columns"
+                        continue
+                    yield reader.line_num, {k: v for k, v in row.items() if k and v not in (None, "")}
+            except (csv.Error, UnicodeDecodeError) as exc:
+                yield reader.line_num, f"not valid CSV: {exc}"
+
+
+def _check_item(spec: JobSpec, file: str, line: int, row: dict[str, Any]) -> tuple[Item | None, list[Problem]]:
+    try:
+        item = Item.model_validate(row)
+    except ValidationError as exc:
+        return None, _problems_from(exc, file, lambda _loc: line)
+    problems = []
+    for index, stage in enumerate(spec.stages):
+        try:
+            resolve_params(item, stage, spec.defaults)
+        except ValidationError as exc:
+            for err in exc.errors():
+                problems.append(Problem(file, line, f"stages.{index}", err["msg"].removeprefix("Value error, ")))
+    return item, problems
+
+
+def items_path_of(spec: JobSpec, spec_path: Path) -> Path:
+    return (spec_path.parent / spec.items).resolve()
+
+
+def output_of(spec: JobSpec, spec_path: Path) -> str:
+    if spec.output.startswith("s3://"):
+        return spec.output.rstrip("/")
+    local = Path(spec.output.removeprefix("file://")).expanduser()
+    return str(local if local.is_absolute() else (spec_path.parent / local).resolve())
+
+
+def validate_job(spec_path: Path, registry: Registry) -> ValidatedJob:
+    """Every problem of the spec and all its items, raised together as one SpecError."""
+    spec = load_spec(spec_path)
+    problems: list[Problem] = []
+    models: list[ResolvedModel] = []
+    for index, stage in enumerate(spec.stages):
+        try:
+            models.append(registry.resolve(stage.model, base_dir=spec_path.parent))
+        except ConfigError as exc:
+            problems.append(Problem(str(spec_path), None, f"stages.{index}.model", str(exc)))
+
+    items_path = items_path_of(spec, spec_path)
+    if items_path.suffix.lower() not in ITEM_FORMATS:
+        problems.append(Problem(str(spec_path), None, "items", f"items file must be one of {ITEM_FORMATS}"))
+        raise SpecError(problems)
+    if not items_path.is_file():
+        problems.append(Problem(str(spec_path), None, "items", f"no such file: {items_path}"))
+        raise SpecError(problems)
+
+    digest = hashlib.sha256(spec.model_dump_json().encode())
+    seen: dict[str, int] = {}
+    total = 0
+    file = str(items_path)
+    for line, row in _raw_rows(items_path, digest):
+        if isinstance(row, str):
+            problems.append(Problem(file, line, None, row))
+            continue
+        item, item_problems = _check_item(spec, file, line, row)
+        problems.extend(item_problems)
+        if item is not None:
+            if item.id in seen:
+                problems.append(Problem(file, line, "id", f"duplicate id {item.id!r}, first on line {seen[item.id]}"))
+            seen[item.id] = line
+        total += 1
+        if len(problems) >= MAX_PROBLEMS:
+            problems.append(Problem(file, line, None, f"stopped after {MAX_PROBLEMS} problems"))
+            break
+    if total == 0 and not problems:
+        problems.append(Problem(file, None, None, "no items"))
+    if problems:
+        raise SpecError(problems)
+    return ValidatedJob(
+        spec=spec,
+        spec_path=spec_path.resolve(),
+        items_path=items_path,
+        output=output_of(spec, spec_path),
+        job_id=f"{spec.name}-{digest.hexdigest()[:12]}",
+        total=total,
+        models=tuple(models),
+    )
+
+
+def iter_items(job: ValidatedJob) -> Iterator[tuple[Item, ResolvedParams]]:
+    """The items of a job that validate_job accepted, with their first stage's parameters."""
+    stage = job.spec.stages[0]
+    for _line, row in _raw_rows(job.items_path, hashlib.sha256()):
+        assert isinstance(row, dict), "iter_items runs only on a validated job"
+        item = Item.model_validate(row)
+        yield item, resolve_params(item, stage, job.spec.defaults)

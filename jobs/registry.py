@@ -1,0 +1,61 @@
+"""Reading models.yaml and resolving a stage's `model` to a registry entry or a local folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from schemas.errors import ConfigError, UnknownModelError
+from schemas.registry import BUILTIN_MODELS, MODEL_NAME_PATTERN, ModelEntry, RegistryFile, ResolvedModel
+
+
+class Registry:
+    def __init__(self, entries: dict[str, ModelEntry], path: Path | None) -> None:
+        self.entries = entries
+        self.path = path
+
+    @classmethod
+    def load(cls, path: Path | None) -> Registry:
+        """Built-in entries, overridden and extended by the file at `path` when given."""
+        entries = dict(BUILTIN_MODELS)
+        if path is None:
+            return cls(entries, None)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read model registry {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"model registry {path} is not valid YAML: {exc}") from None
+        try:
+            parsed = RegistryFile.model_validate(raw)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise ConfigError(f"model registry {path}: {where}: {err['msg']}") from None
+        for name, entry in parsed.models.items():
+            if not MODEL_NAME_PATTERN.match(name):
+                raise ConfigError(f"model registry {path}: model name {name!r} must be letters, digits, '.', '_', '-'")
+            # A source that exists as a folder beside models.yaml is local; anything else is a hub id.
+            local = path.parent / entry.source
+            if local.is_dir():
+                entry = entry.model_copy(update={"source": str(local.resolve())})
+            entries[name] = entry
+        return cls(entries, path.resolve())
+
+    def resolve(self, name: str, base_dir: Path | None = None) -> ResolvedModel:
+        """A registry name, or a diffusers folder (relative to `base_dir`) named directly."""
+        if name in self.entries:
+            return ResolvedModel(name=name, entry=self.entries[name])
+        folder = Path(name).expanduser()
+        if not folder.is_absolute() and base_dir is not None:
+            folder = base_dir / folder
+        if (folder / "model_index.json").is_file():
+            resolved = str(folder.resolve())
+            return ResolvedModel(name=resolved, entry=ModelEntry(source=resolved))
+        known = ", ".join(sorted(self.entries))
+        where = f" in {self.path}" if self.path else " (no models.yaml given: set IMGJOBS_MODELS or --models)"
+        raise UnknownModelError(
+            f"unknown model {name!r}: not registered{where} and not a diffusers folder; known: {known}"
+        )

@@ -1,0 +1,71 @@
+"""The imgjobs error tree.
+
+    ImgjobsError                  root: every error we raise on purpose
+    ├── SpecError                 the job spec or an item is invalid; carries every Problem found
+    ├── ConfigError               a setting, env var or registry entry is wrong
+    │   └── UnknownModelError     a stage names a model that is neither registered nor a folder
+    ├── BrokerUnavailableError    Redis cannot be reached
+    ├── StorageError              reading or writing outputs failed (retryable)
+    └── ItemError                 one item failed; it is recorded and the rest of the job goes on
+        ├── InputImageError       missing, unreadable, oversized or undecodable input image
+        └── StageError            the pipeline rejected or failed on the item's inputs
+
+`retryable` is policy as data: retries (issue 4) look at it rather than at the class names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+
+class ImgjobsError(Exception):
+    retryable: ClassVar[bool] = False
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the input, located as precisely as we can."""
+
+    file: str
+    line: int | None
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+class SpecError(ImgjobsError):
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__(f"{len(problems)} problem(s); first: {problems[0]}" if problems else "invalid job")
+
+
+class ConfigError(ImgjobsError):
+    pass
+
+
+class UnknownModelError(ConfigError):
+    pass
+
+
+class BrokerUnavailableError(ImgjobsError):
+    pass
+
+
+class StorageError(ImgjobsError):
+    retryable = True
+
+
+class ItemError(ImgjobsError):
+    pass
+
+
+class InputImageError(ItemError):
+    pass
+
+
+class StageError(ItemError):
+    pass

@@ -1,0 +1,82 @@
+"""Model registry entries: what a model name in a stage resolves to.
+
+A `models.yaml` maps names to entries; the built-ins below name the checkpoints of the diffusers
+image-to-image guide so `model: sd15` works wherever the hub is reachable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+QUEUE_PREFIX = "imgjobs."
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(min_length=1, description="hub id or local diffusers folder")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    variant: str | None = Field(None, description="weights variant on the hub, e.g. fp16")
+    device: str = Field("auto", description="'auto' picks cuda when available, else cpu")
+    vae_family: str | None = Field(None, description="models with equal families share a latent space")
+    description: str = ""
+
+
+class RegistryFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    models: dict[str, ModelEntry] = Field(default_factory=dict)
+
+
+class ResolvedModel(BaseModel):
+    """A registry name or a folder, resolved: what a worker needs to load it and where its queue is."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    entry: ModelEntry
+
+    @property
+    def queue(self) -> str:
+        return queue_for(self.name)
+
+
+def queue_for(model_name: str) -> str:
+    if MODEL_NAME_PATTERN.match(model_name):
+        return QUEUE_PREFIX + model_name
+    # A stage may name a folder directly; its queue name must still be a short, safe string.
+    digest = hashlib.sha256(model_name.encode()).hexdigest()[:12]
+    tail = re.sub(r"[^A-Za-z0-9._-]", "-", model_name.rstrip("/").rsplit("/", 1)[-1])[:40] or "model"
+    return f"{QUEUE_PREFIX}{tail}-{digest}"
+
+
+BUILTIN_MODELS: dict[str, ModelEntry] = {
+    "sd15": ModelEntry(
+        source="stable-diffusion-v1-5/stable-diffusion-v1-5", variant="fp16", vae_family="sd",
+        description="Stable Diffusion 1.5 img2img",
+    ),
+    "sdxl-refiner": ModelEntry(
+        source="stabilityai/stable-diffusion-xl-refiner-1.0", variant="fp16", vae_family="sdxl",
+        description="SDXL refiner img2img",
+    ),
+    "kandinsky22": ModelEntry(
+        source="kandinsky-community/kandinsky-2-2-decoder", description="Kandinsky 2.2 img2img",
+    ),
+    "comic-diffusion": ModelEntry(
+        source="ogkalu/Comic-Diffusion", vae_family="sd", description="style: 'charliebo artstyle'",
+    ),
+    "pixel-art-style": ModelEntry(
+        source="kohbanye/pixel-art-style", vae_family="sd", description="style: 'pixelartstyle'",
+    ),
+    "sd-x2-latent-upscaler": ModelEntry(
+        source="stabilityai/sd-x2-latent-upscaler", vae_family="sd", description="x2 latent upscaler",
+    ),
+    "sd-x4-upscaler": ModelEntry(
+        source="stabilityai/stable-diffusion-x4-upscaler", description="x4 upscaler",
+    ),
+}

@@ -1,0 +1,85 @@
+"""Settings from the environment (IMGJOBS_*), passed down explicitly; nothing reads os.environ elsewhere.
+
+Credentials stay where the standard mechanisms put them: the Redis password inside the broker
+URL, S3 keys in boto3's own chain (AWS_* variables, ~/.aws, instance roles). We never copy them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.errors import ConfigError
+
+ENV_PREFIX = "IMGJOBS_"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    broker_url: str | None = Field(None, description="redis:// or rediss:// URL; unset means embedded")
+    models: Path | None = Field(None, description="models.yaml registry file")
+    chunk_size: int = Field(8, ge=1, le=1024, description="items per Celery task and per batched call")
+    task_time_limit_s: int = Field(3600, ge=10, description="hard limit for one chunk")
+    model_load_timeout_s: int = Field(1800, ge=10, description="how long a worker may take to load its model")
+    max_image_bytes: int = Field(64 * 2**20, ge=1024, description="largest input file accepted")
+    max_image_pixels: int = Field(64 * 2**20, ge=64, description="largest decoded input, in pixels")
+    http_timeout_s: float = Field(30.0, gt=0)
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads per worker; unset lets torch pick")
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        # Above the hard time limit, or Redis hands a still-running chunk to a second worker (celery#5935).
+        return self.task_time_limit_s * 2
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        try:
+            return cls()
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{ENV_PREFIX}{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
+            )
+            raise ConfigError(f"invalid environment: {problems}") from None
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, fit for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.hostname or ""
+    if parts.username:
+        netloc = f"{parts.username}:***@{netloc}"
+    else:
+        netloc = f":***@{netloc}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def celery_config(settings: Settings, broker_url: str) -> dict[str, Any]:
+    """One Celery configuration for the producer and the workers, so both ends agree."""
+    return {
+        "broker_url": broker_url,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "event_serializer": "json",
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": settings.task_time_limit_s,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "broker_connection_retry_on_startup": True,
+        # Model loading happens in the pool process at start; Celery's default allows it 4 s.
+        "worker_proc_alive_timeout": settings.model_load_timeout_s,
+        "worker_hijack_root_logger": False,
+        "task_default_queue": "imgjobs.default",
+    }

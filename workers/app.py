@@ -1,0 +1,33 @@
+"""The Celery app of a worker process. Start it through `imgjobs worker --model NAME`, which
+resolves the model and points the worker at that model's queue only.
+
+The model is loaded once per pool process, at process start (worker_process_init), and stays
+resident; this module-level state is what Celery's process model asks for.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from schemas.errors import ConfigError
+from schemas.settings import Settings, celery_config
+from workers.runtime import WorkerRuntime
+
+log = logging.getLogger("imgjobs.worker")
+
+settings = Settings.from_env()
+if not settings.broker_url:
+    raise ConfigError("IMGJOBS_BROKER_URL is not set; start workers with `imgjobs worker --model NAME`")
+
+app = Celery("imgjobs-worker")
+app.conf.update(celery_config(settings, settings.broker_url))
+app.conf.include = ["workers.tasks"]
+
+
+@worker_process_init.connect
+def _load_model(**_: Any) -> None:
+    WorkerRuntime.start(settings)

@@ -1,0 +1,100 @@
+"""Fetching and decoding input images, bounded in bytes and pixels before any decoding happens,
+and encoding outputs."""
+
+from __future__ import annotations
+
+import io
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+
+from botocore.exceptions import BotoCoreError, ClientError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from schemas.errors import InputImageError, StorageError
+from schemas.settings import Settings
+from workers.storage import s3_client, split_s3_uri
+
+# Formats we decode; everything else is refused before a decoder runs.
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
+
+
+def _read_limited(stream: io.BufferedIOBase | io.RawIOBase, limit: int, uri: str) -> bytes:
+    data = stream.read(limit + 1)
+    if data is None or len(data) > limit:
+        raise InputImageError(f"{uri}: larger than the {limit}-byte limit")
+    return bytes(data)
+
+
+def fetch_bytes(uri: str, settings: Settings) -> bytes:
+    limit = settings.max_image_bytes
+    if uri.startswith("s3://"):
+        bucket, key = split_s3_uri(uri)
+        try:
+            obj = s3_client().get_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NoSuchBucket", "AccessDenied", "403"):
+                raise InputImageError(f"{uri}: {code}") from None
+            raise StorageError(f"{uri}: {exc}") from None
+        except BotoCoreError as exc:
+            raise StorageError(f"{uri}: {exc}") from None
+        if obj.get("ContentLength", 0) > limit:
+            raise InputImageError(f"{uri}: larger than the {limit}-byte limit")
+        return _read_limited(obj["Body"], limit, uri)  # type: ignore[arg-type]
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri, timeout=settings.http_timeout_s) as response:  # noqa: S310
+                return _read_limited(response, limit, uri)
+        except urllib.error.HTTPError as exc:
+            raise InputImageError(f"{uri}: HTTP {exc.code}") from None
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            raise InputImageError(f"{uri}: {exc}") from None
+    path = Path(uri.removeprefix("file://"))
+    try:
+        if path.stat().st_size > limit:
+            raise InputImageError(f"{uri}: larger than the {limit}-byte limit")
+        with path.open("rb") as handle:
+            return _read_limited(handle, limit, uri)
+    except OSError as exc:
+        raise InputImageError(f"{uri}: {exc.strerror or exc}") from None
+
+
+def decode_image(data: bytes, uri: str, settings: Settings) -> Image.Image:
+    """RGB image with EXIF orientation applied; refuses bombs before decoding pixels."""
+    Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; we refuse outright.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            width, height = image.size
+            if width * height > settings.max_image_pixels:
+                raise InputImageError(f"{uri}: {width}x{height} is above the {settings.max_image_pixels}-pixel limit")
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+                # 16/32-bit grey: scale to 8 bits rather than let convert() clip everything to white.
+                image = image.point(lambda v: v / 256).convert("L")
+            return image.convert("RGB")
+    except InputImageError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputImageError(f"{uri}: {exc}") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InputImageError(f"{uri}: cannot decode: {exc}") from None
+
+
+def load_input(uri: str, size: tuple[int, int], settings: Settings) -> Image.Image:
+    """Fetch, decode and fit (center-crop to the aspect ratio, then resize) to size=(width, height)."""
+    image = decode_image(fetch_bytes(uri, settings), uri, settings)
+    if image.size == size:
+        return image
+    return ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)
+
+
+def encode_png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

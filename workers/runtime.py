@@ -1,0 +1,48 @@
+"""The one model and the connections a worker process holds for its lifetime."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import ClassVar
+
+import redis
+
+from schemas.errors import ConfigError
+from schemas.messages import WORKER_MODEL_ENV, WorkerModel
+from schemas.settings import Settings
+from workers.chunk import ChunkContext
+
+log = logging.getLogger("imgjobs.worker")
+
+
+class WorkerRuntime:
+    _context: ClassVar[ChunkContext | None] = None
+
+    @classmethod
+    def start(cls, settings: Settings) -> ChunkContext:
+        import os
+
+        import torch
+
+        from workers.models import load_pipeline
+
+        raw = os.environ.get(WORKER_MODEL_ENV)
+        if not raw:
+            raise ConfigError(f"{WORKER_MODEL_ENV} is not set; start workers with `imgjobs worker --model NAME`")
+        model = WorkerModel.model_validate_json(raw)
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        started = time.perf_counter()
+        pipeline = load_pipeline(model.entry)
+        log.info("model %s loaded from %s in %.1fs", model.name, model.entry.source, time.perf_counter() - started)
+        assert settings.broker_url is not None
+        client = redis.Redis.from_url(settings.broker_url, decode_responses=True, socket_connect_timeout=10)
+        cls._context = ChunkContext(pipeline=pipeline, model_name=model.name, settings=settings, redis=client)
+        return cls._context
+
+    @classmethod
+    def context(cls) -> ChunkContext:
+        if cls._context is None:
+            raise ConfigError("the worker's model is not loaded (worker_process_init did not run)")
+        return cls._context

@@ -1,0 +1,39 @@
+"""The Celery task: one chunk per task, retried with backoff when a retryable error stops it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from schemas.errors import ImgjobsError, StageError
+from schemas.messages import RUN_CHUNK_TASK, Chunk
+from workers.app import app
+from workers.chunk import fail_items, process_chunk
+from workers.runtime import WorkerRuntime
+
+log = logging.getLogger("imgjobs.worker")
+
+MAX_RETRIES = 5
+MAX_BACKOFF_S = 60
+
+
+@app.task(name=RUN_CHUNK_TASK, bind=True, max_retries=MAX_RETRIES)  # type: ignore[untyped-decorator]
+def run_chunk(self: Any, payload: dict[str, Any]) -> None:
+    chunk = Chunk.model_validate(payload)
+    ctx = WorkerRuntime.context()
+    if chunk.model != ctx.model_name:
+        fail_items(chunk, ctx, StageError(f"chunk for model {chunk.model!r} reached the worker of {ctx.model_name!r}"))
+        return
+    log.info("chunk %s: %d item(s)", chunk.chunk_id, len(chunk.items))
+    try:
+        process_chunk(chunk, ctx)
+    except ImgjobsError as exc:
+        if not exc.retryable or self.request.retries >= MAX_RETRIES:
+            log.error("chunk %s: failing its unfinished items: %s", chunk.chunk_id, exc)
+            fail_items(chunk, ctx, exc)
+            return
+        raise self.retry(exc=exc, countdown=min(2**self.request.retries, MAX_BACKOFF_S)) from None
+    except Exception as exc:
+        # Unexpected: still account for every item, so the job ends instead of hanging.
+        log.exception("chunk %s: unexpected error", chunk.chunk_id)
+        fail_items(chunk, ctx, StageError(f"{type(exc).__name__}: {exc}"))
