@@ -13,9 +13,13 @@ CONNECT_TIMEOUT_S = 5.0
 
 def require_broker_url(settings: Settings) -> str:
     if not settings.broker_url:
-        raise ConfigError("no broker configured: set IMGJOBS_BROKER_URL=redis://host:6379/0 (or use `imgjobs run`)")
+        raise ConfigError(
+            "no broker configured: set IMGJOBS_BROKER_URL=redis://host:6379/0 (or use `imgjobs run`)"
+        )
     if not settings.broker_url.startswith(("redis://", "rediss://")):
-        raise ConfigError(f"IMGJOBS_BROKER_URL must be redis:// or rediss://, got {redact_url(settings.broker_url)}")
+        raise ConfigError(
+            f"IMGJOBS_BROKER_URL must be redis:// or rediss://, got {redact_url(settings.broker_url)}"
+        )
     return settings.broker_url
 
 

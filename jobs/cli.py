@@ -31,7 +31,9 @@ from schemas.settings import Settings
 
 app = typer.Typer(
     help="Batch image-to-image jobs with diffusers on Celery workers.",
-    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
 )
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -41,7 +43,8 @@ EXIT_INVALID = 2
 POLL_S = 0.5
 
 ModelsOption = Annotated[
-    Path | None, typer.Option("--models", help="models.yaml registry (default: $IMGJOBS_MODELS)", show_default=False)
+    Path | None,
+    typer.Option("--models", help="models.yaml registry (default: $IMGJOBS_MODELS)", show_default=False),
 ]
 JobArgument = Annotated[Path, typer.Argument(help="job spec, YAML or JSON", show_default=False)]
 
@@ -77,9 +80,13 @@ def submit(job: JobArgument, models: ModelsOption = None) -> None:
 
 def _progress_bar() -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:.2f} items/s"), TextColumn("failed {task.fields[failed]}"),
-        TimeRemainingColumn(), console=err,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:.2f} items/s"),
+        TextColumn("failed {task.fields[failed]}"),
+        TimeRemainingColumn(),
+        console=err,
     )
 
 
@@ -100,7 +107,9 @@ def _watch(client: redis.Redis, job_id: str, workers: list[LocalWorker] | None =
                 return status
             if workers is not None and not any(worker.alive() for worker in workers):
                 tails = "\n".join(w.log_tail() for w in workers)
-                raise ImgjobsError(f"every local worker exited before the job finished; last log lines:\n{tails}")
+                raise ImgjobsError(
+                    f"every local worker exited before the job finished; last log lines:\n{tails}"
+                )
             time.sleep(POLL_S)
 
 
@@ -133,7 +142,9 @@ def run(
             broker_url = stack.enter_context(EmbeddedRedis(workdir / "redis")).url
             unique_models = {model.name: model for model in validated.models}
             workers = [
-                stack.enter_context(LocalWorker(model, broker_url, registry.path, workdir / f"worker-{n}-{i}.log"))
+                stack.enter_context(
+                    LocalWorker(model, broker_url, registry.path, workdir / f"worker-{n}-{i}.log")
+                )
                 for n, model in enumerate(unique_models.values())
                 for i in range(workers_per_model)
             ]
@@ -149,7 +160,9 @@ def run(
 def status(
     job_id: Annotated[str, typer.Argument(show_default=False)],
     watch: Annotated[bool, typer.Option("--watch", help="follow until the job finishes")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object (one per poll with --watch)")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print one JSON object (one per poll with --watch)")
+    ] = False,
 ) -> None:
     """Show a job's state and counts."""
     client = connect_redis(require_broker_url(Settings.from_env()))
@@ -172,7 +185,9 @@ def status(
 
 @app.command()
 def worker(
-    model: Annotated[str, typer.Option("--model", help="registry name or diffusers folder", show_default=False)],
+    model: Annotated[
+        str, typer.Option("--model", help="registry name or diffusers folder", show_default=False)
+    ],
     models: ModelsOption = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level")] = "info",
 ) -> None:
@@ -182,20 +197,47 @@ def worker(
     resolved = _registry(models, settings).resolve(model, base_dir=Path.cwd())
     connect_redis(broker_url)  # fail here, in one line, rather than in Celery's retry loop
     queue = resolved.queue
-    env = os.environ | {WORKER_MODEL_ENV: WorkerModel(name=resolved.name, entry=resolved.entry).model_dump_json()}
+    env = os.environ | {
+        WORKER_MODEL_ENV: WorkerModel(name=resolved.name, entry=resolved.entry).model_dump_json()
+    }
     argv = [
-        sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--queues", queue, "--concurrency", "1",
-        "--pool", "prefork", "--hostname", f"{queue}.{os.getpid()}@%h", "--without-gossip", "--without-mingle",
-        "--loglevel", loglevel,
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.app",
+        "worker",
+        "--queues",
+        queue,
+        "--concurrency",
+        "1",
+        "--pool",
+        "prefork",
+        "--hostname",
+        f"{queue}.{os.getpid()}@%h",
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel",
+        loglevel,
     ]
     # Replace this process, so signals from a supervisor reach Celery directly.
     os.execve(sys.executable, argv, env)
 
 
 @app.command("models")
-def list_models(models: ModelsOption = None) -> None:
+def list_models(
+    models: ModelsOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print {name: entry} as JSON")] = False,
+) -> None:
     """List the model registry: built-in entries and those of models.yaml."""
     registry = _registry(models, Settings.from_env())
+    if as_json:
+        print(
+            json.dumps(
+                {name: entry.model_dump(mode="json") for name, entry in sorted(registry.entries.items())}
+            )
+        )
+        return
     table = Table("name", "source", "dtype", "vae family", "description")
     for name, entry in sorted(registry.entries.items()):
         table.add_row(name, entry.source, entry.dtype, entry.vae_family or "", entry.description)

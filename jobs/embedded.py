@@ -46,29 +46,46 @@ def free_port() -> int:
 class EmbeddedRedis:
     """A private redis-server on a free loopback port, persistence off unless asked for."""
 
-    def __init__(self, workdir: Path, *, appendonly: bool = False, port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, *, appendonly: bool = False, port: int | None = None, password: str | None = None
+    ) -> None:
         self.workdir = workdir
         self.appendonly = appendonly
         self.port = port or free_port()
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> EmbeddedRedis:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        args = [
-            redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
-            "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--maxmemory-policy", "noeviction",
+        # Options go in a private config file rather than argv, where any local user could read a password.
+        config = [
+            f"port {self.port}",
+            "bind 127.0.0.1",
+            f'dir "{self.workdir}"',
+            'save ""',
+            f"appendonly {'yes' if self.appendonly else 'no'}",
+            "maxmemory-policy noeviction",
         ]
+        if self.password:
+            config.append(f"requirepass {self.password}")
+        config_path = self.workdir / "redis.conf"
+        config_path.touch(mode=0o600)
+        config_path.write_text("\n".join(config) + "\n", encoding="utf-8")
+        args = [redis_server_binary(), str(config_path)]
         log = (self.workdir / "redis.log").open("ab")
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + READY_TIMEOUT_S
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=1)
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise BrokerUnavailableError(f"embedded redis-server exited; see {self.workdir / 'redis.log'}")
+                raise BrokerUnavailableError(
+                    f"embedded redis-server exited; see {self.workdir / 'redis.log'}"
+                )
             try:
                 client.ping()
                 return self
@@ -110,7 +127,10 @@ class LocalWorker:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("ab")
         self.process = subprocess.Popen(
-            worker_command(model.name, registry), env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            worker_command(model.name, registry),
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
@@ -137,5 +157,7 @@ class LocalWorker:
     def __enter__(self) -> LocalWorker:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()

@@ -86,9 +86,13 @@ def load_spec(spec_path: Path) -> JobSpec:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
-        raise SpecError([Problem(file, line, None, f"not valid YAML/JSON: {getattr(exc, 'problem', exc)}")]) from None
+        raise SpecError(
+            [Problem(file, line, None, f"not valid YAML/JSON: {getattr(exc, 'problem', exc)}")]
+        ) from None
     if not isinstance(data, dict):
-        raise SpecError([Problem(file, 1, None, "the spec must be a mapping of version, name, output, items, stages")])
+        raise SpecError(
+            [Problem(file, 1, None, "the spec must be a mapping of version, name, output, items, stages")]
+        )
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
@@ -127,7 +131,9 @@ def _raw_rows(items_path: Path, digest: Any) -> Iterator[tuple[int, dict[str, An
                 yield reader.line_num, f"not valid CSV: {exc}"
 
 
-def _check_item(spec: JobSpec, file: str, line: int, row: dict[str, Any]) -> tuple[Item | None, list[Problem]]:
+def _check_item(
+    spec: JobSpec, file: str, line: int, row: dict[str, Any]
+) -> tuple[Item | None, list[Problem]]:
     try:
         item = Item.model_validate(row)
     except ValidationError as exc:
@@ -138,7 +144,9 @@ def _check_item(spec: JobSpec, file: str, line: int, row: dict[str, Any]) -> tup
             resolve_params(item, stage, spec.defaults)
         except ValidationError as exc:
             for err in exc.errors():
-                problems.append(Problem(file, line, f"stages.{index}", err["msg"].removeprefix("Value error, ")))
+                problems.append(
+                    Problem(file, line, f"stages.{index}", err["msg"].removeprefix("Value error, "))
+                )
     return item, problems
 
 
@@ -184,7 +192,9 @@ def validate_job(spec_path: Path, registry: Registry) -> ValidatedJob:
         problems.extend(item_problems)
         if item is not None:
             if item.id in seen:
-                problems.append(Problem(file, line, "id", f"duplicate id {item.id!r}, first on line {seen[item.id]}"))
+                problems.append(
+                    Problem(file, line, "id", f"duplicate id {item.id!r}, first on line {seen[item.id]}")
+                )
             seen[item.id] = line
         total += 1
         if len(problems) >= MAX_PROBLEMS:

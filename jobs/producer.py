@@ -12,7 +12,13 @@ import redis
 from jobs.broker import connect_redis, producer_app
 from jobs.manifest import ValidatedJob, iter_items
 from schemas import keys
-from schemas.job import IMAGE_URI_SCHEMES, ResolvedParams, resolve_negative_prompt, resolve_prompt, resolve_seed
+from schemas.job import (
+    IMAGE_URI_SCHEMES,
+    ResolvedParams,
+    resolve_negative_prompt,
+    resolve_prompt,
+    resolve_seed,
+)
 from schemas.messages import RUN_CHUNK_TASK, Chunk, ChunkItem
 from schemas.progress import ItemState
 from schemas.settings import Settings
@@ -44,21 +50,29 @@ def plan_chunks(job: ValidatedJob, chunk_size: int) -> Iterator[Chunk]:
     def emit(params: ResolvedParams, members: list[ChunkItem]) -> Chunk:
         nonlocal count
         chunk = Chunk(
-            job_id=job.job_id, chunk_id=f"{job.job_id}:s0:c{count}", output=job.output, stage_index=0,
-            stage_type=stage.type, model=job.models[0].name, params=params, items=members,
+            job_id=job.job_id,
+            chunk_id=f"{job.job_id}:s0:c{count}",
+            output=job.output,
+            stage_index=0,
+            stage_type=stage.type,
+            model=job.models[0].name,
+            params=params,
+            items=members,
         )
         count += 1
         return chunk
 
     for item, params in iter_items(job):
         members = open_chunks.setdefault(params, [])
-        members.append(ChunkItem(
-            id=item.id,
-            image=_absolute_image(item.image, job.items_path.parent),
-            prompt=resolve_prompt(item, job.spec.defaults),
-            negative_prompt=resolve_negative_prompt(item, stage, job.spec.defaults),
-            seed=resolve_seed(item, job.spec.defaults),
-        ))
+        members.append(
+            ChunkItem(
+                id=item.id,
+                image=_absolute_image(item.image, job.items_path.parent),
+                prompt=resolve_prompt(item, job.spec.defaults),
+                negative_prompt=resolve_negative_prompt(item, stage, job.spec.defaults),
+                seed=resolve_seed(item, job.spec.defaults),
+            )
+        )
         if len(members) >= chunk_size:
             yield emit(params, open_chunks.pop(params))
     for params, members in open_chunks.items():
@@ -69,13 +83,16 @@ def _register(client: redis.Redis, job: ValidatedJob) -> bool:
     """Record the job and every item as pending; False when the job id is already known."""
     if not client.sadd(keys.JOBS, job.job_id):
         return False
-    client.hset(keys.job_meta(job.job_id), mapping={
-        "name": job.spec.name,
-        "output": job.output,
-        "total": job.total,
-        "spec": job.spec.model_dump_json(),
-        "submitted_at": time.time(),
-    })
+    client.hset(
+        keys.job_meta(job.job_id),
+        mapping={
+            "name": job.spec.name,
+            "output": job.output,
+            "total": job.total,
+            "spec": job.spec.model_dump_json(),
+            "submitted_at": time.time(),
+        },
+    )
     client.hset(keys.job_counts(job.job_id), mapping={state.value: 0 for state in ItemState})
     pipe = client.pipeline(transaction=False)
     batch = 0
@@ -101,8 +118,11 @@ def submit(job: ValidatedJob, settings: Settings, broker_url: str) -> Submission
     with app.producer_or_acquire() as producer:
         for chunk in plan_chunks(job, settings.chunk_size):
             app.send_task(
-                RUN_CHUNK_TASK, args=[chunk.model_dump(mode="json")], task_id=chunk.chunk_id,
-                queue=job.models[chunk.stage_index].queue, producer=producer,
+                RUN_CHUNK_TASK,
+                args=[chunk.model_dump(mode="json")],
+                task_id=chunk.chunk_id,
+                queue=job.models[chunk.stage_index].queue,
+                producer=producer,
             )
             chunks += 1
     return Submission(job.job_id, job.total, chunks, already_submitted=False)

@@ -36,7 +36,9 @@ class Registry:
             raise ConfigError(f"model registry {path}: {where}: {err['msg']}") from None
         for name, entry in parsed.models.items():
             if not MODEL_NAME_PATTERN.match(name):
-                raise ConfigError(f"model registry {path}: model name {name!r} must be letters, digits, '.', '_', '-'")
+                raise ConfigError(
+                    f"model registry {path}: model name {name!r} must be letters, digits, '.', '_', '-'"
+                )
             # A source that exists as a folder beside models.yaml is local; anything else is a hub id.
             local = path.parent / entry.source
             if local.is_dir():

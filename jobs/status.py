@@ -29,9 +29,16 @@ def read_status(client: redis.Redis, job_id: str) -> JobStatus:
     else:
         state = JobState.PENDING
     return JobStatus(
-        job_id=job_id, name=meta.get("name", ""), state=state, total=int(meta.get("total", 0)),
-        pending=count[ItemState.PENDING], running=count[ItemState.RUNNING],
-        succeeded=count[ItemState.SUCCEEDED], failed=count[ItemState.FAILED],
-        output=meta.get("output", ""), submitted_at=_float(meta.get("submitted_at")),
-        started_at=_float(meta.get("started_at")), finished_at=finished_at,
+        job_id=job_id,
+        name=meta.get("name", ""),
+        state=state,
+        total=int(meta.get("total", 0)),
+        pending=count[ItemState.PENDING],
+        running=count[ItemState.RUNNING],
+        succeeded=count[ItemState.SUCCEEDED],
+        failed=count[ItemState.FAILED],
+        output=meta.get("output", ""),
+        submitted_at=_float(meta.get("submitted_at")),
+        started_at=_float(meta.get("started_at")),
+        finished_at=finished_at,
     )

@@ -98,23 +98,27 @@ class Img2ImgStage(_Strict):
 StageSpec = Img2ImgStage
 
 
+def _check_job_name(value: str) -> str:
+    if not JOB_NAME_PATTERN.match(value):
+        raise ValueError("must be 1-63 lowercase letters, digits or '-', starting with a letter or digit")
+    return value
+
+
+def _check_output(value: str) -> str:
+    if "://" in value and not value.startswith(("s3://", "file://")):
+        raise ValueError("must be a local directory, file:// or s3://bucket/prefix")
+    if value.startswith("s3://") and not value[len("s3://") :].strip("/"):
+        raise ValueError("s3:// output needs a bucket")
+    return value
+
+
 class JobSpec(_Strict):
     version: Literal[1]
-    name: str
-    output: str = Field(min_length=1)
+    name: Annotated[str, AfterValidator(_check_job_name)]
+    output: Annotated[str, Field(min_length=1), AfterValidator(_check_output)]
     items: str = Field(min_length=1)
     defaults: Defaults = Defaults()
     stages: list[StageSpec] = Field(min_length=1, max_length=1)
-
-    @model_validator(mode="after")
-    def _check(self) -> JobSpec:
-        if not JOB_NAME_PATTERN.match(self.name):
-            raise ValueError("name must be 1-63 lowercase letters, digits or '-', starting with a letter or digit")
-        if self.output.startswith("s3://") and len(self.output.rstrip("/")) <= len("s3://"):
-            raise ValueError("output s3:// URI needs a bucket")
-        if "://" in self.output and not self.output.startswith(("s3://", "file://")):
-            raise ValueError("output must be a local directory, file:// or s3://bucket/prefix")
-        return self
 
 
 class Item(_Strict):
@@ -162,7 +166,10 @@ def resolve_params(item: Item, stage: StageSpec, defaults: Defaults) -> Resolved
     return ResolvedParams(
         strength=_first(item.strength, stage.strength, defaults.strength, fallback=BUILTIN_STRENGTH),
         guidance_scale=_first(
-            item.guidance_scale, stage.guidance_scale, defaults.guidance_scale, fallback=BUILTIN_GUIDANCE_SCALE
+            item.guidance_scale,
+            stage.guidance_scale,
+            defaults.guidance_scale,
+            fallback=BUILTIN_GUIDANCE_SCALE,
         ),
         steps=_first(item.steps, stage.steps, defaults.steps, fallback=BUILTIN_STEPS),
         size=_first(item.size, defaults.size, fallback=BUILTIN_SIZE),

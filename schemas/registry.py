@@ -57,26 +57,38 @@ def queue_for(model_name: str) -> str:
 
 BUILTIN_MODELS: dict[str, ModelEntry] = {
     "sd15": ModelEntry(
-        source="stable-diffusion-v1-5/stable-diffusion-v1-5", variant="fp16", vae_family="sd",
+        source="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        variant="fp16",
+        vae_family="sd",
         description="Stable Diffusion 1.5 img2img",
     ),
     "sdxl-refiner": ModelEntry(
-        source="stabilityai/stable-diffusion-xl-refiner-1.0", variant="fp16", vae_family="sdxl",
+        source="stabilityai/stable-diffusion-xl-refiner-1.0",
+        variant="fp16",
+        vae_family="sdxl",
         description="SDXL refiner img2img",
     ),
     "kandinsky22": ModelEntry(
-        source="kandinsky-community/kandinsky-2-2-decoder", description="Kandinsky 2.2 img2img",
+        source="kandinsky-community/kandinsky-2-2-decoder",
+        description="Kandinsky 2.2 img2img",
     ),
     "comic-diffusion": ModelEntry(
-        source="ogkalu/Comic-Diffusion", vae_family="sd", description="style: 'charliebo artstyle'",
+        source="ogkalu/Comic-Diffusion",
+        vae_family="sd",
+        description="style: 'charliebo artstyle'",
     ),
     "pixel-art-style": ModelEntry(
-        source="kohbanye/pixel-art-style", vae_family="sd", description="style: 'pixelartstyle'",
+        source="kohbanye/pixel-art-style",
+        vae_family="sd",
+        description="style: 'pixelartstyle'",
     ),
     "sd-x2-latent-upscaler": ModelEntry(
-        source="stabilityai/sd-x2-latent-upscaler", vae_family="sd", description="x2 latent upscaler",
+        source="stabilityai/sd-x2-latent-upscaler",
+        vae_family="sd",
+        description="x2 latent upscaler",
     ),
     "sd-x4-upscaler": ModelEntry(
-        source="stabilityai/stable-diffusion-x4-upscaler", description="x4 upscaler",
+        source="stabilityai/stable-diffusion-x4-upscaler",
+        description="x4 upscaler",
     ),
 }

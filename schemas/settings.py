@@ -42,7 +42,8 @@ class Settings(BaseSettings):
             return cls()
         except ValidationError as exc:
             problems = "; ".join(
-                f"{ENV_PREFIX}{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
+                f"{ENV_PREFIX}{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+                for err in exc.errors()
             )
             raise ConfigError(f"invalid environment: {problems}") from None
 
@@ -53,10 +54,7 @@ def redact_url(url: str) -> str:
     if parts.password is None:
         return url
     netloc = parts.hostname or ""
-    if parts.username:
-        netloc = f"{parts.username}:***@{netloc}"
-    else:
-        netloc = f":***@{netloc}"
+    netloc = f"{parts.username or ''}:***@{netloc}"
     if parts.port:
         netloc += f":{parts.port}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

@@ -42,8 +42,13 @@ def output_key(item_id: str, stage_index: int, stage_type: str) -> str:
     return f"{item_id}/s{stage_index}-{stage_type}.png"
 
 
-def _result(chunk: Chunk, item: ChunkItem, timings: dict[str, float], outputs: dict[str, str] | None = None,
-            error: ImgjobsError | None = None) -> ItemResult:
+def _result(
+    chunk: Chunk,
+    item: ChunkItem,
+    timings: dict[str, float],
+    outputs: dict[str, str] | None = None,
+    error: ImgjobsError | None = None,
+) -> ItemResult:
     return ItemResult(
         id=item.id,
         status="failed" if error else "succeeded",
@@ -73,7 +78,9 @@ def process_chunk(chunk: Chunk, ctx: ChunkContext) -> None:
     todo = set(progress.start(item.id for item in chunk.items))
     items = [item for item in chunk.items if item.id in todo]
     if len(items) < len(chunk.items):
-        log.info("chunk %s: %d item(s) already finished, skipped", chunk.chunk_id, len(chunk.items) - len(items))
+        log.info(
+            "chunk %s: %d item(s) already finished, skipped", chunk.chunk_id, len(chunk.items) - len(items)
+        )
     if not items:
         return
     storage = ctx.open_storage(chunk.output, chunk.job_id)

@@ -21,7 +21,11 @@ PROMPTS = ["astronaut in a jungle, cold color palette", "a cat wizard, detailed"
 def sample_image(index: int, size: int) -> Image.Image:
     """A gradient with a few shapes, different for each index."""
     image = Image.new("RGB", (size, size))
-    pixels = [((x * 4 + index * 20) % 256, (y * 4) % 256, (index * 37) % 256) for y in range(size) for x in range(size)]
+    pixels = [
+        ((x * 4 + index * 20) % 256, (y * 4) % 256, (index * 37) % 256)
+        for y in range(size)
+        for x in range(size)
+    ]
     image.putdata(pixels)
     draw = ImageDraw.Draw(image)
     offset = (index * 7) % (size // 2)
@@ -42,7 +46,12 @@ def write_demo(folder: Path) -> Path:
         for index in range(DEMO_ITEMS):
             name = f"{index:04d}"
             sample_image(index, DEMO_SIZE).save(inputs / f"{name}.png")
-            row = {"id": name, "image": f"inputs/{name}.png", "prompt": PROMPTS[index % len(PROMPTS)], "seed": index}
+            row = {
+                "id": name,
+                "image": f"inputs/{name}.png",
+                "prompt": PROMPTS[index % len(PROMPTS)],
+                "seed": index,
+            }
             items.write(json.dumps(row) + "\n")
     (folder / "models.yaml").write_text(
         "models:\n"

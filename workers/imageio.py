@@ -45,7 +45,7 @@ def fetch_bytes(uri: str, settings: Settings) -> bytes:
         return _read_limited(obj["Body"], limit, uri)  # type: ignore[arg-type]
     if uri.startswith(("http://", "https://")):
         try:
-            with urllib.request.urlopen(uri, timeout=settings.http_timeout_s) as response:  # noqa: S310
+            with urllib.request.urlopen(uri, timeout=settings.http_timeout_s) as response:
                 return _read_limited(response, limit, uri)
         except urllib.error.HTTPError as exc:
             raise InputImageError(f"{uri}: HTTP {exc.code}") from None
@@ -68,12 +68,14 @@ def decode_image(data: bytes, uri: str, settings: Settings) -> Image.Image:
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; we refuse outright.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-            width, height = image.size
+            opened = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            width, height = opened.size
             if width * height > settings.max_image_pixels:
-                raise InputImageError(f"{uri}: {width}x{height} is above the {settings.max_image_pixels}-pixel limit")
-            image.load()
-            image = ImageOps.exif_transpose(image)
+                raise InputImageError(
+                    f"{uri}: {width}x{height} is above the {settings.max_image_pixels}-pixel limit"
+                )
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
                 # 16/32-bit grey: scale to 8 bits rather than let convert() clip everything to white.
                 image = image.point(lambda v: v / 256).convert("L")

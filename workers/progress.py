@@ -50,7 +50,9 @@ class JobProgress:
         self._keys = [keys.job_items(job_id), keys.job_counts(job_id), keys.job_results(job_id)]
 
     def _move(self, item_id: str, to: ItemState, result: str, allowed: Iterable[ItemState]) -> int:
-        return int(self._transition(keys=self._keys, args=[item_id, to.value, result, *[s.value for s in allowed]]))
+        return int(
+            self._transition(keys=self._keys, args=[item_id, to.value, result, *[s.value for s in allowed]])
+        )
 
     def start(self, item_ids: Iterable[str]) -> list[str]:
         """Mark items running; returns those to work on. Finished items are skipped, so a chunk
@@ -63,7 +65,9 @@ class JobProgress:
     def finish(self, result: ItemResult) -> bool:
         """Record an item's result; True when this was the job's last open item."""
         state = ItemState(result.status)
-        remaining = self._move(result.id, state, result.model_dump_json(), (ItemState.PENDING, ItemState.RUNNING))
+        remaining = self._move(
+            result.id, state, result.model_dump_json(), (ItemState.PENDING, ItemState.RUNNING)
+        )
         return remaining == 0
 
     def write_results(self, storage: Storage) -> str:
@@ -76,7 +80,7 @@ class JobProgress:
                 while ids := self.client.lrange(order_key, start, start + RESULTS_BATCH - 1):
                     for line in self.client.hmget(results_key, ids):
                         if line is not None:
-                            out.write(f"{line}\n")
+                            out.write((line if isinstance(line, str) else line.decode()) + "\n")
                     start += RESULTS_BATCH
             uri = storage.put_file(RESULTS_KEY, path, "application/x-ndjson")
         self.client.hset(keys.job_meta(self.job_id), mapping={"finished_at": time.time(), "results": uri})

@@ -29,13 +29,17 @@ class WorkerRuntime:
 
         raw = os.environ.get(WORKER_MODEL_ENV)
         if not raw:
-            raise ConfigError(f"{WORKER_MODEL_ENV} is not set; start workers with `imgjobs worker --model NAME`")
+            raise ConfigError(
+                f"{WORKER_MODEL_ENV} is not set; start workers with `imgjobs worker --model NAME`"
+            )
         model = WorkerModel.model_validate_json(raw)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         started = time.perf_counter()
         pipeline = load_pipeline(model.entry)
-        log.info("model %s loaded from %s in %.1fs", model.name, model.entry.source, time.perf_counter() - started)
+        log.info(
+            "model %s loaded from %s in %.1fs", model.name, model.entry.source, time.perf_counter() - started
+        )
         assert settings.broker_url is not None
         client = redis.Redis.from_url(settings.broker_url, decode_responses=True, socket_connect_timeout=10)
         cls._context = ChunkContext(pipeline=pipeline, model_name=model.name, settings=settings, redis=client)

@@ -41,8 +41,16 @@ class Storage(Protocol):
 
 def check_key(key: str) -> str:
     parts = key.split("/")
-    if not key or key.startswith("/") or "\\" in key or "\x00" in key or any(p in ("", ".", "..") for p in parts):
-        raise StorageError(f"refusing storage key {key!r}: keys are relative and stay inside the job's prefix")
+    if (
+        not key
+        or key.startswith("/")
+        or "\\" in key
+        or "\x00" in key
+        or any(p in ("", ".", "..") for p in parts)
+    ):
+        raise StorageError(
+            f"refusing storage key {key!r}: keys are relative and stay inside the job's prefix"
+        )
     return key
 
 
@@ -123,7 +131,9 @@ class S3Storage:
 
     def put(self, key: str, data: bytes, content_type: str) -> str:
         try:
-            s3_client().put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type)
+            s3_client().put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type
+            )
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"cannot write {self.uri(key)}: {exc}") from None
         return self.uri(key)

@@ -17,12 +17,16 @@ MAX_RETRIES = 5
 MAX_BACKOFF_S = 60
 
 
-@app.task(name=RUN_CHUNK_TASK, bind=True, max_retries=MAX_RETRIES)  # type: ignore[untyped-decorator]
+@app.task(name=RUN_CHUNK_TASK, bind=True, max_retries=MAX_RETRIES)
 def run_chunk(self: Any, payload: dict[str, Any]) -> None:
     chunk = Chunk.model_validate(payload)
     ctx = WorkerRuntime.context()
     if chunk.model != ctx.model_name:
-        fail_items(chunk, ctx, StageError(f"chunk for model {chunk.model!r} reached the worker of {ctx.model_name!r}"))
+        fail_items(
+            chunk,
+            ctx,
+            StageError(f"chunk for model {chunk.model!r} reached the worker of {ctx.model_name!r}"),
+        )
         return
     log.info("chunk %s: %d item(s)", chunk.chunk_id, len(chunk.items))
     try:

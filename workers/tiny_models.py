@@ -31,33 +31,51 @@ def tiny_clip_tokenizer(folder: Path) -> CLIPTokenizer:
 
 def tiny_clip_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=37, num_attention_heads=4,
-        num_hidden_layers=2, max_position_embeddings=MAX_TOKENS,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=1,
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_DIM,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=MAX_TOKENS,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=1,
     )
     return CLIPTextModel(config)
 
 
 def tiny_sd_vae() -> AutoencoderKL:
     return AutoencoderKL(
-        block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=32,
+        block_out_channels=[32, 64],
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        norm_num_groups=32,
     )
 
 
 def tiny_sd_unet() -> UNet2DConditionModel:
     return UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=TEXT_DIM,
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_DIM,
     )
 
 
 def sd_scheduler() -> DDIMScheduler:
     # Stable Diffusion 1.x's own scheduler settings.
     return DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
     )
 
 
@@ -66,8 +84,13 @@ def write_tiny_sd(folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tokenizer = tiny_clip_tokenizer(folder / "_tokenizer_src")
     pipeline = StableDiffusionImg2ImgPipeline(
-        vae=tiny_sd_vae(), text_encoder=tiny_clip_text_encoder(tokenizer), tokenizer=tokenizer,
-        unet=tiny_sd_unet(), scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
+        vae=tiny_sd_vae(),
+        text_encoder=tiny_clip_text_encoder(tokenizer),
+        tokenizer=tokenizer,
+        unet=tiny_sd_unet(),
+        scheduler=sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
     pipeline.save_pretrained(folder)

@@ -39,7 +39,9 @@ def check_inputs(batch: Img2ImgBatch) -> None:
     if not 0.0 < batch.strength <= 1.0:
         raise StageError(f"img2img: strength must be in (0, 1], got {batch.strength}")
     if int(batch.steps * batch.strength) < 1:
-        raise StageError(f"img2img: steps x strength gives no denoising step ({batch.steps} x {batch.strength})")
+        raise StageError(
+            f"img2img: steps x strength gives no denoising step ({batch.steps} x {batch.strength})"
+        )
 
 
 def run_img2img(pipeline: Any, batch: Img2ImgBatch) -> np.ndarray:

@@ -1,0 +1,145 @@
+"""Shared fixtures: a tiny SD checkpoint on disk, a real Redis server, moto's S3 server on loopback,
+and real `imgjobs worker` processes. Nothing here mocks Redis, Celery or boto3."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+
+from jobs.embedded import EmbeddedRedis, LocalWorker, free_port
+from jobs.registry import Registry
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from workers.tiny_models import write_tiny_sd
+
+    return write_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def models_yaml(tiny_sd_dir: Path) -> Path:
+    path = tiny_sd_dir.parent / "models.yaml"
+    path.write_text(f"models:\n  tiny-sd:\n    source: {tiny_sd_dir}\n    dtype: float32\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def registry(models_yaml: Path) -> Registry:
+    return Registry.load(models_yaml)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """moto in server mode on a loopback port; every boto3 client here and in workers points at it."""
+    port = free_port()
+    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {
+        k: os.environ.get(k)
+        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    }
+    os.environ.update(
+        {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing-key-id",
+            "AWS_SECRET_ACCESS_KEY": "testing-secret-do-not-leak",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError("moto server did not start") from None
+            time.sleep(0.1)
+    yield endpoint
+    process.terminate()
+    process.wait(10)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
+    name: str = "t-" + str(request.node.name).lower().replace("_", "-")[:40] + f"-{os.getpid()}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+class Workers:
+    """Starts `imgjobs worker` processes and stops every one of them at teardown."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.started: list[LocalWorker] = []
+
+    def start(self, model: str, broker_url: str, registry: Registry) -> LocalWorker:
+        log_path = self.tmp_path / f"worker-{len(self.started)}.log"
+        worker = LocalWorker(registry.resolve(model), broker_url, registry.path, log_path)
+        self.started.append(worker)
+        return worker
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        for worker in self.started:
+            while " ready." not in worker.log_tail(200):
+                assert worker.alive(), f"worker exited:\n{worker.log_tail(50)}"
+                assert time.monotonic() < deadline, f"worker not ready:\n{worker.log_tail(50)}"
+                time.sleep(0.2)
+
+    def logs(self) -> str:
+        return "\n\n".join(f"--- {w.log_path.name}\n{w.log_tail(60)}" for w in self.started)
+
+    def stop(self) -> None:
+        for worker in self.started:
+            worker.stop()
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Workers]:
+    pool = Workers(tmp_path)
+    yield pool
+    pool.stop()
+
+
+def imgjobs(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """The CLI as a user runs it, in a fresh interpreter."""
+    return subprocess.run(
+        [sys.executable, "-m", "jobs", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=os.environ | (env or {}),
+        cwd=ROOT,
+        check=False,
+    )

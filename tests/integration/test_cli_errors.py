@@ -1,0 +1,95 @@
+"""Entry points fail in one clear line, never a traceback, and invalid jobs enqueue nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import redis
+
+from jobs.embedded import EmbeddedRedis, free_port
+from tests.conftest import imgjobs
+from tests.helpers import write_job
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def test_validate_reports_every_problem_and_exits_2(tmp_path: Path) -> None:
+    rows: list[dict[str, object]] = [
+        {"id": "a", "image": "a.png"},
+        {"id": "a", "image": "b.png"},
+        {"id": "c", "image": "c.png", "seed": -1},
+    ]
+    spec = write_job(tmp_path, rows, model="sd15")
+    checked = imgjobs("validate", str(spec))
+    assert checked.returncode == 2
+    lines = checked.stderr.splitlines()
+    assert lines == [
+        f"error: {tmp_path / 'items.jsonl'}:2: id: duplicate id 'a', first on line 1",
+        f"error: {tmp_path / 'items.jsonl'}:3: seed: Input should be greater than or equal to 0",
+    ]
+
+
+def test_validate_ok(tmp_path: Path) -> None:
+    spec = write_job(tmp_path, [{"id": "a", "image": "a.png"}], model="sd15")
+    checked = imgjobs("validate", str(spec))
+    assert checked.returncode == 0 and checked.stdout.startswith("ok: 1 item(s), job id test-job-"), (
+        checked.stderr
+    )
+
+
+def test_invalid_job_enqueues_nothing(tmp_path: Path) -> None:
+    spec = write_job(tmp_path, [{"id": "a", "image": "a.png", "strength": 2}], model="sd15")
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        submitted = imgjobs("submit", str(spec), env={"IMGJOBS_BROKER_URL": server.url})
+        assert submitted.returncode == 2 and "strength" in submitted.stderr
+        assert redis.Redis.from_url(server.url).dbsize() == 0
+
+
+def test_missing_and_unreachable_broker(tmp_path: Path) -> None:
+    spec = write_job(tmp_path, [{"id": "a", "image": "a.png"}], model="sd15")
+    missing = imgjobs("submit", str(spec), env={"IMGJOBS_BROKER_URL": ""})
+    assert "no broker configured" in one_error_line(missing.stderr) and missing.returncode == 2
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    unreachable = imgjobs("status", "some-job", env={"IMGJOBS_BROKER_URL": url})
+    line = one_error_line(unreachable.stderr)
+    assert "cannot reach the broker at redis://:***@127.0.0.1" in line and "hunter2" not in line
+    assert unreachable.returncode == 1
+
+
+def test_unknown_model_and_unknown_job(tmp_path: Path) -> None:
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        env = {"IMGJOBS_BROKER_URL": server.url}
+        worker = imgjobs("worker", "--model", "no-such-model", env=env)
+        assert "unknown model 'no-such-model'" in one_error_line(worker.stderr) and worker.returncode == 2
+        status = imgjobs("status", "nope", "--json", env=env)
+        assert "no job 'nope'" in one_error_line(status.stderr)
+
+
+def test_bad_env_var_is_named(tmp_path: Path) -> None:
+    spec = write_job(tmp_path, [{"id": "a", "image": "a.png"}], model="sd15")
+    checked = imgjobs("validate", str(spec), env={"IMGJOBS_CHUNK_SIZE": "lots"})
+    assert "IMGJOBS_CHUNK_SIZE" in one_error_line(checked.stderr) and checked.returncode == 2
+
+
+def test_models_lists_builtins_and_file_entries(models_yaml: Path) -> None:
+    listed = imgjobs("models", "--models", str(models_yaml), "--json")
+    assert listed.returncode == 0, listed.stderr
+    entries = json.loads(listed.stdout)
+    assert {
+        "sd15",
+        "sdxl-refiner",
+        "kandinsky22",
+        "sd-x2-latent-upscaler",
+        "sd-x4-upscaler",
+        "tiny-sd",
+    } <= set(entries)
+    assert entries["sd15"]["source"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert entries["tiny-sd"]["source"] == str(models_yaml.parent / "tiny-sd")
+    table = imgjobs("models", "--models", str(models_yaml))
+    assert table.returncode == 0 and "tiny-sd" in table.stdout

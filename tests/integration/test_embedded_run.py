@@ -1,0 +1,72 @@
+"""`imgjobs demo` / `imgjobs run` on the embedded default: its own Redis and worker processes, and
+outputs equal to diffusers called directly on each item."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoPipelineForImage2Image
+from PIL import Image
+
+from schemas.settings import Settings
+from tests.conftest import imgjobs
+from tests.helpers import write_image, write_job
+from workers.imageio import load_input
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_runs_and_matches_diffusers_item_by_item(tmp_path: Path) -> None:
+    demo_dir = tmp_path / "demo"
+    ran = imgjobs("demo", "--dir", str(demo_dir))
+    assert ran.returncode == 0, ran.stderr + ran.stdout
+    assert "succeeded" in ran.stdout and "embedded mode" in ran.stderr
+
+    results_files = list((demo_dir / "out").glob("*/results.jsonl"))
+    assert len(results_files) == 1
+    results = [json.loads(line) for line in results_files[0].read_text().splitlines()]
+    items = [json.loads(line) for line in (demo_dir / "items.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in results] == [i["id"] for i in items] and len(items) == 12
+    assert all(r["status"] == "succeeded" for r in results)
+
+    pipeline = AutoPipelineForImage2Image.from_pretrained(
+        demo_dir / "models" / "tiny-sd", torch_dtype=torch.float32
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    for item, result in zip(items, results, strict=True):
+        params = result["params"]
+        source = load_input(str(demo_dir / item["image"]), tuple(params["size"]), Settings())
+        expected = pipeline(
+            prompt=item["prompt"],
+            image=source,
+            negative_prompt="ugly, blurry",
+            strength=params["strength"],
+            guidance_scale=params["guidance_scale"],
+            num_inference_steps=params["steps"],
+            generator=torch.Generator().manual_seed(item["seed"]),
+        ).images[0]
+        ours = np.asarray(Image.open(result["outputs"]["s0-img2img"]), dtype=np.int16)
+        # One uint8 level of slack: a batched call rounds floats in another order than a single one.
+        assert np.abs(ours - np.asarray(expected, dtype=np.int16)).max() <= 1, item["id"]
+
+
+def test_run_exits_1_when_an_item_fails_and_records_it(tmp_path: Path, models_yaml: Path) -> None:
+    write_image(tmp_path / "in" / "a.png")
+    (tmp_path / "in" / "empty.png").write_bytes(b"")
+    rows = [
+        {"id": "a", "image": "in/a.png", "prompt": "x"},
+        {"id": "empty", "image": "in/empty.png", "prompt": "x"},
+        {"id": "gone", "image": "in/gone.png", "prompt": "x"},
+    ]
+    spec = write_job(tmp_path, rows)
+    ran = imgjobs("run", str(spec), "--models", str(models_yaml))
+    assert ran.returncode == 1, ran.stderr
+    assert "failed" in ran.stdout
+    (results_file,) = (tmp_path / "out").glob("*/results.jsonl")
+    results = {r["id"]: r for r in map(json.loads, results_file.read_text().splitlines())}
+    assert results["a"]["status"] == "succeeded"
+    assert results["empty"]["error"]["type"] == results["gone"]["error"]["type"] == "InputImageError"

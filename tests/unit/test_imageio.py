@@ -1,0 +1,102 @@
+"""Input decoding: limits hold before decoding, and odd but valid images become plain RGB."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from schemas.errors import InputImageError
+from schemas.settings import Settings
+from workers.imageio import decode_image, fetch_bytes, load_input
+
+SETTINGS = Settings(max_image_bytes=200_000, max_image_pixels=1_000_000)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height: a few hundred bytes, huge when decoded."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    body = zlib.compress(b"\x00" * (width * 3 + 1) * 16)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "cannot identify image file"),
+        (b"GIF89a-but-not-really" * 3, "cannot"),
+        (b"\x00\x01\x02 wrong magic", "cannot identify image file"),
+        (png_bytes(Image.new("RGB", (64, 64)))[:60], "cannot decode"),
+        (bomb_png(20_000, 20_000), "pixel"),
+    ],
+    ids=["zero-byte", "bad-gif", "wrong-magic", "truncated", "decompression-bomb"],
+)
+def test_bad_images_are_input_errors(data: bytes, message: str) -> None:
+    with pytest.raises(InputImageError, match=message):
+        decode_image(data, "mem://x", SETTINGS)
+
+
+def test_format_outside_the_allow_list_is_refused() -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PPM")
+    with pytest.raises(InputImageError, match="cannot identify image file"):
+        decode_image(buffer.getvalue(), "mem://x.ppm", SETTINGS)
+
+
+def test_files_over_the_byte_limit_are_refused_before_reading(tmp_path: Path) -> None:
+    path = tmp_path / "big.bin"
+    path.write_bytes(b"\x00" * (SETTINGS.max_image_bytes + 1))
+    with pytest.raises(InputImageError, match="byte limit"):
+        fetch_bytes(str(path), SETTINGS)
+    with pytest.raises(InputImageError, match="No such file"):
+        fetch_bytes(str(tmp_path / "missing.png"), SETTINGS)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "L", "CMYK", "I;16", "LA", "1"])
+def test_modes_are_converted_to_rgb(mode: str) -> None:
+    image = (
+        Image.new("RGB", (16, 8), (200, 100, 50)).convert(mode)
+        if mode != "I;16"
+        else Image.new("I;16", (16, 8), 40000)
+    )
+    buffer = io.BytesIO()
+    image.save(buffer, format="TIFF" if mode in ("CMYK", "I;16") else "PNG")
+    decoded = decode_image(buffer.getvalue(), "mem://x", SETTINGS)
+    assert decoded.mode == "RGB" and decoded.size == (16, 8)
+    if mode == "I;16":
+        assert decoded.getpixel((0, 0)) == (156, 156, 156)  # 40000 / 256, not clipped to white
+
+
+def test_exif_orientation_is_applied() -> None:
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    assert decode_image(buffer.getvalue(), "mem://x.jpg", SETTINGS).size == (20, 40)
+
+
+def test_load_input_center_crops_to_the_target_size(tmp_path: Path) -> None:
+    image = Image.new("RGB", (100, 50), (0, 0, 0))
+    image.paste((255, 255, 255), (25, 0, 75, 50))  # white middle half
+    path = tmp_path / "wide.png"
+    image.save(path)
+    fitted = load_input(f"file://{path}", (32, 32), SETTINGS)
+    assert fitted.size == (32, 32)
+    # Cropped, not squashed: the black sides are gone (squashing would leave the outer quarters black).
+    assert np.asarray(fitted).min() > 200

@@ -1,0 +1,209 @@
+"""Validation of job specs and items: every problem found, located by file, line and field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from jobs.manifest import validate_job
+from jobs.producer import plan_chunks
+from jobs.registry import Registry
+from schemas.errors import SpecError
+from tests.helpers import write_job
+
+REGISTRY = Registry.load(None)
+
+
+def items(count: int, **extra: object) -> list[dict[str, object]]:
+    return [{"id": f"i{n:03d}", "image": f"in/{n}.png", "prompt": f"p{n}", **extra} for n in range(count)]
+
+
+def problems_of(spec: Path, registry: Registry = REGISTRY) -> list[str]:
+    with pytest.raises(SpecError) as caught:
+        validate_job(spec, registry)
+    return [str(problem) for problem in caught.value.problems]
+
+
+def test_valid_job_has_a_deterministic_id_that_follows_the_items(tmp_path: Path) -> None:
+    spec = write_job(tmp_path, items(5), model="sd15")
+    first = validate_job(spec, REGISTRY)
+    assert first.total == 5
+    assert first.job_id == validate_job(spec, REGISTRY).job_id
+    assert first.job_id.startswith("test-job-")
+    assert first.output == str(tmp_path / "out")
+    write_job(tmp_path, items(6), model="sd15")
+    assert validate_job(spec, REGISTRY).job_id != first.job_id
+
+
+def test_every_item_problem_is_reported_with_its_line(tmp_path: Path) -> None:
+    spec = write_job(tmp_path, items(2), model="sd15")
+    lines = (tmp_path / "items.jsonl").read_text().splitlines()
+    lines += [
+        "{not json",
+        json.dumps({"id": "i000", "image": "a.png"}),  # duplicate of line 1
+        json.dumps({"id": "../escape", "image": "a.png"}),
+        json.dumps({"id": "ok1", "image": "ftp://host/a.png"}),
+        json.dumps({"id": "ok2", "image": "a.png", "strength": 1.5}),
+        json.dumps({"id": "ok3", "image": "a.png", "seed": "seven"}),
+        json.dumps({"id": "ok4", "image": "a.png", "colour": "red"}),
+        json.dumps({"id": "ok5"}),
+        json.dumps({"id": "ok6", "image": "a.png", "size": [30, 30]}),
+        json.dumps({"id": "ok7", "image": "a.png", "steps": 1, "strength": 0.5}),
+    ]
+    (tmp_path / "items.jsonl").write_text("\n".join(lines) + "\n")
+    found = problems_of(spec)
+    where = str(tmp_path / "items.jsonl")
+    expected_starts = [
+        f"{where}:3: not valid JSON",
+        f"{where}:4: id: duplicate id 'i000', first on line 1",
+        f"{where}:5: id: must be 1-128 characters",
+        f"{where}:6: image: unsupported scheme",
+        f"{where}:7: strength: Input should be less than or equal to 1",
+        f"{where}:8: seed: Input should be a valid integer",
+        f"{where}:9: colour: Extra inputs are not permitted",
+        f"{where}:10: image: Field required",
+        f"{where}:11: size: width and height must be multiples of 8",
+        f"{where}:12: stages.0: steps x strength must give at least one denoising step",
+    ]
+    assert len(found) == len(expected_starts), found
+    for problem, start in zip(found, expected_starts, strict=True):
+        assert problem.startswith(start), (problem, start)
+
+
+def test_spec_problems_name_the_yaml_line_and_field(tmp_path: Path) -> None:
+    (tmp_path / "items.jsonl").write_text(json.dumps({"id": "a", "image": "a.png"}) + "\n")
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        "version: 1\n"
+        "name: Bad Name\n"
+        "output: out\n"
+        "items: items.jsonl\n"
+        "stages:\n"
+        "  - type: img2img\n"
+        "    model: sd15\n"
+        "    strenght: 0.5\n"
+    )
+    found = problems_of(spec)
+    assert found == [
+        f"{spec}:2: name: must be 1-63 lowercase letters, digits or '-', starting with a letter or digit",
+        f"{spec}:8: stages.0.strenght: Extra inputs are not permitted",
+    ]
+
+
+def test_yaml_syntax_error_has_a_line(tmp_path: Path) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_text("version: 1\nname: x\nstages: [\n  - a: b\n")
+    found = problems_of(spec)
+    assert len(found) == 1 and found[0].startswith(f"{spec}:") and "not valid YAML" in found[0]
+
+
+def test_unknown_model_is_a_problem_of_the_stage(tmp_path: Path) -> None:
+    spec = write_job(tmp_path, items(1), model="no-such-model")
+    found = problems_of(spec)
+    assert any("stages.0.model: unknown model 'no-such-model'" in p for p in found), found
+
+
+def test_model_folder_named_directly(tmp_path: Path) -> None:
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    spec = write_job(tmp_path / "job", items(1), model="../my-model")
+    job = validate_job(spec, REGISTRY)
+    assert job.models[0].name == str(folder)
+    assert job.models[0].queue.startswith("imgjobs.my-model-")
+
+
+def test_csv_items_with_size_strings(tmp_path: Path) -> None:
+    spec = write_job(tmp_path, [], model="sd15")
+    spec_data = json.loads(spec.read_text())
+    spec_data["items"] = "items.csv"
+    spec.write_text(json.dumps(spec_data))
+    (tmp_path / "items.csv").write_text(
+        "id,image,prompt,seed,size\na,a.png,a cat,3,64x32\nb,b.png,a dog,,\nc,c.png,x,4,big\n"
+    )
+    found = problems_of(spec)
+    assert found == [
+        f"{tmp_path / 'items.csv'}:4: size: size must look like 512x512 or [512, 512], got 'big'"
+    ]
+    (tmp_path / "items.csv").write_text("id,image,prompt,seed,size\na,a.png,a cat,3,64x32\nb,b.png,a dog,,\n")
+    job = validate_job(spec, REGISTRY)
+    chunks = list(plan_chunks(job, chunk_size=8))
+    sizes = sorted(chunk.params.size for chunk in chunks)
+    assert sizes == [(32, 32), (64, 32)]  # b takes the job default
+
+
+def test_empty_items_file_is_an_error(tmp_path: Path) -> None:
+    spec = write_job(tmp_path, [], model="sd15")
+    assert problems_of(spec) == [f"{tmp_path / 'items.jsonl'}: no items"]
+
+
+def test_missing_items_file(tmp_path: Path) -> None:
+    spec = write_job(tmp_path, [], model="sd15")
+    (tmp_path / "items.jsonl").unlink()
+    found = problems_of(spec)
+    assert found == [f"{spec}: items: no such file: {tmp_path / 'items.jsonl'}"]
+
+
+def test_parameter_precedence_item_then_stage_then_defaults(tmp_path: Path) -> None:
+    rows: list[dict[str, object]] = [
+        {"id": "a", "image": "a.png"},
+        {
+            "id": "b",
+            "image": "b.png",
+            "strength": 0.3,
+            "negative_prompt": "item-neg",
+            "seed": 9,
+            "prompt": "own",
+        },
+    ]
+    spec = write_job(
+        tmp_path,
+        rows,
+        model="sd15",
+        stage={"type": "img2img", "model": "sd15", "strength": 0.6, "negative_prompt": "stage-neg"},
+        defaults={
+            "prompt": "default prompt",
+            "negative_prompt": "default-neg",
+            "seed": 5,
+            "steps": 20,
+            "size": "64x64",
+        },
+    )
+    chunks = list(plan_chunks(validate_job(spec, REGISTRY), chunk_size=8))
+    by_id = {item.id: (item, chunk.params) for chunk in chunks for item in chunk.items}
+    item_a, params_a = by_id["a"]
+    assert (item_a.prompt, item_a.negative_prompt, item_a.seed) == ("default prompt", "stage-neg", 5)
+    assert (params_a.strength, params_a.steps, params_a.guidance_scale, params_a.size) == (
+        0.6,
+        20,
+        7.5,
+        (64, 64),
+    )
+    item_b, params_b = by_id["b"]
+    assert (item_b.prompt, item_b.negative_prompt, item_b.seed, params_b.strength) == (
+        "own",
+        "item-neg",
+        9,
+        0.3,
+    )
+    assert item_a.image == str(tmp_path / "a.png")
+
+
+def test_chunks_group_equal_parameters_and_respect_chunk_size(tmp_path: Path) -> None:
+    rows = items(7) + items(3, strength=0.5)
+    for index, row in enumerate(rows):
+        row["id"] = f"x{index}"
+    spec = write_job(tmp_path, rows, model="sd15")
+    chunks = list(plan_chunks(validate_job(spec, REGISTRY), chunk_size=3))
+    # Full chunks leave as they fill; the partial one of each parameter group leaves at the end.
+    assert [[i.id for i in c.items] for c in chunks] == [
+        ["x0", "x1", "x2"],
+        ["x3", "x4", "x5"],
+        ["x7", "x8", "x9"],
+        ["x6"],
+    ]
+    assert [c.params.strength for c in chunks] == [0.75, 0.75, 0.5, 0.75]
+    assert len({c.chunk_id for c in chunks}) == len(chunks)
+    assert all(c.model == "sd15" and c.stage_index == 0 for c in chunks)

@@ -1,0 +1,75 @@
+"""Item transitions against a real Redis server: counts always add up, finished items stay finished."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import redis
+
+from jobs.embedded import EmbeddedRedis
+from jobs.status import read_status
+from schemas import keys
+from schemas.job import ResolvedParams
+from schemas.messages import ItemResult
+from schemas.progress import JobState
+from workers.progress import JobProgress
+from workers.storage import LocalStorage
+
+PARAMS = ResolvedParams(strength=0.5, guidance_scale=7.5, steps=10, size=(64, 64))
+
+
+def register(client: redis.Redis, job_id: str, ids: list[str]) -> None:
+    client.hset(keys.job_meta(job_id), mapping={"name": "j", "output": "/o", "total": len(ids)})
+    client.hset(
+        keys.job_counts(job_id), mapping={"pending": len(ids), "running": 0, "succeeded": 0, "failed": 0}
+    )
+    client.hset(keys.job_items(job_id), mapping=dict.fromkeys(ids, "pending"))
+    client.rpush(keys.job_order(job_id), *ids)
+
+
+def result(item_id: str, status: str = "succeeded") -> ItemResult:
+    return ItemResult(id=item_id, status=status, seed=0, model="m", prompt="p", params=PARAMS)  # type: ignore[arg-type]
+
+
+def test_counts_follow_transitions_and_the_last_item_finishes_the_job(
+    redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    register(client, "j1", ["c", "a", "b"])
+    progress = JobProgress(client, "j1")
+    assert read_status(client, "j1").state == JobState.PENDING
+
+    assert progress.start(["a", "b"]) == ["a", "b"]
+    status = read_status(client, "j1")
+    assert (status.state, status.pending, status.running) == (JobState.RUNNING, 1, 2)
+
+    assert progress.finish(result("a")) is False
+    assert progress.finish(result("b", "failed")) is False
+    # A second delivery of a finished item neither restarts nor re-counts it.
+    assert progress.start(["a", "c"]) == ["c"]
+    assert progress.finish(result("a", "failed")) is False
+    assert progress.finish(result("c")) is True
+
+    status = read_status(client, "j1")
+    assert (status.succeeded, status.failed, status.pending, status.running) == (2, 1, 0, 0)
+    assert status.state == JobState.RUNNING  # finished only once results.jsonl is written
+
+    storage = LocalStorage(tmp_path / "j1")
+    progress.write_results(storage)
+    lines = [json.loads(line) for line in (tmp_path / "j1" / "results.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["status"]) for r in lines] == [
+        ("c", "succeeded"),
+        ("a", "succeeded"),
+        ("b", "failed"),
+    ]
+    assert read_status(client, "j1").state == JobState.FAILED
+
+
+def test_unknown_items_are_ignored(redis_server: EmbeddedRedis) -> None:
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    register(client, "j2", ["a"])
+    progress = JobProgress(client, "j2")
+    assert progress.start(["zzz"]) == []
+    assert progress.finish(result("zzz")) is False
+    assert read_status(client, "j2").pending == 1

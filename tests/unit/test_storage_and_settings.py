@@ -1,0 +1,62 @@
+"""Local storage, key containment, and settings from the environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from schemas.errors import ConfigError, StorageError
+from schemas.settings import Settings, celery_config, redact_url
+from workers.storage import LocalStorage, S3Storage, check_key, open_storage
+
+
+def test_local_storage_round_trip(tmp_path: Path) -> None:
+    storage = open_storage(str(tmp_path), "job-1")
+    assert isinstance(storage, LocalStorage)
+    uri = storage.put("item/s0-img2img.png", b"png", "image/png")
+    assert uri == str(tmp_path / "job-1" / "item" / "s0-img2img.png")
+    assert storage.get("item/s0-img2img.png") == b"png" and storage.exists("item/s0-img2img.png")
+    assert not storage.exists("item/other.png")
+    assert [p.name for p in (tmp_path / "job-1" / "item").iterdir()] == [
+        "s0-img2img.png"
+    ]  # no temp file left
+
+
+def test_s3_storage_is_rooted_at_the_job_prefix() -> None:
+    storage = open_storage("s3://bucket/some/prefix/", "job-1")
+    assert isinstance(storage, S3Storage)
+    assert storage.uri("a/b.png") == "s3://bucket/some/prefix/job-1/a/b.png"
+    assert open_storage("s3://bucket", "job-2").uri("x") == "s3://bucket/job-2/x"
+
+
+@pytest.mark.parametrize("key", ["../x", "a/../../x", "/abs", "a//b", "a\\b", "a\x00b", "", ".", "a/./b"])
+def test_keys_cannot_escape_the_job_prefix(key: str) -> None:
+    with pytest.raises(StorageError, match="refusing storage key"):
+        check_key(key)
+
+
+def test_job_id_cannot_escape_the_output(tmp_path: Path) -> None:
+    with pytest.raises(StorageError):
+        open_storage(str(tmp_path), "../elsewhere")
+
+
+def test_env_errors_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMGJOBS_CHUNK_SIZE", "0")
+    with pytest.raises(ConfigError, match="IMGJOBS_CHUNK_SIZE: Input should be greater than or equal to 1"):
+        Settings.from_env()
+
+
+def test_redacted_urls_hide_passwords_only() -> None:
+    assert redact_url("redis://:pw@host:6379/0") == "redis://:***@host:6379/0"
+    assert redact_url("rediss://user:pw@host/1") == "rediss://user:***@host/1"
+    assert redact_url("redis://host:6379/0") == "redis://host:6379/0"
+
+
+def test_celery_config_is_json_only_and_at_least_once() -> None:
+    settings = Settings(task_time_limit_s=100)
+    config = celery_config(settings, "redis://h/0")
+    assert config["accept_content"] == ["json"] and config["task_serializer"] == "json"
+    assert config["task_acks_late"] and config["task_reject_on_worker_lost"]
+    assert config["worker_prefetch_multiplier"] == 1
+    assert config["broker_transport_options"]["visibility_timeout"] > config["task_time_limit"]
