@@ -11,7 +11,7 @@ import csv
 import hashlib
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,15 +19,19 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from jobs.recipe import plan_recipe
 from jobs.registry import Registry
-from schemas.errors import ConfigError, Problem, SpecError
+from schemas.errors import Problem, SpecError
 from schemas.job import Item, JobSpec, ResolvedParams, resolve_params
+from schemas.messages import StagePlan
 from schemas.registry import ResolvedModel
 
 MAX_SPEC_BYTES = 1 * 2**20
 MAX_LINE_BYTES = 1 * 2**20
 MAX_PROBLEMS = 200
 ITEM_FORMATS = (".jsonl", ".csv")
+STAGE_TYPES = ("img2img", "text2img", "upscale")
+Located = tuple[int | None, tuple[int | str, ...]]
 
 
 @dataclass(frozen=True)
@@ -38,34 +42,49 @@ class ValidatedJob:
     output: str
     job_id: str
     total: int
-    models: tuple[ResolvedModel, ...]
+    recipe: tuple[StagePlan, ...]
+
+    @property
+    def models(self) -> list[ResolvedModel]:
+        """The distinct models the job runs on, in stage order."""
+        return list({plan.model.name: plan.model for plan in self.recipe}.values())
 
 
-def _node_line(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
-    """The 1-based line of the YAML node that a pydantic error location points at."""
-    node = root
-    if node is None:
-        return None
-    for key in loc:
-        if isinstance(node, yaml.MappingNode):
-            found = next((v for k, v in node.value if getattr(k, "value", None) == key), None)
-            if found is None:
-                break
-            node = found
-        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            node = node.value[key]
-        else:
+def _child(node: yaml.Node | None, key: int | str) -> yaml.Node | None:
+    if isinstance(node, yaml.MappingNode):
+        return next((value for name, value in node.value if getattr(name, "value", None) == key), None)
+    if isinstance(node, yaml.SequenceNode) and isinstance(key, int) and 0 <= key < len(node.value):
+        item: yaml.Node = node.value[key]
+        return item
+    return None
+
+
+def _locate(root: yaml.Node | None, loc: tuple[int | str, ...]) -> Located:
+    """The 1-based line of the YAML node a pydantic error location points at, and the location
+    without the stage type that pydantic inserts for a tagged union."""
+    node, kept = root, list[int | str]()
+    for position, key in enumerate(loc):
+        child = _child(node, key)
+        if child is None:
+            if isinstance(node, yaml.MappingNode) and key in STAGE_TYPES:
+                continue
+            kept.extend(loc[position:])
             break
-    return int(node.start_mark.line) + 1
+        node = child
+        kept.append(key)
+    return (node.start_mark.line + 1 if node is not None else None), tuple(kept)
 
 
-def _problems_from(exc: ValidationError, file: str, line_of: Any) -> list[Problem]:
+def _problems_from(
+    exc: ValidationError, file: str, locate: Callable[[tuple[int | str, ...]], Located]
+) -> list[Problem]:
     problems = []
     for err in exc.errors():
-        loc = tuple(err["loc"])
-        field = ".".join(str(p) for p in loc) or None
-        message = err["msg"].removeprefix("Value error, ")
-        problems.append(Problem(file=file, line=line_of(loc), field=field, message=message))
+        line, loc = locate(tuple(err["loc"]))
+        field = ".".join(str(part) for part in loc) or None
+        problems.append(
+            Problem(file=file, line=line, field=field, message=err["msg"].removeprefix("Value error, "))
+        )
     return problems
 
 
@@ -96,7 +115,7 @@ def load_spec(spec_path: Path) -> JobSpec:
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(_problems_from(exc, file, lambda loc: _node_line(root, loc))) from None
+        raise SpecError(_problems_from(exc, file, lambda loc: _locate(root, loc))) from None
 
 
 def _raw_rows(items_path: Path, digest: Any) -> Iterator[tuple[int, dict[str, Any] | str]]:
@@ -137,8 +156,15 @@ def _check_item(
     try:
         item = Item.model_validate(row)
     except ValidationError as exc:
-        return None, _problems_from(exc, file, lambda _loc: line)
+        return None, _problems_from(exc, file, lambda loc: (line, loc))
     problems = []
+    starts_with_text = spec.stages[0].type == "text2img"
+    if item.image is None and not starts_with_text:
+        problems.append(Problem(file, line, "image", "required unless the first stage is text2img"))
+    if item.image is not None and starts_with_text:
+        problems.append(Problem(file, line, "image", "the first stage is text2img, which takes no image"))
+    if item.control_image is not None and not any(getattr(s, "controlnet", None) for s in spec.stages):
+        problems.append(Problem(file, line, "control_image", "no stage of this job has a controlnet"))
     for index, stage in enumerate(spec.stages):
         try:
             resolve_params(item, stage, spec.defaults)
@@ -164,13 +190,7 @@ def output_of(spec: JobSpec, spec_path: Path) -> str:
 def validate_job(spec_path: Path, registry: Registry) -> ValidatedJob:
     """Every problem of the spec and all its items, raised together as one SpecError."""
     spec = load_spec(spec_path)
-    problems: list[Problem] = []
-    models: list[ResolvedModel] = []
-    for index, stage in enumerate(spec.stages):
-        try:
-            models.append(registry.resolve(stage.model, base_dir=spec_path.parent))
-        except ConfigError as exc:
-            problems.append(Problem(str(spec_path), None, f"stages.{index}.model", str(exc)))
+    recipe, problems = plan_recipe(spec, registry, spec_path.parent, str(spec_path))
 
     items_path = items_path_of(spec, spec_path)
     if items_path.suffix.lower() not in ITEM_FORMATS:
@@ -211,7 +231,7 @@ def validate_job(spec_path: Path, registry: Registry) -> ValidatedJob:
         output=output_of(spec, spec_path),
         job_id=f"{spec.name}-{digest.hexdigest()[:12]}",
         total=total,
-        models=tuple(models),
+        recipe=tuple(recipe),
     )
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,12 +15,10 @@ from jobs.manifest import ValidatedJob, iter_items
 from schemas import keys
 from schemas.job import (
     IMAGE_URI_SCHEMES,
+    Item,
     ResolvedParams,
-    resolve_negative_prompt,
-    resolve_prompt,
-    resolve_seed,
 )
-from schemas.messages import RUN_CHUNK_TASK, Chunk, ChunkItem
+from schemas.messages import RUN_CHUNK_TASK, Chunk, ChunkItem, StageInput
 from schemas.progress import ItemState
 from schemas.settings import Settings
 
@@ -34,49 +33,60 @@ class Submission:
     already_submitted: bool
 
 
-def _absolute_image(uri: str, items_dir: Path) -> str:
-    if uri.startswith(IMAGE_URI_SCHEMES):
+def _absolute(uri: str | None, items_dir: Path) -> str | None:
+    if uri is None or uri.startswith(IMAGE_URI_SCHEMES):
         return uri
     path = Path(uri).expanduser()
     return str(path if path.is_absolute() else (items_dir / path).resolve())
 
 
-def plan_chunks(job: ValidatedJob, chunk_size: int) -> Iterator[Chunk]:
-    """Chunks of up to chunk_size items that share parameters, in manifest order within a group."""
-    stage = job.spec.stages[0]
-    open_chunks: dict[ResolvedParams, list[ChunkItem]] = {}
-    count = 0
+def first_stage_item(item: Item, items_dir: Path) -> ChunkItem:
+    """The item as the first stage reads it, its local paths made absolute for workers."""
+    item = item.model_copy(
+        update={
+            "image": _absolute(item.image, items_dir),
+            "control_image": _absolute(item.control_image, items_dir),
+        }
+    )
+    stage_input = StageInput(kind="image", uri=item.image) if item.image else StageInput(kind="none")
+    return ChunkItem(item=item, input=stage_input)
 
-    def emit(params: ResolvedParams, members: list[ChunkItem]) -> Chunk:
-        nonlocal count
-        chunk = Chunk(
+
+def group_into_chunks(
+    members: Iterable[tuple[ChunkItem, ResolvedParams]],
+    chunk_size: int,
+    make: Callable[[ResolvedParams, list[ChunkItem]], Chunk],
+) -> Iterator[Chunk]:
+    """Chunks of up to chunk_size items with equal parameters, in order within each group; full chunks
+    leave as they fill, partial ones at the end."""
+    open_chunks: dict[ResolvedParams, list[ChunkItem]] = {}
+    for member, params in members:
+        group = open_chunks.setdefault(params, [])
+        group.append(member)
+        if len(group) >= chunk_size:
+            yield make(params, open_chunks.pop(params))
+    for params, group in open_chunks.items():
+        yield make(params, group)
+
+
+def plan_chunks(job: ValidatedJob, chunk_size: int) -> Iterator[Chunk]:
+    """The first stage's chunks."""
+    counter = itertools.count()
+
+    def make(params: ResolvedParams, members: list[ChunkItem]) -> Chunk:
+        return Chunk(
             job_id=job.job_id,
-            chunk_id=f"{job.job_id}:s0:c{count}",
+            chunk_id=f"{job.job_id}:s0:c{next(counter)}",
             output=job.output,
             stage_index=0,
-            stage_type=stage.type,
-            model=job.models[0].name,
+            recipe=list(job.recipe),
+            defaults=job.spec.defaults,
             params=params,
             items=members,
         )
-        count += 1
-        return chunk
 
-    for item, params in iter_items(job):
-        members = open_chunks.setdefault(params, [])
-        members.append(
-            ChunkItem(
-                id=item.id,
-                image=_absolute_image(item.image, job.items_path.parent),
-                prompt=resolve_prompt(item, job.spec.defaults),
-                negative_prompt=resolve_negative_prompt(item, stage, job.spec.defaults),
-                seed=resolve_seed(item, job.spec.defaults),
-            )
-        )
-        if len(members) >= chunk_size:
-            yield emit(params, open_chunks.pop(params))
-    for params, members in open_chunks.items():
-        yield emit(params, members)
+    members = ((first_stage_item(item, job.items_path.parent), params) for item, params in iter_items(job))
+    yield from group_into_chunks(members, chunk_size, make)
 
 
 def _register(client: redis.Redis, job: ValidatedJob) -> bool:
@@ -121,7 +131,7 @@ def submit(job: ValidatedJob, settings: Settings, broker_url: str) -> Submission
                 RUN_CHUNK_TASK,
                 args=[chunk.model_dump(mode="json")],
                 task_id=chunk.chunk_id,
-                queue=job.models[chunk.stage_index].queue,
+                queue=chunk.stage.model.queue,
                 producer=producer,
             )
             chunks += 1

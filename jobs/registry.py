@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -9,6 +10,18 @@ from pydantic import ValidationError
 
 from schemas.errors import ConfigError, UnknownModelError
 from schemas.registry import BUILTIN_MODELS, MODEL_NAME_PATTERN, ModelEntry, RegistryFile, ResolvedModel
+
+
+def _with_local_pipeline(entry: ModelEntry) -> ModelEntry:
+    """Fill in the pipeline class from a local folder's model_index.json, when the entry has none."""
+    index = Path(entry.source) / "model_index.json"
+    if entry.pipeline or not index.is_file():
+        return entry
+    try:
+        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError):
+        return entry
+    return entry.model_copy(update={"pipeline": class_name}) if isinstance(class_name, str) else entry
 
 
 class Registry:
@@ -42,7 +55,7 @@ class Registry:
             # A source that exists as a folder beside models.yaml is local; anything else is a hub id.
             local = path.parent / entry.source
             if local.is_dir():
-                entry = entry.model_copy(update={"source": str(local.resolve())})
+                entry = _with_local_pipeline(entry.model_copy(update={"source": str(local.resolve())}))
             entries[name] = entry
         return cls(entries, path.resolve())
 
@@ -53,9 +66,9 @@ class Registry:
         folder = Path(name).expanduser()
         if not folder.is_absolute() and base_dir is not None:
             folder = base_dir / folder
-        if (folder / "model_index.json").is_file():
+        if (folder / "model_index.json").is_file() or (folder / "config.json").is_file():
             resolved = str(folder.resolve())
-            return ResolvedModel(name=resolved, entry=ModelEntry(source=resolved))
+            return ResolvedModel(name=resolved, entry=_with_local_pipeline(ModelEntry(source=resolved)))
         known = ", ".join(sorted(self.entries))
         where = f" in {self.path}" if self.path else " (no models.yaml given: set IMGJOBS_MODELS or --models)"
         raise UnknownModelError(

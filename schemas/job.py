@@ -7,6 +7,7 @@ Precedence of a per-item parameter: the item's own value, then the stage's, then
 from __future__ import annotations
 
 import re
+import string
 from typing import Annotated, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -86,16 +87,76 @@ class Defaults(_Strict):
     steps: Steps | None = None
 
 
-class Img2ImgStage(_Strict):
-    type: Literal["img2img"]
-    model: str = Field(min_length=1)
-    strength: Strength | None = None
+def _check_prompt_template(value: str) -> str:
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+    except ValueError as exc:
+        raise ValueError(f"not a valid template: {exc}") from None
+    if fields - {"prompt"}:
+        raise ValueError(f"only {{prompt}} may be used, found {sorted(fields - {'prompt'})}")
+    return value
+
+
+PromptTemplate = Annotated[str, AfterValidator(_check_prompt_template)]
+SaveKind = Literal["image", "latent"]
+
+
+class _Stage(_Strict):
+    model: str = Field(min_length=1, description="registry name or a diffusers folder")
+    prompt_template: PromptTemplate = Field("{prompt}", description='e.g. "{prompt}, charliebo artstyle"')
+    prompt_syntax: Literal["plain", "compel"] = Field(
+        "plain", description="compel: weighting like (cat)1.3, jungle--"
+    )
+    negative_prompt: str | None = None
     guidance_scale: GuidanceScale | None = None
     steps: Steps | None = None
-    negative_prompt: str | None = None
+    save: tuple[SaveKind, ...] | None = Field(
+        None, description="outputs to keep; default: the image for the last stage, nothing for the others"
+    )
+    handover: Literal["auto", "image", "latent"] = Field(
+        "auto", description="how the output reaches the next stage; auto: latents when the models share a VAE"
+    )
 
 
-StageSpec = Img2ImgStage
+class Img2ImgStage(_Stage):
+    type: Literal["img2img"]
+    strength: Strength | None = None
+    controlnet: str | None = Field(
+        None, description="registry name of a ControlNetModel for this SD 1.x model"
+    )
+    controlnet_conditioning_scale: float = Field(1.0, ge=0.0, le=2.0)
+    control: Literal["depth"] | None = Field(
+        None, description="compute the control image from the input when an item has no control_image"
+    )
+    depth_model: str | None = Field(
+        None, description="registry name of a transformers depth-estimation model"
+    )
+    aesthetic_score: float | None = Field(None, ge=0.0, le=10.0, description="SDXL refiner only")
+    negative_aesthetic_score: float | None = Field(None, ge=0.0, le=10.0, description="SDXL refiner only")
+
+    @model_validator(mode="after")
+    def _check_control(self) -> Img2ImgStage:
+        if self.control and not self.controlnet:
+            raise ValueError("control needs a controlnet")
+        if self.control == "depth" and not self.depth_model:
+            raise ValueError("control: depth needs depth_model, a depth-estimation model")
+        return self
+
+
+class Text2ImgStage(_Stage):
+    type: Literal["text2img"]
+
+
+class UpscaleStage(_Stage):
+    """The x2 latent upscaler or the x4 upscaler, as the model's pipeline says."""
+
+    type: Literal["upscale"]
+    noise_level: int | None = Field(
+        None, ge=0, le=350, description="x4 upscaler: noise added to the low-res image"
+    )
+
+
+StageSpec = Annotated[Img2ImgStage | Text2ImgStage | UpscaleStage, Field(discriminator="type")]
 
 
 def _check_job_name(value: str) -> str:
@@ -112,18 +173,29 @@ def _check_output(value: str) -> str:
     return value
 
 
+MAX_STAGES = 8
+
+
 class JobSpec(_Strict):
     version: Literal[1]
     name: Annotated[str, AfterValidator(_check_job_name)]
     output: Annotated[str, Field(min_length=1), AfterValidator(_check_output)]
     items: str = Field(min_length=1)
     defaults: Defaults = Defaults()
-    stages: list[StageSpec] = Field(min_length=1, max_length=1)
+    stages: list[StageSpec] = Field(min_length=1, max_length=MAX_STAGES)
+
+    @model_validator(mode="after")
+    def _check_stage_order(self) -> JobSpec:
+        for index, stage in enumerate(self.stages[1:], start=1):
+            if stage.type == "text2img":
+                raise ValueError(f"stages.{index}: text2img can only be the first stage")
+        return self
 
 
 class Item(_Strict):
     id: ItemId
-    image: ImageUri
+    image: ImageUri | None = Field(None, description="required unless the first stage is text2img")
+    control_image: ImageUri | None = None
     prompt: str | None = None
     negative_prompt: str | None = None
     seed: Seed | None = None
@@ -131,6 +203,7 @@ class Item(_Strict):
     strength: Strength | None = None
     guidance_scale: GuidanceScale | None = None
     steps: Steps | None = None
+    noise_level: int | None = Field(None, ge=0, le=350)
 
 
 T = TypeVar("T")
@@ -144,17 +217,19 @@ def _first(*values: T | None, fallback: T) -> T:
 
 
 class ResolvedParams(_Strict):
-    """Everything that must be equal for items to share one batched pipeline call."""
+    """One stage's parameters for one item: items share a batched call only when these are equal.
+    `size` is the size inputs are fitted to (first stage) or generated at (text2img)."""
 
-    strength: Strength
     guidance_scale: GuidanceScale
     steps: Steps
     size: Size
+    strength: Strength | None = None
+    noise_level: int | None = None
 
     @model_validator(mode="after")
     def _at_least_one_step(self) -> ResolvedParams:
         # diffusers runs int(steps * strength) denoising steps and fails when that is zero.
-        if int(self.steps * self.strength) < 1:
+        if self.strength is not None and int(self.steps * self.strength) < 1:
             raise ValueError(
                 f"steps x strength must give at least one denoising step (steps={self.steps}, "
                 f"strength={self.strength})"
@@ -162,22 +237,48 @@ class ResolvedParams(_Strict):
         return self
 
 
+BUILTIN_UPSCALE_STEPS = 75
+BUILTIN_UPSCALE_GUIDANCE_SCALE = 9.0
+BUILTIN_NOISE_LEVEL = 20
+
+
 def resolve_params(item: Item, stage: StageSpec, defaults: Defaults) -> ResolvedParams:
+    """Item, then stage, then job defaults, then built-in defaults; an item's override applies to
+    every stage that takes the parameter."""
+    upscale = isinstance(stage, UpscaleStage)
     return ResolvedParams(
-        strength=_first(item.strength, stage.strength, defaults.strength, fallback=BUILTIN_STRENGTH),
         guidance_scale=_first(
             item.guidance_scale,
             stage.guidance_scale,
             defaults.guidance_scale,
-            fallback=BUILTIN_GUIDANCE_SCALE,
+            fallback=BUILTIN_UPSCALE_GUIDANCE_SCALE if upscale else BUILTIN_GUIDANCE_SCALE,
         ),
-        steps=_first(item.steps, stage.steps, defaults.steps, fallback=BUILTIN_STEPS),
+        steps=_first(
+            item.steps,
+            stage.steps,
+            defaults.steps,
+            fallback=BUILTIN_UPSCALE_STEPS if upscale else BUILTIN_STEPS,
+        ),
         size=_first(item.size, defaults.size, fallback=BUILTIN_SIZE),
+        strength=(
+            _first(item.strength, stage.strength, defaults.strength, fallback=BUILTIN_STRENGTH)
+            if isinstance(stage, Img2ImgStage)
+            else None
+        ),
+        noise_level=(
+            _first(item.noise_level, stage.noise_level, fallback=BUILTIN_NOISE_LEVEL)
+            if isinstance(stage, UpscaleStage)
+            else None
+        ),
     )
 
 
-def resolve_prompt(item: Item, defaults: Defaults) -> str:
+def base_prompt(item: Item, defaults: Defaults) -> str:
     return _first(item.prompt, defaults.prompt, fallback="")
+
+
+def resolve_prompt(item: Item, stage: StageSpec, defaults: Defaults) -> str:
+    return stage.prompt_template.format(prompt=base_prompt(item, defaults))
 
 
 def resolve_negative_prompt(item: Item, stage: StageSpec, defaults: Defaults) -> str | None:
@@ -186,3 +287,8 @@ def resolve_negative_prompt(item: Item, stage: StageSpec, defaults: Defaults) ->
 
 def resolve_seed(item: Item, defaults: Defaults) -> int:
     return _first(item.seed, defaults.seed, fallback=0)
+
+
+def stage_name(index: int, stage: StageSpec) -> str:
+    """The name of a stage's outputs: s0-img2img, s1-upscale, ..."""
+    return f"s{index}-{stage.type}"

@@ -7,6 +7,7 @@ kombu's `unacked` bookkeeping) are named by Celery and not listed here.
     imgjobs:job:<id>:items            hash   item id -> ItemState
     imgjobs:job:<id>:order            list   item ids in manifest order (results.jsonl follows it)
     imgjobs:job:<id>:results          hash   item id -> ItemResult JSON, once the item is finished
+    imgjobs:job:<id>:stage            hash   item id -> index of the last stage handed to the next one
 """
 
 from __future__ import annotations
@@ -34,3 +35,7 @@ def job_order(job_id: str) -> str:
 
 def job_results(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:results"
+
+
+def job_stage(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:stage"

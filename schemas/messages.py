@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.job import ItemId, ResolvedParams
-from schemas.registry import ModelEntry
+from schemas.job import Defaults, Item, ResolvedParams, SaveKind, StageSpec
+from schemas.registry import ModelEntry, ResolvedModel
 
 RUN_CHUNK_TASK = "imgjobs.run_chunk"
 # Set by `imgjobs worker` for the Celery worker it starts: the resolved model, as WorkerModel JSON.
@@ -18,25 +18,65 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class StagePlan(_Message):
+    """One stage of a job as planned at submit: the model it runs on and how its output moves on."""
+
+    index: int = Field(ge=0)
+    name: str = Field(description="s{index}-{type}: the name of its outputs")
+    spec: StageSpec
+    model: ResolvedModel
+    handover: Literal["image", "latent", "none"] = Field(
+        description="what the next stage reads; none when last"
+    )
+    save: tuple[SaveKind, ...] = Field(description="outputs kept after the item finishes")
+    controlnet: ResolvedModel | None = None
+    depth_model: ResolvedModel | None = None
+
+    @property
+    def writes(self) -> tuple[SaveKind, ...]:
+        """Everything this stage writes: what is saved plus what the next stage reads."""
+        handed = () if self.handover == "none" else (self.handover,)
+        return tuple(kind for kind in ("image", "latent") if kind in self.save or kind in handed)
+
+
+class StageInput(_Message):
+    kind: Literal["image", "latent", "none"]
+    uri: str | None = None
+
+
+class StageRecord(_Message):
+    name: str
+    model: str
+    params: ResolvedParams
+    timings: dict[str, float] = Field(default_factory=dict, description="seconds per phase")
+
+
 class ChunkItem(_Message):
-    id: ItemId
-    image: str = Field(description="absolute local path, file://, s3:// or http(s):// URI")
-    prompt: str
-    negative_prompt: str | None
-    seed: int
+    item: Item = Field(description="the item as submitted; a local image path is made absolute")
+    input: StageInput
+    outputs: dict[str, str] = Field(default_factory=dict, description="outputs of the stages before this one")
+    stages: list[StageRecord] = Field(default_factory=list, description="the stages before this one")
 
 
 class Chunk(_Message):
-    """A unit of work: items that share one model, stage and ResolvedParams, run as one batch."""
+    """A unit of work: items at one stage that share ResolvedParams, run as one batched call."""
 
     job_id: str
     chunk_id: str
     output: str = Field(description="the job's output root; outputs go under {output}/{job_id}/")
     stage_index: int = Field(ge=0)
-    stage_type: Literal["img2img"]
-    model: str
+    recipe: list[StagePlan] = Field(min_length=1)
+    defaults: Defaults
     params: ResolvedParams
     items: list[ChunkItem] = Field(min_length=1)
+
+    @property
+    def stage(self) -> StagePlan:
+        return self.recipe[self.stage_index]
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage_index == len(self.recipe) - 1
 
 
 class ErrorInfo(_Message):
@@ -45,18 +85,22 @@ class ErrorInfo(_Message):
 
 
 class ItemResult(_Message):
-    """One line of results.jsonl."""
+    """One line of results.jsonl. `model` and `params` are those of the last stage the item reached;
+    `stages` has every stage's model, parameters and timings."""
 
     id: str
     status: Literal["succeeded", "failed"]
-    outputs: dict[str, str] = Field(default_factory=dict, description="stage name -> output URI")
+    image: str | None = Field(None, description="the input image, as workers read it")
+    outputs: dict[str, str] = Field(default_factory=dict, description="output name -> URI")
     seed: int
     model: str
     prompt: str
     negative_prompt: str | None = None
     params: ResolvedParams
-    timings: dict[str, float] = Field(default_factory=dict, description="seconds per phase")
+    stages: list[StageRecord] = Field(default_factory=list)
+    timings: dict[str, float] = Field(default_factory=dict, description="seconds per phase, all stages")
     error: ErrorInfo | None = None
+    failed_stage: str | None = None
 
 
 class WorkerModel(_Message):

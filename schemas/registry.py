@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 QUEUE_PREFIX = "imgjobs."
+X2_LATENT_UPSCALER = "StableDiffusionLatentUpscalePipeline"
+X4_UPSCALER = "StableDiffusionUpscalePipeline"
+UPSCALER_PIPELINES = (X2_LATENT_UPSCALER, X4_UPSCALER)
 
 
 class ModelEntry(BaseModel):
@@ -24,6 +27,9 @@ class ModelEntry(BaseModel):
     variant: str | None = Field(None, description="weights variant on the hub, e.g. fp16")
     device: str = Field("auto", description="'auto' picks cuda when available, else cpu")
     vae_family: str | None = Field(None, description="models with equal families share a latent space")
+    pipeline: str | None = Field(
+        None, description="the checkpoint's pipeline class; read from model_index.json for local folders"
+    )
     description: str = ""
 
 
@@ -86,6 +92,15 @@ BUILTIN_MODELS: dict[str, ModelEntry] = {
         source="stabilityai/sd-x2-latent-upscaler",
         vae_family="sd",
         description="x2 latent upscaler",
+    ),
+    "controlnet-depth": ModelEntry(
+        source="lllyasviel/control_v11f1p_sd15_depth",
+        description="ControlNet (depth) for SD 1.5",
+    ),
+    "depth-anything": ModelEntry(
+        source="depth-anything/Depth-Anything-V2-Small-hf",
+        dtype="float32",
+        description="depth estimation for control: depth",
     ),
     "sd-x4-upscaler": ModelEntry(
         source="stabilityai/stable-diffusion-x4-upscaler",

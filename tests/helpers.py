@@ -8,6 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from pydantic import TypeAdapter
+
+from schemas.job import StageSpec, stage_name
+from schemas.messages import StagePlan
+from schemas.registry import ModelEntry, ResolvedModel
 
 
 def write_image(
@@ -48,3 +53,34 @@ def write_job(
     path = folder / "job.json"
     path.write_text(json.dumps(spec, indent=2), encoding="utf-8")
     return path
+
+
+def stage_plan(
+    stage: Mapping[str, object],
+    model: ResolvedModel,
+    *,
+    index: int = 0,
+    handover: str = "none",
+    save: tuple[str, ...] = ("image",),
+    controlnet: ResolvedModel | None = None,
+    depth_model: ResolvedModel | None = None,
+) -> StagePlan:
+    spec = TypeAdapter(StageSpec).validate_python({"model": model.name, **stage})
+    return StagePlan.model_validate(
+        {
+            "index": index,
+            "name": stage_name(index, spec),
+            "spec": spec,
+            "model": model,
+            "handover": handover,
+            "save": save,
+            "controlnet": controlnet,
+            "depth_model": depth_model,
+        }
+    )
+
+
+def local_model(name: str, folder: Path, **entry: object) -> ResolvedModel:
+    return ResolvedModel(
+        name=name, entry=ModelEntry.model_validate({"source": str(folder), "dtype": "float32", **entry})
+    )

@@ -14,6 +14,7 @@ from celery import Celery
 from celery.signals import worker_process_init
 
 from schemas.errors import ConfigError
+from schemas.messages import RUN_CHUNK_TASK, Chunk
 from schemas.settings import Settings, celery_config
 from workers.runtime import WorkerRuntime
 
@@ -28,6 +29,16 @@ app.conf.update(celery_config(settings, settings.broker_url))
 app.conf.include = ["workers.tasks"]
 
 
+def send_chunk(chunk: Chunk) -> None:
+    """Queue a chunk on its stage's model queue; the deterministic task id names it in logs."""
+    app.send_task(
+        RUN_CHUNK_TASK,
+        args=[chunk.model_dump(mode="json")],
+        task_id=chunk.chunk_id,
+        queue=chunk.stage.model.queue,
+    )
+
+
 @worker_process_init.connect
 def _load_model(**_: Any) -> None:
-    WorkerRuntime.start(settings)
+    WorkerRuntime.start(settings, send_chunk)

@@ -1,138 +1,330 @@
-"""Running one chunk: fetch and decode inputs, one batched stage call, write outputs, record results.
+"""Running one chunk at one stage: fetch and decode inputs, one batched stage call, write outputs, then
+either hand the items to the next stage's queue or record them as finished.
 
 A bad item fails alone: its error is recorded and the others go on. Errors that may pass
-(StorageError) propagate so the task can retry the chunk; items already finished are skipped then.
+(StorageError) propagate so the task can retry the chunk; items already finished, or already
+handed to the next stage, are skipped then.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
-import numpy as np
 import redis
+import torch
 from PIL import Image
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
-from schemas.errors import ImgjobsError, ItemError, StageError
-from schemas.messages import Chunk, ChunkItem, ErrorInfo, ItemResult
+from schemas import keys
+from schemas.errors import ImgjobsError, InputImageError, ItemError, StageError
+from schemas.job import (
+    Img2ImgStage,
+    ResolvedParams,
+    base_prompt,
+    resolve_negative_prompt,
+    resolve_params,
+    resolve_prompt,
+    resolve_seed,
+)
+from schemas.messages import Chunk, ChunkItem, ErrorInfo, ItemResult, StageInput, StagePlan, StageRecord
 from schemas.settings import Settings
-from workers.imageio import encode_png, load_input
+from workers.imageio import encode_png, fetch_bytes, load_input
+from workers.models import LoadedModel
 from workers.progress import JobProgress
-from workers.stages.img2img import Img2ImgBatch, run_img2img, to_pil
+from workers.report import MAX_ITEMS as REPORT_MAX_ITEMS
+from workers.report import render_report
+from workers.stages.common import StageBatch, StageOutput, to_pil
+from workers.stages.img2img import run_img2img
+from workers.stages.text2img import run_text2img
+from workers.stages.upscale import run_upscale
 from workers.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
+
+STAGES = {"img2img": run_img2img, "text2img": run_text2img, "upscale": run_upscale}
+RESULTS_KEY = "results.jsonl"
+REPORT_KEY = "report.html"
+LATENT_TENSOR = "latent"
 
 
 @dataclass(frozen=True)
 class ChunkContext:
     """What a worker process holds for the life of its model."""
 
-    pipeline: Any
-    model_name: str
+    model: LoadedModel
     settings: Settings
     redis: redis.Redis
+    send_chunk: Callable[[Chunk], None]
     open_storage: Callable[[str, str], Storage] = open_storage
 
 
-def output_key(item_id: str, stage_index: int, stage_type: str) -> str:
-    return f"{item_id}/s{stage_index}-{stage_type}.png"
+def output_key(item_id: str, plan: StagePlan, kind: Literal["image", "latent"]) -> str:
+    return f"{item_id}/{plan.name}.{'png' if kind == 'image' else 'safetensors'}"
 
 
-def _result(
-    chunk: Chunk,
-    item: ChunkItem,
-    timings: dict[str, float],
-    outputs: dict[str, str] | None = None,
-    error: ImgjobsError | None = None,
-) -> ItemResult:
-    return ItemResult(
-        id=item.id,
-        status="failed" if error else "succeeded",
-        outputs=outputs or {},
-        seed=item.seed,
-        model=chunk.model,
-        prompt=item.prompt,
-        negative_prompt=item.negative_prompt,
-        params=chunk.params,
-        timings={k: round(v, 4) for k, v in timings.items()},
-        error=ErrorInfo(type=type(error).__name__, message=str(error)) if error else None,
-    )
+def output_name(plan: StagePlan, kind: Literal["image", "latent"]) -> str:
+    return plan.name if kind == "image" else f"{plan.name}.latent"
+
+
+@dataclass
+class _Prepared:
+    member: ChunkItem
+    image: Image.Image | None = None
+    latent: torch.Tensor | None = None
+    control: Image.Image | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _summed(records: list[StageRecord]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for record in records:
+        for phase, seconds in record.timings.items():
+            total[phase] = round(total.get(phase, 0.0) + seconds, 4)
+    return total
+
+
+class _ChunkRun:
+    def __init__(self, chunk: Chunk, ctx: ChunkContext) -> None:
+        self.chunk = chunk
+        self.ctx = ctx
+        self.plan = chunk.stage
+        self.progress = JobProgress(ctx.redis, chunk.job_id)
+        self.storage = ctx.open_storage(chunk.output, chunk.job_id)
+        self.job_finished = False
+
+    # -- results
+
+    def _result(
+        self,
+        member: ChunkItem,
+        records: list[StageRecord],
+        outputs: dict[str, str],
+        error: ImgjobsError | None = None,
+    ) -> ItemResult:
+        item, defaults = member.item, self.chunk.defaults
+        return ItemResult(
+            id=item.id,
+            status="failed" if error else "succeeded",
+            image=item.image,
+            outputs=outputs,
+            seed=resolve_seed(item, defaults),
+            model=self.plan.model.name,
+            prompt=base_prompt(item, defaults),
+            negative_prompt=resolve_negative_prompt(item, self.plan.spec, defaults),
+            params=self.chunk.params,
+            stages=records,
+            timings=_summed(records),
+            error=ErrorInfo(type=type(error).__name__, message=str(error)) if error else None,
+            failed_stage=self.plan.name if error else None,
+        )
+
+    def _finish(self, result: ItemResult) -> None:
+        self._delete_intermediates(result.id)
+        self.job_finished |= self.progress.finish(result)
+
+    def fail(self, member: ChunkItem, error: ImgjobsError, timings: dict[str, float] | None = None) -> None:
+        records = [*member.stages, self._record(timings or {})]
+        self._finish(self._result(member, records, dict(member.outputs), error))
+
+    def _record(self, timings: dict[str, float]) -> StageRecord:
+        return StageRecord(
+            name=self.plan.name,
+            model=self.plan.model.name,
+            params=self.chunk.params,
+            timings={phase: round(seconds, 4) for phase, seconds in timings.items()},
+        )
+
+    def _delete_intermediates(self, item_id: str) -> None:
+        """Handover files nobody asked to keep go once the item is finished, never earlier."""
+        for plan in self.chunk.recipe[: self.chunk.stage_index]:
+            for kind in plan.writes:
+                if kind not in plan.save:
+                    self.storage.delete(output_key(item_id, plan, kind))
+
+    # -- inputs
+
+    def _load(self, member: ChunkItem) -> _Prepared:
+        started = time.perf_counter()
+        prepared = _Prepared(member)
+        source = member.input
+        if source.kind == "image" and source.uri:
+            # The first stage fits inputs to the job's size; later stages take what the previous made.
+            size = self.chunk.params.size if self.chunk.stage_index == 0 else None
+            prepared.image = load_input(source.uri, size, self.ctx.settings)
+        elif source.kind == "latent" and source.uri:
+            try:
+                prepared.latent = load_safetensors(fetch_bytes(source.uri, self.ctx.settings))[LATENT_TENSOR]
+            except (KeyError, ValueError, RuntimeError) as exc:
+                raise InputImageError(f"{source.uri}: not a latent file: {exc}") from None
+        spec = self.plan.spec
+        if isinstance(spec, Img2ImgStage) and spec.controlnet:
+            prepared.control = self._control_image(member, prepared.image)
+        prepared.timings["fetch_s"] = time.perf_counter() - started
+        return prepared
+
+    def _control_image(self, member: ChunkItem, image: Image.Image | None) -> Image.Image:
+        if image is None:
+            raise InputImageError("a ControlNet stage needs an input image")
+        if member.item.control_image:
+            return load_input(member.item.control_image, image.size, self.ctx.settings)
+        if self.plan.depth_model is None:
+            raise InputImageError("this stage needs a control_image for each item (or control: depth)")
+        depth: Image.Image = self.ctx.model.depth_estimator(self.plan.depth_model)(image)["depth"]
+        return depth.convert("RGB").resize(image.size, Image.Resampling.BICUBIC)
+
+    # -- the stage
+
+    def run(self, members: list[ChunkItem]) -> None:
+        ready: list[_Prepared] = []
+        for member in members:
+            try:
+                ready.append(self._load(member))
+            except ItemError as exc:
+                self.fail(member, exc)
+        if not ready:
+            return
+        output = self._infer(ready)
+        if output is None:
+            return
+        handed: list[tuple[ChunkItem, ResolvedParams]] = []
+        for index, prepared in enumerate(ready):
+            started = time.perf_counter()
+            written = self._write(prepared.member.item.id, output, index)
+            prepared.timings["write_s"] = time.perf_counter() - started
+            member = prepared.member
+            records = [*member.stages, self._record(prepared.timings)]
+            outputs = dict(member.outputs)
+            outputs.update({output_name(self.plan, kind): written[kind] for kind in self.plan.save})
+            if self.chunk.is_last_stage:
+                self._finish(self._result(member, records, outputs))
+                continue
+            follower = ChunkItem(
+                item=member.item,
+                input=StageInput(kind=self.plan.handover, uri=written[self.plan.handover]),
+                outputs=outputs,
+                stages=records,
+            )
+            next_spec = self.chunk.recipe[self.chunk.stage_index + 1].spec
+            handed.append((follower, resolve_params(member.item, next_spec, self.chunk.defaults)))
+        if handed:
+            self._hand_over(handed)
+
+    def _infer(self, ready: list[_Prepared]) -> StageOutput | None:
+        spec, defaults = self.plan.spec, self.chunk.defaults
+        items = [prepared.member.item for prepared in ready]
+        images = [p.image for p in ready if p.image is not None]
+        latents = [p.latent for p in ready if p.latent is not None]
+        controls = [p.control for p in ready if p.control is not None]
+        batch = StageBatch(
+            prompts=[resolve_prompt(item, spec, defaults) for item in items],
+            negative_prompts=[resolve_negative_prompt(item, spec, defaults) for item in items],
+            seeds=[resolve_seed(item, defaults) for item in items],
+            images=images or None,
+            latents=torch.stack(latents) if latents else None,
+            control_images=controls or None,
+        )
+        started = time.perf_counter()
+        error: StageError | None = None
+        try:
+            output = STAGES[spec.type](
+                self.ctx.model,
+                self.plan,
+                self.chunk.params,
+                batch,
+                want_images="image" in self.plan.writes,
+                want_latents="latent" in self.plan.writes,
+            )
+        except StageError as exc:
+            error = exc
+        except (ValueError, TypeError, RuntimeError) as exc:
+            # The pipeline refused these inputs; the message is diffusers' own.
+            error = StageError(f"{type(exc).__name__}: {exc}")
+        share = (time.perf_counter() - started) / len(ready)
+        for prepared in ready:
+            prepared.timings["infer_s"] = share
+        if error is not None:
+            for prepared in ready:
+                self.fail(prepared.member, error, prepared.timings)
+            return None
+        return output
+
+    def _write(self, item_id: str, output: StageOutput, index: int) -> dict[str, str]:
+        written: dict[str, str] = {}
+        if "image" in self.plan.writes and output.images is not None:
+            png = encode_png(to_pil(output.images[index]))
+            written["image"] = self.storage.put(output_key(item_id, self.plan, "image"), png, "image/png")
+        if "latent" in self.plan.writes and output.latents is not None:
+            data = save_safetensors({LATENT_TENSOR: output.latents[index].contiguous()})
+            key = output_key(item_id, self.plan, "latent")
+            written["latent"] = self.storage.put(key, data, "application/octet-stream")
+        return written
+
+    def _hand_over(self, handed: list[tuple[ChunkItem, ResolvedParams]]) -> None:
+        """Queue the next stage's chunks (regrouped: an item's own overrides may split a group), then
+        record the handover; a crash in between queues them again, and the next stage skips repeats."""
+        next_index = self.chunk.stage_index + 1
+        counter = itertools.count()
+        groups: dict[ResolvedParams, list[ChunkItem]] = {}
+        for follower, params in handed:
+            groups.setdefault(params, []).append(follower)
+        for params, followers in groups.items():
+            self.ctx.send_chunk(
+                self.chunk.model_copy(
+                    update={
+                        "chunk_id": f"{self.chunk.chunk_id}/s{next_index}.{next(counter)}",
+                        "stage_index": next_index,
+                        "params": params,
+                        "items": followers,
+                    }
+                )
+            )
+        self.progress.handed_over([follower.item.id for follower, _ in handed], self.chunk.stage_index)
+
+    # -- the job's end
+
+    def finalize(self) -> None:
+        """Write results.jsonl and report.html, then mark the job finished."""
+        shown = itertools.islice(self.progress.result_lines(), REPORT_MAX_ITEMS)
+        results = [ItemResult.model_validate_json(line) for line in shown]
+        total = int(self.ctx.redis.hget(keys.job_meta(self.chunk.job_id), "total") or 0)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / RESULTS_KEY
+            with path.open("w", encoding="utf-8") as out:
+                for line in self.progress.result_lines():
+                    out.write(line + "\n")
+            results_uri = self.storage.put_file(RESULTS_KEY, path, "application/x-ndjson")
+        report = render_report(self.chunk.job_id, results, total, self.ctx.settings)
+        report_uri = self.storage.put(REPORT_KEY, report.encode(), "text/html; charset=utf-8")
+        self.progress.mark_finished(results_uri, report_uri)
+        log.info("job %s finished; results at %s", self.chunk.job_id, results_uri)
+
+
+def process_chunk(chunk: Chunk, ctx: ChunkContext) -> None:
+    run = _ChunkRun(chunk, ctx)
+    todo = set(run.progress.start((member.item.id for member in chunk.items), chunk.stage_index))
+    members = [member for member in chunk.items if member.item.id in todo]
+    if len(members) < len(chunk.items):
+        log.info(
+            "chunk %s: %d item(s) already done, skipped", chunk.chunk_id, len(chunk.items) - len(members)
+        )
+    if members:
+        run.run(members)
+    if run.job_finished:
+        run.finalize()
 
 
 def fail_items(chunk: Chunk, ctx: ChunkContext, error: ImgjobsError) -> None:
     """Record every unfinished item of the chunk as failed with error (retries are exhausted)."""
-    progress = JobProgress(ctx.redis, chunk.job_id)
-    finished_job = False
-    for item in chunk.items:
-        finished_job |= progress.finish(_result(chunk, item, {}, error=error))
-    if finished_job:
-        progress.write_results(ctx.open_storage(chunk.output, chunk.job_id))
-
-
-def process_chunk(chunk: Chunk, ctx: ChunkContext) -> None:
-    progress = JobProgress(ctx.redis, chunk.job_id)
-    todo = set(progress.start(item.id for item in chunk.items))
-    items = [item for item in chunk.items if item.id in todo]
-    if len(items) < len(chunk.items):
-        log.info(
-            "chunk %s: %d item(s) already finished, skipped", chunk.chunk_id, len(chunk.items) - len(items)
-        )
-    if not items:
-        return
-    storage = ctx.open_storage(chunk.output, chunk.job_id)
-    finished_job = False
-
-    def record(result: ItemResult) -> None:
-        # Recorded one by one, so a retry after a storage error redoes only what is unrecorded.
-        nonlocal finished_job
-        finished_job |= progress.finish(result)
-
-    ready: list[tuple[ChunkItem, Image.Image, float]] = []
-    for item in items:
-        started = time.perf_counter()
-        try:
-            image = load_input(item.image, chunk.params.size, ctx.settings)
-        except ItemError as exc:
-            record(_result(chunk, item, {"fetch_s": time.perf_counter() - started}, error=exc))
-            continue
-        ready.append((item, image, time.perf_counter() - started))
-
-    if ready:
-        batch = Img2ImgBatch(
-            images=[image for _, image, _ in ready],
-            prompts=[item.prompt for item, _, _ in ready],
-            negative_prompts=[item.negative_prompt for item, _, _ in ready],
-            seeds=[item.seed for item, _, _ in ready],
-            strength=chunk.params.strength,
-            guidance_scale=chunk.params.guidance_scale,
-            steps=chunk.params.steps,
-        )
-        started = time.perf_counter()
-        outputs: np.ndarray | None = None
-        stage_error: StageError | None = None
-        try:
-            outputs = run_img2img(ctx.pipeline, batch)
-        except StageError as exc:
-            stage_error = exc
-        except (ValueError, TypeError, RuntimeError) as exc:
-            # The pipeline refused these inputs; the message is diffusers' own.
-            stage_error = StageError(f"{type(exc).__name__}: {exc}")
-        infer_s = (time.perf_counter() - started) / len(ready)
-        for index, (item, _image, fetch_s) in enumerate(ready):
-            timings = {"fetch_s": fetch_s, "infer_s": infer_s}
-            if outputs is None:
-                record(_result(chunk, item, timings, error=stage_error))
-                continue
-            started = time.perf_counter()
-            key = output_key(item.id, chunk.stage_index, chunk.stage_type)
-            uri = storage.put(key, encode_png(to_pil(outputs[index])), "image/png")
-            timings["write_s"] = time.perf_counter() - started
-            record(_result(chunk, item, timings, outputs={f"s{chunk.stage_index}-{chunk.stage_type}": uri}))
-
-    if finished_job:
-        uri = progress.write_results(storage)
-        log.info("job %s finished; results at %s", chunk.job_id, uri)
+    run = _ChunkRun(chunk, ctx)
+    for member in chunk.items:
+        run.fail(member, error)
+    if run.job_finished:
+        run.finalize()

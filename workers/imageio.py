@@ -88,10 +88,10 @@ def decode_image(data: bytes, uri: str, settings: Settings) -> Image.Image:
         raise InputImageError(f"{uri}: cannot decode: {exc}") from None
 
 
-def load_input(uri: str, size: tuple[int, int], settings: Settings) -> Image.Image:
+def load_input(uri: str, size: tuple[int, int] | None, settings: Settings) -> Image.Image:
     """Fetch, decode and fit (center-crop to the aspect ratio, then resize) to size=(width, height)."""
     image = decode_image(fetch_bytes(uri, settings), uri, settings)
-    if image.size == size:
+    if size is None or image.size == size:
         return image
     return ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)
 

@@ -1,24 +1,21 @@
 """Item state transitions and job completion, written by workers into Redis.
 
 Every transition runs as one Lua script so the per-state counts always add up to the total,
-whoever else is writing. The worker whose transition finishes the last item writes results.jsonl.
+whoever else is writing. The worker whose transition finishes the last item writes the job's results.
 """
 
 from __future__ import annotations
 
-import tempfile
 import time
-from collections.abc import Iterable
-from pathlib import Path
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import redis
 
 from schemas import keys
 from schemas.messages import ItemResult
 from schemas.progress import ItemState
-from workers.storage import Storage
 
-RESULTS_KEY = "results.jsonl"
 RESULTS_BATCH = 1000
 
 # KEYS: items hash, counts hash, results hash.  ARGV: item id, new state, result JSON or "",
@@ -54,13 +51,23 @@ class JobProgress:
             self._transition(keys=self._keys, args=[item_id, to.value, result, *[s.value for s in allowed]])
         )
 
-    def start(self, item_ids: Iterable[str]) -> list[str]:
-        """Mark items running; returns those to work on. Finished items are skipped, so a chunk
-        delivered twice never recomputes or overwrites them; running ones were orphaned by a lost
-        worker and are taken over."""
+    def start(self, item_ids: Iterable[str], stage_index: int) -> list[str]:
+        """Mark items running; returns those this stage should work on. Finished items, and items
+        already handed past this stage, are skipped, so a chunk delivered twice never recomputes or
+        overwrites them; running ones were orphaned by a lost worker and are taken over."""
         self.client.hsetnx(keys.job_meta(self.job_id), "started_at", time.time())
         allowed = (ItemState.PENDING, ItemState.RUNNING)
-        return [i for i in item_ids if self._move(i, ItemState.RUNNING, "", allowed) >= 0]
+        ids = [i for i in item_ids if self._move(i, ItemState.RUNNING, "", allowed) >= 0]
+        if not ids:
+            return []
+        passed = self.client.hmget(keys.job_stage(self.job_id), ids)
+        return [i for i, done in zip(ids, passed, strict=True) if done is None or int(done) < stage_index]
+
+    def handed_over(self, item_ids: Iterable[str], stage_index: int) -> None:
+        """Record that these items' next stage has its input and its chunk is queued."""
+        mapping: dict[Any, Any] = dict.fromkeys(item_ids, stage_index)  # redis-py types keys invariantly
+        if mapping:
+            self.client.hset(keys.job_stage(self.job_id), mapping=mapping)
 
     def finish(self, result: ItemResult) -> bool:
         """Record an item's result; True when this was the job's last open item."""
@@ -70,18 +77,18 @@ class JobProgress:
         )
         return remaining == 0
 
-    def write_results(self, storage: Storage) -> str:
-        """Write results.jsonl in manifest order, then mark the job finished."""
+    def result_lines(self) -> Iterator[str]:
+        """Each finished item's ItemResult JSON, in manifest order."""
         order_key, results_key = keys.job_order(self.job_id), keys.job_results(self.job_id)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / RESULTS_KEY
-            with path.open("w", encoding="utf-8") as out:
-                start = 0
-                while ids := self.client.lrange(order_key, start, start + RESULTS_BATCH - 1):
-                    for line in self.client.hmget(results_key, ids):
-                        if line is not None:
-                            out.write((line if isinstance(line, str) else line.decode()) + "\n")
-                    start += RESULTS_BATCH
-            uri = storage.put_file(RESULTS_KEY, path, "application/x-ndjson")
-        self.client.hset(keys.job_meta(self.job_id), mapping={"finished_at": time.time(), "results": uri})
-        return uri
+        start = 0
+        while ids := self.client.lrange(order_key, start, start + RESULTS_BATCH - 1):
+            for line in self.client.hmget(results_key, ids):
+                if line is not None:
+                    yield line if isinstance(line, str) else line.decode()
+            start += RESULTS_BATCH
+
+    def mark_finished(self, results_uri: str, report_uri: str) -> None:
+        self.client.hset(
+            keys.job_meta(self.job_id),
+            mapping={"finished_at": time.time(), "results": results_uri, "report": report_uri},
+        )

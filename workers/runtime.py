@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Callable
 from typing import ClassVar
 
 import redis
 
 from schemas.errors import ConfigError
-from schemas.messages import WORKER_MODEL_ENV, WorkerModel
+from schemas.messages import WORKER_MODEL_ENV, Chunk, WorkerModel
 from schemas.settings import Settings
 from workers.chunk import ChunkContext
 
@@ -20,12 +22,10 @@ class WorkerRuntime:
     _context: ClassVar[ChunkContext | None] = None
 
     @classmethod
-    def start(cls, settings: Settings) -> ChunkContext:
-        import os
-
+    def start(cls, settings: Settings, send_chunk: Callable[[Chunk], None]) -> ChunkContext:
         import torch
 
-        from workers.models import load_pipeline
+        from workers.models import LoadedModel
 
         raw = os.environ.get(WORKER_MODEL_ENV)
         if not raw:
@@ -36,13 +36,13 @@ class WorkerRuntime:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         started = time.perf_counter()
-        pipeline = load_pipeline(model.entry)
+        loaded = LoadedModel(model.name, model.entry)
         log.info(
             "model %s loaded from %s in %.1fs", model.name, model.entry.source, time.perf_counter() - started
         )
         assert settings.broker_url is not None
         client = redis.Redis.from_url(settings.broker_url, decode_responses=True, socket_connect_timeout=10)
-        cls._context = ChunkContext(pipeline=pipeline, model_name=model.name, settings=settings, redis=client)
+        cls._context = ChunkContext(model=loaded, settings=settings, redis=client, send_chunk=send_chunk)
         return cls._context
 
     @classmethod

@@ -36,6 +36,9 @@ class Storage(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
+    def delete(self, key: str) -> None:
+        """Remove key; a missing key is not an error."""
+
     def uri(self, key: str) -> str: ...
 
 
@@ -97,6 +100,12 @@ class LocalStorage:
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot delete {self._path(key)}: {exc.strerror}") from None
+
 
 @functools.cache
 def s3_client() -> S3Client:
@@ -153,6 +162,12 @@ class S3Storage:
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"cannot read {self.uri(key)}: {exc}") from None
         return body
+
+    def delete(self, key: str) -> None:
+        try:
+            s3_client().delete_object(Bucket=self.bucket, Key=self._key(key))
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"cannot delete {self.uri(key)}: {exc}") from None
 
     def exists(self, key: str) -> bool:
         try:

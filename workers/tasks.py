@@ -21,14 +21,11 @@ MAX_BACKOFF_S = 60
 def run_chunk(self: Any, payload: dict[str, Any]) -> None:
     chunk = Chunk.model_validate(payload)
     ctx = WorkerRuntime.context()
-    if chunk.model != ctx.model_name:
-        fail_items(
-            chunk,
-            ctx,
-            StageError(f"chunk for model {chunk.model!r} reached the worker of {ctx.model_name!r}"),
-        )
+    if chunk.stage.model.name != ctx.model.name:
+        message = f"chunk for model {chunk.stage.model.name!r} reached the worker of {ctx.model.name!r}"
+        fail_items(chunk, ctx, StageError(message))
         return
-    log.info("chunk %s: %d item(s)", chunk.chunk_id, len(chunk.items))
+    log.info("chunk %s: %s, %d item(s)", chunk.chunk_id, chunk.stage.name, len(chunk.items))
     try:
         process_chunk(chunk, ctx)
     except ImgjobsError as exc:

@@ -3,19 +3,54 @@ workers load them back through the same from_pretrained path as a real checkpoin
 
 No hub is needed: the CLIP tokenizer is built from a byte-level vocabulary with no merges, which
 tokenizes any text (one token per character) and is all a random text encoder can use anyway.
+
+One writer per family of the diffusers image-to-image guide. Each keeps its real checkpoint's layout
+(component names, scheduler classes, conditioning sizes) at the smallest width that still runs, so a
+worker that loads a fixture loads the real model the same way.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DDIMScheduler,
+    DDPMScheduler,
+    EulerDiscreteScheduler,
+    KandinskyV22Img2ImgCombinedPipeline,
+    PriorTransformer,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionLatentUpscalePipeline,
+    StableDiffusionUpscalePipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    UnCLIPScheduler,
+    UNet2DConditionModel,
+    VQModel,
+)
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    DPTConfig,
+    DPTForDepthEstimation,
+    DPTImageProcessorPil,
+)
 
 TEXT_DIM = 32
 MAX_TOKENS = 77
+SDXL_TIME_EMBED_DIM = 8
+# The x2 latent upscaler conditions on a 128-wide noise-level embedding followed by the pooled text embedding.
+LATENT_UPSCALER_NOISE_EMBED_DIM = 128
+X4_MAX_NOISE_LEVEL = 350
 
 
 def tiny_clip_tokenizer(folder: Path) -> CLIPTokenizer:
@@ -29,28 +64,45 @@ def tiny_clip_tokenizer(folder: Path) -> CLIPTokenizer:
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_TOKENS)
 
 
-def tiny_clip_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
-    config = CLIPTextConfig(
+def scratch_clip_tokenizer() -> CLIPTokenizer:
+    """The tiny tokenizer built in a throwaway folder: it holds its vocabulary in memory, and the
+    pipeline's save_pretrained writes it where it belongs."""
+    with tempfile.TemporaryDirectory() as scratch:
+        return tiny_clip_tokenizer(Path(scratch))
+
+
+def tiny_clip_text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=TEXT_DIM,
         intermediate_size=37,
         num_attention_heads=4,
         num_hidden_layers=2,
         max_position_embeddings=MAX_TOKENS,
+        projection_dim=TEXT_DIM,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=1,
     )
-    return CLIPTextModel(config)
 
 
-def tiny_sd_vae() -> AutoencoderKL:
+def tiny_clip_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    return CLIPTextModel(tiny_clip_text_config(tokenizer))
+
+
+def tiny_clip_text_encoder_with_projection(tokenizer: CLIPTokenizer) -> CLIPTextModelWithProjection:
+    """SDXL's second text encoder and Kandinsky's prior encoder: a pooled, projected text embedding too."""
+    return CLIPTextModelWithProjection(tiny_clip_text_config(tokenizer))
+
+
+def tiny_sd_vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
     return AutoencoderKL(
         block_out_channels=[32, 64],
         down_block_types=["DownEncoderBlock2D"] * 2,
         up_block_types=["UpDecoderBlock2D"] * 2,
         latent_channels=4,
         norm_num_groups=32,
+        scaling_factor=scaling_factor,
     )
 
 
@@ -79,12 +131,10 @@ def sd_scheduler() -> DDIMScheduler:
     )
 
 
-def write_tiny_sd(folder: Path, seed: int = 0) -> Path:
-    """`tiny-sd`: the Stable Diffusion 1.x layout (CLIP text encoder, UNet, KL VAE), random weights."""
-    torch.manual_seed(seed)
-    tokenizer = tiny_clip_tokenizer(folder / "_tokenizer_src")
-    pipeline = StableDiffusionImg2ImgPipeline(
-        vae=tiny_sd_vae(),
+def sd_img2img_pipeline(vae: AutoencoderKL) -> StableDiffusionImg2ImgPipeline:
+    tokenizer = scratch_clip_tokenizer()
+    return StableDiffusionImg2ImgPipeline(
+        vae=vae,
         text_encoder=tiny_clip_text_encoder(tokenizer),
         tokenizer=tokenizer,
         unet=tiny_sd_unet(),
@@ -93,8 +143,289 @@ def write_tiny_sd(folder: Path, seed: int = 0) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipeline.save_pretrained(folder)
-    for leftover in (folder / "_tokenizer_src").iterdir():
-        leftover.unlink()
-    (folder / "_tokenizer_src").rmdir()
+
+
+def write_tiny_sd(folder: Path, seed: int = 0) -> Path:
+    """`tiny-sd`: the Stable Diffusion 1.x layout (CLIP text encoder, UNet, KL VAE), random weights."""
+    torch.manual_seed(seed)
+    sd_img2img_pipeline(tiny_sd_vae()).save_pretrained(folder)
     return folder
+
+
+def write_tiny_sd_style(folder: Path, vae_from: Path, seed: int = 1) -> Path:
+    """`tiny-sd-style`: a second SD 1.x model, as a fine-tune would be: its own UNet and text encoder,
+    but `vae_from`'s VAE, so latents from one are valid `image=` input to the other."""
+    vae = AutoencoderKL.from_pretrained(vae_from / "vae")
+    torch.manual_seed(seed)
+    sd_img2img_pipeline(vae).save_pretrained(folder)
+    return folder
+
+
+def write_tiny_sdxl_refiner(folder: Path, seed: int = 0) -> Path:
+    """`tiny-sdxl-refiner`: the SDXL refiner layout. Only the second (projected) text encoder, and a
+    UNet whose added time embedding takes 5 time ids (original size, crop, aesthetic score) plus the
+    pooled text embedding, which is what `requires_aesthetics_score=True` feeds it."""
+    torch.manual_seed(seed)
+    tokenizer = scratch_clip_tokenizer()
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=5 * SDXL_TIME_EMBED_DIM + TEXT_DIM,
+        cross_attention_dim=TEXT_DIM,
+    )
+    pipeline = StableDiffusionXLImg2ImgPipeline(
+        vae=tiny_sd_vae(scaling_factor=0.13025),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=tiny_clip_text_encoder_with_projection(tokenizer),
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            timestep_spacing="leading",
+        ),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    )
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+def write_tiny_kandinsky22(folder: Path, seed: int = 0) -> Path:
+    """`tiny-kandinsky22`: the Kandinsky 2.2 prior and decoder in one combined img2img folder, the
+    layout `AutoPipelineForImage2Image` loads from a decoder checkpoint with its prior attached.
+
+    The prior's `clip_std` is set to ones: left at its initial zeros, every image embedding it
+    produces would be the same constant, whatever the prompt."""
+    torch.manual_seed(seed)
+    tokenizer = scratch_clip_tokenizer()
+    prior = PriorTransformer(
+        num_attention_heads=2, attention_head_dim=12, embedding_dim=TEXT_DIM, num_layers=1
+    )
+    with torch.no_grad():
+        prior.clip_std.fill_(1.0)
+    image_encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=TEXT_DIM,
+            projection_dim=TEXT_DIM,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            image_size=32,
+            patch_size=16,
+        )
+    )
+    unet = UNet2DConditionModel(
+        in_channels=4,
+        out_channels=8,
+        addition_embed_type="image",
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        encoder_hid_dim=TEXT_DIM,
+        encoder_hid_dim_type="image_proj",
+        cross_attention_dim=TEXT_DIM,
+        attention_head_dim=4,
+        resnet_time_scale_shift="scale_shift",
+        class_embed_type=None,
+    )
+    movq = VQModel(
+        block_out_channels=[32, 64],
+        down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+        up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        norm_type="spatial",
+        num_vq_embeddings=12,
+        vq_embed_dim=4,
+    )
+    pipeline = KandinskyV22Img2ImgCombinedPipeline(
+        unet=unet,
+        scheduler=DDPMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="linear",
+            clip_sample=False,
+            steps_offset=1,
+        ),
+        movq=movq,
+        prior_prior=prior,
+        prior_image_encoder=image_encoder,
+        prior_text_encoder=tiny_clip_text_encoder_with_projection(tokenizer),
+        prior_tokenizer=tokenizer,
+        prior_scheduler=UnCLIPScheduler(
+            variance_type="fixed_small_log",
+            prediction_type="sample",
+            clip_sample=True,
+            clip_sample_range=10.0,
+        ),
+        prior_image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        ),
+    )
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+def write_tiny_sd_x2_latent_upscaler(folder: Path, vae_from: Path, seed: int = 0) -> Path:
+    """`tiny-sd-x2-latent-upscaler`: the sd-x2-latent-upscaler layout on `vae_from`'s (tiny-sd's) VAE,
+    so it works in tiny-sd's latent space, as the real one works in SD 1.x's.
+
+    `image=` takes either pixels (PIL, numpy, or a 3-channel tensor in [-1, 1]), which it encodes with
+    its VAE and multiplies by `vae.config.scaling_factor`, or a 4-channel tensor, which it takes as
+    latents as they are. So `output_type="latent"` output of an SD img2img call, already multiplied by
+    the scaling factor, goes in unchanged (batch size equal to the prompt list's). `output_type="latent"`
+    returns latents of twice the height and width in that same scaled convention, ready for
+    `vae.decode(latents / vae.config.scaling_factor)`; otherwise the image is twice the input's size in
+    latent terms (tiny-sd: 16x16 latents -> 64x64 pixels). Its UNet predicts one extra (variance)
+    channel, which the pipeline drops, and takes the pooled text embedding in `timestep_cond`."""
+    vae = AutoencoderKL.from_pretrained(vae_from / "vae")
+    torch.manual_seed(seed)
+    tokenizer = scratch_clip_tokenizer()
+    unet = UNet2DConditionModel(
+        act_fn="gelu",
+        attention_head_dim=8,
+        norm_num_groups=None,
+        block_out_channels=(32, 64, 64),
+        time_cond_proj_dim=LATENT_UPSCALER_NOISE_EMBED_DIM + TEXT_DIM,
+        conv_in_kernel=1,
+        conv_out_kernel=1,
+        cross_attention_dim=TEXT_DIM,
+        down_block_types=("KDownBlock2D", "KCrossAttnDownBlock2D", "KCrossAttnDownBlock2D"),
+        up_block_types=("KCrossAttnUpBlock2D", "KCrossAttnUpBlock2D", "KUpBlock2D"),
+        in_channels=8,
+        out_channels=5,
+        mid_block_type=None,
+        only_cross_attention=False,
+        resnet_time_scale_shift="scale_shift",
+        time_embedding_type="fourier",
+        timestep_post_act="gelu",
+    )
+    pipeline = StableDiffusionLatentUpscalePipeline(
+        vae=vae,
+        text_encoder=tiny_clip_text_encoder(tokenizer),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="sample"
+        ),
+    )
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+def write_tiny_sd_x4_upscaler(folder: Path, seed: int = 0) -> Path:
+    """`tiny-sd-x4-upscaler`: the stable-diffusion-x4-upscaler layout. Its VAE has three levels, so it
+    decodes latents of the input image's own size to four times that size, with the real one's scaling
+    factor 0.08333; the UNet takes those latents next to the noised low-res image (4 + 3 channels) and
+    the `noise_level` (0..max_noise_level) as its class label."""
+    torch.manual_seed(seed)
+    tokenizer = scratch_clip_tokenizer()
+    vae = AutoencoderKL(
+        block_out_channels=[32, 32, 64],
+        down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3,
+        latent_channels=4,
+        norm_num_groups=32,
+        scaling_factor=0.08333,
+    )
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=7,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_DIM,
+        attention_head_dim=8,
+        use_linear_projection=True,
+        num_class_embeds=X4_MAX_NOISE_LEVEL + 1,
+    )
+    pipeline = StableDiffusionUpscalePipeline(
+        vae=vae,
+        text_encoder=tiny_clip_text_encoder(tokenizer),
+        tokenizer=tokenizer,
+        unet=unet,
+        low_res_scheduler=DDPMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear"),
+        scheduler=DDIMScheduler(
+            beta_start=0.0001,
+            beta_end=0.02,
+            beta_schedule="scaled_linear",
+            prediction_type="v_prediction",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ),
+        max_noise_level=X4_MAX_NOISE_LEVEL,
+    )
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+def write_tiny_controlnet_depth(folder: Path, seed: int = 0) -> Path:
+    """`tiny-controlnet-depth`: a ControlNet with tiny-sd's UNet configuration (so it plugs into tiny-sd
+    with `from_pipe(..., controlnet=...)`), its condition embedding downsampling once to match tiny-sd's
+    one-level VAE. A new ControlNet's zero convolutions output nothing; here they get small random
+    weights, as a trained one has, so the control image really changes the result."""
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(tiny_sd_unet(), conditioning_embedding_out_channels=(16, 32))
+    with torch.no_grad():
+        for zero_conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            zero_conv.weight.normal_(std=0.02)
+    controlnet.save_pretrained(folder)
+    return folder
+
+
+def write_tiny_depth_estimator(folder: Path, seed: int = 0) -> Path:
+    """`tiny-depth-estimator`: a DPT depth model (the transformers "depth-estimation" pipeline's
+    default family) with its PIL-backend image processor, so it needs no torchvision."""
+    torch.manual_seed(seed)
+    model = DPTForDepthEstimation(
+        DPTConfig(
+            hidden_size=TEXT_DIM,
+            num_hidden_layers=4,
+            backbone_out_indices=(0, 1, 2, 3),
+            num_attention_heads=4,
+            intermediate_size=37,
+            image_size=32,
+            patch_size=16,
+            neck_hidden_sizes=(16, 16, 32, 32),
+            fusion_hidden_size=16,
+        )
+    )
+    model.save_pretrained(folder)
+    DPTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def write_all_tiny_models(root: Path) -> dict[str, Path]:
+    """Every tiny model under `root`, by the folder name the registry and tests use."""
+    sd = write_tiny_sd(root / "tiny-sd")
+    return {
+        "tiny-sd": sd,
+        "tiny-sd-style": write_tiny_sd_style(root / "tiny-sd-style", vae_from=sd),
+        "tiny-sdxl-refiner": write_tiny_sdxl_refiner(root / "tiny-sdxl-refiner"),
+        "tiny-kandinsky22": write_tiny_kandinsky22(root / "tiny-kandinsky22"),
+        "tiny-sd-x2-latent-upscaler": write_tiny_sd_x2_latent_upscaler(
+            root / "tiny-sd-x2-latent-upscaler", vae_from=sd
+        ),
+        "tiny-sd-x4-upscaler": write_tiny_sd_x4_upscaler(root / "tiny-sd-x4-upscaler"),
+        "tiny-controlnet-depth": write_tiny_controlnet_depth(root / "tiny-controlnet-depth"),
+        "tiny-depth-estimator": write_tiny_depth_estimator(root / "tiny-depth-estimator"),
+    }

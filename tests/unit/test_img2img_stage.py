@@ -1,4 +1,4 @@
-"""The img2img stage and the chunk runner on the tiny model, CPU, fp32: a batched stage call gives
+"""The img2img stage and the chunk runner on the tiny SD model, CPU, fp32: a batched stage call gives
 each item what diffusers gives for that item alone with the same seed."""
 
 from __future__ import annotations
@@ -16,21 +16,23 @@ from PIL import Image
 from jobs.embedded import EmbeddedRedis
 from schemas import keys
 from schemas.errors import StageError
-from schemas.job import ResolvedParams
-from schemas.messages import Chunk, ChunkItem
-from schemas.registry import ModelEntry
+from schemas.job import Defaults, Item, ResolvedParams
+from schemas.messages import Chunk, ChunkItem, StageInput
 from schemas.settings import Settings
-from tests.helpers import write_image
+from tests.helpers import local_model, stage_plan, write_image
 from workers.chunk import ChunkContext, process_chunk
-from workers.models import load_pipeline
-from workers.stages.img2img import Img2ImgBatch, check_inputs, run_img2img
+from workers.models import LoadedModel
+from workers.stages.common import StageBatch
+from workers.stages.img2img import check_inputs, run_img2img
 
 pytestmark = pytest.mark.slow
 
+PARAMS = ResolvedParams(strength=0.8, guidance_scale=7.5, steps=10, size=(32, 32))
+
 
 @pytest.fixture(scope="module")
-def pipeline(tiny_sd_dir: Path) -> object:
-    return load_pipeline(ModelEntry(source=str(tiny_sd_dir), dtype="float32"))
+def tiny_sd(tiny_sd_dir: Path) -> LoadedModel:
+    return LoadedModel("tiny-sd", local_model("tiny-sd", tiny_sd_dir).entry)
 
 
 def sample(seed: int) -> Image.Image:
@@ -38,25 +40,23 @@ def sample(seed: int) -> Image.Image:
     return Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8"))
 
 
-def test_batched_stage_equals_diffusers_called_per_item(pipeline: object, tiny_sd_dir: Path) -> None:
-    batch = Img2ImgBatch(
+def test_batched_stage_equals_diffusers_called_per_item(tiny_sd: LoadedModel, tiny_sd_dir: Path) -> None:
+    batch = StageBatch(
         images=[sample(1), sample(2), sample(3)],
         prompts=["a cat wizard", "astronaut in a jungle", ""],
         negative_prompts=["ugly", None, "blurry, low quality"],
         seeds=[7, 123, 2**40],
-        strength=0.8,
-        guidance_scale=7.5,
-        steps=10,
     )
-    ours = run_img2img(pipeline, batch)
-    assert ours.shape == (3, 32, 32, 3)
+    plan = stage_plan({"type": "img2img"}, local_model("tiny-sd", tiny_sd_dir))
+    ours = run_img2img(tiny_sd, plan, PARAMS, batch, want_images=True, want_latents=False).images
+    assert ours is not None and ours.shape == (3, 32, 32, 3)
 
     direct = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_sd_dir, torch_dtype=torch.float32)
     direct.set_progress_bar_config(disable=True)
     for index in range(3):
         alone = direct(
             prompt=batch.prompts[index],
-            image=batch.images[index],
+            image=batch.images[index],  # type: ignore[index]
             negative_prompt=batch.negative_prompts[index],
             strength=0.8,
             guidance_scale=7.5,
@@ -70,28 +70,42 @@ def test_batched_stage_equals_diffusers_called_per_item(pipeline: object, tiny_s
     assert np.abs(ours[0] - ours[1]).max() > 0.05
 
 
-def test_check_inputs_fails_early() -> None:
-    base = dict(prompts=["a"], negative_prompts=[None], seeds=[1], strength=0.5, guidance_scale=7.5, steps=10)
+def test_latents_decode_to_the_pipelines_own_images(tiny_sd: LoadedModel, tiny_sd_dir: Path) -> None:
+    batch = StageBatch(
+        images=[sample(4), sample(5)], prompts=["a", "b"], negative_prompts=[None, None], seeds=[1, 2]
+    )
+    plan = stage_plan({"type": "img2img"}, local_model("tiny-sd", tiny_sd_dir))
+    both = run_img2img(tiny_sd, plan, PARAMS, batch, want_images=True, want_latents=True)
+    images_only = run_img2img(tiny_sd, plan, PARAMS, batch, want_images=True, want_latents=False)
+    assert both.latents is not None and both.latents.shape == (2, 4, 16, 16)
+    assert both.images is not None and images_only.images is not None
+    np.testing.assert_allclose(both.images, images_only.images, atol=1e-6, rtol=0)
+
+
+def test_check_inputs_fails_early(tiny_sd_dir: Path) -> None:
+    plan = stage_plan({"type": "img2img"}, local_model("tiny-sd", tiny_sd_dir))
+    one = StageBatch(images=[sample(1)], prompts=["a"], negative_prompts=[None], seeds=[1])
     with pytest.raises(StageError, match="differ in length"):
-        check_inputs(Img2ImgBatch(images=[sample(1), sample(2)], **base))  # type: ignore[arg-type]
-    with pytest.raises(StageError, match="no denoising step"):
-        check_inputs(Img2ImgBatch(images=[sample(1)], **(base | {"steps": 1})))  # type: ignore[arg-type]
-    with pytest.raises(StageError, match="share a size"):
         check_inputs(
-            Img2ImgBatch(
-                images=[sample(1), Image.new("RGB", (64, 32))],
-                prompts=["a", "b"],
-                negative_prompts=[None, None],
-                seeds=[1, 2],
-                strength=0.5,
-                guidance_scale=7.5,
-                steps=10,
-            )
+            plan,
+            PARAMS,
+            StageBatch(images=[sample(1), sample(2)], prompts=["a"], negative_prompts=[None], seeds=[1, 2]),
         )
+    with pytest.raises(StageError, match="no denoising step"):
+        check_inputs(plan, PARAMS.model_copy(update={"steps": 1, "strength": 0.5}), one)
+    with pytest.raises(StageError, match="share a size"):
+        two_sizes = [sample(1), Image.new("RGB", (64, 32))]
+        check_inputs(
+            plan,
+            PARAMS,
+            StageBatch(images=two_sizes, prompts=["a", "b"], negative_prompts=[None, None], seeds=[1, 2]),
+        )
+    with pytest.raises(StageError, match="needs an input"):
+        check_inputs(plan, PARAMS, StageBatch(prompts=["a"], negative_prompts=[None], seeds=[1]))
 
 
 def test_chunk_fails_bad_items_alone_and_skips_finished_ones_on_redelivery(
-    pipeline: object, redis_server: EmbeddedRedis, tmp_path: Path
+    tiny_sd: LoadedModel, tiny_sd_dir: Path, redis_server: EmbeddedRedis, tmp_path: Path
 ) -> None:
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     ids = ["good1", "missing", "corrupt", "good2"]
@@ -102,40 +116,39 @@ def test_chunk_fails_bad_items_alone_and_skips_finished_ones_on_redelivery(
     write_image(tmp_path / "in" / "good1.png")
     write_image(tmp_path / "in" / "good2.png", color=(10, 200, 10))
     (tmp_path / "in" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    members = []
+    for seed, item_id in enumerate(ids):
+        uri = str(tmp_path / "in" / f"{item_id}.png")
+        item = Item(id=item_id, image=uri, prompt="p", seed=seed)
+        members.append(ChunkItem(item=item, input=StageInput(kind="image", uri=uri)))
     chunk = Chunk(
         job_id="job",
         chunk_id="job:s0:c0",
         output=str(tmp_path / "out"),
         stage_index=0,
-        stage_type="img2img",
-        model="tiny-sd",
+        recipe=[stage_plan({"type": "img2img"}, local_model("tiny-sd", tiny_sd_dir))],
+        defaults=Defaults(),
         params=ResolvedParams(strength=0.5, guidance_scale=7.5, steps=4, size=(32, 32)),
-        items=[
-            ChunkItem(id=i, image=str(tmp_path / "in" / f"{i}.png"), prompt="p", negative_prompt=None, seed=n)
-            for n, i in enumerate(ids)
-        ],
+        items=members,
     )
-    ctx = ChunkContext(pipeline=pipeline, model_name="tiny-sd", settings=Settings(), redis=client)
+    sent: list[Chunk] = []
+    ctx = ChunkContext(model=tiny_sd, settings=Settings(), redis=client, send_chunk=sent.append)
     process_chunk(chunk, ctx)
 
-    results = {
-        r["id"]: r
-        for r in map(json.loads, (tmp_path / "out" / "job" / "results.jsonl").read_text().splitlines())
-    }
-    assert list(results) == ids
+    job_dir = tmp_path / "out" / "job"
+    results = {r["id"]: r for r in map(json.loads, (job_dir / "results.jsonl").read_text().splitlines())}
+    assert list(results) == ids and not sent
     assert results["good1"]["status"] == results["good2"]["status"] == "succeeded"
     assert results["missing"]["error"]["type"] == "InputImageError"
     assert "No such file" in results["missing"]["error"]["message"]
     assert results["corrupt"]["error"]["type"] == "InputImageError"
+    assert results["corrupt"]["failed_stage"] == "s0-img2img"
     output = Path(results["good1"]["outputs"]["s0-img2img"])
     assert Image.open(output).size == (32, 32)
+    assert (job_dir / "report.html").read_text().count('<section class="item') == 4
 
     written = output.stat().st_mtime_ns
     process_chunk(chunk, ctx)  # the broker delivers the same chunk again
     assert output.stat().st_mtime_ns == written
-    assert client.hgetall(keys.job_counts("job")) == {
-        "pending": "0",
-        "running": "0",
-        "succeeded": "2",
-        "failed": "2",
-    }
+    counts = client.hgetall(keys.job_counts("job"))
+    assert counts == {"pending": "0", "running": "0", "succeeded": "2", "failed": "2"}

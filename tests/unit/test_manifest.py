@@ -11,6 +11,7 @@ from jobs.manifest import validate_job
 from jobs.producer import plan_chunks
 from jobs.registry import Registry
 from schemas.errors import SpecError
+from schemas.job import resolve_negative_prompt, resolve_prompt, resolve_seed
 from tests.helpers import write_job
 
 REGISTRY = Registry.load(None)
@@ -63,7 +64,7 @@ def test_every_item_problem_is_reported_with_its_line(tmp_path: Path) -> None:
         f"{where}:7: strength: Input should be less than or equal to 1",
         f"{where}:8: seed: Input should be a valid integer",
         f"{where}:9: colour: Extra inputs are not permitted",
-        f"{where}:10: image: Field required",
+        f"{where}:10: image: required unless the first stage is text2img",
         f"{where}:11: size: width and height must be multiples of 8",
         f"{where}:12: stages.0: steps x strength must give at least one denoising step",
     ]
@@ -171,10 +172,13 @@ def test_parameter_precedence_item_then_stage_then_defaults(tmp_path: Path) -> N
             "size": "64x64",
         },
     )
-    chunks = list(plan_chunks(validate_job(spec, REGISTRY), chunk_size=8))
-    by_id = {item.id: (item, chunk.params) for chunk in chunks for item in chunk.items}
+    job = validate_job(spec, REGISTRY)
+    chunks = list(plan_chunks(job, chunk_size=8))
+    by_id = {member.item.id: (member.item, chunk.params) for chunk in chunks for member in chunk.items}
+    stage, defaults = job.spec.stages[0], job.spec.defaults
     item_a, params_a = by_id["a"]
-    assert (item_a.prompt, item_a.negative_prompt, item_a.seed) == ("default prompt", "stage-neg", 5)
+    resolved_a = (resolve_prompt(item_a, stage, defaults), resolve_negative_prompt(item_a, stage, defaults))
+    assert resolved_a == ("default prompt", "stage-neg") and resolve_seed(item_a, defaults) == 5
     assert (params_a.strength, params_a.steps, params_a.guidance_scale, params_a.size) == (
         0.6,
         20,
@@ -182,9 +186,8 @@ def test_parameter_precedence_item_then_stage_then_defaults(tmp_path: Path) -> N
         (64, 64),
     )
     item_b, params_b = by_id["b"]
-    assert (item_b.prompt, item_b.negative_prompt, item_b.seed, params_b.strength) == (
-        "own",
-        "item-neg",
+    resolved_b = (resolve_prompt(item_b, stage, defaults), resolve_negative_prompt(item_b, stage, defaults))
+    assert resolved_b == ("own", "item-neg") and (resolve_seed(item_b, defaults), params_b.strength) == (
         9,
         0.3,
     )
@@ -198,7 +201,7 @@ def test_chunks_group_equal_parameters_and_respect_chunk_size(tmp_path: Path) ->
     spec = write_job(tmp_path, rows, model="sd15")
     chunks = list(plan_chunks(validate_job(spec, REGISTRY), chunk_size=3))
     # Full chunks leave as they fill; the partial one of each parameter group leaves at the end.
-    assert [[i.id for i in c.items] for c in chunks] == [
+    assert [[m.item.id for m in c.items] for c in chunks] == [
         ["x0", "x1", "x2"],
         ["x3", "x4", "x5"],
         ["x7", "x8", "x9"],
@@ -206,4 +209,5 @@ def test_chunks_group_equal_parameters_and_respect_chunk_size(tmp_path: Path) ->
     ]
     assert [c.params.strength for c in chunks] == [0.75, 0.75, 0.5, 0.75]
     assert len({c.chunk_id for c in chunks}) == len(chunks)
-    assert all(c.model == "sd15" and c.stage_index == 0 for c in chunks)
+    assert all(c.stage.model.name == "sd15" and c.stage_index == 0 for c in chunks)
+    assert all(m.input.kind == "image" and m.input.uri == m.item.image for c in chunks for m in c.items)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import redis
 
@@ -14,7 +13,6 @@ from schemas.job import ResolvedParams
 from schemas.messages import ItemResult
 from schemas.progress import JobState
 from workers.progress import JobProgress
-from workers.storage import LocalStorage
 
 PARAMS = ResolvedParams(strength=0.5, guidance_scale=7.5, steps=10, size=(64, 64))
 
@@ -32,22 +30,20 @@ def result(item_id: str, status: str = "succeeded") -> ItemResult:
     return ItemResult(id=item_id, status=status, seed=0, model="m", prompt="p", params=PARAMS)  # type: ignore[arg-type]
 
 
-def test_counts_follow_transitions_and_the_last_item_finishes_the_job(
-    redis_server: EmbeddedRedis, tmp_path: Path
-) -> None:
+def test_counts_follow_transitions_and_the_last_item_finishes_the_job(redis_server: EmbeddedRedis) -> None:
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     register(client, "j1", ["c", "a", "b"])
     progress = JobProgress(client, "j1")
     assert read_status(client, "j1").state == JobState.PENDING
 
-    assert progress.start(["a", "b"]) == ["a", "b"]
+    assert progress.start(["a", "b"], 0) == ["a", "b"]
     status = read_status(client, "j1")
     assert (status.state, status.pending, status.running) == (JobState.RUNNING, 1, 2)
 
     assert progress.finish(result("a")) is False
     assert progress.finish(result("b", "failed")) is False
     # A second delivery of a finished item neither restarts nor re-counts it.
-    assert progress.start(["a", "c"]) == ["c"]
+    assert progress.start(["a", "c"], 0) == ["c"]
     assert progress.finish(result("a", "failed")) is False
     assert progress.finish(result("c")) is True
 
@@ -55,21 +51,27 @@ def test_counts_follow_transitions_and_the_last_item_finishes_the_job(
     assert (status.succeeded, status.failed, status.pending, status.running) == (2, 1, 0, 0)
     assert status.state == JobState.RUNNING  # finished only once results.jsonl is written
 
-    storage = LocalStorage(tmp_path / "j1")
-    progress.write_results(storage)
-    lines = [json.loads(line) for line in (tmp_path / "j1" / "results.jsonl").read_text().splitlines()]
-    assert [(r["id"], r["status"]) for r in lines] == [
-        ("c", "succeeded"),
-        ("a", "succeeded"),
-        ("b", "failed"),
-    ]
-    assert read_status(client, "j1").state == JobState.FAILED
+    assert [json.loads(line)["id"] for line in progress.result_lines()] == ["c", "a", "b"]
+    progress.mark_finished("results-uri", "report-uri")
+    status = read_status(client, "j1")
+    assert status.state == JobState.FAILED and status.finished_at is not None
+
+
+def test_items_handed_to_the_next_stage_are_not_redone(redis_server: EmbeddedRedis) -> None:
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    register(client, "j3", ["a", "b"])
+    progress = JobProgress(client, "j3")
+    assert progress.start(["a", "b"], 0) == ["a", "b"]
+    progress.handed_over(["a"], 0)
+    assert progress.start(["a", "b"], 0) == ["b"]  # stage 0 delivered again: only b is left to do
+    assert progress.start(["a"], 1) == ["a"]  # stage 1 picks a up
+    assert read_status(client, "j3").running == 2
 
 
 def test_unknown_items_are_ignored(redis_server: EmbeddedRedis) -> None:
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     register(client, "j2", ["a"])
     progress = JobProgress(client, "j2")
-    assert progress.start(["zzz"]) == []
+    assert progress.start(["zzz"], 0) == []
     assert progress.finish(result("zzz")) is False
     assert read_status(client, "j2").pending == 1

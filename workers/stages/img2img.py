@@ -1,70 +1,68 @@
-"""img2img: a batch of (image, prompt, negative prompt, seed) through one diffusers pipeline call.
-
-Each item gets its own CPU `torch.Generator`, seeded from the item's seed. diffusers draws each
-item's VAE sample and noise from its own generator, so an item's result does not depend on the
-other items of its batch, and CPU generators give the same numbers on any device.
-"""
+"""img2img: SD 1.x, the SDXL refiner, Kandinsky 2.2 (prior and decoder in one combined pipeline) and
+ControlNet img2img, chosen by the checkpoint's own pipeline class; one batched call per chunk."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import torch
-from PIL import Image
-
 from schemas.errors import StageError
+from schemas.job import Img2ImgStage, ResolvedParams
+from schemas.messages import StagePlan
+from workers.models import LoadedModel
+from workers.prompts import prompt_arguments
+from workers.stages.common import StageBatch, StageOutput, batch_input, call_pipeline, check_batch, generators
 
 
-@dataclass(frozen=True)
-class Img2ImgBatch:
-    images: list[Image.Image]
-    prompts: list[str]
-    negative_prompts: list[str | None]
-    seeds: list[int]
-    strength: float
-    guidance_scale: float
-    steps: int
-
-
-def check_inputs(batch: Img2ImgBatch) -> None:
-    count = len(batch.images)
-    if count == 0:
-        raise StageError("img2img: empty batch")
-    if not len(batch.prompts) == len(batch.negative_prompts) == len(batch.seeds) == count:
-        raise StageError("img2img: images, prompts, negative prompts and seeds differ in length")
-    if len({image.size for image in batch.images}) != 1:
-        raise StageError("img2img: images in one batch must share a size")
-    if not 0.0 < batch.strength <= 1.0:
-        raise StageError(f"img2img: strength must be in (0, 1], got {batch.strength}")
-    if int(batch.steps * batch.strength) < 1:
+def check_inputs(plan: StagePlan, params: ResolvedParams, batch: StageBatch) -> Img2ImgStage:
+    check_batch(batch, needs_input=True)
+    spec = plan.spec
+    if not isinstance(spec, Img2ImgStage):
+        raise StageError(f"img2img got a {spec.type} stage")
+    if params.strength is None or int(params.steps * params.strength) < 1:
         raise StageError(
-            f"img2img: steps x strength gives no denoising step ({batch.steps} x {batch.strength})"
+            f"img2img: steps x strength gives no denoising step ({params.steps} x {params.strength})"
         )
+    if plan.controlnet is not None and (
+        batch.control_images is None or len(batch.control_images) != len(batch)
+    ):
+        raise StageError("img2img with a controlnet needs one control image per item")
+    return spec
 
 
-def run_img2img(pipeline: Any, batch: Img2ImgBatch) -> np.ndarray:
-    """Float images in [0, 1], shape (batch, height, width, 3)."""
-    check_inputs(batch)
-    # diffusers treats a missing negative prompt as the empty string; a list must be all strings.
-    negatives = [negative or "" for negative in batch.negative_prompts]
-    generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in batch.seeds]
-    with torch.inference_mode():
-        output = pipeline(
-            prompt=batch.prompts,
-            image=batch.images,
-            negative_prompt=negatives,
-            strength=batch.strength,
-            guidance_scale=batch.guidance_scale,
-            num_inference_steps=batch.steps,
-            generator=generators,
-            output_type="np",
-        )
-    images: np.ndarray = output.images
-    return images
-
-
-def to_pil(image: np.ndarray) -> Image.Image:
-    """The same rounding diffusers applies for output_type="pil"."""
-    return Image.fromarray((image * 255).round().astype("uint8"))
+def run_img2img(
+    model: LoadedModel,
+    plan: StagePlan,
+    params: ResolvedParams,
+    batch: StageBatch,
+    *,
+    want_images: bool,
+    want_latents: bool,
+) -> StageOutput:
+    spec = check_inputs(plan, params, batch)
+    pipeline = model.img2img(plan.controlnet)
+    kwargs: dict[str, Any] = {
+        "image": batch_input(batch),
+        "strength": params.strength,
+        "guidance_scale": params.guidance_scale,
+        "num_inference_steps": params.steps,
+        "generator": generators(batch.seeds),
+        **prompt_arguments(pipeline, batch.prompts, batch.negative_prompts, spec.prompt_syntax),
+    }
+    if plan.controlnet is not None:
+        kwargs["control_image"] = batch.control_images
+        kwargs["controlnet_conditioning_scale"] = spec.controlnet_conditioning_scale
+    if spec.aesthetic_score is not None or spec.negative_aesthetic_score is not None:
+        if not getattr(pipeline.config, "requires_aesthetics_score", False):
+            raise StageError(
+                f"aesthetic scores need the SDXL refiner; {model.name} is {type(pipeline).__name__}"
+            )
+        if spec.aesthetic_score is not None:
+            kwargs["aesthetic_score"] = spec.aesthetic_score
+        if spec.negative_aesthetic_score is not None:
+            kwargs["negative_aesthetic_score"] = spec.negative_aesthetic_score
+    if type(pipeline).__name__.startswith("Kandinsky"):
+        # Kandinsky resizes its input to height x width, 512 unless told; keep the input's size.
+        if batch.images is None:
+            raise StageError("Kandinsky 2.2 img2img takes images, not latents")
+        kwargs["width"], kwargs["height"] = batch.images[0].size
+    return call_pipeline(pipeline, kwargs, want_images=want_images, want_latents=want_latents)

@@ -1,0 +1,117 @@
+"""Planning a job's stages: which model each runs on, and how each stage's output reaches the next.
+
+Latents are handed over only between models that declare the same VAE family and when the next
+stage can take latents; otherwise the next stage reads the decoded image. The x4 upscaler
+concatenates image channels to its latents, so it always gets an image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jobs.registry import Registry
+from schemas.errors import ConfigError, Problem
+from schemas.job import Img2ImgStage, JobSpec, SaveKind, StageSpec, UpscaleStage, stage_name
+from schemas.messages import StagePlan
+from schemas.registry import UPSCALER_PIPELINES, X4_UPSCALER, ResolvedModel
+
+
+def _takes_latents(stage: StageSpec, model: ResolvedModel) -> bool:
+    if isinstance(stage, Img2ImgStage):
+        # Computing a control image needs pixels; ControlNet stages read images.
+        return stage.controlnet is None
+    if isinstance(stage, UpscaleStage):
+        return model.entry.pipeline != X4_UPSCALER
+    return False
+
+
+def _latent_problem(
+    current: ResolvedModel, following: ResolvedModel, following_stage: StageSpec
+) -> str | None:
+    family, next_family = current.entry.vae_family, following.entry.vae_family
+    if not family or family != next_family:
+        return (
+            f"latent handover needs models of one VAE family "
+            f"({current.name}: {family}, {following.name}: {next_family})"
+        )
+    if not _takes_latents(following_stage, following):
+        return f"the next stage ({following_stage.type} on {following.name}) needs an image, not latents"
+    return None
+
+
+def _model_problem(stage: StageSpec, model: ResolvedModel) -> str | None:
+    pipeline = model.entry.pipeline
+    if pipeline is None:
+        return None  # a hub checkpoint: its class is known only once a worker loads it
+    if isinstance(stage, UpscaleStage) and pipeline not in UPSCALER_PIPELINES:
+        return (
+            f"upscale needs an upscaler model ({', '.join(UPSCALER_PIPELINES)}); {model.name} is {pipeline}"
+        )
+    if not isinstance(stage, UpscaleStage) and pipeline in UPSCALER_PIPELINES:
+        return f"{model.name} is an upscaler ({pipeline}); use it in an upscale stage"
+    return None
+
+
+def plan_recipe(
+    spec: JobSpec, registry: Registry, base_dir: Path, file: str
+) -> tuple[list[StagePlan], list[Problem]]:
+    problems: list[Problem] = []
+    models: list[ResolvedModel | None] = []
+    extras: list[tuple[ResolvedModel | None, ResolvedModel | None]] = []
+    for index, stage in enumerate(spec.stages):
+        where = f"stages.{index}"
+
+        def resolve(name: str | None, field: str, where: str = where) -> ResolvedModel | None:
+            if name is None:
+                return None
+            try:
+                return registry.resolve(name, base_dir=base_dir)
+            except ConfigError as exc:
+                problems.append(Problem(file, None, f"{where}.{field}", str(exc)))
+                return None
+
+        model = resolve(stage.model, "model")
+        if model is not None and (problem := _model_problem(stage, model)):
+            problems.append(Problem(file, None, f"{where}.model", problem))
+        models.append(model)
+        if isinstance(stage, Img2ImgStage):
+            extras.append(
+                (resolve(stage.controlnet, "controlnet"), resolve(stage.depth_model, "depth_model"))
+            )
+        else:
+            extras.append((None, None))
+
+    recipe: list[StagePlan] = []
+    last = len(spec.stages) - 1
+    for index, (stage, model) in enumerate(zip(spec.stages, models, strict=True)):
+        following = models[index + 1] if index < last else None
+        handover: str = "none"
+        if index < last:
+            next_stage = spec.stages[index + 1]
+            latent_problem = (
+                _latent_problem(model, following, next_stage) if model and following else "unresolved model"
+            )
+            if stage.handover == "latent" and latent_problem:
+                problems.append(Problem(file, None, f"stages.{index}.handover", latent_problem))
+            handover = "latent" if stage.handover != "image" and not latent_problem else "image"
+        elif stage.handover == "latent":
+            problems.append(
+                Problem(file, None, f"stages.{index}.handover", "the last stage hands nothing over")
+            )
+        default_save: tuple[SaveKind, ...] = ("image",) if index == last else ()
+        if model is None:
+            continue
+        controlnet, depth_model = extras[index]
+        recipe.append(
+            StagePlan(
+                index=index,
+                name=stage_name(index, stage),
+                spec=stage,
+                model=model,
+                handover=handover,  # type: ignore[arg-type]
+                save=stage.save if stage.save is not None else default_save,
+                controlnet=controlnet,
+                depth_model=depth_model,
+            )
+        )
+    return recipe, problems

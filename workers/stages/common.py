@@ -1,0 +1,88 @@
+"""What every stage takes and returns, and the shared way to call a pipeline for images, latents or both."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from schemas.errors import StageError
+
+
+@dataclass(frozen=True)
+class StageBatch:
+    """Decoded inputs of one batched call; prompts are already templated."""
+
+    prompts: list[str]
+    negative_prompts: list[str | None]
+    seeds: list[int]
+    images: list[Image.Image] | None = None
+    latents: torch.Tensor | None = None
+    control_images: list[Image.Image] | None = None
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    images: np.ndarray | None = None  # float in [0, 1], (batch, height, width, 3)
+    latents: torch.Tensor | None = None  # (batch, channels, height, width), scaled as the pipeline uses them
+
+
+def check_batch(batch: StageBatch, *, needs_input: bool) -> None:
+    count = len(batch)
+    if count == 0:
+        raise StageError("empty batch")
+    if not len(batch.prompts) == len(batch.negative_prompts) == count:
+        raise StageError("prompts, negative prompts and seeds differ in length")
+    if needs_input and batch.images is None and batch.latents is None:
+        raise StageError("this stage needs an input image or latents")
+    if batch.images is not None:
+        if len(batch.images) != count:
+            raise StageError("images and seeds differ in length")
+        if len({image.size for image in batch.images}) != 1:
+            raise StageError("images in one batch must share a size")
+    if batch.latents is not None and batch.latents.shape[0] != count:
+        raise StageError("latents and seeds differ in length")
+
+
+def generators(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per item: diffusers draws each item's noise from its own generator, so an
+    item's result does not depend on its batch, and CPU generators give the same numbers on any device."""
+    return [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+
+
+def batch_input(batch: StageBatch) -> Any:
+    return batch.latents if batch.latents is not None else batch.images
+
+
+def decode_latents(pipeline: Any, latents: torch.Tensor) -> np.ndarray:
+    """What the pipeline's own output_type="np" would give for these latents."""
+    vae = pipeline.vae
+    with torch.inference_mode():
+        decoded = vae.decode(
+            latents.to(vae.device, vae.dtype) / vae.config.scaling_factor, return_dict=False
+        )[0]
+    images: np.ndarray = pipeline.image_processor.postprocess(decoded, output_type="np")
+    return images
+
+
+def call_pipeline(
+    pipeline: Any, kwargs: dict[str, Any], *, want_images: bool, want_latents: bool
+) -> StageOutput:
+    with torch.inference_mode():
+        if not want_latents:
+            return StageOutput(images=pipeline(**kwargs, output_type="np").images)
+        latents = pipeline(**kwargs, output_type="latent").images
+    return StageOutput(
+        images=decode_latents(pipeline, latents) if want_images else None, latents=latents.cpu()
+    )
+
+
+def to_pil(image: np.ndarray) -> Image.Image:
+    """The same rounding diffusers applies for output_type="pil"."""
+    return Image.fromarray((image * 255).round().astype("uint8"))

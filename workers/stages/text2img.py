@@ -1,0 +1,38 @@
+"""text2img: the first stage of text -> image -> image chains, from the same checkpoint an img2img
+stage would use (AutoPipelineForText2Image.from_pipe shares its components)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from schemas.errors import StageError
+from schemas.job import ResolvedParams
+from schemas.messages import StagePlan
+from workers.models import LoadedModel
+from workers.prompts import prompt_arguments
+from workers.stages.common import StageBatch, StageOutput, call_pipeline, check_batch, generators
+
+
+def run_text2img(
+    model: LoadedModel,
+    plan: StagePlan,
+    params: ResolvedParams,
+    batch: StageBatch,
+    *,
+    want_images: bool,
+    want_latents: bool,
+) -> StageOutput:
+    check_batch(batch, needs_input=False)
+    if batch.images is not None or batch.latents is not None:
+        raise StageError("text2img takes no input image")
+    pipeline = model.text2img()
+    width, height = params.size
+    kwargs: dict[str, Any] = {
+        "width": width,
+        "height": height,
+        "guidance_scale": params.guidance_scale,
+        "num_inference_steps": params.steps,
+        "generator": generators(batch.seeds),
+        **prompt_arguments(pipeline, batch.prompts, batch.negative_prompts, plan.spec.prompt_syntax),
+    }
+    return call_pipeline(pipeline, kwargs, want_images=want_images, want_latents=want_latents)

@@ -1,0 +1,44 @@
+"""upscale: the x2 latent upscaler (StableDiffusionLatentUpscalePipeline, takes images or SD latents)
+or the x4 upscaler (StableDiffusionUpscalePipeline, takes a low-resolution image and a noise_level).
+
+The x4 UNet concatenates the low-resolution image's channels to its latents, so it must be given an
+image; the job planner never hands it latents, and this stage refuses them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from schemas.errors import StageError
+from schemas.job import ResolvedParams
+from schemas.messages import StagePlan
+from schemas.registry import X4_UPSCALER
+from workers.models import LoadedModel
+from workers.prompts import prompt_arguments
+from workers.stages.common import StageBatch, StageOutput, batch_input, call_pipeline, check_batch, generators
+
+
+def run_upscale(
+    model: LoadedModel,
+    plan: StagePlan,
+    params: ResolvedParams,
+    batch: StageBatch,
+    *,
+    want_images: bool,
+    want_latents: bool,
+) -> StageOutput:
+    check_batch(batch, needs_input=True)
+    pipeline = model.upscaler()
+    kwargs: dict[str, Any] = {
+        "image": batch_input(batch),
+        "guidance_scale": params.guidance_scale,
+        "num_inference_steps": params.steps,
+        "generator": generators(batch.seeds),
+        **prompt_arguments(pipeline, batch.prompts, batch.negative_prompts, plan.spec.prompt_syntax),
+    }
+    if model.class_name == X4_UPSCALER:
+        if batch.latents is not None:
+            raise StageError(
+                "the x4 upscaler needs an image: its UNet concatenates image channels to its latents"
+            )
+        kwargs["noise_level"] = params.noise_level
+    return call_pipeline(pipeline, kwargs, want_images=want_images, want_latents=want_latents)
