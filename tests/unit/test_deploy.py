@@ -1,0 +1,502 @@
+"""The deployment files in deploy/ checked against the code they deploy, without Docker or a cluster:
+every model has a compose worker, a Deployment and a KEDA scaler on the queue its worker consumes,
+the commands and flags they use exist, grace periods outlast a chunk, workers run as non-root,
+Redis keeps its data, and no credentials are committed."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import runpy
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable
+from importlib.metadata import entry_points, packages_distributions
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+import yaml
+from typer.testing import CliRunner
+
+from jobs import cli
+from schemas.registry import BUILTIN_MODELS, MODEL_NAME_PATTERN, ModelEntry, RegistryFile, queue_for
+from schemas.settings import ENV_PREFIX, Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+DOCKER = DEPLOY / "docker"
+K8S = DEPLOY / "k8s"
+COMPOSE = DEPLOY / "docker-compose.yml"
+REGISTRY = DEPLOY / "models.example.yaml"
+HEALTHCHECK = DOCKER / "worker-healthcheck.sh"
+HEALTHCHECK_IN_IMAGE = "imgjobs-worker-healthcheck"
+OPERATIONS = ROOT / "docs" / "operations.md"
+GUIDE_MODELS = {"sd15", "sdxl-refiner", "kandinsky22", "sd-x4-upscaler"}
+
+WorkerArgv = Callable[[list[str]], list[str]]
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def yaml_docs(path: Path) -> list[Any]:
+    return [doc for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")) if doc is not None]
+
+
+def k8s_objects(kind: str) -> list[dict[str, Any]]:
+    return [doc for path in sorted(K8S.glob("*.yaml")) for doc in yaml_docs(path) if doc.get("kind") == kind]
+
+
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    return loaded
+
+
+def registry() -> RegistryFile:
+    return RegistryFile.model_validate(yaml.safe_load(REGISTRY.read_text(encoding="utf-8")))
+
+
+def dockerfile(name: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, with continuation lines joined and comments dropped."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for line in (DOCKER / name).read_text(encoding="utf-8").splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        keyword, _, args = (pending + line).strip().partition(" ")
+        instructions.append((keyword.upper(), args.strip()))
+        pending = ""
+    assert not pending, f"{name} ends inside a continued line"
+    return instructions
+
+
+def final_stage(instructions: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    last_from = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
+    return instructions[last_from:]
+
+
+def instruction(instructions: list[tuple[str, str]], keyword: str) -> str:
+    found = [args for kw, args in instructions if kw == keyword]
+    assert found, f"no {keyword}"
+    return found[-1]
+
+
+def option_value(argv: list[str], option: str) -> str:
+    assert option in argv, f"{option} not in {argv}"
+    return argv[argv.index(option) + 1]
+
+
+def worker_services() -> dict[str, dict[str, Any]]:
+    """Compose services that run `imgjobs worker`, by model."""
+    services: dict[str, dict[str, Any]] = compose()["services"]
+    workers = {}
+    for service in services.values():
+        if str(service.get("build", {}).get("dockerfile", "")).endswith("worker.Dockerfile"):
+            workers[option_value(service["command"], "--model")] = service
+    return workers
+
+
+def deployments() -> dict[str, dict[str, Any]]:
+    """Kubernetes worker Deployments, by model."""
+    found = {}
+    for deployment in k8s_objects("Deployment"):
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        found[option_value(container["args"], "--model")] = deployment
+    return found
+
+
+def chunk_time_limit(env: dict[str, str] | None = None) -> int:
+    """The longest a chunk may run: the deployment's IMGJOBS_TASK_TIME_LIMIT_S, else the default."""
+    value = (env or {}).get(f"{ENV_PREFIX}TASK_TIME_LIMIT_S")
+    if value is not None:
+        return int(value)
+    default = Settings.model_fields["task_time_limit_s"].default
+    assert isinstance(default, int)
+    return default
+
+
+def compose_duration_s(value: str) -> float:
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", value)
+    assert parts and "".join(n + u for n, u in parts) == value, f"not a compose duration: {value!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+# --- the files parse and the registry is valid -------------------------------------------------------
+
+
+def test_every_yaml_file_under_deploy_parses_into_mappings() -> None:
+    paths = sorted([*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")])
+    assert {p.name for p in paths} >= {"docker-compose.yml", "models.example.yaml", "workers.yaml"}
+    for path in paths:
+        docs = yaml_docs(path)
+        assert docs and all(isinstance(doc, dict) for doc in docs), path
+
+
+def test_dockerfiles_parse_and_copy_only_what_exists() -> None:
+    known = {"FROM", "ARG", "ENV", "RUN", "COPY", "VOLUME", "USER", "WORKDIR", "HEALTHCHECK"}
+    known |= {"ENTRYPOINT", "CMD"}
+    for name in ("worker.Dockerfile", "producer.Dockerfile"):
+        instructions = dockerfile(name)
+        assert {kw for kw, _ in instructions} <= known, name
+        for keyword, args in instructions:
+            if keyword == "COPY" and "--from=" not in args:
+                sources = [word for word in args.split() if not word.startswith("--")][:-1]
+                for source in sources:  # the build context is the repository root
+                    assert (ROOT / source).exists(), f"{name}: COPY {source}: no such path"
+
+
+def test_example_registry_validates_and_pins_the_builtin_checkpoints() -> None:
+    parsed = registry()
+    assert set(parsed.models) == GUIDE_MODELS
+    for name, entry in parsed.models.items():
+        assert entry.source == BUILTIN_MODELS[name].source, name
+        assert MODEL_NAME_PATTERN.match(name), name
+
+
+def test_the_configmap_carries_the_example_registry() -> None:
+    (configmap,) = [cm for cm in k8s_objects("ConfigMap") if cm["metadata"]["name"] == "imgjobs-models"]
+    example = yaml.safe_load(REGISTRY.read_text(encoding="utf-8"))
+    assert yaml.safe_load(configmap["data"]["models.yaml"]) == example
+
+
+# --- one worker, one Deployment and one scaler per model, all on the same queue ----------------------
+
+
+def test_every_model_has_a_compose_worker_a_deployment_and_a_scaler() -> None:
+    models = set(registry().models)
+    assert set(worker_services()) == models
+    assert set(deployments()) == models
+    targets = {so["spec"]["scaleTargetRef"]["name"] for so in k8s_objects("ScaledObject")}
+    assert targets == {d["metadata"]["name"] for d in deployments().values()}
+
+
+def test_keda_watches_the_queue_each_deployment_consumes() -> None:
+    by_name = {d["metadata"]["name"]: model for model, d in deployments().items()}
+    for scaled in k8s_objects("ScaledObject"):
+        model = by_name[scaled["spec"]["scaleTargetRef"]["name"]]
+        (trigger,) = scaled["spec"]["triggers"]
+        assert trigger["type"] == "redis"
+        assert trigger["metadata"]["listName"] == queue_for(model)
+        assert scaled["spec"]["minReplicaCount"] == 0
+        assert trigger["authenticationRef"]["name"] in {
+            ta["metadata"]["name"] for ta in k8s_objects("TriggerAuthentication")
+        }
+
+
+@pytest.fixture
+def worker_argv(monkeypatch: pytest.MonkeyPatch) -> WorkerArgv:
+    """Runs the real `imgjobs worker` command with the given arguments and returns the Celery argv it
+    would exec, without a broker: only the connection check and the exec are replaced."""
+    monkeypatch.setenv(f"{ENV_PREFIX}BROKER_URL", "redis://:placeholder@127.0.0.1:6379/0")
+    monkeypatch.delenv(f"{ENV_PREFIX}MODELS", raising=False)
+    monkeypatch.setattr(cli, "connect_redis", lambda url: None)
+    execs: list[list[str]] = []
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: execs.append(list(argv)))
+
+    def run(args: list[str]) -> list[str]:
+        result = CliRunner().invoke(cli.app, ["worker", *args, "--models", str(REGISTRY)])
+        assert result.exit_code == 0, result.output
+        return execs.pop()
+
+    return run
+
+
+def test_the_worker_command_consumes_the_queue_keda_watches(worker_argv: WorkerArgv) -> None:
+    list_names = {
+        so["spec"]["scaleTargetRef"]["name"]: so["spec"]["triggers"][0]["metadata"]["listName"]
+        for so in k8s_objects("ScaledObject")
+    }
+    for deployment in deployments().values():
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        argv = worker_argv(container["args"])  # exactly what the pod passes to `imgjobs worker`
+        assert option_value(argv, "--queues") == list_names[deployment["metadata"]["name"]]
+        assert option_value(argv, "--concurrency") == "1"
+    for model, service in worker_services().items():
+        assert option_value(worker_argv(service["command"]), "--queues") == queue_for(model)
+
+
+def test_image_entrypoints_and_probe_commands_exist() -> None:
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    worker = json.loads(instruction(dockerfile("worker.Dockerfile"), "ENTRYPOINT"))
+    producer = json.loads(instruction(dockerfile("producer.Dockerfile"), "ENTRYPOINT"))
+    assert worker == ["imgjobs", "worker"] and producer == ["imgjobs"]
+    assert "imgjobs" in scripts
+    commands = typer.main.get_command(cli.app).commands  # type: ignore[attr-defined]
+    assert {"worker", "submit", "status"} <= set(commands)
+    assert "--model" in {opt for param in commands["worker"].params for opt in param.opts}
+
+    # The health check is installed under the name the Dockerfile's HEALTHCHECK and the probes run.
+    worker_file = dockerfile("worker.Dockerfile")
+    copies = [args for kw, args in worker_file if kw == "COPY"]
+    assert any(f"deploy/docker/{HEALTHCHECK.name} /usr/local/bin/{HEALTHCHECK_IN_IMAGE}" in c for c in copies)
+    assert json.loads(instruction(worker_file, "HEALTHCHECK").partition("CMD")[2]) == [HEALTHCHECK_IN_IMAGE]
+    assert os.access(HEALTHCHECK, os.X_OK)
+    for deployment in deployments().values():
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert container[probe]["exec"]["command"] == [HEALTHCHECK_IN_IMAGE]
+
+
+def test_the_celery_commands_used_exist(monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery import Celery
+    from celery.bin.celery import celery as celery_cli
+
+    assert list(entry_points(group="console_scripts", name="celery"))
+    # The health check's `celery inspect ping` flags.
+    inspect_options = {opt for param in celery_cli.commands["inspect"].params for opt in param.opts}
+    script = HEALTHCHECK.read_text(encoding="utf-8")
+    call = script[script.index("celery inspect ping") :]
+    assert set(re.findall(r"--[a-z-]+", call)) <= inspect_options
+    assert hasattr(Celery().control.inspect(), "ping")
+    # Flower and the health check configure Celery's default app through CELERY_BROKER_URL alone.
+    services = compose()["services"]
+    assert services["flower"]["entrypoint"] == ["celery"] and services["flower"]["command"][0] == "flower"
+    assert "CELERY_BROKER_URL" in services["flower"]["environment"]
+    runs = [args for kw, args in dockerfile("producer.Dockerfile") if kw == "RUN"]
+    assert any("pip install" in run and '"flower>=' in run for run in runs)
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://:placeholder@example.invalid:6379/0")
+    assert Celery().conf.broker_url == "redis://:placeholder@example.invalid:6379/0"
+
+
+# --- the health check --------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc")
+def test_the_health_check_pings_the_node_that_imgjobs_worker_names(
+    worker_argv: WorkerArgv, tmp_path: Path
+) -> None:
+    argv = worker_argv(["--model", "sd15"])
+    # A stand-in process with the worker's command line, and a `celery` that records its call.
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *argv[1:]])
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "celery-call.json"
+    fake = bin_dir / "celery"
+    fake.write_text(
+        f"#!{sys.executable}\nimport json, os, sys\n"
+        f"json.dump({{'argv': sys.argv[1:], 'broker': os.environ.get('CELERY_BROKER_URL')}}, "
+        f"open({str(record)!r}, 'w'))\n",
+        encoding="utf-8",
+    )
+    fake.chmod(0o755)
+    broker = "redis://:placeholder@redis:6379/0"
+    try:
+        env = os.environ | {
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            "IMGJOBS_WORKER_PID": str(stand_in.pid),
+            "IMGJOBS_BROKER_URL": broker,
+        }
+        for _ in range(50):  # until the stand-in has exec'd into its final command line
+            if "--hostname" in Path(f"/proc/{stand_in.pid}/cmdline").read_text(errors="replace"):
+                break
+            time.sleep(0.05)
+        done = subprocess.run(["sh", str(HEALTHCHECK)], env=env, capture_output=True, text=True, timeout=30)
+    finally:
+        stand_in.send_signal(signal.SIGTERM)
+        stand_in.wait(10)
+    assert done.returncode == 0, done.stderr
+    call = json.loads(record.read_text(encoding="utf-8"))
+    node = option_value(argv, "--hostname").replace("%h", socket.gethostname())
+    assert call["argv"] == ["inspect", "ping", "--destination", node, "--timeout", "10"]
+    assert node.startswith(queue_for("sd15") + ".")
+    assert call["broker"] == broker and broker not in " ".join(call["argv"])
+
+
+def test_the_health_check_fails_for_a_process_that_is_not_a_worker() -> None:
+    env = os.environ | {"IMGJOBS_WORKER_PID": str(os.getpid()), "IMGJOBS_BROKER_URL": "redis://x:6379/0"}
+    done = subprocess.run(["sh", str(HEALTHCHECK)], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0 and "not a Celery worker" in done.stderr
+
+
+@pytest.mark.slow
+def test_the_health_check_gets_a_pong_from_a_real_worker(
+    redis_server: Any, workers: Any, registry: Any
+) -> None:
+    worker = workers.start("tiny-sd", redis_server.url, registry)
+    workers.wait_ready()
+    env = os.environ | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "IMGJOBS_WORKER_PID": str(worker.process.pid),
+        "IMGJOBS_BROKER_URL": redis_server.url,
+    }
+    done = subprocess.run(["sh", str(HEALTHCHECK)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr + workers.logs()
+    assert "pong" in done.stdout
+
+
+# --- resources, grace periods, users, Redis ----------------------------------------------------------
+
+
+def test_each_worker_gets_exactly_one_gpu() -> None:
+    for model, service in worker_services().items():
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"], model
+        assert device.get("count") == 1 or len(device.get("device_ids", [])) == 1, model
+    for model, deployment in deployments().items():
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        resources = container["resources"]
+        assert resources["requests"]["nvidia.com/gpu"] == 1 == resources["limits"]["nvidia.com/gpu"], model
+
+
+def test_grace_periods_outlast_the_longest_chunk() -> None:
+    for model, service in worker_services().items():
+        env = {k: str(v) for k, v in service.get("environment", {}).items()}
+        assert compose_duration_s(service["stop_grace_period"]) > chunk_time_limit(env), model
+    for model, deployment in deployments().items():
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+        assert pod["terminationGracePeriodSeconds"] > chunk_time_limit(env), model
+        # maxSurge 0: a rollout must not wait for a spare GPU.
+        assert deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
+        # KEDA owns the replica count; a fixed one would be reset on every apply.
+        assert "replicas" not in deployment["spec"], model
+
+
+def test_workers_and_producer_run_as_non_root() -> None:
+    for name in ("worker.Dockerfile", "producer.Dockerfile"):
+        user = instruction(final_stage(dockerfile(name)), "USER")
+        uid = user.partition(":")[0]
+        assert uid.isdigit() and int(uid) != 0, f"{name}: USER {user}"  # numeric: runAsNonRoot checks it
+    for service in compose()["services"].values():
+        assert str(service.get("user", "")).partition(":")[0] not in {"0", "root"}
+    for model, deployment in deployments().items():
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, model
+        assert pod["securityContext"].get("runAsUser", 1) != 0, model
+        (container,) = pod["containers"]
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False, model
+
+
+def test_redis_keeps_its_data_and_never_evicts() -> None:
+    redis = compose()["services"]["redis"]
+    command = [str(arg) for arg in redis["command"]]
+    assert option_value(command, "--appendonly") == "yes"
+    assert option_value(command, "--maxmemory-policy") == "noeviction"
+    assert "--maxmemory" in command and "--requirepass" in command
+    assert any(str(volume).endswith(":/data") for volume in redis["volumes"])
+
+
+def test_workers_get_their_settings_and_the_registry() -> None:
+    for model, service in worker_services().items():
+        env = service["environment"]
+        assert env["IMGJOBS_BROKER_URL"].startswith("${IMGJOBS_BROKER_URL:-redis://"), model
+        assert env["IMGJOBS_MODELS"] == "/etc/imgjobs/models.yaml"
+        assert "http://minio:9000" in env["AWS_ENDPOINT_URL"] and service["env_file"] == ".env"
+        assert f"./{REGISTRY.name}:/etc/imgjobs/models.yaml:ro" in service["volumes"]
+    secret_keys = set(k8s_objects("Secret")[0]["stringData"])
+    for model, deployment in deployments().items():
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["IMGJOBS_BROKER_URL"]["value"] == "redis://:$(REDIS_PASSWORD)@$(REDIS_ADDRESS)/0"
+        assert env["IMGJOBS_MODELS"]["value"] == "/etc/imgjobs/models.yaml"
+        names = list(env)  # $(VAR) only expands variables defined earlier in the list
+        assert names.index("REDIS_PASSWORD") < names.index("IMGJOBS_BROKER_URL"), model
+        assert names.index("REDIS_ADDRESS") < names.index("IMGJOBS_BROKER_URL"), model
+        refs = [e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e]
+        assert {ref["key"] for ref in refs} <= secret_keys, model
+        assert {f"AWS_{k}" for k in ("ENDPOINT_URL", "ACCESS_KEY_ID", "SECRET_ACCESS_KEY")} <= set(env)
+    (auth,) = k8s_objects("TriggerAuthentication")
+    assert {ref["key"] for ref in auth["spec"]["secretTargetRef"]} <= secret_keys
+    assert {ref["parameter"] for ref in auth["spec"]["secretTargetRef"]} == {"address", "password"}
+
+
+def test_k8s_manifests_are_namespace_agnostic_and_the_secret_is_not_applied() -> None:
+    for path in K8S.glob("*.yaml"):
+        for doc in yaml_docs(path):
+            assert "namespace" not in doc.get("metadata", {}), path
+    (kustomization,) = yaml_docs(K8S / "kustomization.yaml")
+    manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
+    assert set(kustomization["resources"]) == manifests
+
+
+def test_compose_variables_that_must_be_set_are_in_env_example() -> None:
+    required = set(re.findall(r"\$\{([A-Z0-9_]+):\?", COMPOSE.read_text(encoding="utf-8")))
+    example = (DEPLOY / "env.example").read_text(encoding="utf-8")
+    assert required and all(re.search(rf"^{name}=", example, re.M) for name in required), required
+
+
+# --- no credentials committed ------------------------------------------------------------------------
+
+PLACEHOLDERS = re.compile(r"^(REPLACE_ME|placeholder|\.\.\.|\*\*\*|<[a-z-]+>|\$\([A-Z_]+\)|\$\{[^}]*\})$")
+SECRET_NAMES = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN", re.I)
+
+
+def committed_text_files() -> list[Path]:
+    files = [p for p in DEPLOY.rglob("*") if p.is_file() and p.name != ".env"]  # .env is the local copy
+    return [*files, OPERATIONS]
+
+
+def test_no_real_looking_credentials_are_committed() -> None:
+    for path in committed_text_files():
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b", text), f"{path}: an AWS access key id"
+        assert "PRIVATE KEY-----" not in text, f"{path}: a private key"
+        for password in re.findall(r"://[^\s/:@]*:(\$\{[^}]*\}|[^\s@/]+)@", text):
+            assert PLACEHOLDERS.match(password), f"{path}: a password in a URL: {password!r}"
+    for line in (DEPLOY / "env.example").read_text(encoding="utf-8").splitlines():
+        name, _, value = line.partition("=")
+        if line and not line.startswith("#") and SECRET_NAMES.search(name):
+            assert PLACEHOLDERS.match(value), line
+    (secret,) = k8s_objects("Secret")
+    assert "data" not in secret  # base64 would hide what is committed
+    for key, value in secret["stringData"].items():
+        if SECRET_NAMES.search(key):
+            assert PLACEHOLDERS.match(value), key
+    minio = compose()["services"]["minio"]["environment"]
+    assert all(str(v).startswith("${") for v in minio.values())
+
+
+# --- the producer image and the docs follow the code -------------------------------------------------
+
+
+def third_party_imports(*packages: str) -> set[str]:
+    names: set[str] = set()
+    for package in packages:
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    names |= {alias.name.partition(".")[0] for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names.add(node.module.partition(".")[0])
+    return {
+        n for n in names if n not in sys.stdlib_module_names and n not in {"jobs", "schemas", "__future__"}
+    }
+
+
+def test_the_producer_image_installs_every_library_the_producer_imports() -> None:
+    script = runpy.run_path(str(DOCKER / "producer_requirements.py"))
+    requirements = script["producer_requirements"](ROOT / "pyproject.toml")
+    installed = {script["requirement_name"](r) for r in requirements}
+    imported = third_party_imports("jobs", "schemas")
+    assert "workers" not in imported and "torch" not in imported  # the image has neither
+    distributions = packages_distributions()
+    for module in imported:
+        names = {script["requirement_name"](d) for d in distributions.get(module, [module])}
+        assert names & installed, f"the producer imports {module} but its image does not install it"
+    copied = [args.split()[0] for kw, args in dockerfile("producer.Dockerfile") if kw == "COPY"]
+    assert "workers" not in copied
+
+
+def test_operations_doc_covers_every_setting_and_registry_field() -> None:
+    doc = OPERATIONS.read_text(encoding="utf-8")
+    for field in Settings.model_fields:
+        assert f"`{ENV_PREFIX}{field.upper()}`" in doc, field
+    for field in ModelEntry.model_fields:
+        assert f"`{field}`" in doc, field
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_HOME"):
+        assert f"`{name}`" in doc, name
+    assert "3600" in doc and "terminationGracePeriodSeconds: 3900" in doc
