@@ -120,10 +120,17 @@ def worker_command(model: str, registry: Path | None, loglevel: str = "info") ->
 class LocalWorker:
     """`imgjobs worker --model NAME` as a child process, logging to a file."""
 
-    def __init__(self, model: ResolvedModel, broker_url: str, registry: Path | None, log_path: Path) -> None:
+    def __init__(
+        self,
+        model: ResolvedModel,
+        broker_url: str,
+        registry: Path | None,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.model = model
         self.log_path = log_path
-        env = os.environ | {"IMGJOBS_BROKER_URL": broker_url}
+        env = os.environ | (env or {}) | {"IMGJOBS_BROKER_URL": broker_url}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("ab")
         self.process = subprocess.Popen(

@@ -60,6 +60,8 @@ def plan_recipe(
     extras: list[tuple[ResolvedModel | None, ResolvedModel | None]] = []
     for index, stage in enumerate(spec.stages):
         where = f"stages.{index}"
+        if index > 0 and stage.type == "text2img":
+            problems.append(Problem(file, None, f"{where}.type", "text2img can only be the first stage"))
 
         def resolve(name: str | None, field: str, where: str = where) -> ResolvedModel | None:
             if name is None:

@@ -155,6 +155,14 @@ class UpscaleStage(_Stage):
         None, ge=0, le=350, description="x4 upscaler: noise added to the low-res image"
     )
 
+    @model_validator(mode="after")
+    def _plain_prompts(self) -> UpscaleStage:
+        if self.prompt_syntax != "plain":
+            raise ValueError(
+                "upscalers take plain prompts; prompt_syntax: compel is for img2img and text2img"
+            )
+        return self
+
 
 StageSpec = Annotated[Img2ImgStage | Text2ImgStage | UpscaleStage, Field(discriminator="type")]
 
@@ -183,13 +191,6 @@ class JobSpec(_Strict):
     items: str = Field(min_length=1)
     defaults: Defaults = Defaults()
     stages: list[StageSpec] = Field(min_length=1, max_length=MAX_STAGES)
-
-    @model_validator(mode="after")
-    def _check_stage_order(self) -> JobSpec:
-        for index, stage in enumerate(self.stages[1:], start=1):
-            if stage.type == "text2img":
-                raise ValueError(f"stages.{index}: text2img can only be the first stage")
-        return self
 
 
 class Item(_Strict):

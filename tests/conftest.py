@@ -101,9 +101,11 @@ class Workers:
         self.tmp_path = tmp_path
         self.started: list[LocalWorker] = []
 
-    def start(self, model: str, broker_url: str, registry: Registry) -> LocalWorker:
+    def start(
+        self, model: str, broker_url: str, registry: Registry, env: dict[str, str] | None = None
+    ) -> LocalWorker:
         log_path = self.tmp_path / f"worker-{len(self.started)}.log"
-        worker = LocalWorker(registry.resolve(model), broker_url, registry.path, log_path)
+        worker = LocalWorker(registry.resolve(model), broker_url, registry.path, log_path, env=env)
         self.started.append(worker)
         return worker
 

@@ -8,6 +8,8 @@ resident; this module-level state is what Celery's process model asks for.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from typing import Any
 
 from celery import Celery
@@ -41,4 +43,11 @@ def send_chunk(chunk: Chunk) -> None:
 
 @worker_process_init.connect
 def _load_model(**_: Any) -> None:
-    WorkerRuntime.start(settings, send_chunk)
+    try:
+        WorkerRuntime.start(settings, send_chunk)
+    except Exception:
+        log.exception("cannot load the model; stopping the worker")
+        # A worker without its model would take chunks only to fail them. Stop the parent too, or it
+        # would start another pool process that fails the same way, forever.
+        os.kill(os.getppid(), signal.SIGTERM)
+        os._exit(1)

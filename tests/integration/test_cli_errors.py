@@ -93,3 +93,14 @@ def test_models_lists_builtins_and_file_entries(models_yaml: Path) -> None:
     assert entries["tiny-sd"]["source"] == str(models_yaml.parent / "tiny-sd")
     table = imgjobs("models", "--models", str(models_yaml))
     assert table.returncode == 0 and "tiny-sd" in table.stdout
+
+
+def test_worker_whose_model_cannot_load_stops(tmp_path: Path) -> None:
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionImg2ImgPipeline"}))
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        worker = imgjobs(
+            "worker", "--model", str(broken), env={"IMGJOBS_BROKER_URL": server.url}, timeout=120
+        )
+    assert "cannot load the model; stopping the worker" in worker.stderr

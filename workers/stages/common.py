@@ -62,7 +62,9 @@ def batch_input(batch: StageBatch) -> Any:
 
 def decode_latents(pipeline: Any, latents: torch.Tensor) -> np.ndarray:
     """What the pipeline's own output_type="np" would give for these latents."""
-    vae = pipeline.vae
+    vae = getattr(pipeline, "vae", None)
+    if vae is None:
+        raise StageError(f"{type(pipeline).__name__} has no VAE to decode latents with; save images instead")
     with torch.inference_mode():
         decoded = vae.decode(
             latents.to(vae.device, vae.dtype) / vae.config.scaling_factor, return_dict=False

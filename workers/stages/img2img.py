@@ -11,6 +11,7 @@ from schemas.messages import StagePlan
 from workers.models import LoadedModel
 from workers.prompts import prompt_arguments
 from workers.stages.common import StageBatch, StageOutput, batch_input, call_pipeline, check_batch, generators
+from workers.stages.kandinsky import image_embeddings, is_kandinsky
 
 
 def check_inputs(plan: StagePlan, params: ResolvedParams, batch: StageBatch) -> Img2ImgStage:
@@ -40,14 +41,26 @@ def run_img2img(
 ) -> StageOutput:
     spec = check_inputs(plan, params, batch)
     pipeline = model.img2img(plan.controlnet)
+    seeded = generators(batch.seeds)
     kwargs: dict[str, Any] = {
         "image": batch_input(batch),
         "strength": params.strength,
         "guidance_scale": params.guidance_scale,
         "num_inference_steps": params.steps,
-        "generator": generators(batch.seeds),
-        **prompt_arguments(pipeline, batch.prompts, batch.negative_prompts, spec.prompt_syntax),
+        "generator": seeded,
     }
+    if is_kandinsky(pipeline):
+        if batch.images is None:
+            raise StageError("Kandinsky 2.2 img2img takes images, not latents")
+        if spec.prompt_syntax != "plain":
+            raise StageError("prompt_syntax: compel works with SD 1.x and SDXL, not Kandinsky 2.2")
+        # The decoder resizes its input to height x width, 512 unless told; keep the input's size.
+        kwargs["width"], kwargs["height"] = batch.images[0].size
+        kwargs |= image_embeddings(pipeline, batch, seeded)
+        return call_pipeline(
+            pipeline.decoder_pipe, kwargs, want_images=want_images, want_latents=want_latents
+        )
+    kwargs |= prompt_arguments(pipeline, batch.prompts, batch.negative_prompts, spec.prompt_syntax)
     if plan.controlnet is not None:
         kwargs["control_image"] = batch.control_images
         kwargs["controlnet_conditioning_scale"] = spec.controlnet_conditioning_scale
@@ -60,9 +73,4 @@ def run_img2img(
             kwargs["aesthetic_score"] = spec.aesthetic_score
         if spec.negative_aesthetic_score is not None:
             kwargs["negative_aesthetic_score"] = spec.negative_aesthetic_score
-    if type(pipeline).__name__.startswith("Kandinsky"):
-        # Kandinsky resizes its input to height x width, 512 unless told; keep the input's size.
-        if batch.images is None:
-            raise StageError("Kandinsky 2.2 img2img takes images, not latents")
-        kwargs["width"], kwargs["height"] = batch.images[0].size
     return call_pipeline(pipeline, kwargs, want_images=want_images, want_latents=want_latents)

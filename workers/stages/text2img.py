@@ -11,6 +11,7 @@ from schemas.messages import StagePlan
 from workers.models import LoadedModel
 from workers.prompts import prompt_arguments
 from workers.stages.common import StageBatch, StageOutput, call_pipeline, check_batch, generators
+from workers.stages.kandinsky import image_embeddings, is_kandinsky
 
 
 def run_text2img(
@@ -27,12 +28,20 @@ def run_text2img(
         raise StageError("text2img takes no input image")
     pipeline = model.text2img()
     width, height = params.size
+    seeded = generators(batch.seeds)
     kwargs: dict[str, Any] = {
         "width": width,
         "height": height,
         "guidance_scale": params.guidance_scale,
         "num_inference_steps": params.steps,
-        "generator": generators(batch.seeds),
-        **prompt_arguments(pipeline, batch.prompts, batch.negative_prompts, plan.spec.prompt_syntax),
+        "generator": seeded,
     }
+    if is_kandinsky(pipeline):
+        if plan.spec.prompt_syntax != "plain":
+            raise StageError("prompt_syntax: compel works with SD 1.x and SDXL, not Kandinsky 2.2")
+        kwargs |= image_embeddings(pipeline, batch, seeded)
+        return call_pipeline(
+            pipeline.decoder_pipe, kwargs, want_images=want_images, want_latents=want_latents
+        )
+    kwargs |= prompt_arguments(pipeline, batch.prompts, batch.negative_prompts, plan.spec.prompt_syntax)
     return call_pipeline(pipeline, kwargs, want_images=want_images, want_latents=want_latents)

@@ -1,0 +1,162 @@
+"""Every example of the diffusers image-to-image guide as a job, across separate worker processes
+(one per model), against real Redis and the S3 server on loopback."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import redis
+from PIL import Image
+
+from jobs.embedded import EmbeddedRedis
+from jobs.registry import Registry
+from jobs.status import read_status
+from tests.conftest import Workers, imgjobs
+from workers.demo import write_demo
+
+pytestmark = pytest.mark.slow
+
+WORKER_MODELS = [
+    "tiny-sd",
+    "tiny-sd-style",
+    "tiny-sdxl-refiner",
+    "tiny-kandinsky22",
+    "tiny-sd-x2-latent-upscaler",
+    "tiny-sd-x4-upscaler",
+]
+
+
+class Guide:
+    def __init__(self, demo: Path, bucket: str, broker_url: str, workers: Workers) -> None:
+        self.demo, self.bucket, self.broker_url, self.workers = demo, bucket, broker_url, workers
+        self.s3 = boto3.client("s3")
+
+    def run(self, example: str) -> tuple[str, list[dict[str, Any]]]:
+        """Submit examples/<example>.json with inputs and outputs on S3; wait; return (job id, results)."""
+        spec = json.loads((self.demo / "examples" / f"{example}.json").read_text())
+        rows = [
+            json.loads(line)
+            for line in (self.demo / spec["items"].removeprefix("../")).read_text().splitlines()
+        ]
+        for row in rows:
+            if "image" in row:
+                row["image"] = f"s3://{self.bucket}/{row['image']}"
+        items = self.demo / "examples" / f"{example}.s3.jsonl"
+        items.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        spec |= {"output": f"s3://{self.bucket}/out", "items": items.name}
+        path = self.demo / "examples" / f"{example}.s3.json"
+        path.write_text(json.dumps(spec))
+        env = {
+            "IMGJOBS_BROKER_URL": self.broker_url,
+            "IMGJOBS_MODELS": str(self.demo / "models.yaml"),
+            "IMGJOBS_CHUNK_SIZE": "2",
+        }
+        submitted = imgjobs("submit", str(path), env=env)
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = submitted.stdout.strip()
+        client = redis.Redis.from_url(self.broker_url, decode_responses=True)
+        deadline = time.monotonic() + 300
+        while not read_status(client, job_id).finished:
+            assert time.monotonic() < deadline, self.workers.logs()
+            time.sleep(0.2)
+        body = self.s3.get_object(Bucket=self.bucket, Key=f"out/{job_id}/results.jsonl")["Body"].read()
+        results = [json.loads(line) for line in body.decode().splitlines()]
+        assert [r["id"] for r in results] == [row["id"] for row in rows]
+        failures = [(r["id"], r["error"]) for r in results if r["status"] != "succeeded"]
+        assert not failures, f"{failures}\n{self.workers.logs()}"
+        return job_id, results
+
+    def image(self, uri: str) -> Image.Image:
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        return Image.open(io.BytesIO(self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()))
+
+    def keys(self, job_id: str, item_id: str) -> list[str]:
+        listed = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=f"out/{job_id}/{item_id}/")
+        return sorted(obj["Key"].rsplit("/", 1)[1] for obj in listed.get("Contents", []))
+
+
+@pytest.fixture(scope="module")
+def guide(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterator[Guide]:
+    root = tmp_path_factory.mktemp("guide")
+    demo = write_demo(root / "demo").parent
+    bucket = "guide-examples"
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=bucket)
+    for path in (demo / "inputs").iterdir():
+        s3.upload_file(str(path), bucket, f"inputs/{path.name}")
+    registry = Registry.load(demo / "models.yaml")
+    pool = Workers(root)
+    with EmbeddedRedis(root / "redis") as server:
+        try:
+            for model in WORKER_MODELS:
+                pool.start(model, server.url, registry, env={"IMGJOBS_TORCH_THREADS": "1"})
+            pool.wait_ready(timeout=240)
+            yield Guide(demo, bucket, server.url, pool)
+        finally:
+            pool.stop()
+
+
+def test_sd15_img2img(guide: Guide) -> None:
+    job_id, results = guide.run("sd15-img2img")
+    for result in results:
+        assert guide.image(result["outputs"]["s0-img2img"]).size == (64, 64)
+    assert guide.keys(job_id, "0000") == ["s0-img2img.png"]
+    report = guide.s3.get_object(Bucket=guide.bucket, Key=f"out/{job_id}/report.html")["Body"].read().decode()
+    assert report.count('<section class="item') == 12 and "data:image/jpeg;base64," in report
+
+
+def test_sdxl_refiner_img2img(guide: Guide) -> None:
+    _, results = guide.run("sdxl-refiner-img2img")
+    assert all(guide.image(r["outputs"]["s0-img2img"]).size == (64, 64) for r in results)
+
+
+def test_kandinsky22_img2img(guide: Guide) -> None:
+    _, results = guide.run("kandinsky22-img2img")
+    assert all(guide.image(r["outputs"]["s0-img2img"]).size == (64, 64) for r in results)
+
+
+def test_text_image_image(guide: Guide) -> None:
+    job_id, results = guide.run("text-image-image")
+    for result in results:
+        assert result["image"] is None
+        assert [s["model"] for s in result["stages"]] == ["tiny-sd", "tiny-kandinsky22"]
+        assert guide.image(result["outputs"]["s0-text2img"]).size == (64, 64)
+        assert guide.image(result["outputs"]["s1-img2img"]).size == (64, 64)
+    assert guide.keys(job_id, "0000") == ["s0-text2img.png", "s1-img2img.png"]
+
+
+def test_image_image_image_hands_latents_across_three_workers(guide: Guide) -> None:
+    job_id, results = guide.run("image-image-image")
+    for result in results:
+        assert [s["model"] for s in result["stages"]] == ["tiny-sd", "tiny-sd-style", "tiny-sd"]
+        assert result["outputs"]["s0-img2img.latent"].endswith("/s0-img2img.safetensors")
+    # s0 kept its latent (save: [latent]); s1's latent was only a handover and is gone; s2 saved its image.
+    assert guide.keys(job_id, "0000") == ["s0-img2img.safetensors", "s1-img2img.png", "s2-img2img.png"]
+
+
+def test_image_then_x2_then_x4_upscalers(guide: Guide) -> None:
+    job_id, results = guide.run("upscale-x2-x4")
+    for result in results:
+        assert guide.image(result["outputs"]["s1-upscale"]).size == (64, 64)
+        assert guide.image(result["outputs"]["s2-upscale"]).size == (256, 256)
+    assert guide.keys(job_id, "0000") == ["s1-upscale.png", "s2-upscale.png"]
+
+
+def test_controlnet_depth_then_style(guide: Guide) -> None:
+    _, results = guide.run("controlnet-depth-then-style")
+    for result in results:
+        assert [s["model"] for s in result["stages"]] == ["tiny-sd", "tiny-sd-style"]
+        assert guide.image(result["outputs"]["s1-img2img"]).size == (64, 64)
+
+
+def test_compel_weighted_prompt(guide: Guide) -> None:
+    _, results = guide.run("compel-weighted")
+    assert results[0]["prompt"] == "a (cat)1.3 wizard, jungle--"
+    assert guide.image(results[0]["outputs"]["s0-img2img"]).size == (64, 64)
