@@ -140,12 +140,20 @@ def run(
         else:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="imgjobs-")))
             broker_url = stack.enter_context(EmbeddedRedis(workdir / "redis")).url
-            unique_models = {model.name: model for model in validated.models}
+            count = len(validated.models) * workers_per_model
+            # Local workers share this machine's cores; more torch threads than cores only spin.
+            threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // count)
             workers = [
                 stack.enter_context(
-                    LocalWorker(model, broker_url, registry.path, workdir / f"worker-{n}-{i}.log")
+                    LocalWorker(
+                        model,
+                        broker_url,
+                        registry.path,
+                        workdir / f"worker-{n}-{i}.log",
+                        env={"IMGJOBS_TORCH_THREADS": str(threads)},
+                    )
                 )
-                for n, model in enumerate(unique_models.values())
+                for n, model in enumerate(validated.models)
                 for i in range(workers_per_model)
             ]
             err.print(f"embedded mode: redis at {broker_url}, {len(workers)} local worker(s)")

@@ -20,6 +20,15 @@ from jobs.registry import Registry
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> None:
+    """Two cores shared by the test process and worker processes: torch's spinning thread pool makes
+    tiny models several times slower when threads outnumber free cores."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from workers.tiny_models import write_tiny_sd
@@ -105,6 +114,7 @@ class Workers:
         self, model: str, broker_url: str, registry: Registry, env: dict[str, str] | None = None
     ) -> LocalWorker:
         log_path = self.tmp_path / f"worker-{len(self.started)}.log"
+        env = {"IMGJOBS_TORCH_THREADS": "1", **(env or {})}
         worker = LocalWorker(registry.resolve(model), broker_url, registry.path, log_path, env=env)
         self.started.append(worker)
         return worker

@@ -131,6 +131,15 @@ def sd_scheduler() -> DDIMScheduler:
     )
 
 
+def shared_vae(vae_from: Path) -> AutoencoderKL:
+    """`vae_from`'s VAE, weights and config, rebuilt from its config file: the one from_pretrained
+    returns records `vae_from`'s path in its config, which would end up in the folder written."""
+    loaded = AutoencoderKL.from_pretrained(vae_from / "vae")
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(vae_from / "vae"))
+    vae.load_state_dict(loaded.state_dict())
+    return vae
+
+
 def sd_img2img_pipeline(vae: AutoencoderKL) -> StableDiffusionImg2ImgPipeline:
     tokenizer = scratch_clip_tokenizer()
     return StableDiffusionImg2ImgPipeline(
@@ -155,7 +164,7 @@ def write_tiny_sd(folder: Path, seed: int = 0) -> Path:
 def write_tiny_sd_style(folder: Path, vae_from: Path, seed: int = 1) -> Path:
     """`tiny-sd-style`: a second SD 1.x model, as a fine-tune would be: its own UNet and text encoder,
     but `vae_from`'s VAE, so latents from one are valid `image=` input to the other."""
-    vae = AutoencoderKL.from_pretrained(vae_from / "vae")
+    vae = shared_vae(vae_from)
     torch.manual_seed(seed)
     sd_img2img_pipeline(vae).save_pretrained(folder)
     return folder
@@ -204,8 +213,9 @@ def write_tiny_sdxl_refiner(folder: Path, seed: int = 0) -> Path:
 
 
 def write_tiny_kandinsky22(folder: Path, seed: int = 0) -> Path:
-    """`tiny-kandinsky22`: the Kandinsky 2.2 prior and decoder in one combined img2img folder, the
-    layout `AutoPipelineForImage2Image` loads from a decoder checkpoint with its prior attached.
+    """`tiny-kandinsky22`: the Kandinsky 2.2 decoder and its prior in one combined img2img folder: what
+    `AutoPipelineForImage2Image` builds from the real decoder checkpoint and its connected prior, saved
+    as one so that loading it needs no hub.
 
     The prior's `clip_std` is set to ones: left at its initial zeros, every image embedding it
     produces would be the same constant, whatever the prompt."""
@@ -286,15 +296,21 @@ def write_tiny_sd_x2_latent_upscaler(folder: Path, vae_from: Path, seed: int = 0
     """`tiny-sd-x2-latent-upscaler`: the sd-x2-latent-upscaler layout on `vae_from`'s (tiny-sd's) VAE,
     so it works in tiny-sd's latent space, as the real one works in SD 1.x's.
 
-    `image=` takes either pixels (PIL, numpy, or a 3-channel tensor in [-1, 1]), which it encodes with
-    its VAE and multiplies by `vae.config.scaling_factor`, or a 4-channel tensor, which it takes as
-    latents as they are. So `output_type="latent"` output of an SD img2img call, already multiplied by
-    the scaling factor, goes in unchanged (batch size equal to the prompt list's). `output_type="latent"`
-    returns latents of twice the height and width in that same scaled convention, ready for
-    `vae.decode(latents / vae.config.scaling_factor)`; otherwise the image is twice the input's size in
-    latent terms (tiny-sd: 16x16 latents -> 64x64 pixels). Its UNet predicts one extra (variance)
-    channel, which the pipeline drops, and takes the pooled text embedding in `timestep_cond`."""
-    vae = AutoencoderKL.from_pretrained(vae_from / "vae")
+    `image=` is either latents or pixels. A 4-channel tensor (B, 4, h, w) is taken as latents as it is:
+    the `output_type="latent"` result of an SD (img2img) call, which is already multiplied by
+    `vae.config.scaling_factor`, goes in unchanged. Anything else (PIL images, numpy, a 3-channel tensor
+    in [-1, 1]) is encoded with its VAE and multiplied by the scaling factor. The batch must match the
+    prompt list. There is no `strength`: it denoises fresh noise of twice the size, conditioned on the
+    input (default guidance_scale 9.0; guidance_scale=0 drops the prompt, as the real one is usually run).
+
+    `output_type="latent"` returns a (B, 4, 2h, 2w) tensor in the same scaled convention, so
+    `vae.decode(latents / vae.config.scaling_factor)` decodes it; other output types are those decoded
+    pixels, twice the size of the image the input latents stand for (tiny-sd: 16x16 latents of a 32x32
+    image give 64x64).
+
+    The UNet predicts one extra (variance) channel, which the pipeline drops, and takes the pooled text
+    embedding in `timestep_cond`. Its K-blocks need at least three levels, the last two equally wide."""
+    vae = shared_vae(vae_from)
     torch.manual_seed(seed)
     tokenizer = scratch_clip_tokenizer()
     unet = UNet2DConditionModel(
@@ -333,25 +349,31 @@ def write_tiny_sd_x4_upscaler(folder: Path, seed: int = 0) -> Path:
     """`tiny-sd-x4-upscaler`: the stable-diffusion-x4-upscaler layout. Its VAE has three levels, so it
     decodes latents of the input image's own size to four times that size, with the real one's scaling
     factor 0.08333; the UNet takes those latents next to the noised low-res image (4 + 3 channels) and
-    the `noise_level` (0..max_noise_level) as its class label."""
+    the `noise_level` (0..max_noise_level) as its class label.
+
+    Everything here runs at the full input size (64x64 for a 64-pixel image), so it is narrower than the
+    other fixtures, has attention only at its lowest level, and its VAE has no mid-block attention: over
+    64x64 latents that alone would take most of a call's time."""
     torch.manual_seed(seed)
     tokenizer = scratch_clip_tokenizer()
     vae = AutoencoderKL(
-        block_out_channels=[32, 32, 64],
+        block_out_channels=[8, 8, 16],
         down_block_types=["DownEncoderBlock2D"] * 3,
         up_block_types=["UpDecoderBlock2D"] * 3,
         latent_channels=4,
-        norm_num_groups=32,
+        norm_num_groups=8,
+        mid_block_add_attention=False,
         scaling_factor=0.08333,
     )
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
+        block_out_channels=(16, 16, 32),
         layers_per_block=1,
-        sample_size=32,
+        norm_num_groups=8,
+        sample_size=64,
         in_channels=7,
         out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         cross_attention_dim=TEXT_DIM,
         attention_head_dim=8,
         use_linear_projection=True,
@@ -380,9 +402,9 @@ def write_tiny_sd_x4_upscaler(folder: Path, seed: int = 0) -> Path:
 
 def write_tiny_controlnet_depth(folder: Path, seed: int = 0) -> Path:
     """`tiny-controlnet-depth`: a ControlNet with tiny-sd's UNet configuration (so it plugs into tiny-sd
-    with `from_pipe(..., controlnet=...)`), its condition embedding downsampling once to match tiny-sd's
-    one-level VAE. A new ControlNet's zero convolutions output nothing; here they get small random
-    weights, as a trained one has, so the control image really changes the result."""
+    with `from_pipe(..., controlnet=...)`), its condition embedding halving the control image's size as
+    tiny-sd's VAE does (real SD's divides by 8). A new ControlNet's zero convolutions output nothing;
+    here they get small random weights, as a trained one's are, so the control image changes the result."""
     torch.manual_seed(seed)
     controlnet = ControlNetModel.from_unet(tiny_sd_unet(), conditioning_embedding_out_channels=(16, 32))
     with torch.no_grad():

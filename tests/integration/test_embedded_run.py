@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,25 +34,47 @@ def test_demo_runs_and_matches_diffusers_item_by_item(tmp_path: Path) -> None:
     assert [r["id"] for r in results] == [i["id"] for i in items] and len(items) == 12
     assert all(r["status"] == "succeeded" for r in results)
 
-    pipeline = AutoPipelineForImage2Image.from_pretrained(
-        demo_dir / "models" / "tiny-sd", torch_dtype=torch.float32
-    )
-    pipeline.set_progress_bar_config(disable=True)
+    def direct(name: str) -> Any:
+        pipeline = AutoPipelineForImage2Image.from_pretrained(
+            demo_dir / "models" / name, torch_dtype=torch.float32
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    sd, style = direct("tiny-sd"), direct("tiny-sd-style")
     for item, result in zip(items, results, strict=True):
-        params = result["params"]
-        source = load_input(str(demo_dir / item["image"]), tuple(params["size"]), Settings())
-        expected = pipeline(
-            prompt=item["prompt"],
-            image=source,
-            negative_prompt="ugly, blurry",
-            strength=params["strength"],
-            guidance_scale=params["guidance_scale"],
-            num_inference_steps=params["steps"],
-            generator=torch.Generator().manual_seed(item["seed"]),
-        ).images[0]
-        ours = np.asarray(Image.open(result["outputs"]["s0-img2img"]), dtype=np.int16)
-        # One uint8 level of slack: a batched call rounds floats in another order than a single one.
-        assert np.abs(ours - np.asarray(expected, dtype=np.int16)).max() <= 1, item["id"]
+        first, second = (stage["params"] for stage in result["stages"])
+        source = load_input(str(demo_dir / item["image"]), tuple(first["size"]), Settings())
+
+        def call(
+            pipeline: Any,
+            image: Any,
+            params: dict[str, Any],
+            prompt: str,
+            output_type: str,
+            seed: int = item["seed"],
+        ) -> Any:
+            return pipeline(
+                prompt=prompt,
+                image=image,
+                negative_prompt="ugly, blurry",
+                strength=params["strength"],
+                guidance_scale=params["guidance_scale"],
+                num_inference_steps=params["steps"],
+                generator=torch.Generator().manual_seed(seed),
+                output_type=output_type,
+            ).images
+
+        # The chain as a user would write it with diffusers alone: latents handed from one model to the next.
+        latents = call(sd, source, first, item["prompt"], "latent")
+        expected = {
+            "s0-img2img": call(sd, source, first, item["prompt"], "pil")[0],
+            "s1-img2img": call(style, latents, second, f"{item['prompt']}, charliebo artstyle", "pil")[0],
+        }
+        for name, image in expected.items():
+            ours = np.asarray(Image.open(result["outputs"][name]), dtype=np.int16)
+            # One uint8 level of slack: a batched call rounds floats in another order than a single one.
+            assert np.abs(ours - np.asarray(image, dtype=np.int16)).max() <= 1, (item["id"], name)
 
 
 def test_run_exits_1_when_an_item_fails_and_records_it(tmp_path: Path, models_yaml: Path) -> None:

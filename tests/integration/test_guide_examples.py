@@ -96,7 +96,7 @@ def guide(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterato
     with EmbeddedRedis(root / "redis") as server:
         try:
             for model in WORKER_MODELS:
-                pool.start(model, server.url, registry, env={"IMGJOBS_TORCH_THREADS": "1"})
+                pool.start(model, server.url, registry)
             pool.wait_ready(timeout=240)
             yield Guide(demo, bucket, server.url, pool)
         finally:
