@@ -4,6 +4,7 @@ and real `imgjobs worker` processes. Nothing here mocks Redis, Celery or boto3."
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -131,6 +132,10 @@ class Workers:
         return "\n\n".join(f"--- {w.log_path.name}\n{w.log_tail(60)}" for w in self.started)
 
     def stop(self) -> None:
+        # Signal all first so their warm shutdowns overlap.
+        for worker in self.started:
+            if worker.alive():
+                worker.process.send_signal(signal.SIGTERM)
         for worker in self.started:
             worker.stop()
 
