@@ -31,6 +31,18 @@ class ModelEntry(BaseModel):
         None, description="the checkpoint's pipeline class; read from model_index.json for local folders"
     )
     description: str = ""
+    # The guide's speed-ups, per model.
+    attention: Literal["sdpa", "classic"] = Field(
+        "sdpa", description="sdpa: PyTorch's scaled-dot-product attention (diffusers' default on torch 2)"
+    )
+    compile: bool = Field(
+        False, description="torch.compile the denoiser at load (slow first call, faster after)"
+    )
+    cpu_offload: bool = Field(
+        False, description="enable_model_cpu_offload: for GPUs too small to hold the model"
+    )
+    vae_slicing: bool = Field(False, description="decode a batch one image at a time: less memory")
+    vae_tiling: bool = Field(False, description="decode large images in tiles: less memory")
 
 
 class RegistryFile(BaseModel):

@@ -17,6 +17,7 @@ from diffusers import (
     ControlNetModel,
     DiffusionPipeline,
 )
+from diffusers.models.attention_processor import AttnProcessor
 
 from schemas.errors import StageError
 from schemas.registry import UPSCALER_PIPELINES, ModelEntry, ResolvedModel
@@ -60,8 +61,29 @@ def load_pipeline(entry: ModelEntry) -> Any:
     )
     pipeline = loader.from_pretrained(entry.source, **kwargs)
     pipeline.set_progress_bar_config(disable=True)
-    # diffusers uses PyTorch's scaled-dot-product attention by default on torch 2: nothing to enable.
-    return pipeline.to(device)
+    return apply_speedups(pipeline, entry, device)
+
+
+def apply_speedups(pipeline: Any, entry: ModelEntry, device: str) -> Any:
+    """The registry's per-model options from the guide: attention, compile, offload, VAE slicing/tiling."""
+    denoiser = getattr(pipeline, "unet", None)
+    if entry.attention == "classic" and denoiser is not None:
+        denoiser.set_attn_processor(AttnProcessor())
+    vae = getattr(pipeline, "vae", None)
+    if entry.vae_slicing and vae is not None:
+        vae.enable_slicing()
+    if entry.vae_tiling and vae is not None:
+        vae.enable_tiling()
+    if entry.cpu_offload and device.startswith("cuda"):
+        # Moves each component to the GPU only while it runs; the pipeline itself must not be moved.
+        pipeline.enable_model_cpu_offload(device=device)
+    else:
+        if entry.cpu_offload:
+            log.warning("model %s: cpu_offload has no effect without a GPU", entry.source)
+        pipeline.to(device)
+    if entry.compile and denoiser is not None:
+        pipeline.unet = torch.compile(denoiser)
+    return pipeline
 
 
 class LoadedModel:
