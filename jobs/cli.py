@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from jobs import redrive
 from jobs.broker import connect_redis, require_broker_url
 from jobs.embedded import EmbeddedRedis, LocalWorker
 from jobs.manifest import ValidatedJob, validate_job
@@ -189,6 +190,49 @@ def status(
         if not watch or current.finished:
             return
         time.sleep(POLL_S)
+
+
+@app.command()
+def failures(
+    job_id: Annotated[str, typer.Argument(show_default=False)],
+    reason: Annotated[str | None, typer.Option(help="only failures of this error type")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one ItemResult JSON object per line")] = False,
+) -> None:
+    """List a job's failed items with their reasons."""
+    client = connect_redis(require_broker_url(Settings.from_env()))
+    failed = sorted(redrive.failures(client, job_id, reason), key=lambda result: result.id)
+    if as_json:
+        for result in failed:
+            print(result.model_dump_json())
+        return
+    table = Table("item", "stage", "reason", "message", title=f"{len(failed)} failed item(s) of {job_id}")
+    for result in failed:
+        error = result.error
+        table.add_row(
+            result.id, result.failed_stage or "", error.type if error else "", error.message if error else ""
+        )
+    out.print(table)
+
+
+@app.command()
+def retry(
+    job_id: Annotated[str, typer.Argument(show_default=False)],
+    reason: Annotated[
+        str | None, typer.Option(help="only failures of this error type, e.g. InputImageError")
+    ] = None,
+) -> None:
+    """Run a job's failed items again, from the first stage; succeeded items are left as they are."""
+    settings = Settings.from_env()
+    broker_url = require_broker_url(settings)
+    count = redrive.retry(connect_redis(broker_url), settings, broker_url, job_id, reason)
+    err.print(f"job {job_id}: {count} failed item(s) enqueued again")
+
+
+@app.command()
+def cancel(job_id: Annotated[str, typer.Argument(show_default=False)]) -> None:
+    """Cancel a job: workers drop its queued chunks (their items fail as JobCancelledError)."""
+    redrive.cancel(connect_redis(require_broker_url(Settings.from_env())), job_id)
+    err.print(f"job {job_id}: cancelled; running chunks finish, queued ones are dropped")
 
 
 @app.command()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+from celery import Celery
 
 from jobs.broker import connect_redis, producer_app
 from jobs.manifest import ValidatedJob, iter_items
@@ -100,6 +102,7 @@ def _register(client: redis.Redis, job: ValidatedJob) -> bool:
             "output": job.output,
             "total": job.total,
             "spec": job.spec.model_dump_json(),
+            "recipe": json.dumps([plan.model_dump(mode="json") for plan in job.recipe]),
             "submitted_at": time.time(),
         },
     )
@@ -123,10 +126,15 @@ def submit(job: ValidatedJob, settings: Settings, broker_url: str) -> Submission
     if not _register(client, job):
         # Same spec and items give the same id; resuming a partial submission is issue 4's work.
         return Submission(job.job_id, job.total, 0, already_submitted=True)
-    app = producer_app(settings, broker_url)
-    chunks = 0
+    chunks = send_chunks(producer_app(settings, broker_url), plan_chunks(job, settings.chunk_size))
+    return Submission(job.job_id, job.total, chunks, already_submitted=False)
+
+
+def send_chunks(app: Celery, chunks: Iterable[Chunk]) -> int:
+    """Send each chunk by task name to its stage's model queue, over one connection; returns the count."""
+    count = 0
     with app.producer_or_acquire() as producer:
-        for chunk in plan_chunks(job, settings.chunk_size):
+        for chunk in chunks:
             app.send_task(
                 RUN_CHUNK_TASK,
                 args=[chunk.model_dump(mode="json")],
@@ -134,5 +142,5 @@ def submit(job: ValidatedJob, settings: Settings, broker_url: str) -> Submission
                 queue=chunk.stage.model.queue,
                 producer=producer,
             )
-            chunks += 1
-    return Submission(job.job_id, job.total, chunks, already_submitted=False)
+            count += 1
+    return count

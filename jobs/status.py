@@ -22,7 +22,9 @@ def read_status(client: redis.Redis, job_id: str) -> JobStatus:
         raise ImgjobsError(f"no job {job_id!r} on this broker")
     count = {state: int(counts.get(state.value, 0)) for state in ItemState}
     finished_at = _float(meta.get("finished_at"))
-    if finished_at is not None:
+    if meta.get("cancelled_at"):
+        state = JobState.CANCELLED
+    elif finished_at is not None:
         state = JobState.FAILED if count[ItemState.FAILED] else JobState.SUCCEEDED
     elif meta.get("started_at"):
         state = JobState.RUNNING

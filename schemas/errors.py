@@ -8,7 +8,9 @@
     ├── StorageError              reading or writing outputs failed (retryable)
     └── ItemError                 one item failed; it is recorded and the rest of the job goes on
         ├── InputImageError       missing, unreadable, oversized or undecodable input image
-        └── StageError            the pipeline rejected or failed on the item's inputs
+        ├── StageError            the pipeline rejected or failed on the item's inputs
+        ├── JobCancelledError     the job was cancelled before the item ran
+        └── PoisonChunkError      the item's chunk was delivered too often: its worker died each time
 
 `retryable` is policy as data: retries (issue 4) look at it rather than at the class names.
 """
@@ -68,4 +70,12 @@ class InputImageError(ItemError):
 
 
 class StageError(ItemError):
+    pass
+
+
+class JobCancelledError(ItemError):
+    pass
+
+
+class PoisonChunkError(ItemError):
     pass

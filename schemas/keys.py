@@ -8,6 +8,11 @@ kombu's `unacked` bookkeeping) are named by Celery and not listed here.
     imgjobs:job:<id>:order            list   item ids in manifest order (results.jsonl follows it)
     imgjobs:job:<id>:results          hash   item id -> ItemResult JSON, once the item is finished
     imgjobs:job:<id>:stage            hash   item id -> index of the last stage handed to the next one
+    imgjobs:job:<id>:inputs           hash   item id -> the item as submitted (Item JSON), kept while it is
+                                             failed, so `imgjobs retry` can run it again
+    imgjobs:job:<id>:deliveries       hash   chunk id + retry number -> times the broker delivered it
+
+The meta hash also holds `recipe` (the planned stages, JSON) and `cancelled_at` once cancelled.
 """
 
 from __future__ import annotations
@@ -39,3 +44,45 @@ def job_results(job_id: str) -> str:
 
 def job_stage(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:stage"
+
+
+def job_inputs(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:inputs"
+
+
+def job_deliveries(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:deliveries"
+
+
+def job_keys(job_id: str) -> list[str]:
+    return [
+        job_meta(job_id),
+        job_counts(job_id),
+        job_items(job_id),
+        job_order(job_id),
+        job_results(job_id),
+        job_stage(job_id),
+        job_inputs(job_id),
+        job_deliveries(job_id),
+    ]
+
+
+# The one way an item changes state, shared by the producer (retry) and the workers.
+# KEYS: items hash, counts hash, results hash.  ARGV: item id, new state, result JSON ("" keeps the
+# stored result, "-" deletes it), then the states the item may move from. Returns pending + running
+# after the move, -1 for an unknown item, -2 when the item is in none of the allowed states (nothing
+# changes then). One script, so the per-state counts always add up to the total.
+TRANSITION_SCRIPT = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if not current then return -1 end
+local allowed = false
+for i = 4, #ARGV do if ARGV[i] == current then allowed = true end end
+if not allowed then return -2 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HINCRBY', KEYS[2], current, -1)
+redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+if ARGV[3] == '-' then redis.call('HDEL', KEYS[3], ARGV[1])
+elseif ARGV[3] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[3]) end
+local open = redis.call('HMGET', KEYS[2], 'pending', 'running')
+return tonumber(open[1] or 0) + tonumber(open[2] or 0)
+"""

@@ -132,6 +132,7 @@ class _ChunkRun:
 
     def fail(self, member: ChunkItem, error: ImgjobsError, timings: dict[str, float] | None = None) -> None:
         records = [*member.stages, self._record(timings or {})]
+        self.progress.keep_for_retry(member.item)
         self._finish(self._result(member, records, dict(member.outputs), error))
 
     def _record(self, timings: dict[str, float]) -> StageRecord:

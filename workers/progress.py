@@ -13,37 +13,18 @@ from typing import Any
 import redis
 
 from schemas import keys
+from schemas.job import Item
 from schemas.messages import ItemResult
 from schemas.progress import ItemState
 
 RESULTS_BATCH = 1000
-
-# KEYS: items hash, counts hash, results hash.  ARGV: item id, new state, result JSON or "",
-# then the states the item may move from. Returns pending + running after the move, -1 for an
-# unknown item, -2 when the item is in none of the allowed states (nothing changes then).
-_TRANSITION = """
-local current = redis.call('HGET', KEYS[1], ARGV[1])
-if not current then return -1 end
-local allowed = false
-for i = 4, #ARGV do if ARGV[i] == current then allowed = true end end
-if not allowed then return -2 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('HINCRBY', KEYS[2], current, -1)
-redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[3]) end
-local open = redis.call('HMGET', KEYS[2], 'pending', 'running')
-return tonumber(open[1] or 0) + tonumber(open[2] or 0)
-"""
-
-UNKNOWN_ITEM = -1
-NOT_ALLOWED = -2
 
 
 class JobProgress:
     def __init__(self, client: redis.Redis, job_id: str) -> None:
         self.client = client
         self.job_id = job_id
-        self._transition = client.register_script(_TRANSITION)
+        self._transition = client.register_script(keys.TRANSITION_SCRIPT)
         self._keys = [keys.job_items(job_id), keys.job_counts(job_id), keys.job_results(job_id)]
 
     def _move(self, item_id: str, to: ItemState, result: str, allowed: Iterable[ItemState]) -> int:
@@ -68,6 +49,16 @@ class JobProgress:
         mapping: dict[Any, Any] = dict.fromkeys(item_ids, stage_index)  # redis-py types keys invariantly
         if mapping:
             self.client.hset(keys.job_stage(self.job_id), mapping=mapping)
+
+    def cancelled(self) -> bool:
+        return bool(self.client.hexists(keys.job_meta(self.job_id), "cancelled_at"))
+
+    def count_delivery(self, delivery: str) -> int:
+        """How many times the broker has handed out this chunk (this retry of it), this time included."""
+        return int(self.client.hincrby(keys.job_deliveries(self.job_id), delivery, 1))
+
+    def keep_for_retry(self, item: Item) -> None:
+        self.client.hset(keys.job_inputs(self.job_id), item.id, item.model_dump_json())
 
     def finish(self, result: ItemResult) -> bool:
         """Record an item's result; True when this was the job's last open item."""

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from schemas.errors import ImgjobsError, StageError
+from schemas.errors import ImgjobsError, JobCancelledError, PoisonChunkError, StageError
 from schemas.messages import RUN_CHUNK_TASK, Chunk
 from workers.app import app
 from workers.chunk import fail_items, process_chunk
+from workers.progress import JobProgress
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger("imgjobs.worker")
@@ -25,7 +26,24 @@ def run_chunk(self: Any, payload: dict[str, Any]) -> None:
         message = f"chunk for model {chunk.stage.model.name!r} reached the worker of {ctx.model.name!r}"
         fail_items(chunk, ctx, StageError(message))
         return
-    log.info("chunk %s: %s, %d item(s)", chunk.chunk_id, chunk.stage.name, len(chunk.items))
+    progress = JobProgress(ctx.redis, chunk.job_id)
+    if progress.cancelled():
+        fail_items(chunk, ctx, JobCancelledError("the job was cancelled"))
+        return
+    # Counted per retry, so only redeliveries count: a chunk whose worker dies mid-run comes back.
+    deliveries = progress.count_delivery(f"{chunk.chunk_id}#{self.request.retries}")
+    if deliveries > ctx.settings.max_deliveries:
+        message = f"delivered {deliveries} times; its worker died each time (IMGJOBS_MAX_DELIVERIES)"
+        log.error("chunk %s: dead-lettered: %s", chunk.chunk_id, message)
+        fail_items(chunk, ctx, PoisonChunkError(message))
+        return
+    log.info(
+        "chunk %s: %s, %d item(s), delivery %d",
+        chunk.chunk_id,
+        chunk.stage.name,
+        len(chunk.items),
+        deliveries,
+    )
     try:
         process_chunk(chunk, ctx)
     except ImgjobsError as exc:

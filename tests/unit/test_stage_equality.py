@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from compel import CompelForSD
+from compel import Compel, CompelForSD, ReturnedEmbeddingsType
 from diffusers import (
     AutoPipelineForImage2Image,
     ControlNetModel,
@@ -311,3 +311,41 @@ def test_compel_weighted_prompts(folders: dict[str, Path]) -> None:
     )
     assert plain.images is not None and ours.images is not None
     assert np.abs(plain.images[0] - ours.images[0]).max() > 1e-3, "weights change the result"
+
+
+def test_compel_on_the_sdxl_refiners_single_text_encoder(folders: dict[str, Path]) -> None:
+    model, resolved = loaded("tiny-sdxl-refiner", folders)
+    plan = stage_plan({"type": "img2img", "prompt_syntax": "compel"}, resolved)
+    params = ResolvedParams(strength=0.6, guidance_scale=5.0, steps=6, size=(32, 32))
+    prompts = ["a (cat)1.3 wizard", "astronaut in a jungle--", "(red fox)0.7 in snow"]
+    images = [sample(1), sample(2), sample(3)]
+    weighted = StageBatch(prompts=prompts, negative_prompts=NEGATIVES, seeds=SEEDS, images=images)
+    ours = run_img2img(model, plan, params, weighted, want_images=True, want_latents=False)
+    direct = StableDiffusionXLImg2ImgPipeline.from_pretrained(folders["tiny-sdxl-refiner"])
+    direct.set_progress_bar_config(disable=True)
+    compel = Compel(
+        tokenizer=direct.tokenizer_2,
+        text_encoder=direct.text_encoder_2,
+        requires_pooled=True,
+        returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
+        truncate_long_prompts=False,
+    )
+
+    def alone(i: int) -> np.ndarray:
+        embeds, pooled = compel(prompts[i])
+        negative, negative_pooled = compel(NEGATIVES[i] or "")
+        embeds, negative = compel.pad_conditioning_tensors_to_same_length([embeds, negative])
+        return direct(  # type: ignore[no-any-return]
+            prompt_embeds=embeds,
+            pooled_prompt_embeds=pooled,
+            negative_prompt_embeds=negative,
+            negative_pooled_prompt_embeds=negative_pooled,
+            image=images[i],
+            strength=0.6,
+            guidance_scale=5.0,
+            num_inference_steps=6,
+            generator=seeded(i),
+            output_type="np",
+        ).images[0]
+
+    compare(ours, alone)
