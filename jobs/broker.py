@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import redis
 from celery import Celery
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from schemas.errors import BrokerUnavailableError, ConfigError
 from schemas.settings import Settings, celery_config, redact_url
 
 CONNECT_TIMEOUT_S = 5.0
+CONNECT_ATTEMPTS = 3
 
 
 def require_broker_url(settings: Settings) -> str:
@@ -24,8 +27,14 @@ def require_broker_url(settings: Settings) -> str:
 
 
 def connect_redis(broker_url: str) -> redis.Redis:
+    """A client that answered a ping, after a few tries with backoff (a broker restarting is normal)."""
     client = redis.Redis.from_url(
-        broker_url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=30, decode_responses=True
+        broker_url,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        socket_timeout=30,
+        decode_responses=True,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.2), CONNECT_ATTEMPTS - 1),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
     try:
         client.ping()

@@ -29,6 +29,7 @@ from schemas.registry import ResolvedModel
 MAX_SPEC_BYTES = 1 * 2**20
 MAX_LINE_BYTES = 1 * 2**20
 MAX_PROBLEMS = 200
+MAX_ITEMS = 10_000_000
 ITEM_FORMATS = (".jsonl", ".csv")
 STAGE_TYPES = ("img2img", "text2img", "upscale")
 Located = tuple[int | None, tuple[int | str, ...]]
@@ -217,6 +218,9 @@ def validate_job(spec_path: Path, registry: Registry) -> ValidatedJob:
                 )
             seen[item.id] = line
         total += 1
+        if total > MAX_ITEMS:
+            problems.append(Problem(file, line, None, f"more than {MAX_ITEMS} items; split the job"))
+            break
         if len(problems) >= MAX_PROBLEMS:
             problems.append(Problem(file, line, None, f"stopped after {MAX_PROBLEMS} problems"))
             break

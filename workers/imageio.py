@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import io
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from pathlib import Path
+from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -25,6 +27,19 @@ def _read_limited(stream: io.BufferedIOBase | io.RawIOBase, limit: int, uri: str
     if data is None or len(data) > limit:
         raise InputImageError(f"{uri}: larger than the {limit}-byte limit")
     return bytes(data)
+
+
+class _SameSchemeRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only within http(s), and never from https down to http."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+        old, new = urllib.parse.urlsplit(req.full_url).scheme, urllib.parse.urlsplit(newurl).scheme
+        if new not in ("http", "https") or (old == "https" and new != "https"):
+            raise InputImageError(f"{req.full_url}: refusing a redirect from {old}:// to {new}://")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_HTTP = urllib.request.build_opener(_SameSchemeRedirects)
 
 
 def fetch_bytes(uri: str, settings: Settings) -> bytes:
@@ -45,10 +60,13 @@ def fetch_bytes(uri: str, settings: Settings) -> bytes:
         return _read_limited(obj["Body"], limit, uri)  # type: ignore[arg-type]
     if uri.startswith(("http://", "https://")):
         try:
-            with urllib.request.urlopen(uri, timeout=settings.http_timeout_s) as response:
+            with _HTTP.open(uri, timeout=settings.http_timeout_s) as response:
+                length = response.headers.get("Content-Length")
+                if length and length.isdigit() and int(length) > limit:
+                    raise InputImageError(f"{uri}: larger than the {limit}-byte limit")
                 return _read_limited(response, limit, uri)
         except urllib.error.HTTPError as exc:
-            raise InputImageError(f"{uri}: HTTP {exc.code}") from None
+            raise InputImageError(f"{uri}: HTTP {exc.code} {exc.reason}") from None
         except (urllib.error.URLError, TimeoutError, OSError) as exc:
             raise InputImageError(f"{uri}: {exc}") from None
     path = Path(uri.removeprefix("file://"))

@@ -163,3 +163,28 @@ def test_chunk_that_keeps_killing_its_worker_is_dead_lettered(
                 result["error"]["type"] == "PoisonChunkError"
                 and "delivered 3 times" in result["error"]["message"]
             )
+
+
+def test_sigterm_mid_chunk_finishes_that_chunk_and_requeues_the_rest(
+    tmp_path: Path, models_yaml: Path, registry: Registry, workers: Workers
+) -> None:
+    rows = [{"id": f"i{n}", "image": "in/a.png", "seed": n} for n in range(6)]
+    write_image(tmp_path / "in" / "a.png")
+    spec = write_job(tmp_path, rows, stage=SLOW_STAGE)
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        first = workers.start("tiny-sd", server.url, registry)
+        workers.wait_ready()
+        job_id = submit(spec, server, models_yaml)
+        wait_for_log(first, r"s0-img2img, 2 item\(s\), delivery 1")
+        first.process.send_signal(signal.SIGTERM)
+        first.process.wait(120)  # warm shutdown: the chunk in hand completes first
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        stopped = read_status(client, job_id)
+        assert (stopped.succeeded, stopped.failed, stopped.running, stopped.pending) == (2, 0, 0, 4), (
+            workers.logs()
+        )
+
+        workers.start("tiny-sd", server.url, registry)
+        status = wait_finished(server, job_id, workers)
+        assert (status.succeeded, status.failed) == (6, 0)
+        assert set(results(tmp_path, job_id)) == {r["id"] for r in rows}

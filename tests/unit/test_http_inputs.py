@@ -1,0 +1,75 @@
+"""http(s) inputs against a server on loopback: size limits, errors, and no redirect to another scheme."""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from PIL import Image
+
+from schemas.errors import InputImageError
+from schemas.settings import Settings
+from workers.imageio import fetch_bytes, load_input
+
+SETTINGS = Settings(max_image_bytes=50_000, http_timeout_s=5)
+PNG = io.BytesIO()
+Image.new("RGB", (40, 20), (0, 128, 255)).save(PNG, format="PNG")
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        redirects = {
+            "/to-ok": "/ok.png",
+            "/to-ftp": "ftp://127.0.0.1/x.png",
+            "/to-file": "file:///etc/passwd",
+        }
+        if self.path in redirects:
+            self.send_response(302)
+            self.send_header("Location", redirects[self.path])
+            self.end_headers()
+        elif self.path == "/ok.png":
+            self._send(PNG.getvalue())
+        elif self.path == "/big":
+            self._send(b"\x00" * (SETTINGS.max_image_bytes + 1))
+        else:
+            self.send_error(404)
+
+    def _send(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def base_url() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_http_images_are_fetched_and_same_scheme_redirects_followed(base_url: str) -> None:
+    assert load_input(f"{base_url}/ok.png", (16, 16), SETTINGS).size == (16, 16)
+    assert fetch_bytes(f"{base_url}/to-ok", SETTINGS) == PNG.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("/missing", "HTTP 404"),
+        ("/big", "byte limit"),
+        ("/to-ftp", "refusing a redirect from http:// to ftp://"),
+        ("/to-file", "Redirection to url 'file:///etc/passwd' is not allowed"),
+    ],
+)
+def test_bad_http_inputs_fail_the_item(base_url: str, path: str, message: str) -> None:
+    with pytest.raises(InputImageError, match=message):
+        fetch_bytes(f"{base_url}{path}", SETTINGS)
