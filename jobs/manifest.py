@@ -31,7 +31,7 @@ MAX_LINE_BYTES = 1 * 2**20
 MAX_PROBLEMS = 200
 MAX_ITEMS = 10_000_000
 ITEM_FORMATS = (".jsonl", ".csv")
-STAGE_TYPES = ("img2img", "text2img", "upscale")
+STAGE_TYPES = ("img2img", "text2img", "upscale", "resize")
 Located = tuple[int | None, tuple[int | str, ...]]
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from jobs.registry import Registry
 from schemas.errors import ConfigError, Problem
-from schemas.job import Img2ImgStage, JobSpec, SaveKind, StageSpec, UpscaleStage, stage_name
+from schemas.job import Img2ImgStage, JobSpec, ResizeStage, SaveKind, StageSpec, UpscaleStage, stage_name
 from schemas.messages import StagePlan
-from schemas.registry import UPSCALER_PIPELINES, X4_UPSCALER, ResolvedModel
+from schemas.registry import RESIZE_PIPELINE, UPSCALER_PIPELINES, X4_UPSCALER, ResolvedModel
 
 
 def _takes_latents(stage: StageSpec, model: ResolvedModel) -> bool:
@@ -41,6 +41,8 @@ def _latent_problem(
 
 def _model_problem(stage: StageSpec, model: ResolvedModel) -> str | None:
     pipeline = model.entry.pipeline
+    if isinstance(stage, ResizeStage) != (pipeline == RESIZE_PIPELINE):
+        return "resize runs on the model `cpu`, and only resize does"
     if pipeline is None:
         return None  # a hub checkpoint: its class is known only once a worker loads it
     if isinstance(stage, UpscaleStage) and pipeline not in UPSCALER_PIPELINES:

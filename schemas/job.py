@@ -164,7 +164,20 @@ class UpscaleStage(_Stage):
         return self
 
 
-StageSpec = Annotated[Img2ImgStage | Text2ImgStage | UpscaleStage, Field(discriminator="type")]
+class ResizeStage(_Strict):
+    """CPU only: fit the input to a size and re-encode it. For preparing datasets, and it measures
+    imgjobs' own overhead, since it costs next to nothing."""
+
+    type: Literal["resize"]
+    model: Literal["cpu"] = Field("cpu", description="resize runs on `imgjobs worker --model cpu`")
+    size: Size | None = Field(None, description="default: the item's or the job's size")
+    format: Literal["png", "jpeg", "webp"] = "png"
+    quality: int = Field(90, ge=1, le=100, description="jpeg and webp")
+    save: tuple[Literal["image"], ...] | None = None
+    handover: Literal["auto", "image"] = "auto"
+
+
+StageSpec = Annotated[Img2ImgStage | Text2ImgStage | UpscaleStage | ResizeStage, Field(discriminator="type")]
 
 
 def _check_job_name(value: str) -> str:
@@ -221,16 +234,16 @@ class ResolvedParams(_Strict):
     """One stage's parameters for one item: items share a batched call only when these are equal.
     `size` is the size inputs are fitted to (first stage) or generated at (text2img)."""
 
-    guidance_scale: GuidanceScale
-    steps: Steps
     size: Size
+    guidance_scale: GuidanceScale | None = None
+    steps: Steps | None = None
     strength: Strength | None = None
     noise_level: int | None = None
 
     @model_validator(mode="after")
     def _at_least_one_step(self) -> ResolvedParams:
         # diffusers runs int(steps * strength) denoising steps and fails when that is zero.
-        if self.strength is not None and int(self.steps * self.strength) < 1:
+        if self.strength is not None and self.steps is not None and int(self.steps * self.strength) < 1:
             raise ValueError(
                 f"steps x strength must give at least one denoising step (steps={self.steps}, "
                 f"strength={self.strength})"
@@ -246,6 +259,8 @@ BUILTIN_NOISE_LEVEL = 20
 def resolve_params(item: Item, stage: StageSpec, defaults: Defaults) -> ResolvedParams:
     """Item, then stage, then job defaults, then built-in defaults; an item's override applies to
     every stage that takes the parameter."""
+    if isinstance(stage, ResizeStage):
+        return ResolvedParams(size=_first(item.size, stage.size, defaults.size, fallback=BUILTIN_SIZE))
     upscale = isinstance(stage, UpscaleStage)
     return ResolvedParams(
         guidance_scale=_first(
@@ -279,11 +294,13 @@ def base_prompt(item: Item, defaults: Defaults) -> str:
 
 
 def resolve_prompt(item: Item, stage: StageSpec, defaults: Defaults) -> str:
-    return stage.prompt_template.format(prompt=base_prompt(item, defaults))
+    template = "{prompt}" if isinstance(stage, ResizeStage) else stage.prompt_template
+    return template.format(prompt=base_prompt(item, defaults))
 
 
 def resolve_negative_prompt(item: Item, stage: StageSpec, defaults: Defaults) -> str | None:
-    return _first(item.negative_prompt, stage.negative_prompt, defaults.negative_prompt, fallback=None)
+    own = None if isinstance(stage, ResizeStage) else stage.negative_prompt
+    return _first(item.negative_prompt, own, defaults.negative_prompt, fallback=None)
 
 
 def resolve_seed(item: Item, defaults: Defaults) -> int:

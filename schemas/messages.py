@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.job import Defaults, Item, ResolvedParams, SaveKind, StageSpec
+from schemas.job import Defaults, Item, ResizeStage, ResolvedParams, SaveKind, StageSpec
 from schemas.registry import ModelEntry, ResolvedModel
 
 RUN_CHUNK_TASK = "imgjobs.run_chunk"
@@ -31,6 +31,14 @@ class StagePlan(_Message):
     save: tuple[SaveKind, ...] = Field(description="outputs kept after the item finishes")
     controlnet: ResolvedModel | None = None
     depth_model: ResolvedModel | None = None
+
+    @property
+    def prompt_syntax(self) -> str:
+        return "plain" if isinstance(self.spec, ResizeStage) else self.spec.prompt_syntax
+
+    @property
+    def image_format(self) -> str:
+        return self.spec.format if isinstance(self.spec, ResizeStage) else "png"
 
     @property
     def writes(self) -> tuple[SaveKind, ...]:

@@ -73,7 +73,15 @@ def queue_for(model_name: str) -> str:
     return f"{QUEUE_PREFIX}{tail}-{digest}"
 
 
+RESIZE_PIPELINE = "resize"
+
 BUILTIN_MODELS: dict[str, ModelEntry] = {
+    "cpu": ModelEntry(
+        source="imgjobs:cpu",
+        pipeline=RESIZE_PIPELINE,
+        dtype="float32",
+        description="CPU stages (resize); no model",
+    ),
     "sd15": ModelEntry(
         source="stable-diffusion-v1-5/stable-diffusion-v1-5",
         variant="fp16",

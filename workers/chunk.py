@@ -27,6 +27,7 @@ from schemas import keys
 from schemas.errors import ImgjobsError, InputImageError, ItemError, StageError
 from schemas.job import (
     Img2ImgStage,
+    ResizeStage,
     ResolvedParams,
     base_prompt,
     resolve_negative_prompt,
@@ -36,20 +37,21 @@ from schemas.job import (
 )
 from schemas.messages import Chunk, ChunkItem, ErrorInfo, ItemResult, StageInput, StagePlan, StageRecord
 from schemas.settings import Settings
-from workers.imageio import encode_png, fetch_bytes, load_input
+from workers.imageio import encode_image, fetch_bytes, load_input
 from workers.models import LoadedModel
 from workers.progress import JobProgress
 from workers.report import MAX_ITEMS as REPORT_MAX_ITEMS
 from workers.report import render_report
 from workers.stages.common import StageBatch, StageOutput, to_pil
 from workers.stages.img2img import run_img2img
+from workers.stages.resize import run_resize
 from workers.stages.text2img import run_text2img
 from workers.stages.upscale import run_upscale
 from workers.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
 
-STAGES = {"img2img": run_img2img, "text2img": run_text2img, "upscale": run_upscale}
+STAGES = {"img2img": run_img2img, "text2img": run_text2img, "upscale": run_upscale, "resize": run_resize}
 RESULTS_KEY = "results.jsonl"
 REPORT_KEY = "report.html"
 LATENT_TENSOR = "latent"
@@ -67,7 +69,7 @@ class ChunkContext:
 
 
 def output_key(item_id: str, plan: StagePlan, kind: Literal["image", "latent"]) -> str:
-    return f"{item_id}/{plan.name}.{'png' if kind == 'image' else 'safetensors'}"
+    return f"{item_id}/{plan.name}.{plan.image_format if kind == 'image' else 'safetensors'}"
 
 
 def output_name(plan: StagePlan, kind: Literal["image", "latent"]) -> str:
@@ -260,8 +262,11 @@ class _ChunkRun:
     def _write(self, item_id: str, output: StageOutput, index: int) -> dict[str, str]:
         written: dict[str, str] = {}
         if "image" in self.plan.writes and output.images is not None:
-            png = encode_png(to_pil(output.images[index]))
-            written["image"] = self.storage.put(output_key(item_id, self.plan, "image"), png, "image/png")
+            spec, image_format = self.plan.spec, self.plan.image_format
+            quality = spec.quality if isinstance(spec, ResizeStage) else None
+            data = encode_image(to_pil(output.images[index]), image_format, quality)
+            key = output_key(item_id, self.plan, "image")
+            written["image"] = self.storage.put(key, data, f"image/{image_format}")
         if "latent" in self.plan.writes and output.latents is not None:
             data = save_safetensors({LATENT_TENSOR: output.latents[index].contiguous()})
             key = output_key(item_id, self.plan, "latent")

@@ -114,7 +114,8 @@ def load_input(uri: str, size: tuple[int, int] | None, settings: Settings) -> Im
     return ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)
 
 
-def encode_png(image: Image.Image) -> bytes:
+def encode_image(image: Image.Image, image_format: str = "png", quality: int | None = None) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    options = {"quality": quality} if quality is not None and image_format in ("jpeg", "webp") else {}
+    image.save(buffer, format=image_format.upper(), **options)
     return buffer.getvalue()

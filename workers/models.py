@@ -20,7 +20,7 @@ from diffusers import (
 from diffusers.models.attention_processor import AttnProcessor
 
 from schemas.errors import StageError
-from schemas.registry import UPSCALER_PIPELINES, ModelEntry, ResolvedModel
+from schemas.registry import RESIZE_PIPELINE, UPSCALER_PIPELINES, ModelEntry, ResolvedModel
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ class LoadedModel:
         self.entry = entry
         self.device = resolve_device(entry.device)
         self.dtype = resolve_dtype(entry, self.device)
-        self.pipeline = load_pipeline(entry)
+        # CPU stages (resize) have no pipeline to load.
+        self.pipeline: Any = None if entry.pipeline == RESIZE_PIPELINE else load_pipeline(entry)
         self._derived: dict[str, Any] = {}
 
     @property

@@ -93,3 +93,26 @@ def test_run_exits_1_when_an_item_fails_and_records_it(tmp_path: Path, models_ya
     results = {r["id"]: r for r in map(json.loads, results_file.read_text().splitlines())}
     assert results["a"]["status"] == "succeeded"
     assert results["empty"]["error"]["type"] == results["gone"]["error"]["type"] == "InputImageError"
+
+
+def test_resize_stage_runs_on_the_cpu_worker_and_feeds_the_next_stage(
+    tmp_path: Path, models_yaml: Path
+) -> None:
+    write_image(tmp_path / "in" / "wide.png", size=(120, 60))
+    rows = [{"id": "a", "image": "in/wide.png", "prompt": "x"}]
+    spec = write_job(
+        tmp_path,
+        rows,
+        stage={"type": "resize", "size": [48, 48], "format": "jpeg", "quality": 80, "save": ["image"]},
+    )
+    data = json.loads(spec.read_text())
+    data["stages"].append({"type": "img2img", "model": "tiny-sd", "strength": 0.5, "steps": 4})
+    spec.write_text(json.dumps(data))
+    ran = imgjobs("run", str(spec), "--models", str(models_yaml))
+    assert ran.returncode == 0, ran.stderr + ran.stdout
+    (results_file,) = (tmp_path / "out").glob("*/results.jsonl")
+    (result,) = map(json.loads, results_file.read_text().splitlines())
+    assert [s["model"] for s in result["stages"]] == ["cpu", "tiny-sd"]
+    resized = Image.open(result["outputs"]["s0-resize"])
+    assert (resized.format, resized.size) == ("JPEG", (48, 48))
+    assert Image.open(result["outputs"]["s1-img2img"]).size == (48, 48)

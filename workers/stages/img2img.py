@@ -19,7 +19,7 @@ def check_inputs(plan: StagePlan, params: ResolvedParams, batch: StageBatch) -> 
     spec = plan.spec
     if not isinstance(spec, Img2ImgStage):
         raise StageError(f"img2img got a {spec.type} stage")
-    if params.strength is None or int(params.steps * params.strength) < 1:
+    if params.strength is None or params.steps is None or int(params.steps * params.strength) < 1:
         raise StageError(
             f"img2img: steps x strength gives no denoising step ({params.steps} x {params.strength})"
         )

@@ -37,11 +37,11 @@ def run_text2img(
         "generator": seeded,
     }
     if is_kandinsky(pipeline):
-        if plan.spec.prompt_syntax != "plain":
+        if plan.prompt_syntax != "plain":
             raise StageError("prompt_syntax: compel works with SD 1.x and SDXL, not Kandinsky 2.2")
         kwargs |= image_embeddings(pipeline, batch, seeded)
         return call_pipeline(
             pipeline.decoder_pipe, kwargs, want_images=want_images, want_latents=want_latents
         )
-    kwargs |= prompt_arguments(pipeline, batch.prompts, batch.negative_prompts, plan.spec.prompt_syntax)
+    kwargs |= prompt_arguments(pipeline, batch.prompts, batch.negative_prompts, plan.prompt_syntax)
     return call_pipeline(pipeline, kwargs, want_images=want_images, want_latents=want_latents)

@@ -33,7 +33,7 @@ def run_upscale(
         "guidance_scale": params.guidance_scale,
         "num_inference_steps": params.steps,
         "generator": generators(batch.seeds),
-        **prompt_arguments(pipeline, batch.prompts, batch.negative_prompts, plan.spec.prompt_syntax),
+        **prompt_arguments(pipeline, batch.prompts, batch.negative_prompts, plan.prompt_syntax),
     }
     if model.class_name == X4_UPSCALER:
         if batch.latents is not None:
