@@ -1,0 +1,183 @@
+"""imgjobs' own overhead on the CPU, against the embedded Redis and a real worker process.
+
+1. End to end with the near-zero-cost `resize` stage: items/s with chunks of --chunk-size, against
+   the same job sent as one Celery task per item (chunk size 1). The overhead per item is the
+   end-to-end time per item minus what the stage's own work costs in-process (read, decode, fit,
+   encode, write).
+2. The producer: validate and enqueue --producer-items items with `imgjobs submit`, no workers
+   attached; its rate and peak RSS.
+
+    python bench/overhead.py [--items 2000] [--producer-items 1000000] [--chunk-size 64] [--out DIR]
+
+Writes overhead.json in --out, prints a markdown table, and prints one JSON object as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from jobs.embedded import EmbeddedRedis, LocalWorker  # noqa: E402
+from jobs.registry import Registry  # noqa: E402
+from jobs.status import read_status  # noqa: E402
+from schemas.settings import Settings  # noqa: E402
+from workers.imageio import encode_image, load_input  # noqa: E402
+from workers.storage import open_storage  # noqa: E402
+
+SIZE = 32
+
+
+def write_inputs(folder: Path, count: int) -> list[dict[str, Any]]:
+    (folder / "in").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index in range(count):
+        path = folder / "in" / f"{index}.png"
+        Image.new("RGB", (SIZE, SIZE), (index % 256, 40, 90)).save(path)
+        rows.append({"id": f"i{index}", "image": f"in/{index}.png"})
+    return rows
+
+
+def write_job(folder: Path, rows: list[dict[str, Any]], name: str) -> Path:
+    (folder / "items.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec = {
+        "version": 1,
+        "name": name,
+        "output": "out",
+        "items": "items.jsonl",
+        "defaults": {"size": [SIZE, SIZE]},
+        "stages": [{"type": "resize", "format": "png"}],
+    }
+    path = folder / "job.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def stage_work_ms(folder: Path, rows: list[dict[str, Any]]) -> float:
+    """The resize stage's own work per item, in-process: read, decode, fit, encode, write."""
+    settings = Settings()
+    storage = open_storage(str(folder / "inline-out"), "job")
+    started = time.perf_counter()
+    for row in rows:
+        image = load_input(str(folder / row["image"]), (SIZE, SIZE), settings)
+        storage.put(f"{row['id']}/s0-resize.png", encode_image(image), "image/png")
+    return (time.perf_counter() - started) * 1000 / len(rows)
+
+
+def run_job(folder: Path, server: EmbeddedRedis, chunk_size: int) -> float:
+    """items/s from submit until the job is finished, through one `cpu` worker process."""
+    env = os.environ | {"IMGJOBS_BROKER_URL": server.url, "IMGJOBS_CHUNK_SIZE": str(chunk_size)}
+    started = time.perf_counter()
+    submitted = subprocess.run(
+        [sys.executable, "-m", "jobs", "submit", str(folder / "job.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    job_id = submitted.stdout.strip()
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    while (status := read_status(client, job_id)).finished_at is None:
+        time.sleep(0.05)
+    elapsed = time.perf_counter() - started
+    assert status.succeeded == status.total, status
+    return status.total / elapsed
+
+
+def producer(folder: Path, server: EmbeddedRedis, count: int) -> tuple[float, float]:
+    """(items/s, peak RSS in MB) of `imgjobs submit` for count items, no workers attached."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "items.jsonl").open("w") as items:
+        for index in range(count):
+            items.write(f'{{"id": "p{index}", "image": "s3://bucket/in/{index}.png", "seed": {index}}}\n')
+    spec = {
+        "version": 1,
+        "name": "producer",
+        "output": "s3://bucket/out",
+        "items": "items.jsonl",
+        "defaults": {"size": [512, 512]},
+        "stages": [{"type": "resize"}],
+    }
+    (folder / "job.json").write_text(json.dumps(spec))
+    measure = (
+        "import resource, runpy, sys; sys.argv = ['imgjobs', 'submit', sys.argv[1]]\n"
+        "try:\n    runpy.run_module('jobs', run_name='__main__')\n"
+        "finally:\n    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    )
+    env = os.environ | {"IMGJOBS_BROKER_URL": server.url}
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", measure, str(folder / "job.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    peak_kb = int(done.stderr.strip().splitlines()[-1])
+    return count / elapsed, peak_kb / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--items", type=int, default=2000)
+    parser.add_argument("--producer-items", type=int, default=1_000_000)
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", tempfile.gettempdir())))
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="imgjobs-bench-") as tmp:
+        root = Path(tmp)
+        rows = write_inputs(root / "engine", args.items)
+        work_ms = stage_work_ms(root / "engine", rows)
+        with EmbeddedRedis(root / "redis") as server:
+            cpu = Registry.load(None).resolve("cpu")
+            with LocalWorker(cpu, server.url, None, root / "worker.log", env={"IMGJOBS_TORCH_THREADS": "1"}):
+                write_job(root / "engine", rows[:8], "warm-up")  # the worker starts and loads before timing
+                run_job(root / "engine", server, args.chunk_size)
+                write_job(root / "engine", rows, "chunked")
+                chunked = run_job(root / "engine", server, args.chunk_size)
+                write_job(root / "engine", rows, "per-item")
+                per_item = run_job(root / "engine", server, 1)
+            producer_rate, producer_rss = producer(root / "producer", server, args.producer_items)
+
+    result = {
+        "items": args.items,
+        "chunk_size": args.chunk_size,
+        "items_per_s": round(chunked, 1),
+        "baseline_items_per_s": round(per_item, 1),
+        "ratio": round(chunked / per_item, 2),
+        "stage_work_ms_per_item": round(work_ms, 3),
+        "overhead_ms_per_item": round(1000 / chunked - work_ms, 3),
+        "producer_items": args.producer_items,
+        "producer_items_per_s": round(producer_rate, 1),
+        "producer_peak_rss_mb": round(producer_rss, 1),
+        "cpus": os.cpu_count(),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "overhead.json").write_text(json.dumps(result, indent=2))
+    print("| measure | value |\n|---|---|")
+    for key, value in result.items():
+        print(f"| {key} | {value} |")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Benchmarks stay runnable: a short smoke run of each, checking the shape of what they print."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_overhead_benchmark_smoke(tmp_path: Path) -> None:
+    ran = subprocess.run(
+        [
+            sys.executable,
+            "bench/overhead.py",
+            "--items",
+            "40",
+            "--producer-items",
+            "300",
+            "--chunk-size",
+            "8",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    last = json.loads(ran.stdout.strip().splitlines()[-1])
+    for key in (
+        "items_per_s",
+        "baseline_items_per_s",
+        "ratio",
+        "overhead_ms_per_item",
+        "producer_items_per_s",
+        "producer_peak_rss_mb",
+    ):
+        assert isinstance(last[key], (int, float)) and last[key] > 0 or key == "overhead_ms_per_item", key
+    assert json.loads((tmp_path / "overhead.json").read_text()) == last
