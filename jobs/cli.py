@@ -22,6 +22,7 @@ from jobs import redrive
 from jobs.broker import connect_redis, require_broker_url
 from jobs.embedded import EmbeddedRedis, LocalWorker
 from jobs.manifest import ValidatedJob, validate_job
+from jobs.metrics import BrokerCollector
 from jobs.producer import submit as submit_job
 from jobs.registry import Registry
 from jobs.status import read_status
@@ -42,6 +43,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 EXIT_FAILED = 1
 EXIT_INVALID = 2
 POLL_S = 0.5
+DEFAULT_METRICS_PORT = 9108
 
 ModelsOption = Annotated[
     Path | None,
@@ -85,25 +87,42 @@ def _progress_bar() -> Progress:
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[rate]:.2f} items/s"),
-        TextColumn("failed {task.fields[failed]}"),
+        TextColumn("{task.fields[failed]}"),
         TimeRemainingColumn(),
         console=err,
     )
 
 
-def _rate(status: JobStatus) -> float:
-    if not status.started_at or not status.done:
+def _rate(status: JobStatus, done: int | None = None) -> float:
+    done = status.done if done is None else done
+    if not status.started_at or not done:
         return 0.0
-    return status.done / max((status.finished_at or time.time()) - status.started_at, 1e-6)
+    return done / max((status.finished_at or time.time()) - status.started_at, 1e-6)
 
 
 def _watch(client: redis.Redis, job_id: str, workers: list[LocalWorker] | None = None) -> JobStatus:
+    """Progress bars until the job finishes: the job's, and one per stage when it has several."""
     with _progress_bar() as progress:
         status = read_status(client, job_id)
-        task = progress.add_task(status.name, total=status.total, rate=0.0, failed=0)
+        job_bar = progress.add_task(status.name, total=status.total, rate=0.0, failed="failed 0")
+        stage_bars = (
+            {
+                stage.name: progress.add_task(f"  {stage.name}", total=status.total, rate=0.0, failed="")
+                for stage in status.stages
+            }
+            if len(status.stages) > 1
+            else {}
+        )
         while True:
             status = read_status(client, job_id)
-            progress.update(task, completed=status.done, rate=_rate(status), failed=status.failed)
+            progress.update(
+                job_bar, completed=status.done, rate=_rate(status), failed=f"failed {status.failed}"
+            )
+            for stage in status.stages:
+                if stage.name in stage_bars:
+                    progress.update(
+                        stage_bars[stage.name], completed=stage.done, rate=_rate(status, stage.done)
+                    )
             if status.finished:
                 return status
             if workers is not None and not any(worker.alive() for worker in workers):
@@ -274,6 +293,23 @@ def worker(
     ]
     # Replace this process, so signals from a supervisor reach Celery directly.
     os.execve(sys.executable, argv, env)
+
+
+@app.command()
+def metrics(
+    port: Annotated[int | None, typer.Option(help="default: $IMGJOBS_METRICS_PORT, else 9108")] = None,
+) -> None:
+    """Serve Prometheus metrics of the broker (queue depth per model, items of unfinished jobs)."""
+    from prometheus_client import REGISTRY, start_http_server
+
+    settings = Settings.from_env()
+    client = connect_redis(require_broker_url(settings))
+    REGISTRY.register(BrokerCollector(client))
+    chosen = port or settings.metrics_port or DEFAULT_METRICS_PORT
+    start_http_server(chosen)
+    err.print(f"serving metrics on :{chosen}/metrics")
+    while True:
+        time.sleep(3600)
 
 
 @app.command("models")

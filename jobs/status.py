@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import redis
 
 from schemas import keys
 from schemas.errors import ImgjobsError
-from schemas.progress import ItemState, JobState, JobStatus
+from schemas.progress import ItemState, JobState, JobStatus, StageProgress
 
 
 def _float(value: str | None) -> float | None:
@@ -17,7 +19,8 @@ def read_status(client: redis.Redis, job_id: str) -> JobStatus:
     pipe = client.pipeline(transaction=True)
     pipe.hgetall(keys.job_meta(job_id))
     pipe.hgetall(keys.job_counts(job_id))
-    meta, counts = pipe.execute()
+    pipe.hgetall(keys.job_stages(job_id))
+    meta, counts, passed = pipe.execute()
     if not meta:
         raise ImgjobsError(f"no job {job_id!r} on this broker")
     count = {state: int(counts.get(state.value, 0)) for state in ItemState}
@@ -43,4 +46,9 @@ def read_status(client: redis.Redis, job_id: str) -> JobStatus:
         submitted_at=_float(meta.get("submitted_at")),
         started_at=_float(meta.get("started_at")),
         finished_at=finished_at,
+        stages=[StageProgress(name=name, done=int(passed.get(name, 0))) for name in _stage_names(meta)],
     )
+
+
+def _stage_names(meta: dict[str, str]) -> list[str]:
+    return [plan["name"] for plan in json.loads(meta.get("recipe", "[]"))]

@@ -11,6 +11,7 @@ kombu's `unacked` bookkeeping) are named by Celery and not listed here.
     imgjobs:job:<id>:inputs           hash   item id -> the item as submitted (Item JSON), kept while it is
                                              failed, so `imgjobs retry` can run it again
     imgjobs:job:<id>:deliveries       hash   chunk id + retry number -> times the broker delivered it
+    imgjobs:job:<id>:stages           hash   stage name (s0-img2img, ...) -> items that came through it
 
 The meta hash also holds `recipe` (the planned stages, JSON) and `cancelled_at` once cancelled.
 """
@@ -54,17 +55,8 @@ def job_deliveries(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:deliveries"
 
 
-def job_keys(job_id: str) -> list[str]:
-    return [
-        job_meta(job_id),
-        job_counts(job_id),
-        job_items(job_id),
-        job_order(job_id),
-        job_results(job_id),
-        job_stage(job_id),
-        job_inputs(job_id),
-        job_deliveries(job_id),
-    ]
+def job_stages(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:stages"
 
 
 # The one way an item changes state, shared by the producer (retry) and the workers.

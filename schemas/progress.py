@@ -28,6 +28,13 @@ class JobState(StrEnum):
     CANCELLED = "cancelled"
 
 
+class StageProgress(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    done: int
+
+
 class JobStatus(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -43,6 +50,7 @@ class JobStatus(BaseModel):
     submitted_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    stages: list[StageProgress] = []
 
     @property
     def done(self) -> int:

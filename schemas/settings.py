@@ -7,7 +7,7 @@ URL, S3 keys in boto3's own chain (AWS_* variables, ~/.aws, instance roles). We 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError
@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     http_timeout_s: float = Field(30.0, gt=0)
     max_deliveries: int = Field(
         3, ge=1, le=100, description="deliveries of one chunk before it is dead-lettered as poison"
+    )
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="serve Prometheus metrics on this port (workers, `imgjobs metrics`)"
+    )
+    log_format: Literal["json", "text"] = Field(
+        "json", description="worker logs: one JSON object per line, or text"
     )
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per worker; unset lets torch pick")
 

@@ -13,11 +13,12 @@ import signal
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import setup_logging, worker_process_init
 
 from schemas.errors import ConfigError
 from schemas.messages import RUN_CHUNK_TASK, Chunk
 from schemas.settings import Settings, celery_config
+from workers.observability import configure_logging, serve_metrics
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger("imgjobs.worker")
@@ -41,10 +42,20 @@ def send_chunk(chunk: Chunk) -> None:
     )
 
 
+@setup_logging.connect
+def _configure_logging(loglevel: int | str | None = None, **_: Any) -> None:
+    # Connecting here stops Celery from configuring logging itself: every line, Celery's too, goes
+    # through our formatter (JSON by default) with the job and chunk ids of the chunk in hand.
+    level = loglevel if isinstance(loglevel, int) else logging.getLevelName(str(loglevel or "INFO").upper())
+    configure_logging(settings.log_format, level if isinstance(level, int) else logging.INFO)
+
+
 @worker_process_init.connect
 def _load_model(**_: Any) -> None:
     try:
         WorkerRuntime.start(settings, send_chunk)
+        if settings.metrics_port:
+            serve_metrics(settings.metrics_port)
     except Exception:
         log.exception("cannot load the model; stopping the worker")
         # A worker without its model would take chunks only to fail them. Stop the parent too, or it

@@ -39,6 +39,7 @@ from schemas.messages import Chunk, ChunkItem, ErrorInfo, ItemResult, StageInput
 from schemas.settings import Settings
 from workers.imageio import encode_image, fetch_bytes, load_input
 from workers.models import LoadedModel
+from workers.observability import record_busy, record_item, record_stage
 from workers.progress import JobProgress
 from workers.report import MAX_ITEMS as REPORT_MAX_ITEMS
 from workers.report import render_report
@@ -130,6 +131,16 @@ class _ChunkRun:
 
     def _finish(self, result: ItemResult) -> None:
         self._delete_intermediates(result.id)
+        reason = result.error.type if result.error else None
+        if result.error:
+            log.warning(
+                "item %s failed: %s: %s",
+                result.id,
+                result.error.type,
+                result.error.message,
+                extra={"item_id": result.id, "reason": result.error.type},
+            )
+        record_item(self.plan.model.name, self.plan.name, result.status, reason)
         self.job_finished |= self.progress.finish(result)
 
     def fail(self, member: ChunkItem, error: ImgjobsError, timings: dict[str, float] | None = None) -> None:
@@ -138,6 +149,8 @@ class _ChunkRun:
         self._finish(self._result(member, records, dict(member.outputs), error))
 
     def _record(self, timings: dict[str, float]) -> StageRecord:
+        record_stage(self.plan.model.name, self.plan.name, timings)
+        record_busy(self.plan.model.name, timings.get("infer_s", 0.0))
         return StageRecord(
             name=self.plan.name,
             model=self.plan.model.name,
@@ -208,6 +221,7 @@ class _ChunkRun:
             outputs.update({output_name(self.plan, kind): written[kind] for kind in self.plan.save})
             if self.chunk.is_last_stage:
                 self._finish(self._result(member, records, outputs))
+                self.progress.stage_passed(self.plan.name, 1)
                 continue
             follower = ChunkItem(
                 item=member.item,
@@ -293,6 +307,8 @@ class _ChunkRun:
                 )
             )
         self.progress.handed_over([follower.item.id for follower, _ in handed], self.chunk.stage_index)
+        self.progress.stage_passed(self.plan.name, len(handed))
+        record_item(self.plan.model.name, self.plan.name, "handed_over", count=len(handed))
 
     # -- the job's end
 

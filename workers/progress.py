@@ -60,6 +60,9 @@ class JobProgress:
     def keep_for_retry(self, item: Item) -> None:
         self.client.hset(keys.job_inputs(self.job_id), item.id, item.model_dump_json())
 
+    def stage_passed(self, stage: str, count: int) -> None:
+        self.client.hincrby(keys.job_stages(self.job_id), stage, count)
+
     def finish(self, result: ItemResult) -> bool:
         """Record an item's result; True when this was the job's last open item."""
         state = ItemState(result.status)

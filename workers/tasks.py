@@ -9,6 +9,7 @@ from schemas.errors import ImgjobsError, JobCancelledError, PoisonChunkError, St
 from schemas.messages import RUN_CHUNK_TASK, Chunk
 from workers.app import app
 from workers.chunk import fail_items, process_chunk
+from workers.observability import log_context, record_gpu_memory
 from workers.progress import JobProgress
 from workers.runtime import WorkerRuntime
 
@@ -21,6 +22,12 @@ MAX_BACKOFF_S = 60
 @app.task(name=RUN_CHUNK_TASK, bind=True, max_retries=MAX_RETRIES)
 def run_chunk(self: Any, payload: dict[str, Any]) -> None:
     chunk = Chunk.model_validate(payload)
+    with log_context(job_id=chunk.job_id, chunk_id=chunk.chunk_id, stage=chunk.stage.name):
+        _run_chunk(self, chunk)
+        record_gpu_memory()
+
+
+def _run_chunk(self: Any, chunk: Chunk) -> None:
     ctx = WorkerRuntime.context()
     if chunk.stage.model.name != ctx.model.name:
         message = f"chunk for model {chunk.stage.model.name!r} reached the worker of {ctx.model.name!r}"

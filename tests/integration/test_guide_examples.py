@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,13 +105,38 @@ def guide(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterato
             pool.stop()
 
 
-def test_sd15_img2img(guide: Guide) -> None:
+def test_sd15_img2img_and_its_report_in_a_browser(guide: Guide, tmp_path: Path) -> None:
     job_id, results = guide.run("sd15-img2img")
     for result in results:
         assert guide.image(result["outputs"]["s0-img2img"]).size == (64, 64)
     assert guide.keys(job_id, "0000") == ["s0-img2img.png"]
     report = guide.s3.get_object(Bucket=guide.bucket, Key=f"out/{job_id}/report.html")["Body"].read().decode()
-    assert report.count('<section class="item') == 12 and "data:image/jpeg;base64," in report
+    assert report.count('<section class="item') == 12 and report.count("data:image/jpeg;base64,") == 24
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium here; .ci/run installs Debian's chromium package for this check")
+    (tmp_path / "report.html").write_text(report)
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--screenshot={shot}",
+            "--window-size=1000,800",
+            (tmp_path / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    screenshot = Image.open(shot).convert("RGB")
+    assert screenshot.size == (1000, 800)
+    # The inlined thumbnails render: the page holds far more than the few colours of text on white.
+    assert len(set(screenshot.getdata())) > 500
 
 
 def test_sdxl_refiner_img2img(guide: Guide) -> None:

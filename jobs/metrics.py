@@ -1,0 +1,38 @@
+"""`imgjobs metrics`: the producer side's Prometheus exporter, read from Redis at each scrape:
+chunks waiting per model queue, and the items of unfinished jobs by state."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import redis
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from jobs.status import read_status
+from schemas import keys
+from schemas.registry import QUEUE_PREFIX
+
+
+class BrokerCollector(Collector):
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily(
+            "imgjobs_queue_depth", "Chunks waiting in a model's queue", labels=["queue"]
+        )
+        # Celery's Redis transport keeps each queue as a list named after it.
+        for queue in sorted(self.client.scan_iter(match=f"{QUEUE_PREFIX}*", _type="list")):
+            depth.add_metric([str(queue)], float(self.client.llen(queue)))
+        yield depth
+        items = GaugeMetricFamily(
+            "imgjobs_job_items", "Items of unfinished jobs, by state", labels=["job_id", "state"]
+        )
+        for job_id in sorted(self.client.smembers(keys.JOBS)):
+            status = read_status(self.client, str(job_id))
+            if status.finished:
+                continue
+            for state in ("pending", "running", "succeeded", "failed"):
+                items.add_metric([status.job_id, state], float(getattr(status, state)))
+        yield items
