@@ -14,6 +14,7 @@ from typing import Annotated
 
 import redis
 import typer
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -25,6 +26,7 @@ from jobs.manifest import ValidatedJob, validate_job
 from jobs.metrics import BrokerCollector
 from jobs.producer import submit as submit_job
 from jobs.registry import Registry
+from jobs.sources import write_listing_job
 from jobs.status import read_status
 from schemas.errors import ConfigError, ImgjobsError, SpecError
 from schemas.messages import WORKER_MODEL_ENV, WorkerModel
@@ -70,15 +72,69 @@ def validate(job: JobArgument, models: ModelsOption = None) -> None:
 
 
 @app.command()
-def submit(job: JobArgument, models: ModelsOption = None) -> None:
+def submit(
+    job: Annotated[Path | None, typer.Argument(help="job spec, YAML or JSON", show_default=False)] = None,
+    models: ModelsOption = None,
+    from_: Annotated[
+        str | None,
+        typer.Option("--from", help="build the job from a listing: 's3://bucket/in/*.png' or a local glob"),
+    ] = None,
+    prompt: Annotated[str | None, typer.Option(help="with --from: every item's prompt")] = None,
+    stage: Annotated[str, typer.Option(help="with --from: the stage type")] = "img2img",
+    model: Annotated[str | None, typer.Option(help="with --from: the stage's model")] = None,
+    output: Annotated[str | None, typer.Option(help="with --from: output directory or s3:// prefix")] = None,
+    name: Annotated[str, typer.Option(help="with --from: the job's name")] = "listing",
+    param: Annotated[
+        list[str] | None,
+        typer.Option(help="with --from: a stage parameter, KEY=VALUE (repeatable), e.g. steps=30"),
+    ] = None,
+    size: Annotated[
+        str | None, typer.Option(help="with --from: the size inputs are fitted to, e.g. 512x512")
+    ] = None,
+    dataset: Annotated[bool, typer.Option(help="with --from: also write an imagefolder dataset")] = False,
+    save_to: Annotated[
+        Path | None,
+        typer.Option("--save-to", help="with --from: keep the generated job.json and items.jsonl here"),
+    ] = None,
+) -> None:
     """Validate, then enqueue the job on IMGJOBS_BROKER_URL; prints the job id."""
     settings = Settings.from_env()
     broker_url = require_broker_url(settings)
-    validated, _ = _validated(job, models, settings)
-    submission = submit_job(validated, settings, broker_url)
+    with ExitStack() as stack:
+        if from_ is not None:
+            if job is not None:
+                raise ConfigError("give a job spec or --from, not both")
+            if model is None or output is None:
+                raise ConfigError("--from needs --model and --output")
+            folder = save_to or Path(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="imgjobs-listing-"))
+            )
+            # A local output is relative to where the command runs, not to the generated job's folder.
+            where = output if "://" in output else str(Path(output).resolve())
+            stage_spec = {"type": stage, "model": model, **_parameters(param or [])}
+            spec = {"version": 1, "name": name, "output": where, "stages": [stage_spec], "dataset": dataset}
+            if size is not None:
+                spec["defaults"] = {"size": size}
+            job, count = write_listing_job(folder, from_, spec, prompt)
+            err.print(f"--from {from_}: {count} image(s)")
+        elif job is None:
+            raise ConfigError("give a job spec, or --from with --model and --output")
+        validated, _ = _validated(job, models, settings)
+        submission = submit_job(validated, settings, broker_url)
     if submission.already_submitted:
         err.print(f"job {submission.job_id} was already submitted; see `imgjobs status {submission.job_id}`")
     print(submission.job_id)
+
+
+def _parameters(pairs: list[str]) -> dict[str, object]:
+    """KEY=VALUE pairs, each value read as a YAML scalar (4 -> int, 0.5 -> float, text -> str)."""
+    parsed: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--param {pair!r}: expected KEY=VALUE")
+        parsed[key] = yaml.safe_load(value)
+    return parsed
 
 
 def _progress_bar() -> Progress:

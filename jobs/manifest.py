@@ -30,7 +30,8 @@ MAX_SPEC_BYTES = 1 * 2**20
 MAX_LINE_BYTES = 1 * 2**20
 MAX_PROBLEMS = 200
 MAX_ITEMS = 10_000_000
-ITEM_FORMATS = (".jsonl", ".csv")
+ITEM_FORMATS = (".jsonl", ".csv", ".parquet")
+PARQUET_BATCH = 4096
 STAGE_TYPES = ("img2img", "text2img", "upscale", "resize")
 Located = tuple[int | None, tuple[int | str, ...]]
 
@@ -119,9 +120,29 @@ def load_spec(spec_path: Path) -> JobSpec:
         raise SpecError(_problems_from(exc, file, lambda loc: _locate(root, loc))) from None
 
 
+def _parquet_rows(items_path: Path, digest: Any) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """(row number, row) of a Parquet file, read a batch at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    number = 0
+    try:
+        for batch in pq.ParquetFile(items_path).iter_batches(batch_size=PARQUET_BATCH):
+            for row in batch.to_pylist():
+                number += 1
+                digest.update(json.dumps(row, sort_keys=True, default=str).encode())
+                yield number, {key: value for key, value in row.items() if value is not None}
+    except (pa.ArrowException, OSError) as exc:
+        yield number + 1, f"not a readable Parquet file: {exc}"
+
+
 def _raw_rows(items_path: Path, digest: Any) -> Iterator[tuple[int, dict[str, Any] | str]]:
-    """(line, row) for each item, or (line, message) where the line itself cannot be read."""
+    """(line, row) for each item, or (line, message) where the line itself cannot be read; for Parquet
+    the "line" is the row number."""
     suffix = items_path.suffix.lower()
+    if suffix == ".parquet":
+        yield from _parquet_rows(items_path, digest)
+        return
     with items_path.open("rb") as raw:
         if suffix == ".jsonl":
             for number, line in enumerate(raw, start=1):

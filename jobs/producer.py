@@ -85,6 +85,7 @@ def plan_chunks(job: ValidatedJob, chunk_size: int) -> Iterator[Chunk]:
             defaults=job.spec.defaults,
             params=params,
             items=members,
+            dataset=job.spec.dataset,
         )
 
     members = ((first_stage_item(item, job.items_path.parent), params) for item, params in iter_items(job))

@@ -89,6 +89,7 @@ def retry(client: redis.Redis, settings: Settings, broker_url: str, job_id: str,
             defaults=spec.defaults,
             params=params,
             items=group,
+            dataset=spec.dataset,
         )
 
     send_chunks(producer_app(settings, broker_url), group_into_chunks(members, settings.chunk_size, make))

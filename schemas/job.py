@@ -204,6 +204,10 @@ class JobSpec(_Strict):
     items: str = Field(min_length=1)
     defaults: Defaults = Defaults()
     stages: list[StageSpec] = Field(min_length=1, max_length=MAX_STAGES)
+    dataset: bool = Field(
+        False,
+        description="also write dataset/{id}.png and dataset/metadata.jsonl: a Hugging Face imagefolder",
+    )
 
 
 class Item(_Strict):

@@ -77,6 +77,7 @@ class Chunk(_Message):
     defaults: Defaults
     params: ResolvedParams
     items: list[ChunkItem] = Field(min_length=1)
+    dataset: bool = Field(False, description="also write the final images as an imagefolder dataset")
 
     @property
     def stage(self) -> StagePlan:

@@ -9,6 +9,7 @@ handed to the next stage, are skipped then.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import tempfile
 import time
@@ -43,7 +44,7 @@ from workers.observability import record_busy, record_item, record_stage
 from workers.progress import JobProgress
 from workers.report import MAX_ITEMS as REPORT_MAX_ITEMS
 from workers.report import render_report
-from workers.stages.common import StageBatch, StageOutput, to_pil
+from workers.stages.common import StageBatch, StageOutput, run_static, to_pil
 from workers.stages.img2img import run_img2img
 from workers.stages.resize import run_resize
 from workers.stages.text2img import run_text2img
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 
 STAGES = {"img2img": run_img2img, "text2img": run_text2img, "upscale": run_upscale, "resize": run_resize}
 RESULTS_KEY = "results.jsonl"
+DATASET_DIR = "dataset"
 REPORT_KEY = "report.html"
 LATENT_TENSOR = "latent"
 
@@ -250,15 +252,21 @@ class _ChunkRun:
         )
         started = time.perf_counter()
         error: StageError | None = None
-        try:
-            output = STAGES[spec.type](
+        run_stage = STAGES[spec.type]
+
+        def run(piece: StageBatch) -> StageOutput:
+            return run_stage(
                 self.ctx.model,
                 self.plan,
                 self.chunk.params,
-                batch,
+                piece,
                 want_images="image" in self.plan.writes,
                 want_latents="latent" in self.plan.writes,
             )
+
+        try:
+            # static_batch: calls of one batch size (padded or split), so compiled code sees one shape.
+            output = run_static(run, batch, self.ctx.model.entry.static_batch)
         except StageError as exc:
             error = exc
         except (ValueError, TypeError, RuntimeError) as exc:
@@ -281,6 +289,8 @@ class _ChunkRun:
             data = encode_image(to_pil(output.images[index]), image_format, quality)
             key = output_key(item_id, self.plan, "image")
             written["image"] = self.storage.put(key, data, f"image/{image_format}")
+            if self.chunk.dataset and self.chunk.is_last_stage:
+                self.storage.put(f"{DATASET_DIR}/{item_id}.{image_format}", data, f"image/{image_format}")
         if "latent" in self.plan.writes and output.latents is not None:
             data = save_safetensors({LATENT_TENSOR: output.latents[index].contiguous()})
             key = output_key(item_id, self.plan, "latent")
@@ -323,10 +333,33 @@ class _ChunkRun:
                 for line in self.progress.result_lines():
                     out.write(line + "\n")
             results_uri = self.storage.put_file(RESULTS_KEY, path, "application/x-ndjson")
+        if self.chunk.dataset:
+            self._write_dataset_metadata()
         report = render_report(self.chunk.job_id, results, total, self.ctx.settings)
         report_uri = self.storage.put(REPORT_KEY, report.encode(), "text/html; charset=utf-8")
         self.progress.mark_finished(results_uri, report_uri)
         log.info("job %s finished; results at %s", self.chunk.job_id, results_uri)
+
+    def _write_dataset_metadata(self) -> None:
+        """metadata.jsonl beside the dataset images, in the layout the `datasets` imagefolder loader reads."""
+        last = self.chunk.recipe[-1]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "metadata.jsonl"
+            with path.open("w", encoding="utf-8") as out:
+                for line in self.progress.result_lines():
+                    result = ItemResult.model_validate_json(line)
+                    if result.status != "succeeded":
+                        continue
+                    row = {
+                        "file_name": f"{result.id}.{last.image_format}",
+                        "id": result.id,
+                        "prompt": result.prompt,
+                        "seed": result.seed,
+                        "model": result.model,
+                        "source": result.image,
+                    }
+                    out.write(json.dumps(row) + "\n")
+            self.storage.put_file(f"{DATASET_DIR}/metadata.jsonl", path, "application/x-ndjson")
 
 
 def process_chunk(chunk: Chunk, ctx: ChunkContext) -> None:

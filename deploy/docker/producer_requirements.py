@@ -27,6 +27,8 @@ PRODUCER = frozenset(
         "typer",
         "rich",
         "prometheus-client",
+        "pyarrow",
+        "boto3",
     }
 )
 

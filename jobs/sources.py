@@ -1,0 +1,79 @@
+"""Jobs from a listing: `imgjobs submit --from 's3://bucket/in/*.png'` or a local glob, one item per
+matching image, written out as an ordinary job (spec + items.jsonl) and submitted the usual way."""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+
+from schemas.errors import ConfigError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _wildcard_free_prefix(pattern: str) -> str:
+    cut = min((pattern.find(c) for c in "*?[" if c in pattern), default=len(pattern))
+    return pattern[:cut]
+
+
+def list_images(pattern: str) -> Iterator[str]:
+    """URIs matching an s3://bucket/prefix/*.png pattern or a local glob, in sorted order."""
+    if pattern.startswith("s3://"):
+        bucket, _, key_pattern = pattern.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise ConfigError(f"--from {pattern!r}: an s3:// listing needs a bucket")
+        pages = (
+            boto3.client("s3")
+            .get_paginator("list_objects_v2")
+            .paginate(Bucket=bucket, Prefix=_wildcard_free_prefix(key_pattern))
+        )
+        for page in pages:
+            for entry in page.get("Contents", []):
+                key = entry["Key"]
+                if fnmatch.fnmatchcase(key, key_pattern or "*") and key.lower().endswith(IMAGE_SUFFIXES):
+                    yield f"s3://{bucket}/{key}"
+        return
+    for path in sorted(glob.glob(pattern, recursive=True)):
+        if Path(path).is_file() and path.lower().endswith(IMAGE_SUFFIXES):
+            yield str(Path(path).resolve())
+
+
+def item_id_for(uri: str, taken: set[str]) -> str:
+    """A stable id from the file's name, made unique within the job."""
+    stem = _UNSAFE.sub("-", Path(uri.rsplit("/", 1)[-1]).stem).strip("-.") or "item"
+    stem = stem[:100]
+    candidate, number = stem, 1
+    while candidate in taken:
+        number += 1
+        candidate = f"{stem}-{number}"
+    taken.add(candidate)
+    return candidate
+
+
+def write_listing_job(
+    folder: Path, pattern: str, spec: dict[str, Any], prompt: str | None
+) -> tuple[Path, int]:
+    """job.json and items.jsonl in `folder` for every image the pattern lists; returns (spec path, count)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    taken: set[str] = set()
+    count = 0
+    with (folder / "items.jsonl").open("w", encoding="utf-8") as items:
+        for uri in list_images(pattern):
+            row: dict[str, Any] = {"id": item_id_for(uri, taken), "image": uri}
+            if prompt is not None:
+                row["prompt"] = prompt
+            items.write(json.dumps(row) + "\n")
+            count += 1
+    if count == 0:
+        raise ConfigError(f"--from {pattern!r} matches no image")
+    path = folder / "job.json"
+    path.write_text(json.dumps({**spec, "items": "items.jsonl"}, indent=2), encoding="utf-8")
+    return path, count
