@@ -234,6 +234,8 @@ def run(
             ]
             err.print(f"embedded mode: redis at {broker_url}, {len(workers)} local worker(s)")
         submission = submit_job(validated, settings, broker_url)
+        if submission.already_submitted:
+            err.print(f"job {submission.job_id} was submitted before on this broker; following it")
         err.print(f"job {submission.job_id}: {submission.total} item(s) in {submission.chunks} chunk(s)")
         status = _watch(connect_redis(broker_url), submission.job_id, workers)
     _print_summary(status)

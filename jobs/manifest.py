@@ -120,6 +120,17 @@ def load_spec(spec_path: Path) -> JobSpec:
         raise SpecError(_problems_from(exc, file, lambda loc: _locate(root, loc))) from None
 
 
+def _bounded_lines(raw: Any) -> Iterator[bytes | None]:
+    """Lines of a binary file, never holding more than MAX_LINE_BYTES of one; None for a longer line."""
+    while line := raw.readline(MAX_LINE_BYTES + 1):
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            while (rest := raw.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                pass
+            yield None
+            continue
+        yield line
+
+
 def _parquet_rows(items_path: Path, digest: Any) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """(row number, row) of a Parquet file, read a batch at a time."""
     import pyarrow as pa
@@ -145,11 +156,11 @@ def _raw_rows(items_path: Path, digest: Any) -> Iterator[tuple[int, dict[str, An
         return
     with items_path.open("rb") as raw:
         if suffix == ".jsonl":
-            for number, line in enumerate(raw, start=1):
-                digest.update(line)
-                if len(line) > MAX_LINE_BYTES:
+            for number, line in enumerate(_bounded_lines(raw), start=1):
+                if line is None:
                     yield number, f"line is longer than {MAX_LINE_BYTES} bytes"
                     continue
+                digest.update(line)
                 if not line.strip():
                     continue
                 try:
@@ -163,10 +174,10 @@ def _raw_rows(items_path: Path, digest: Any) -> Iterator[tuple[int, dict[str, An
             reader = csv.DictReader(text)
             try:
                 for row in reader:
-                    digest.update(json.dumps(row, sort_keys=True).encode())
                     if None in row:
                         yield reader.line_num, "more values than header columns"
                         continue
+                    digest.update(json.dumps(row, sort_keys=True).encode())
                     yield reader.line_num, {k: v for k, v in row.items() if k and v not in (None, "")}
             except (csv.Error, UnicodeDecodeError) as exc:
                 yield reader.line_num, f"not valid CSV: {exc}"
@@ -222,7 +233,12 @@ def validate_job(spec_path: Path, registry: Registry) -> ValidatedJob:
         problems.append(Problem(str(spec_path), None, "items", f"no such file: {items_path}"))
         raise SpecError(problems)
 
+    output = output_of(spec, spec_path)
+    # The id covers what the job will run: the spec, the resolved models, where relative paths point
+    # and where outputs go, then every item.
     digest = hashlib.sha256(spec.model_dump_json().encode())
+    digest.update(json.dumps([plan.model_dump(mode="json") for plan in recipe]).encode())
+    digest.update(f"{items_path.parent}\n{output}\n".encode())
     seen: dict[str, int] = {}
     total = 0
     file = str(items_path)
@@ -253,7 +269,7 @@ def validate_job(spec_path: Path, registry: Registry) -> ValidatedJob:
         spec=spec,
         spec_path=spec_path.resolve(),
         items_path=items_path,
-        output=output_of(spec, spec_path),
+        output=output,
         job_id=f"{spec.name}-{digest.hexdigest()[:12]}",
         total=total,
         recipe=tuple(recipe),

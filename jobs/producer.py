@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import redis
 from celery import Celery
@@ -33,6 +34,7 @@ class Submission:
     total: int
     chunks: int
     already_submitted: bool
+    resumed: bool = False
 
 
 def _absolute(uri: str | None, items_dir: Path) -> str | None:
@@ -92,10 +94,18 @@ def plan_chunks(job: ValidatedJob, chunk_size: int) -> Iterator[Chunk]:
     yield from group_into_chunks(members, chunk_size, make)
 
 
-def _register(client: redis.Redis, job: ValidatedJob) -> bool:
-    """Record the job and every item as pending; False when the job id is already known."""
-    if not client.sadd(keys.JOBS, job.job_id):
-        return False
+def _register(client: redis.Redis, job: ValidatedJob) -> Literal["new", "resume", "done"]:
+    """Record the job and every item as pending. The job joins the set of jobs only once all its
+    items are recorded, and is marked enqueued only once all its chunks are sent, so a submit that
+    dies part-way is either redone from scratch or resumed by submitting again."""
+    if client.sismember(keys.JOBS, job.job_id):
+        return "done" if client.hexists(keys.job_meta(job.job_id), "enqueued_at") else "resume"
+    client.delete(
+        keys.job_meta(job.job_id),
+        keys.job_counts(job.job_id),
+        keys.job_items(job.job_id),
+        keys.job_order(job.job_id),
+    )
     client.hset(
         keys.job_meta(job.job_id),
         mapping={
@@ -118,17 +128,21 @@ def _register(client: redis.Redis, job: ValidatedJob) -> bool:
             pipe.execute()
             batch = 0
     pipe.hincrby(keys.job_counts(job.job_id), ItemState.PENDING.value, job.total)
+    pipe.sadd(keys.JOBS, job.job_id)
     pipe.execute()
-    return True
+    return "new"
 
 
 def submit(job: ValidatedJob, settings: Settings, broker_url: str) -> Submission:
+    """Submit a job; the same spec and items give the same job id, so submitting again resumes a
+    submission that died part-way (its finished items are skipped) or reports the job as known."""
     client = connect_redis(broker_url)
-    if not _register(client, job):
-        # Same spec and items give the same id; resuming a partial submission is issue 4's work.
+    state = _register(client, job)
+    if state == "done":
         return Submission(job.job_id, job.total, 0, already_submitted=True)
     chunks = send_chunks(producer_app(settings, broker_url), plan_chunks(job, settings.chunk_size))
-    return Submission(job.job_id, job.total, chunks, already_submitted=False)
+    client.hset(keys.job_meta(job.job_id), "enqueued_at", time.time())
+    return Submission(job.job_id, job.total, chunks, already_submitted=False, resumed=state == "resume")
 
 
 def send_chunks(app: Celery, chunks: Iterable[Chunk]) -> int:

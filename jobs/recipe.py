@@ -13,15 +13,17 @@ from jobs.registry import Registry
 from schemas.errors import ConfigError, Problem
 from schemas.job import Img2ImgStage, JobSpec, ResizeStage, SaveKind, StageSpec, UpscaleStage, stage_name
 from schemas.messages import StagePlan
-from schemas.registry import RESIZE_PIPELINE, UPSCALER_PIPELINES, X4_UPSCALER, ResolvedModel
+from schemas.registry import RESIZE_PIPELINE, UPSCALER_PIPELINES, X2_LATENT_UPSCALER, ResolvedModel
 
 
 def _takes_latents(stage: StageSpec, model: ResolvedModel) -> bool:
+    pipeline = model.entry.pipeline or ""
     if isinstance(stage, Img2ImgStage):
-        # Computing a control image needs pixels; ControlNet stages read images.
-        return stage.controlnet is None
+        # ControlNet stages compute or read control images from pixels; Kandinsky's decoder takes images.
+        return stage.controlnet is None and not pipeline.startswith("Kandinsky")
     if isinstance(stage, UpscaleStage):
-        return model.entry.pipeline != X4_UPSCALER
+        # Only the x2 latent upscaler takes latents; an upscaler of unknown class gets an image to be safe.
+        return pipeline == X2_LATENT_UPSCALER
     return False
 
 

@@ -73,7 +73,14 @@ def retry(client: redis.Redis, settings: Settings, broker_url: str, job_id: str,
     if not members:
         return 0
     moved = [member.item.id for member, _ in members]
-    client.hdel(keys.job_stage(job_id), *moved)
+    # They run every stage again: take back the stages they had come through.
+    passed = client.hmget(keys.job_stage(job_id), moved)
+    pipe = client.pipeline(transaction=False)
+    for last in passed:
+        for plan in recipe[: int(str(last)) + 1] if last is not None else []:
+            pipe.hincrby(keys.job_stages(job_id), plan.name, -1)
+    pipe.hdel(keys.job_stage(job_id), *moved)
+    pipe.execute()
     # The job is open again: it finishes, and writes its results, when these items do.
     client.hdel(keys.job_meta(job_id), "finished_at", "cancelled_at")
     round_number = client.hincrby(keys.job_meta(job_id), "retries", 1)

@@ -25,11 +25,19 @@ BUILTIN_SIZE = (512, 512)
 MAX_SIDE = 4096
 
 
+# Names the job itself uses at the top of its output prefix.
+RESERVED_ITEM_IDS = frozenset({"results.jsonl", "report.html", "dataset"})
+
+
 def _check_item_id(value: str) -> str:
     if not ITEM_ID_PATTERN.match(value) or ".." in value:
         raise ValueError(
             "must be 1-128 characters of letters, digits, '.', '_' or '-', start with a letter or digit, "
             "and not contain '..'"
+        )
+    if value in RESERVED_ITEM_IDS:
+        raise ValueError(
+            f"{value!r} is reserved for the job's own files ({', '.join(sorted(RESERVED_ITEM_IDS))})"
         )
     return value
 

@@ -83,6 +83,11 @@ def celery_config(settings: Settings, broker_url: str) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_time_limit": settings.task_time_limit_s,
+        # The soft limit raises inside the task, which then records the chunk's items as failed; the
+        # hard limit is the backstop, and a chunk killed by it is not acked: it comes back after the
+        # visibility timeout, and the delivery count ends the loop.
+        "task_soft_time_limit": settings.task_time_limit_s - min(60, settings.task_time_limit_s // 10),
+        "task_acks_on_failure_or_timeout": False,
         "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
         "broker_connection_retry_on_startup": True,
         # Model loading happens in the pool process at start; Celery's default allows it 4 s.

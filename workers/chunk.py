@@ -25,7 +25,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from schemas import keys
-from schemas.errors import ImgjobsError, InputImageError, ItemError, StageError
+from schemas.errors import ImgjobsError, InputImageError, ItemError, StageError, StorageError
 from schemas.job import (
     Img2ImgStage,
     ResizeStage,
@@ -103,7 +103,6 @@ class _ChunkRun:
         self.plan = chunk.stage
         self.progress = JobProgress(ctx.redis, chunk.job_id)
         self.storage = ctx.open_storage(chunk.output, chunk.job_id)
-        self.job_finished = False
 
     # -- results
 
@@ -132,7 +131,10 @@ class _ChunkRun:
         )
 
     def _finish(self, result: ItemResult) -> None:
-        self._delete_intermediates(result.id)
+        """Record the result first: only then are the handover files surplus, and a failure to delete
+        them costs some storage, never the item."""
+        if not self.progress.finish(result):
+            return  # finished already, or handed on (a late fail_items): nothing of ours to record
         reason = result.error.type if result.error else None
         if result.error:
             log.warning(
@@ -143,10 +145,16 @@ class _ChunkRun:
                 extra={"item_id": result.id, "reason": result.error.type},
             )
         record_item(self.plan.model.name, self.plan.name, result.status, reason)
-        self.job_finished |= self.progress.finish(result)
+        try:
+            self._delete_intermediates(result.id)
+        except StorageError as exc:
+            log.warning(
+                "item %s: handover files not deleted: %s", result.id, exc, extra={"item_id": result.id}
+            )
 
     def fail(self, member: ChunkItem, error: ImgjobsError, timings: dict[str, float] | None = None) -> None:
         records = [*member.stages, self._record(timings or {})]
+        # Kept before the failure is recorded, so `imgjobs retry` always finds what to run again.
         self.progress.keep_for_retry(member.item)
         self._finish(self._result(member, records, dict(member.outputs), error))
 
@@ -322,6 +330,13 @@ class _ChunkRun:
 
     # -- the job's end
 
+    def finalize_if_done(self) -> None:
+        """Finalize when no item is open and the job is not marked finished. Decided from the job's
+        state rather than from this chunk's transitions, so a finalize that failed is done again by
+        the retry of its chunk (or by any later chunk of the job)."""
+        if self.progress.unfinalized():
+            self.finalize()
+
     def finalize(self) -> None:
         """Write results.jsonl and report.html, then mark the job finished."""
         shown = itertools.islice(self.progress.result_lines(), REPORT_MAX_ITEMS)
@@ -372,14 +387,14 @@ def process_chunk(chunk: Chunk, ctx: ChunkContext) -> None:
         )
     if members:
         run.run(members)
-    if run.job_finished:
-        run.finalize()
+    run.finalize_if_done()
 
 
 def fail_items(chunk: Chunk, ctx: ChunkContext, error: ImgjobsError) -> None:
-    """Record every unfinished item of the chunk as failed with error (retries are exhausted)."""
+    """Record the chunk's items that are still this stage's to do as failed with error."""
     run = _ChunkRun(chunk, ctx)
+    open_here = set(run.progress.open_at((member.item.id for member in chunk.items), chunk.stage_index))
     for member in chunk.items:
-        run.fail(member, error)
-    if run.job_finished:
-        run.finalize()
+        if member.item.id in open_here:
+            run.fail(member, error)
+    run.finalize_if_done()

@@ -4,6 +4,7 @@ and encoding outputs."""
 from __future__ import annotations
 
 import io
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -22,11 +23,21 @@ from workers.storage import s3_client, split_s3_uri
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 
 
-def _read_limited(stream: io.BufferedIOBase | io.RawIOBase, limit: int, uri: str) -> bytes:
-    data = stream.read(limit + 1)
-    if data is None or len(data) > limit:
-        raise InputImageError(f"{uri}: larger than the {limit}-byte limit")
-    return bytes(data)
+READ_BLOCK = 1 << 16
+
+
+def _read_limited(stream: Any, limit: int, uri: str, deadline: float | None = None) -> bytes:
+    """At most `limit` bytes, in blocks, and (for network reads) before `deadline`: a server that
+    trickles bytes cannot hold a worker past its timeout."""
+    blocks, size = [], 0
+    while block := stream.read(min(READ_BLOCK, limit + 1 - size)):
+        blocks.append(block)
+        size += len(block)
+        if size > limit:
+            raise InputImageError(f"{uri}: larger than the {limit}-byte limit")
+        if deadline is not None and time.monotonic() > deadline:
+            raise InputImageError(f"{uri}: not read within the time limit")
+    return b"".join(blocks)
 
 
 class _SameSchemeRedirects(urllib.request.HTTPRedirectHandler):
@@ -57,14 +68,14 @@ def fetch_bytes(uri: str, settings: Settings) -> bytes:
             raise StorageError(f"{uri}: {exc}") from None
         if obj.get("ContentLength", 0) > limit:
             raise InputImageError(f"{uri}: larger than the {limit}-byte limit")
-        return _read_limited(obj["Body"], limit, uri)  # type: ignore[arg-type]
+        return _read_limited(obj["Body"], limit, uri)
     if uri.startswith(("http://", "https://")):
         try:
             with _HTTP.open(uri, timeout=settings.http_timeout_s) as response:
                 length = response.headers.get("Content-Length")
                 if length and length.isdigit() and int(length) > limit:
                     raise InputImageError(f"{uri}: larger than the {limit}-byte limit")
-                return _read_limited(response, limit, uri)
+                return _read_limited(response, limit, uri, time.monotonic() + settings.http_timeout_s)
         except urllib.error.HTTPError as exc:
             raise InputImageError(f"{uri}: HTTP {exc.code} {exc.reason}") from None
         except (urllib.error.URLError, TimeoutError, OSError) as exc:

@@ -19,12 +19,22 @@ from schemas.progress import ItemState
 
 RESULTS_BATCH = 1000
 
+# KEYS: counts hash, meta hash. ARGV: time, results URI, report URI. Sets finished_at only while no
+# item is pending or running, so a finalize racing `imgjobs retry` cannot close a reopened job.
+_MARK_FINISHED = """
+local open = redis.call('HMGET', KEYS[1], 'pending', 'running')
+if tonumber(open[1] or 0) + tonumber(open[2] or 0) > 0 then return 0 end
+redis.call('HSET', KEYS[2], 'finished_at', ARGV[1], 'results', ARGV[2], 'report', ARGV[3])
+return 1
+"""
+
 
 class JobProgress:
     def __init__(self, client: redis.Redis, job_id: str) -> None:
         self.client = client
         self.job_id = job_id
         self._transition = client.register_script(keys.TRANSITION_SCRIPT)
+        self._mark_finished = client.register_script(_MARK_FINISHED)
         self._keys = [keys.job_items(job_id), keys.job_counts(job_id), keys.job_results(job_id)]
 
     def _move(self, item_id: str, to: ItemState, result: str, allowed: Iterable[ItemState]) -> int:
@@ -64,12 +74,34 @@ class JobProgress:
         self.client.hincrby(keys.job_stages(self.job_id), stage, count)
 
     def finish(self, result: ItemResult) -> bool:
-        """Record an item's result; True when this was the job's last open item."""
+        """Record an item's result; False when the item was not open (finished already, or unknown)."""
         state = ItemState(result.status)
-        remaining = self._move(
-            result.id, state, result.model_dump_json(), (ItemState.PENDING, ItemState.RUNNING)
-        )
-        return remaining == 0
+        allowed = (ItemState.PENDING, ItemState.RUNNING)
+        return self._move(result.id, state, result.model_dump_json(), allowed) >= 0
+
+    def open_at(self, item_ids: Iterable[str], stage_index: int) -> list[str]:
+        """Items not finished and not yet handed past this stage: what this stage still owes."""
+        ids = list(item_ids)
+        if not ids:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hmget(keys.job_items(self.job_id), ids)
+        pipe.hmget(keys.job_stage(self.job_id), ids)
+        states, passed = pipe.execute()
+        open_states = (ItemState.PENDING.value, ItemState.RUNNING.value)
+        return [
+            item_id
+            for item_id, state, done in zip(ids, states, passed, strict=True)
+            if state in open_states and (done is None or int(done) < stage_index)
+        ]
+
+    def unfinalized(self) -> bool:
+        """Every item is finished, and the job is not marked finished yet."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hmget(keys.job_counts(self.job_id), [ItemState.PENDING.value, ItemState.RUNNING.value])
+        pipe.hexists(keys.job_meta(self.job_id), "finished_at")
+        (pending, running), finished = pipe.execute()
+        return int(pending or 0) + int(running or 0) == 0 and not finished
 
     def result_lines(self) -> Iterator[str]:
         """Each finished item's ItemResult JSON, in manifest order."""
@@ -81,8 +113,10 @@ class JobProgress:
                     yield line if isinstance(line, str) else line.decode()
             start += RESULTS_BATCH
 
-    def mark_finished(self, results_uri: str, report_uri: str) -> None:
-        self.client.hset(
-            keys.job_meta(self.job_id),
-            mapping={"finished_at": time.time(), "results": results_uri, "report": report_uri},
+    def mark_finished(self, results_uri: str, report_uri: str) -> bool:
+        """Mark the job finished, unless items were opened again meanwhile (`imgjobs retry`)."""
+        done = self._mark_finished(
+            keys=[keys.job_counts(self.job_id), keys.job_meta(self.job_id)],
+            args=[time.time(), results_uri, report_uri],
         )
+        return bool(done)

@@ -40,21 +40,46 @@ def test_counts_follow_transitions_and_the_last_item_finishes_the_job(redis_serv
     status = read_status(client, "j1")
     assert (status.state, status.pending, status.running) == (JobState.RUNNING, 1, 2)
 
-    assert progress.finish(result("a")) is False
-    assert progress.finish(result("b", "failed")) is False
+    assert progress.finish(result("a")) is True
+    assert progress.finish(result("b", "failed")) is True
+    assert not progress.unfinalized()  # c is still open
     # A second delivery of a finished item neither restarts nor re-counts it.
     assert progress.start(["a", "c"], 0) == ["c"]
     assert progress.finish(result("a", "failed")) is False
     assert progress.finish(result("c")) is True
+    assert progress.unfinalized()
 
     status = read_status(client, "j1")
     assert (status.succeeded, status.failed, status.pending, status.running) == (2, 1, 0, 0)
     assert status.state == JobState.RUNNING  # finished only once results.jsonl is written
 
     assert [json.loads(line)["id"] for line in progress.result_lines()] == ["c", "a", "b"]
-    progress.mark_finished("results-uri", "report-uri")
+    assert progress.mark_finished("results-uri", "report-uri")
     status = read_status(client, "j1")
     assert status.state == JobState.FAILED and status.finished_at is not None
+    assert not progress.unfinalized()
+
+
+def test_a_reopened_job_is_not_marked_finished(redis_server: EmbeddedRedis) -> None:
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    register(client, "j4", ["a"])
+    progress = JobProgress(client, "j4")
+    assert progress.finish(result("a", "failed"))
+    client.hset(keys.job_items("j4"), "a", "pending")  # what `imgjobs retry` does, by its own script
+    client.hset(keys.job_counts("j4"), mapping={"failed": 0, "pending": 1})
+    assert not progress.mark_finished("results-uri", "report-uri")
+    assert read_status(client, "j4").finished_at is None
+
+
+def test_what_a_stage_still_owes(redis_server: EmbeddedRedis) -> None:
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    register(client, "j5", ["a", "b", "c"])
+    progress = JobProgress(client, "j5")
+    progress.start(["a", "b", "c"], 0)
+    progress.handed_over(["b"], 0)
+    assert progress.finish(result("c"))
+    assert progress.open_at(["a", "b", "c"], 0) == ["a"]
+    assert progress.open_at(["a", "b", "c"], 1) == ["a", "b"]
 
 
 def test_items_handed_to_the_next_stage_are_not_redone(redis_server: EmbeddedRedis) -> None:

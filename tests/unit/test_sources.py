@@ -24,7 +24,7 @@ def test_parquet_items_stream_with_row_numbers(tmp_path: Path) -> None:
     data = json.loads(spec.read_text())
     data["items"] = "items.parquet"
     spec.write_text(json.dumps(data))
-    rows = {
+    rows: dict[str, list[object]] = {
         "id": ["a", "b", "c"],
         "image": ["a.png", "b.png", None],
         "prompt": ["x", None, "z"],
