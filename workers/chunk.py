@@ -339,18 +339,19 @@ class _ChunkRun:
 
     def finalize(self) -> None:
         """Write results.jsonl and report.html, then mark the job finished."""
-        shown = itertools.islice(self.progress.result_lines(), REPORT_MAX_ITEMS)
-        results = [ItemResult.model_validate_json(line) for line in shown]
+        shown: list[ItemResult] = []
         total = int(self.ctx.redis.hget(keys.job_meta(self.chunk.job_id), "total") or 0)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / RESULTS_KEY
             with path.open("w", encoding="utf-8") as out:
                 for line in self.progress.result_lines():
                     out.write(line + "\n")
+                    if len(shown) < REPORT_MAX_ITEMS:
+                        shown.append(ItemResult.model_validate_json(line))
             results_uri = self.storage.put_file(RESULTS_KEY, path, "application/x-ndjson")
         if self.chunk.dataset:
             self._write_dataset_metadata()
-        report = render_report(self.chunk.job_id, results, total, self.ctx.settings)
+        report = render_report(self.chunk.job_id, shown, total, self.ctx.settings)
         report_uri = self.storage.put(REPORT_KEY, report.encode(), "text/html; charset=utf-8")
         self.progress.mark_finished(results_uri, report_uri)
         log.info("job %s finished; results at %s", self.chunk.job_id, results_uri)
