@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(64 * 2**20, ge=1024, description="largest input file accepted")
     max_image_pixels: int = Field(64 * 2**20, ge=64, description="largest decoded input, in pixels")
     http_timeout_s: float = Field(30.0, gt=0)
+    http_allow_private: bool = Field(
+        False, description="let http(s) inputs reach private, loopback and link-local addresses"
+    )
     max_deliveries: int = Field(
         3, ge=1, le=100, description="deliveries of one chunk before it is dead-lettered as poison"
     )

@@ -4,6 +4,8 @@ and encoding outputs."""
 from __future__ import annotations
 
 import io
+import ipaddress
+import socket
 import time
 import urllib.error
 import urllib.parse
@@ -40,17 +42,38 @@ def _read_limited(stream: Any, limit: int, uri: str, deadline: float | None = No
     return b"".join(blocks)
 
 
-class _SameSchemeRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow redirects only within http(s), and never from https down to http."""
+def _check_public(url: str) -> None:
+    """Refuse hosts that resolve to private, loopback, link-local or reserved addresses: an item's
+    URL must not reach the worker's own network (metadata services, internal hosts)."""
+    host = urllib.parse.urlsplit(url).hostname
+    if not host:
+        raise InputImageError(f"{url}: no host")
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except (socket.gaierror, UnicodeError) as exc:
+        raise InputImageError(f"{url}: cannot resolve {host}: {exc}") from None
+    for address in addresses:
+        if not ipaddress.ip_address(address.split("%", 1)[0]).is_global:
+            raise InputImageError(
+                f"{url}: {host} is a private or local address ({address}); "
+                "IMGJOBS_HTTP_ALLOW_PRIVATE=true allows it"
+            )
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only within http(s), never from https down to http, and (unless allowed)
+    never to a private address."""
+
+    def __init__(self, allow_private: bool) -> None:
+        self.allow_private = allow_private
 
     def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
         old, new = urllib.parse.urlsplit(req.full_url).scheme, urllib.parse.urlsplit(newurl).scheme
         if new not in ("http", "https") or (old == "https" and new != "https"):
             raise InputImageError(f"{req.full_url}: refusing a redirect from {old}:// to {new}://")
+        if not self.allow_private:
+            _check_public(newurl)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-_HTTP = urllib.request.build_opener(_SameSchemeRedirects)
 
 
 def fetch_bytes(uri: str, settings: Settings) -> bytes:
@@ -71,7 +94,10 @@ def fetch_bytes(uri: str, settings: Settings) -> bytes:
         return _read_limited(obj["Body"], limit, uri)
     if uri.startswith(("http://", "https://")):
         try:
-            with _HTTP.open(uri, timeout=settings.http_timeout_s) as response:
+            if not settings.http_allow_private:
+                _check_public(uri)
+            opener = urllib.request.build_opener(_CheckedRedirects(settings.http_allow_private))
+            with opener.open(uri, timeout=settings.http_timeout_s) as response:
                 length = response.headers.get("Content-Length")
                 if length and length.isdigit() and int(length) > limit:
                     raise InputImageError(f"{uri}: larger than the {limit}-byte limit")

@@ -14,7 +14,8 @@ from schemas.errors import InputImageError
 from schemas.settings import Settings
 from workers.imageio import fetch_bytes, load_input
 
-SETTINGS = Settings(max_image_bytes=50_000, http_timeout_s=5)
+# The test server is on loopback, which inputs may reach only when allowed.
+SETTINGS = Settings(max_image_bytes=50_000, http_timeout_s=5, http_allow_private=True)
 PNG = io.BytesIO()
 Image.new("RGB", (40, 20), (0, 128, 255)).save(PNG, format="PNG")
 
@@ -73,3 +74,11 @@ def test_http_images_are_fetched_and_same_scheme_redirects_followed(base_url: st
 def test_bad_http_inputs_fail_the_item(base_url: str, path: str, message: str) -> None:
     with pytest.raises(InputImageError, match=message):
         fetch_bytes(f"{base_url}{path}", SETTINGS)
+
+
+def test_private_addresses_are_refused_unless_allowed(base_url: str) -> None:
+    strict = SETTINGS.model_copy(update={"http_allow_private": False})
+    with pytest.raises(InputImageError, match=r"127\.0\.0\.1 is a private or local address"):
+        fetch_bytes(f"{base_url}/ok.png", strict)
+    with pytest.raises(InputImageError, match=r"169\.254\.169\.254 is a private or local address"):
+        fetch_bytes("http://169.254.169.254/latest/meta-data/", strict)
