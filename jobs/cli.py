@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from jobs import redrive
+from jobs import redrive, scheduler
 from jobs.broker import connect_redis, require_broker_url
 from jobs.embedded import EmbeddedRedis, LocalWorker
 from jobs.manifest import ValidatedJob, validate_job
@@ -28,6 +28,7 @@ from jobs.producer import submit as submit_job
 from jobs.registry import Registry
 from jobs.sources import write_listing_job
 from jobs.status import read_status
+from schemas import keys
 from schemas.errors import ConfigError, ImgjobsError, SpecError
 from schemas.messages import WORKER_MODEL_ENV, WorkerModel
 from schemas.progress import JobState, JobStatus
@@ -406,6 +407,71 @@ def demo(
     err.print(f"demo written to {directory}: {job_path.name}, models.yaml, items.jsonl, inputs/, models/")
     if not no_run:
         run(job_path, models=directory / "models.yaml")
+
+
+schedule_app = typer.Typer(
+    help="Scheduled pipelines from IMGJOBS_SCHEDULES (schedules.yaml).", no_args_is_help=True
+)
+app.add_typer(schedule_app, name="schedule")
+
+
+@schedule_app.command("list")
+def schedule_list() -> None:
+    """The schedules, their cadence and source, and how many objects each has submitted."""
+    settings = Settings.from_env()
+    schedules = scheduler.load_schedules(settings).schedules
+    seen: list[int] = []
+    if settings.broker_url:
+        client = connect_redis(settings.broker_url)
+        seen = [int(client.scard(keys.schedule_seen(entry.name))) for entry in schedules]
+    table = Table("name", "when", "source", "output", "submitted so far")
+    for index, entry in enumerate(schedules):
+        when = f"cron {entry.cron}" if entry.cron else f"every {entry.every_s}s"
+        table.add_row(entry.name, when, entry.source, entry.output, str(seen[index]) if seen else "?")
+    out.print(table)
+
+
+@schedule_app.command("run-now")
+def schedule_run_now(name: Annotated[str, typer.Argument(show_default=False)]) -> None:
+    """Fire one schedule now, here: submit a job for its new objects and print the job id."""
+    settings = Settings.from_env()
+    job_id = scheduler.fire(scheduler.entry_named(scheduler.load_schedules(settings), name), settings)
+    if job_id is None:
+        err.print(f"schedule {name}: nothing new")
+        return
+    print(job_id)
+
+
+def _exec_celery(*arguments: str) -> None:
+    settings = Settings.from_env()
+    connect_redis(require_broker_url(settings))
+    scheduler.load_schedules(settings)  # a bad file fails here, in one line
+    argv = [sys.executable, "-m", "celery", "-A", "jobs.schedule_app", *arguments]
+    os.execv(sys.executable, argv)
+
+
+@schedule_app.command("beat")
+def schedule_beat(loglevel: Annotated[str, typer.Option(help="Celery log level")] = "info") -> None:
+    """Celery beat with RedBeat: fires each schedule; run one (RedBeat's lock keeps others idle)."""
+    _exec_celery("beat", "--loglevel", loglevel)
+
+
+@schedule_app.command("worker")
+def schedule_worker(loglevel: Annotated[str, typer.Option(help="Celery log level")] = "info") -> None:
+    """Runs the firings beat sends: listing the source and submitting jobs (no model, no torch)."""
+    _exec_celery(
+        "worker",
+        "--queues",
+        scheduler.SCHEDULE_QUEUE,
+        "--concurrency",
+        "1",
+        "--pool",
+        "solo",
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel",
+        loglevel,
+    )
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -26,6 +27,13 @@ def _wildcard_free_prefix(pattern: str) -> str:
 
 def list_images(pattern: str) -> Iterator[str]:
     """URIs matching an s3://bucket/prefix/*.png pattern or a local glob, in sorted order."""
+    for uri, _version in list_versions(pattern):
+        yield uri
+
+
+def list_versions(pattern: str) -> Iterator[tuple[str, str]]:
+    """(URI, version) of each matching image: the ETag on S3, a content hash for local files, so a
+    rewritten image counts as new."""
     if pattern.startswith("s3://"):
         bucket, _, key_pattern = pattern.removeprefix("s3://").partition("/")
         if not bucket:
@@ -39,11 +47,11 @@ def list_images(pattern: str) -> Iterator[str]:
             for entry in page.get("Contents", []):
                 key = entry["Key"]
                 if fnmatch.fnmatchcase(key, key_pattern or "*") and key.lower().endswith(IMAGE_SUFFIXES):
-                    yield f"s3://{bucket}/{key}"
+                    yield f"s3://{bucket}/{key}", str(entry.get("ETag", "")).strip('"')
         return
     for path in sorted(glob.glob(pattern, recursive=True)):
         if Path(path).is_file() and path.lower().endswith(IMAGE_SUFFIXES):
-            yield str(Path(path).resolve())
+            yield str(Path(path).resolve()), hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def item_id_for(uri: str, taken: set[str]) -> str:

@@ -13,6 +13,10 @@ kombu's `unacked` bookkeeping) are named by Celery and not listed here.
     imgjobs:job:<id>:deliveries       hash   chunk id + retry number -> times the broker delivered it
     imgjobs:job:<id>:stages           hash   stage name (s0-img2img, ...) -> items that came through it
 
+    imgjobs:schedule:<name>:seen      set    "<uri>|<etag or content hash>" of every source object a
+                                             schedule has submitted (RedBeat keeps its own state
+                                             under redbeat:)
+
 The meta hash also holds `recipe` (the planned stages, JSON) and `cancelled_at` once cancelled.
 """
 
@@ -57,6 +61,10 @@ def job_deliveries(job_id: str) -> str:
 
 def job_stages(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:stages"
+
+
+def schedule_seen(name: str) -> str:
+    return f"{PREFIX}:schedule:{name}:seen"
 
 
 # The one way an item changes state, shared by the producer (retry) and the workers.

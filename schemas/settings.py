@@ -23,6 +23,7 @@ class Settings(BaseSettings):
 
     broker_url: str | None = Field(None, description="redis:// or rediss:// URL; unset means embedded")
     models: Path | None = Field(None, description="models.yaml registry file")
+    schedules: Path | None = Field(None, description="schedules.yaml for `imgjobs schedule`")
     chunk_size: int = Field(8, ge=1, le=1024, description="items per Celery task and per batched call")
     task_time_limit_s: int = Field(3600, ge=10, description="hard limit for one chunk")
     model_load_timeout_s: int = Field(1800, ge=10, description="how long a worker may take to load its model")

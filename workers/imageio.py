@@ -49,7 +49,7 @@ def _check_public(url: str) -> None:
     if not host:
         raise InputImageError(f"{url}: no host")
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+        addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
     except (socket.gaierror, UnicodeError) as exc:
         raise InputImageError(f"{url}: cannot resolve {host}: {exc}") from None
     for address in addresses:

@@ -29,6 +29,7 @@ PRODUCER = frozenset(
         "prometheus-client",
         "pyarrow",
         "boto3",
+        "celery-redbeat",
     }
 )
 
