@@ -6,24 +6,33 @@
 #     -v ./deploy/models.example.yaml:/etc/imgjobs/models.yaml:ro -v imgjobs-models:/models \
 #     imgjobs-worker --model sd15
 #
-# The base is plain Python rather than nvidia/cuda: torch's Linux wheels bring their own CUDA runtime
-# and cuDNN (the nvidia-* wheels), so a CUDA base image would only add an unused second copy of
-# several GB. The driver comes from the host through the NVIDIA container toolkit.
+# The base is NVIDIA's CUDA runtime image (driver-facing libraries, the NVIDIA container toolkit's
+# conventions), with Python from Ubuntu. torch's Linux wheels still bring their own CUDA and cuDNN;
+# BASE_IMAGE=python:3.11-slim-bookworm gives a smaller image that runs the same way where the
+# host's driver is recent enough for the wheel's CUDA.
 #
 # Build arguments:
+#   BASE_IMAGE       default nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 #   TORCH_SPEC       the torch requirement (default: the newest torch, whose Linux wheel is a CUDA build)
 #   TORCH_INDEX_URL  an index of torch wheels for another CUDA version, e.g. PyTorch's cu126 index for
 #                    hosts whose driver is too old for the default build; empty means pip's default
 
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
-FROM ${PYTHON_IMAGE} AS build
+FROM ${BASE_IMAGE} AS base
+# Python and venv from the distribution (the CUDA images have none); a no-op on python: images.
+RUN if ! command -v python3 >/dev/null || ! python3 -m venv --help >/dev/null 2>&1; then \
+        apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
+
+FROM base AS build
 ARG TORCH_SPEC=torch
 ARG TORCH_INDEX_URL=
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
-RUN python -m venv /opt/venv
+RUN python3 -m venv /opt/venv
 # torch first and alone: the largest layer stays cached while the project's code changes.
 RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
 COPY pyproject.toml README.md /src/
@@ -32,7 +41,7 @@ COPY jobs /src/jobs
 COPY workers /src/workers
 RUN pip install /src
 
-FROM ${PYTHON_IMAGE}
+FROM base
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/models \
