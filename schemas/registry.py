@@ -10,7 +10,7 @@ import hashlib
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 QUEUE_PREFIX = "imgjobs."
@@ -43,6 +43,40 @@ class ModelEntry(BaseModel):
     )
     vae_slicing: bool = Field(False, description="decode a batch one image at a time: less memory")
     vae_tiling: bool = Field(False, description="decode large images in tiles: less memory")
+    # Throughput on a GPU (issue 6). All off by default, so CPU runs and tests are unaffected. The GPU
+    # recipe: dtype bfloat16, channels_last, fuse_qkv, compile, compile_vae, static_batch equal to
+    # IMGJOBS_CHUNK_SIZE and warmup. Compiled code is cached on disk (IMGJOBS_COMPILE_CACHE_DIR).
+    channels_last: bool = Field(
+        False, description="channels-last memory format for the denoiser and the VAE (faster convolutions)"
+    )
+    fuse_qkv: bool = Field(
+        False, description="fuse the attention q/k/v projections into one matmul (needs attention: sdpa)"
+    )
+    compile_vae: bool = Field(False, description="torch.compile the VAE's encoder and decoder at load")
+    static_batch: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="run every pipeline call at this batch size: a partial chunk is padded (the padded "
+        "rows are dropped), a larger one split, so compiled code sees one shape",
+    )
+    warmup: bool = Field(
+        False, description="run one dummy batch at load, so compilation happens before the worker takes work"
+    )
+    warmup_size: tuple[int, int] | None = Field(
+        None,
+        description="(width, height) of the warm-up inputs; default: the model's native size "
+        "(the denoiser's sample size times the VAE's scale factor; the x4 upscaler's input size)",
+    )
+
+    @model_validator(mode="after")
+    def _check_speedups(self) -> ModelEntry:
+        if self.fuse_qkv and self.attention == "classic":
+            raise ValueError("fuse_qkv uses SDPA's fused attention; it cannot go with attention: classic")
+        sides = self.warmup_size or ()
+        if any(side % 8 or not 8 <= side <= 4096 for side in sides):
+            raise ValueError("warmup_size: width and height must be multiples of 8 between 8 and 4096")
+        return self
 
 
 class RegistryFile(BaseModel):

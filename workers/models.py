@@ -8,6 +8,10 @@ them again; attachments (a ControlNet, a depth estimator) are loaded on first us
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,9 +24,28 @@ from diffusers import (
 from diffusers.models.attention_processor import AttnProcessor
 
 from schemas.errors import StageError
-from schemas.registry import RESIZE_PIPELINE, UPSCALER_PIPELINES, ModelEntry, ResolvedModel
+from schemas.job import (
+    BUILTIN_GUIDANCE_SCALE,
+    BUILTIN_NOISE_LEVEL,
+    BUILTIN_SIZE,
+    BUILTIN_UPSCALE_GUIDANCE_SCALE,
+    ResolvedParams,
+)
+from schemas.messages import StagePlan
+from schemas.registry import (
+    RESIZE_PIPELINE,
+    UPSCALER_PIPELINES,
+    X2_LATENT_UPSCALER,
+    X4_UPSCALER,
+    ModelEntry,
+    ResolvedModel,
+)
 
 log = logging.getLogger(__name__)
+
+# Where compiled code is kept across worker restarts; see compile_cache_dir.
+COMPILE_CACHE_ENV = "IMGJOBS_COMPILE_CACHE_DIR"
+WARMUP_PROMPT = "warm-up"
 
 
 def resolve_device(requested: str) -> str:
@@ -64,11 +87,76 @@ def load_pipeline(entry: ModelEntry) -> Any:
     return apply_speedups(pipeline, entry, device)
 
 
+def compile_cache_dir() -> Path:
+    """IMGJOBS_COMPILE_CACHE_DIR; else TORCHINDUCTOR_CACHE_DIR when someone chose it; else a per-user
+    cache folder, $XDG_CACHE_HOME/imgjobs/inductor (~/.cache/imgjobs/inductor). torch's own default is
+    under /tmp, which a restarted container loses; mount a volume at this folder to keep it."""
+    explicit = os.environ.get(COMPILE_CACHE_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    # torch writes its /tmp default into the environment the first time it looks (importing diffusers'
+    # pipelines does): that value is torch's choice, not the operator's.
+    if chosen and os.path.abspath(chosen) != _torch_default_cache_dir():
+        return Path(chosen).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".cache")
+        except RuntimeError:  # no home directory
+            base = tempfile.gettempdir()
+    return Path(base) / "imgjobs" / "inductor"
+
+
+def _torch_default_cache_dir() -> str | None:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:
+        return None
+    return os.path.abspath(str(default_cache_dir()))
+
+
+def persist_compile_cache() -> Path:
+    """Point inductor's caches (its FX graph cache and the Triton kernels under it) at
+    compile_cache_dir, so a restarted worker loads compiled code instead of compiling again."""
+    folder = compile_cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    if os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] != "0":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fx_graph_cache = True
+    return folder
+
+
+def _vaes(pipeline: Any) -> list[Any]:
+    """The autoencoders: `vae` (SD, SDXL, the upscalers) and `movq` (Kandinsky 2.2)."""
+    found = (getattr(pipeline, "vae", None), getattr(pipeline, "movq", None))
+    return [vae for vae in found if vae is not None]
+
+
+def _fuse_qkv(name: str, modules: list[Any]) -> None:
+    for module in modules:
+        fuse = getattr(module, "fuse_qkv_projections", None)
+        if fuse is None:
+            log.warning("model %s: %s cannot fuse its q/k/v projections", name, type(module).__name__)
+            continue
+        try:
+            fuse()
+        except ValueError as exc:  # e.g. Kandinsky's decoder: added k/v projections cannot be fused
+            log.warning("model %s: %s keeps unfused q/k/v projections: %s", name, type(module).__name__, exc)
+
+
 def apply_speedups(pipeline: Any, entry: ModelEntry, device: str) -> Any:
-    """The registry's per-model options from the guide: attention, compile, offload, VAE slicing/tiling."""
+    """The registry's per-model options: the guide's (attention, compile, offload, VAE slicing/tiling)
+    and the GPU throughput ones (channels_last, fuse_qkv, compile_vae; static shapes with static_batch)."""
     denoiser = getattr(pipeline, "unet", None)
+    vaes = _vaes(pipeline)
     if entry.attention == "classic" and denoiser is not None:
         denoiser.set_attn_processor(AttnProcessor())
+    if entry.fuse_qkv:
+        _fuse_qkv(entry.source, [module for module in (denoiser, *vaes) if module is not None])
     vae = getattr(pipeline, "vae", None)
     if entry.vae_slicing and vae is not None:
         vae.enable_slicing()
@@ -81,8 +169,26 @@ def apply_speedups(pipeline: Any, entry: ModelEntry, device: str) -> Any:
         if entry.cpu_offload:
             log.warning("model %s: cpu_offload has no effect without a GPU", entry.source)
         pipeline.to(device)
+    if entry.channels_last:
+        for module in (denoiser, *vaes):
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
+    if entry.compile or entry.compile_vae:
+        log.info("model %s: compiled code is cached in %s", entry.source, persist_compile_cache())
+    # With static_batch every call has one shape: compile for exactly that shape rather than for any batch.
+    options: dict[str, Any] = {"dynamic": False} if entry.static_batch else {}
+    if entry.compile_vae:
+        for autoencoder in vaes:
+            for part in (getattr(autoencoder, "encoder", None), getattr(autoencoder, "decoder", None)):
+                if part is not None:
+                    part.compile(**options)  # in place: every pipeline sharing this VAE runs it compiled
     if entry.compile and denoiser is not None:
-        pipeline.unet = torch.compile(denoiser)
+        compiled = torch.compile(denoiser, **options)
+        pipeline.unet = compiled
+        # Kandinsky's combined pipeline runs its decoder sub-pipeline, which holds the same UNet.
+        decoder = getattr(pipeline, "decoder_pipe", None)
+        if decoder is not None and getattr(decoder, "unet", None) is denoiser:
+            decoder.unet = compiled
     return pipeline
 
 
@@ -95,6 +201,9 @@ class LoadedModel:
         # CPU stages (resize) have no pipeline to load.
         self.pipeline: Any = None if entry.pipeline == RESIZE_PIPELINE else load_pipeline(entry)
         self._derived: dict[str, Any] = {}
+        self.warmup_s: float | None = None
+        if entry.warmup and self.pipeline is not None:
+            self.warmup_s = self.warm_up()
 
     @property
     def class_name(self) -> str:
@@ -103,6 +212,66 @@ class LoadedModel:
     @property
     def is_upscaler(self) -> bool:
         return self.class_name in UPSCALER_PIPELINES
+
+    def native_size(self) -> tuple[int, int]:
+        """The input size this model is made for: the denoiser's sample size in pixels (what the x4
+        upscaler's latents have is the input's own size; the x2 upscaler doubles its input)."""
+        sample = getattr(getattr(getattr(self.pipeline, "unet", None), "config", None), "sample_size", None)
+        if isinstance(sample, list | tuple):
+            sample = sample[0]
+        if not isinstance(sample, int):
+            return BUILTIN_SIZE
+        decoder = getattr(self.pipeline, "decoder_pipe", self.pipeline)
+        scale = getattr(decoder, "vae_scale_factor", None) or getattr(decoder, "movq_scale_factor", None) or 8
+        sides = {X4_UPSCALER: sample, X2_LATENT_UPSCALER: sample * scale // 2}
+        side = sides.get(self.class_name, sample * scale)
+        side = max(8, side - side % 8)
+        return (side, side)
+
+    def warm_up(self) -> float:
+        """One dummy batch through the stage this model serves, at static_batch (else 1) items of
+        warmup_size (else native_size), with the built-in guidance: compilation happens here, before
+        the worker takes work, and chunks of that shape then run compiled code. Returns the seconds."""
+        from PIL import Image
+
+        from workers.stages.common import StageBatch, run_static
+        from workers.stages.img2img import run_img2img
+        from workers.stages.upscale import run_upscale
+
+        size = self.entry.warmup_size or self.native_size()
+        count = self.entry.static_batch or 1
+        stage_type = "upscale" if self.is_upscaler else "img2img"
+        plan = StagePlan.model_validate(
+            {
+                "index": 0,
+                "name": f"s0-{stage_type}",
+                "spec": {"type": stage_type, "model": self.name},
+                "model": ResolvedModel(name=self.name, entry=self.entry),
+                "handover": "none",
+                "save": ("image",),
+            }
+        )
+        if self.is_upscaler:
+            guidance, noise = BUILTIN_UPSCALE_GUIDANCE_SCALE, BUILTIN_NOISE_LEVEL
+            params = ResolvedParams(size=size, guidance_scale=guidance, steps=2, noise_level=noise)
+        else:
+            params = ResolvedParams(size=size, guidance_scale=BUILTIN_GUIDANCE_SCALE, steps=4, strength=0.5)
+        batch = StageBatch(
+            prompts=[WARMUP_PROMPT] * count,
+            negative_prompts=[WARMUP_PROMPT] * count,
+            seeds=list(range(count)),
+            images=[Image.new("RGB", size, (127, 127, 127)) for _ in range(count)],
+        )
+        run = run_upscale if self.is_upscaler else run_img2img
+        started = time.perf_counter()
+        run_static(
+            lambda piece: run(self, plan, params, piece, want_images=True, want_latents=False),
+            batch,
+            self.entry.static_batch,
+        )
+        seconds = time.perf_counter() - started
+        log.info("model %s warmed up in %.1fs: batch %d at %dx%d", self.name, seconds, count, *size)
+        return seconds
 
     def _cached(self, key: str, build: Any) -> Any:
         if key not in self._derived:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -48,6 +49,77 @@ def check_batch(batch: StageBatch, *, needs_input: bool) -> None:
             raise StageError("images in one batch must share a size")
     if batch.latents is not None and batch.latents.shape[0] != count:
         raise StageError("latents and seeds differ in length")
+
+
+T = TypeVar("T")
+
+
+def _padded(values: list[T], extra: int) -> list[T]:
+    return [*values, *[values[-1]] * extra]
+
+
+def slice_batch(batch: StageBatch, start: int, stop: int) -> StageBatch:
+    return StageBatch(
+        prompts=batch.prompts[start:stop],
+        negative_prompts=batch.negative_prompts[start:stop],
+        seeds=batch.seeds[start:stop],
+        images=batch.images[start:stop] if batch.images is not None else None,
+        latents=batch.latents[start:stop] if batch.latents is not None else None,
+        control_images=batch.control_images[start:stop] if batch.control_images is not None else None,
+    )
+
+
+def pad_batch(batch: StageBatch, size: int) -> StageBatch:
+    """batch with copies of its last item appended up to `size` rows. Each row, a copy too, gets its own
+    generator (see generators), so the real items draw exactly the noise they draw unpadded."""
+    extra = size - len(batch)
+    if extra <= 0:
+        return batch
+    latents = batch.latents
+    if latents is not None:
+        latents = torch.cat([latents, latents[-1:].expand(extra, *latents.shape[1:])])
+    return StageBatch(
+        prompts=_padded(batch.prompts, extra),
+        negative_prompts=_padded(batch.negative_prompts, extra),
+        seeds=_padded(batch.seeds, extra),
+        images=_padded(batch.images, extra) if batch.images is not None else None,
+        latents=latents,
+        control_images=_padded(batch.control_images, extra) if batch.control_images is not None else None,
+    )
+
+
+def slice_output(output: StageOutput, count: int) -> StageOutput:
+    """The first `count` rows: what the real items of a padded batch produced."""
+    return replace(
+        output,
+        images=output.images[:count] if output.images is not None else None,
+        latents=output.latents[:count] if output.latents is not None else None,
+    )
+
+
+def concat_outputs(outputs: list[StageOutput]) -> StageOutput:
+    if len(outputs) == 1:
+        return outputs[0]
+    images = [out.images for out in outputs if out.images is not None]
+    latents = [out.latents for out in outputs if out.latents is not None]
+    return StageOutput(
+        images=np.concatenate(images) if len(images) == len(outputs) else None,
+        latents=torch.cat(latents) if len(latents) == len(outputs) else None,
+    )
+
+
+def run_static(
+    run: Callable[[StageBatch], StageOutput], batch: StageBatch, static_batch: int | None
+) -> StageOutput:
+    """run(batch), or, with static_batch, run on pieces of exactly static_batch rows (the last padded
+    with copies of its last item), so compiled code sees one shape; the padded rows' outputs are dropped."""
+    if not static_batch:
+        return run(batch)
+    outputs = []
+    for start in range(0, len(batch), static_batch):
+        piece = slice_batch(batch, start, start + static_batch)
+        outputs.append(slice_output(run(pad_batch(piece, static_batch)), len(piece)))
+    return concat_outputs(outputs)
 
 
 def generators(seeds: list[int]) -> list[torch.Generator]:

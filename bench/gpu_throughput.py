@@ -1,0 +1,871 @@
+"""GPU throughput: imgjobs' worker engine against plain diffusers, on the real architectures with random
+weights (issue 6). No model hub: each checkpoint is built with random weights and written to a temporary
+folder with save_pretrained; everything loads back through from_pretrained, as a real checkpoint does.
+
+SD 1.5 img2img, 512x512, 50 steps x strength 0.8 (40 denoising steps), CFG 7.5, in one process:
+  (a) the guide's recipe: fp16, enable_model_cpu_offload, one image per call (GPU only);
+  (b) plain diffusers resident, fp16, one image per call;
+  (d) the engine: --items items through the worker's own chunk path (workers.chunk.process_chunk with a
+      ChunkContext, a real redis-server from jobs.embedded.EmbeddedRedis, local storage: PNG inputs
+      fetched and decoded, PNG outputs encoded and written, progress and results.jsonl in Redis), with
+      the registry options bf16, channels_last, fuse_qkv, compile, compile_vae, static_batch and warmup;
+      its load and warm-up (compilation) are timed apart, before the stream;
+  (c) plain diffusers batched (--batch), bf16, fused QKV, channels_last, compiled UNet and VAE (after
+      the engine, which matters more should the time limit stop the run).
+Then, while --budget-s allows, plain diffusers batched (bf16, batch 4, as the reference) against the
+engine for the SDXL refiner (img2img 1024x1024, 50 steps x 0.5) and the x4 upscaler (128 -> 512, 75 steps).
+
+    python bench/gpu_throughput.py [--tiny] [--out DIR] [--items 256] [--batch 16] [--budget-s 420]
+                                   [--families sd15,sdxl-refiner,x4-upscaler] [--compile auto|on|off]
+
+--tiny runs tiny architectures with few items, on the CPU in about a minute: a smoke test. Compilation
+is on with a GPU and off on a CPU (--compile). Writes gpu_throughput.json in --out (default $OUT), prints
+a markdown table, and prints one JSON object as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+import torch
+from diffusers import (
+    AutoencoderKL,
+    AutoPipelineForImage2Image,
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    EulerDiscreteScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionUpscalePipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    UNet2DConditionModel,
+)
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from jobs.embedded import EmbeddedRedis  # noqa: E402
+from jobs.manifest import ValidatedJob, iter_items, validate_job  # noqa: E402
+from jobs.registry import Registry  # noqa: E402
+from schemas import keys  # noqa: E402
+from schemas.messages import Chunk, ChunkItem, StageInput  # noqa: E402
+from schemas.progress import ItemState  # noqa: E402
+from schemas.settings import Settings  # noqa: E402
+from workers.chunk import ChunkContext, process_chunk  # noqa: E402
+from workers.chunk import _ChunkRun as chunk_runner  # noqa: E402
+from workers.models import COMPILE_CACHE_ENV, LoadedModel  # noqa: E402
+
+# Dense bf16 matmul on an H200 (and an H100) as measured here: the floor of issue 6.
+PEAK_FLOPS = 790e12
+PROMPT = "astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
+NEGATIVE = "ugly, blurry, low quality"
+MAX_TOKENS = 77
+
+
+# -- the architectures, random weights ---------------------------------------------------------------
+
+
+def clip_tokenizer(folder: Path) -> CLIPTokenizer:
+    """A byte-level CLIP vocabulary with no merges: any text tokenizes, one token per character."""
+    folder.mkdir(parents=True, exist_ok=True)
+    printable = [chr(code) for code in range(33, 127)]
+    vocab = {char: index for index, char in enumerate(printable)}
+    vocab |= {f"{char}</w>": len(printable) + index for index, char in enumerate(printable)}
+    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_TOKENS)
+
+
+def text_config(tokenizer: CLIPTokenizer, tiny: bool, **real: Any) -> CLIPTextConfig:
+    size = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2}
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer) if tiny else 49408,
+        max_position_embeddings=MAX_TOKENS,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=1,
+        **({**size, "projection_dim": 32} if tiny else real),
+    )
+
+
+def sd_vae(tiny: bool, blocks: int = 4, sample_size: int = 512) -> AutoencoderKL:
+    if tiny:
+        return AutoencoderKL(
+            block_out_channels=[32, 64],
+            down_block_types=["DownEncoderBlock2D"] * 2,
+            up_block_types=["UpDecoderBlock2D"] * 2,
+            latent_channels=4,
+        )
+    return AutoencoderKL(
+        block_out_channels=[128, 256, 512, 512][:blocks],
+        layers_per_block=2,
+        down_block_types=["DownEncoderBlock2D"] * blocks,
+        up_block_types=["UpDecoderBlock2D"] * blocks,
+        latent_channels=4,
+        sample_size=sample_size,
+    )
+
+
+TINY_UNET: dict[str, Any] = {
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "cross_attention_dim": 32,
+}
+
+
+def sd15(tiny: bool, scratch: Path) -> Any:
+    tokenizer = clip_tokenizer(scratch / "tokenizer")
+    if tiny:
+        unet = UNet2DConditionModel(sample_size=32, **TINY_UNET)
+    else:  # Stable Diffusion 1.5's shapes (the UNet's defaults are SD 1.x's)
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    encoder = CLIPTextModel(
+        text_config(
+            tokenizer,
+            tiny,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            hidden_act="quick_gelu",
+        )
+    )
+    with torch.device("cpu"):
+        scheduler = DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        )
+    return StableDiffusionImg2ImgPipeline(
+        vae=sd_vae(tiny),
+        text_encoder=encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def sdxl_refiner(tiny: bool, scratch: Path) -> Any:
+    tokenizer = clip_tokenizer(scratch / "tokenizer_2")
+    if tiny:
+        unet = UNet2DConditionModel(
+            **TINY_UNET | {"cross_attention_dim": 32},
+            sample_size=32,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=8 * 5 + 32,  # five time ids (with the aesthetic score)
+        )
+    else:
+        unet = UNet2DConditionModel(
+            sample_size=128,
+            block_out_channels=(384, 768, 1536, 1536),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(6, 12, 24, 24),
+            transformer_layers_per_block=4,
+            cross_attention_dim=1280,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2560,
+        )
+    encoder = CLIPTextModelWithProjection(
+        text_config(
+            tokenizer,
+            tiny,
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_attention_heads=20,
+            num_hidden_layers=32,
+            projection_dim=1280,
+            hidden_act="gelu",
+        )
+    )
+    with torch.device("cpu"):
+        scheduler = EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            timestep_spacing="leading",
+        )
+    return StableDiffusionXLImg2ImgPipeline(
+        vae=sd_vae(tiny, sample_size=1024),
+        text_encoder=None,
+        text_encoder_2=encoder,
+        tokenizer=None,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    )
+
+
+def x4_upscaler(tiny: bool, scratch: Path) -> Any:
+    tokenizer = clip_tokenizer(scratch / "tokenizer")
+    if tiny:
+        unet = UNet2DConditionModel(
+            **TINY_UNET, sample_size=16, in_channels=7, num_class_embeds=100, attention_head_dim=8
+        )
+    else:
+        unet = UNet2DConditionModel(
+            sample_size=128,
+            in_channels=7,
+            out_channels=4,
+            down_block_types=(
+                "DownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+            ),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(256, 512, 512, 1024),
+            layers_per_block=2,
+            cross_attention_dim=1024,
+            attention_head_dim=8,
+            num_class_embeds=1000,
+            use_linear_projection=True,
+            only_cross_attention=(True, True, True, False),
+        )
+    encoder = CLIPTextModel(
+        text_config(
+            tokenizer,
+            tiny,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_attention_heads=16,
+            num_hidden_layers=23,
+            hidden_act="gelu",
+        )
+    )
+    with torch.device("cpu"):
+        low_res_scheduler, scheduler = DDPMScheduler(), DDIMScheduler()
+    return StableDiffusionUpscalePipeline(
+        vae=sd_vae(tiny, blocks=3, sample_size=256),
+        text_encoder=encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        low_res_scheduler=low_res_scheduler,
+        scheduler=scheduler,
+        max_noise_level=350,
+    )
+
+
+class Workload:
+    """One family's benchmark: its architecture and the parameters its stage runs with."""
+
+    def __init__(self, name: str, tiny: bool) -> None:
+        self.name = name
+        self.builder: Callable[[bool, Path], Any] = {
+            "sd15": sd15,
+            "sdxl-refiner": sdxl_refiner,
+            "x4-upscaler": x4_upscaler,
+        }[name]
+        self.upscale = name == "x4-upscaler"
+        if name == "sd15":
+            self.size, self.steps, self.strength, self.guidance = (64 if tiny else 512), 50, 0.8, 7.5
+        elif name == "sdxl-refiner":
+            self.size, self.steps, self.strength, self.guidance = (64 if tiny else 1024), 50, 0.5, 5.0
+        else:
+            self.size, self.steps, self.strength, self.guidance = (16 if tiny else 128), 75, 1.0, 9.0
+        if tiny:
+            self.steps = 4
+        self.noise_level = 20
+
+    @property
+    def denoising_steps(self) -> int:
+        return self.steps if self.upscale else int(self.steps * self.strength)
+
+    def call_kwargs(self, batch: int) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "prompt": [PROMPT] * batch,
+            "negative_prompt": [NEGATIVE] * batch,
+            "image": [input_image(self.size, 0)] * batch,
+            "num_inference_steps": self.steps,
+            "guidance_scale": self.guidance,
+            "output_type": "pil",
+        }
+        if self.upscale:
+            kwargs["noise_level"] = self.noise_level
+        else:
+            kwargs["strength"] = self.strength
+        return kwargs
+
+    def stage(self, model: str) -> dict[str, Any]:
+        stage: dict[str, Any] = {
+            "type": "upscale" if self.upscale else "img2img",
+            "model": model,
+            "steps": self.steps,
+            "guidance_scale": self.guidance,
+        }
+        if self.upscale:
+            stage["noise_level"] = self.noise_level
+        else:
+            stage["strength"] = self.strength
+        return stage
+
+
+def input_image(size: int, seed: int) -> Image.Image:
+    """A smooth gradient with some noise: closer to a photo than pure noise for PNG decode costs."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    base = np.stack(
+        [ramp[None, :].repeat(size, 0), ramp[:, None].repeat(size, 1), np.full((size, size), 128.0)], -1
+    )
+    noisy = base + rng.normal(0, 12, (size, size, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype("uint8"))
+
+
+# -- measuring ---------------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.tiny: bool = args.tiny
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.cuda = self.device == "cuda"
+        self.compile = {"on": True, "off": False}.get(args.compile, self.cuda)
+        self.started = time.perf_counter()
+        self.rows: list[dict[str, Any]] = []
+        self.summary: dict[str, Any] = {}
+        self.unet_pair_flops: float | None = None
+        self.floor_img_per_s: float | None = None
+        self.unet_tflops: float | None = None
+        self.out: Path = args.out
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def left(self) -> float:
+        return float(self.args.budget_s) - self.elapsed()
+
+    def log(self, **row: Any) -> dict[str, Any]:
+        row["t"] = round(self.elapsed(), 1)
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        self.save()
+        return row
+
+    def save(self) -> None:
+        """After every row, so a run stopped at its time limit still leaves what it measured."""
+        data = {"summary": self.summary, "rows": self.rows}
+        (self.out / "gpu_throughput.json").write_text(json.dumps(data, indent=1, default=str))
+
+    @contextmanager
+    def section(self, what: str) -> Iterator[None]:
+        """A failed measurement is recorded and the run goes on to the next one."""
+        try:
+            yield
+        except Exception as exc:
+            self.log(what=what, error=f"{type(exc).__name__}: {exc}"[:600])
+            traceback.print_exc()
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        gc.collect()
+        torch._dynamo.reset()
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def build(self, work: Workload, scratch: Path) -> Path:
+        """The family's architecture with random weights, written as a diffusers folder in fp16."""
+        started = time.perf_counter()
+        torch.manual_seed(0)
+        with torch.device(self.device):  # initialises the big weights where they will run: fast on a GPU
+            pipeline = work.builder(self.tiny, scratch / f"{work.name}-tokenizer")
+        folder = scratch / work.name
+        if self.cuda:
+            pipeline.to(dtype=torch.float16)  # as checkpoints ship; each run loads it in its own dtype
+        pipeline.save_pretrained(folder)
+        del pipeline
+        self.release()
+        self.log(what=f"{work.name}_build_and_save", s=round(time.perf_counter() - started, 1))
+        return folder
+
+    def load(self, folder: Path, dtype: torch.dtype, upscale: bool) -> Any:
+        loader = DiffusionPipeline if upscale else AutoPipelineForImage2Image
+        pipeline = loader.from_pretrained(folder, torch_dtype=dtype)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    def timed(self, pipeline: Any, kwargs: dict[str, Any], reps: int) -> float:
+        """Median seconds of one call, after one untimed call (allocations, cuDNN plans, compilation)."""
+        with torch.inference_mode():
+            pipeline(**kwargs)
+            times = []
+            for _ in range(reps):
+                self.sync()
+                started = time.perf_counter()
+                pipeline(**kwargs)
+                self.sync()
+                times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    # -- plain diffusers
+
+    def plain(self, work: Workload, folder: Path, what: str, batch: int, *, recipe: bool = False) -> float:
+        dtype = torch.float16 if recipe or what.endswith("b1") else torch.bfloat16
+        pipeline = self.load(folder, dtype if self.cuda else torch.float32, work.upscale)
+        if recipe:
+            pipeline.enable_model_cpu_offload()
+        else:
+            pipeline.to(self.device)
+        if what == "diffusers_batched_compiled":
+            pipeline.fuse_qkv_projections()
+            pipeline.unet.to(memory_format=torch.channels_last)
+            pipeline.vae.to(memory_format=torch.channels_last)
+            if self.compile:
+                pipeline.unet = torch.compile(pipeline.unet, fullgraph=True)
+                pipeline.vae.decoder = torch.compile(pipeline.vae.decoder, fullgraph=True)
+                pipeline.vae.encoder = torch.compile(pipeline.vae.encoder, fullgraph=True)
+        started = time.perf_counter()
+        seconds = self.timed(pipeline, work.call_kwargs(batch), 1 if self.tiny or work.name != "sd15" else 2)
+        self.log(
+            what=f"{work.name}_{what}",
+            batch=batch,
+            dtype=str(dtype).removeprefix("torch.") if self.cuda else "float32",
+            compiled=self.compile and what == "diffusers_batched_compiled",
+            s_per_batch=round(seconds, 4),
+            img_per_s=round(batch / seconds, 4),
+            wall_s=round(time.perf_counter() - started, 1),
+        )
+        if what == "diffusers_b1" and work.name == "sd15":
+            self.count_flops(pipeline, work)
+        del pipeline
+        return batch / seconds
+
+    def count_flops(self, pipeline: Any, work: Workload) -> None:
+        """FLOPs of one CFG-pair UNet step and of the VAE's encode and decode, for one image."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        unet, vae = pipeline.unet, pipeline.vae
+        side = work.size // pipeline.vae_scale_factor
+        latents = torch.randn(2, 4, side, side, device=unet.device, dtype=unet.dtype)
+        context = torch.randn(
+            2, MAX_TOKENS, unet.config.cross_attention_dim, device=unet.device, dtype=unet.dtype
+        )
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            unet(latents, 10, context)
+        pair = counter.get_total_flops()
+        pixels = torch.randn(1, 3, work.size, work.size, device=vae.device, dtype=vae.dtype)
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            encoded = vae.encode(pixels).latent_dist.sample()
+        encode = counter.get_total_flops()
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            vae.decode(encoded)
+        decode = counter.get_total_flops()
+        per_image = pair * work.denoising_steps + encode + decode
+        self.unet_pair_flops, self.floor_img_per_s = float(pair), PEAK_FLOPS / per_image
+        self.summary |= {
+            "unet_tflop_per_cfg_pair_step": round(pair / 1e12, 4),
+            "tflop_per_image": round(per_image / 1e12, 3),
+            "floor_img_per_s": round(self.floor_img_per_s, 3),
+        }
+        self.log(
+            what="flops",
+            unet_cfg_pair_gflop=round(pair / 1e9, 2),
+            vae_encode_gflop=round(encode / 1e9, 2),
+            vae_decode_gflop=round(decode / 1e9, 2),
+            per_image_tflop=round(per_image / 1e12, 3),
+        )
+
+    # -- the engine
+
+    def engine(self, work: Workload, folder: Path, scratch: Path, batch: int, items: int) -> float:
+        """items through workers.chunk.process_chunk, chunk by chunk as a worker takes them."""
+        name = f"{work.name}-random"
+        entry = {
+            "source": folder.name,
+            "dtype": "bfloat16",
+            "channels_last": True,
+            "fuse_qkv": True,
+            "compile": self.compile,
+            "compile_vae": self.compile,
+            "static_batch": batch,
+            "warmup": True,
+            "warmup_size": [work.size, work.size],
+        }
+        registry_path = folder.parent / f"{work.name}-models.yaml"
+        registry_path.write_text(json.dumps({"models": {name: entry}}), encoding="utf-8")  # JSON is YAML
+        registry = Registry.load(registry_path)
+
+        started = time.perf_counter()
+        model = LoadedModel(name, registry.resolve(name).entry)
+        load_s = time.perf_counter() - started
+        self.log(what=f"{work.name}_engine_load", load_and_warmup_s=round(load_s, 1), warmup_s=model.warmup_s)
+
+        job_path = self.write_job(work, scratch / f"{work.name}-job", name, items)
+        job = validate_job(job_path, registry)
+        with EmbeddedRedis(scratch / f"{work.name}-redis") as server:
+            client = redis.Redis.from_url(server.url, decode_responses=True)
+            register(client, job)
+            ctx = ChunkContext(model=model, settings=Settings(), redis=client, send_chunk=no_next_stage)
+            chunks = list(plan_chunks(job, batch))
+            chunk_s = []
+            timer = UnetTimer(model.pipeline.unet, self.cuda)
+            with timed_finalize() as finalize_s:
+                for chunk in chunks:
+                    self.sync()
+                    started = time.perf_counter()
+                    process_chunk(chunk, ctx)
+                    self.sync()
+                    chunk_s.append(time.perf_counter() - started)
+            seconds = sum(chunk_s)
+            unet_s, unet_calls = timer.stop()
+            counts = client.hgetall(keys.job_counts(job.job_id))
+            finished = client.hget(keys.job_meta(job.job_id), "finished_at")
+        if int(counts.get("succeeded", 0)) != items or finished is None:
+            raise RuntimeError(f"engine run incomplete: {counts}")
+        phases = phase_seconds(Path(job.output) / job.job_id / "results.jsonl")
+        once = sum(finalize_s)  # results.jsonl and report.html, once per job
+        self.log(
+            what=f"{work.name}_engine",
+            items=items,
+            chunks=len(chunks),
+            static_batch=batch,
+            compiled=self.compile,
+            s=round(seconds, 2),
+            img_per_s=round(items / seconds, 4),
+            finalize_s=round(once, 2),
+            steady_img_per_s=round(items / (seconds - once), 4),
+            median_chunk_s=round(statistics.median(chunk_s), 3),
+            phase_s=phases,
+        )
+        self.summary[f"{work.name.replace('-', '_')}_engine_steady_img_per_s"] = round(
+            items / (seconds - once), 4
+        )
+        if work.name == "sd15" and self.unet_pair_flops and unet_s:
+            # Every UNet call of the stream runs a CFG pair for each of the static_batch rows.
+            self.unet_tflops = self.unet_pair_flops * batch * unet_calls / unet_s / 1e12
+            self.log(
+                what="sd15_engine_unet",
+                calls=unet_calls,
+                unet_s=round(unet_s, 2),
+                unet_share=round(unet_s / seconds, 3),
+                unet_tflops=round(self.unet_tflops, 3),
+            )
+        del model, ctx
+        return items / seconds
+
+    def write_job(self, work: Workload, folder: Path, model: str, items: int) -> Path:
+        (folder / "in").mkdir(parents=True, exist_ok=True)
+        distinct = min(items, 16)
+        for index in range(distinct):
+            input_image(work.size, index).save(folder / "in" / f"{index}.png")
+        with (folder / "items.jsonl").open("w", encoding="utf-8") as out:
+            for index in range(items):
+                row = {"id": f"i{index:05d}", "image": f"in/{index % distinct}.png", "seed": index}
+                out.write(json.dumps(row | {"prompt": f"{PROMPT}, variation {index}"}) + "\n")
+        spec = {
+            "version": 1,
+            "name": f"bench-{work.name}",
+            "output": "out",
+            "items": "items.jsonl",
+            "defaults": {"size": [work.size, work.size], "negative_prompt": NEGATIVE},
+            "stages": [work.stage(model)],
+        }
+        (folder / "job.json").write_text(json.dumps(spec), encoding="utf-8")
+        return folder / "job.json"
+
+    # -- the whole run
+
+    def run(self) -> dict[str, Any]:
+        args = self.args
+        name = torch.cuda.get_device_name() if self.cuda else "cpu"
+        self.log(
+            what="env",
+            device=name,
+            torch=torch.__version__,
+            diffusers=__import__("diffusers").__version__,
+            tiny=self.tiny,
+            compile=self.compile,
+            batch=args.batch,
+            items=args.items,
+        )
+        families = [f.strip() for f in args.families.split(",") if f.strip()]
+        results: dict[str, Any] = {}
+        with tempfile.TemporaryDirectory(prefix="imgjobs-gpu-bench-") as tmp:
+            scratch = Path(tmp)
+            # One fresh compile cache for the run, shared by (c) and the engine; say so when reading.
+            os.environ.setdefault(COMPILE_CACHE_ENV, str(scratch / "inductor-cache"))
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.environ[COMPILE_CACHE_ENV]
+            if "sd15" in families:
+                results |= self.sd15(scratch)
+            for family, needed in (("sdxl-refiner", 240), ("x4-upscaler", 180)):
+                if family not in families:
+                    continue
+                if not self.tiny and self.left() < needed:
+                    self.log(what=f"{family}_skipped", reason=f"{self.left():.0f}s of --budget-s left")
+                    continue
+                results |= self.family(family, scratch)
+        engine, plain = results.get("engine_img_per_s"), results.get("diffusers_batched_img_per_s")
+        final = {
+            "engine_img_per_s": engine,
+            "recipe_img_per_s": results.get("recipe_img_per_s"),
+            "diffusers_b1_img_per_s": results.get("diffusers_b1_img_per_s"),
+            "diffusers_batched_img_per_s": plain,
+            "unet_tflops": round(self.unet_tflops, 3) if self.unet_tflops is not None else None,
+            "floor_fraction": round(engine / self.floor_img_per_s, 6)
+            if engine and self.floor_img_per_s
+            else None,
+            "device": name,
+            "vs_recipe": ratio(engine, results.get("recipe_img_per_s")),
+            "vs_diffusers_batched": ratio(engine, plain),
+            "engine_steady_img_per_s": self.summary.get("sd15_engine_steady_img_per_s"),
+            **{key: value for key, value in results.items() if key.startswith(("sdxl", "x4"))},
+            "batch": args.batch,
+            "items": args.items,
+            "compiled": self.compile,
+            "tiny": self.tiny,
+            "wall_s": round(self.elapsed(), 1),
+        }
+        self.summary = final | {key: value for key, value in self.summary.items() if key not in final}
+        self.save()
+        return final
+
+    def sd15(self, scratch: Path) -> dict[str, Any]:
+        work = Workload("sd15", self.tiny)
+        results: dict[str, Any] = dict.fromkeys(
+            ("engine_img_per_s", "recipe_img_per_s", "diffusers_b1_img_per_s", "diffusers_batched_img_per_s")
+        )
+        folder = self.build(work, scratch)
+        if self.cuda:
+            with self.section("sd15_recipe"):
+                results["recipe_img_per_s"] = self.plain(work, folder, "recipe_offload_b1", 1, recipe=True)
+        else:
+            self.log(what="sd15_recipe_offload_b1", skipped="enable_model_cpu_offload needs a GPU")
+        with self.section("sd15_diffusers_b1"):
+            results["diffusers_b1_img_per_s"] = self.plain(work, folder, "diffusers_b1", 1)
+        # The engine before (c): it is the number the run is for, should the time limit stop the run.
+        with self.section("sd15_engine"):
+            results["engine_img_per_s"] = self.engine(work, folder, scratch, self.args.batch, self.args.items)
+        if self.tiny or self.left() > 120:
+            with self.section("sd15_diffusers_batched"):
+                results["diffusers_batched_img_per_s"] = self.plain(
+                    work, folder, "diffusers_batched_compiled", self.args.batch
+                )
+        else:
+            self.log(what="sd15_diffusers_batched_compiled", skipped=f"{self.left():.0f}s of --budget-s left")
+        return {key: round(value, 4) if value else value for key, value in results.items()}
+
+    def family(self, family: str, scratch: Path) -> dict[str, Any]:
+        work = Workload(family, self.tiny)
+        batch = 2 if self.tiny else 4
+        key = family.replace("-", "_")
+        plain = engine = None
+        with self.section(f"{family}_build"):
+            folder = self.build(work, scratch)
+            with self.section(f"{family}_diffusers_batched"):
+                plain = self.plain(work, folder, "diffusers_batched", batch)
+            with self.section(f"{family}_engine"):
+                engine = self.engine(work, folder, scratch, batch, 2 * batch)
+        return {
+            f"{key}_diffusers_b{batch}_img_per_s": round(plain, 4) if plain else None,
+            f"{key}_engine_img_per_s": round(engine, 4) if engine else None,
+            f"{key}_vs_diffusers": ratio(engine, plain),
+        }
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return round(numerator / denominator, 3) if numerator and denominator else None
+
+
+def phase_seconds(results: Path) -> dict[str, float]:
+    """Seconds per phase over all items (fetch, the share of the batched call, write)."""
+    total: dict[str, float] = {}
+    for line in results.read_text(encoding="utf-8").splitlines():
+        for phase, seconds in json.loads(line)["timings"].items():
+            total[phase] = total.get(phase, 0.0) + seconds
+    return {phase: round(seconds, 2) for phase, seconds in total.items()}
+
+
+class UnetTimer:
+    """Time spent in the denoiser's calls during the engine's stream, measured around each call (CUDA
+    events on a GPU, so nothing waits), outside the compiled code: the compiled graphs stay as warmed."""
+
+    def __init__(self, unet: Any, cuda: bool) -> None:
+        self.cuda = cuda
+        self.spans: list[list[Any]] = []
+        self.cpu_s = 0.0
+        self.calls = 0
+        self.started = 0.0
+        self.handles = [unet.register_forward_pre_hook(self.before), unet.register_forward_hook(self.after)]
+
+    def before(self, module: Any, args: Any) -> None:
+        if self.cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            self.spans.append([start])
+        else:
+            self.started = time.perf_counter()
+
+    def after(self, module: Any, args: Any, output: Any) -> None:
+        self.calls += 1
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.spans[-1].append(end)
+        else:
+            self.cpu_s += time.perf_counter() - self.started
+
+    def stop(self) -> tuple[float, int]:
+        """(seconds inside the UNet, calls)"""
+        for handle in self.handles:
+            handle.remove()
+        if not self.cuda:
+            return self.cpu_s, self.calls
+        torch.cuda.synchronize()
+        return sum(start.elapsed_time(end) for start, end in self.spans) / 1000, self.calls
+
+
+@contextmanager
+def timed_finalize() -> Iterator[list[float]]:
+    """Times the job's one-off end (results.jsonl, report.html with 200 thumbnails) apart from the
+    per-item work, by wrapping the chunk runner's finalize; the code that runs is unchanged."""
+    original = chunk_runner.finalize
+    spent: list[float] = []
+
+    def finalize(run: Any) -> None:
+        started = time.perf_counter()
+        original(run)
+        spent.append(time.perf_counter() - started)
+
+    chunk_runner.finalize = finalize  # type: ignore[method-assign,assignment]
+    try:
+        yield spent
+    finally:
+        chunk_runner.finalize = original  # type: ignore[method-assign]
+
+
+def no_next_stage(chunk: Chunk) -> None:
+    raise AssertionError(f"a one-stage job handed chunk {chunk.chunk_id} on")
+
+
+def register(client: redis.Redis, job: ValidatedJob) -> None:
+    """Record the job and its items as `imgjobs submit` does (jobs/producer.py), without Celery, which
+    the GPU machine's image lacks: only what the worker's chunk path reads."""
+    client.sadd(keys.JOBS, job.job_id)
+    client.hset(
+        keys.job_meta(job.job_id),
+        mapping={
+            "name": job.spec.name,
+            "output": job.output,
+            "total": job.total,
+            "spec": job.spec.model_dump_json(),
+            "recipe": json.dumps([plan.model_dump(mode="json") for plan in job.recipe]),
+            "submitted_at": time.time(),
+        },
+    )
+    client.hset(keys.job_counts(job.job_id), mapping={state.value: 0 for state in ItemState})
+    ids = [item.id for item, _ in iter_items(job)]
+    client.hset(keys.job_items(job.job_id), mapping=dict.fromkeys(ids, ItemState.PENDING.value))
+    client.rpush(keys.job_order(job.job_id), *ids)
+    client.hincrby(keys.job_counts(job.job_id), ItemState.PENDING.value, job.total)
+    client.hset(keys.job_meta(job.job_id), "enqueued_at", time.time())  # every chunk is about to be run
+
+
+def plan_chunks(job: ValidatedJob, size: int) -> Iterator[Chunk]:
+    """The first stage's chunks of `size` items, as the producer plans them (all items share parameters)."""
+    members = []
+    params = None
+    for item, item_params in iter_items(job):
+        assert item.image is not None
+        image = str((job.items_path.parent / item.image).resolve())
+        members.append(
+            ChunkItem(
+                item=item.model_copy(update={"image": image}), input=StageInput(kind="image", uri=image)
+            )
+        )
+        params = item_params
+    assert params is not None
+    for index, start in enumerate(range(0, len(members), size)):
+        yield Chunk(
+            job_id=job.job_id,
+            chunk_id=f"{job.job_id}:s0:c{index}",
+            output=job.output,
+            stage_index=0,
+            recipe=list(job.recipe),
+            defaults=job.spec.defaults,
+            params=params,
+            items=members[start : start + size],
+        )
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = ["| measure | value |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in results.items()]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tiny", action="store_true", help="tiny architectures, few items: a CPU smoke test")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", tempfile.gettempdir())))
+    parser.add_argument("--items", type=int, default=None, help="engine items for SD 1.5 (256; tiny: 16)")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="batch and static_batch for SD 1.5 (16; tiny: 4)"
+    )
+    parser.add_argument("--budget-s", type=float, default=420.0, help="skip families that would not fit")
+    parser.add_argument("--families", default="sd15,sdxl-refiner,x4-upscaler")
+    parser.add_argument(
+        "--compile", choices=("auto", "on", "off"), default="auto", help="auto: on with a GPU"
+    )
+    args = parser.parse_args()
+    args.items = args.items or (16 if args.tiny else 256)
+    args.batch = args.batch or (4 if args.tiny else 16)
+    if args.tiny and not torch.cuda.is_available():
+        torch.set_num_threads(
+            1
+        )  # the smoke test shares small CPU machines; tiny models gain nothing from more
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("workers.models").setLevel(logging.INFO)  # the compile cache and the warm-up's time
+    bench = Bench(args)
+    results = bench.run()
+    print()
+    print(table({key: value for key, value in results.items() if value is not None}))
+    print(json.dumps(results), flush=True)
+
+
+if __name__ == "__main__":
+    main()
