@@ -22,6 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session", autouse=True)
+def private_compile_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Compiled code from tests stays in the test's temporary folder, worker processes included."""
+    os.environ["IMGJOBS_COMPILE_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor"))
+
+
+@pytest.fixture(scope="session", autouse=True)
 def one_torch_thread() -> None:
     """Two cores shared by the test process and worker processes: torch's spinning thread pool makes
     tiny models several times slower when threads outnumber free cores."""
