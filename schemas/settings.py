@@ -92,7 +92,15 @@ def celery_config(settings: Settings, broker_url: str) -> dict[str, Any]:
         # visibility timeout, and the delivery count ends the loop.
         "task_soft_time_limit": settings.task_time_limit_s - min(60, settings.task_time_limit_s // 10),
         "task_acks_on_failure_or_timeout": False,
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            # kombu looks for messages of vanished workers every 10 s but by default scans Redis only on
+            # every 10th look, so a lost chunk came back up to 100 s after its visibility timeout.
+            "unacked_restore_throttle": 1,
+        },
+        # Keep a chunk running through a broker reconnect (Celery 6 flips this default to True, which
+        # would kill the pool process and its loaded model); it is redelivered and skipped if need be.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "broker_connection_retry_on_startup": True,
         # Model loading happens in the pool process at start; Celery's default allows it 4 s.
         "worker_proc_alive_timeout": settings.model_load_timeout_s,

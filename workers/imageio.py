@@ -82,6 +82,11 @@ def fetch_bytes(uri: str, settings: Settings) -> bytes:
         bucket, key = split_s3_uri(uri)
         try:
             obj = s3_client().get_object(Bucket=bucket, Key=key)
+            if obj.get("ContentLength", 0) > limit:
+                raise InputImageError(f"{uri}: larger than the {limit}-byte limit")
+            # Reading the body is network I/O too: a connection cut mid-body (IncompleteReadError,
+            # ResponseStreamingError) or a read timeout is retryable, not a bad image.
+            return _read_limited(obj["Body"], limit, uri)
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchKey", "404", "NoSuchBucket", "AccessDenied", "403"):
@@ -89,9 +94,6 @@ def fetch_bytes(uri: str, settings: Settings) -> bytes:
             raise StorageError(f"{uri}: {exc}") from None
         except BotoCoreError as exc:
             raise StorageError(f"{uri}: {exc}") from None
-        if obj.get("ContentLength", 0) > limit:
-            raise InputImageError(f"{uri}: larger than the {limit}-byte limit")
-        return _read_limited(obj["Body"], limit, uri)
     if uri.startswith(("http://", "https://")):
         try:
             if not settings.http_allow_private:

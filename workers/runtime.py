@@ -9,6 +9,8 @@ from collections.abc import Callable
 from typing import ClassVar
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from schemas.errors import ConfigError
 from schemas.messages import WORKER_MODEL_ENV, Chunk, WorkerModel
@@ -41,7 +43,16 @@ class WorkerRuntime:
             "model %s loaded from %s in %.1fs", model.name, model.entry.source, time.perf_counter() - started
         )
         assert settings.broker_url is not None
-        client = redis.Redis.from_url(settings.broker_url, decode_responses=True, socket_connect_timeout=10)
+        # Ride out a broker restart or failover (about a minute) instead of failing the chunk in hand.
+        client = redis.Redis.from_url(
+            settings.broker_url,
+            decode_responses=True,
+            socket_connect_timeout=10,
+            socket_timeout=30,
+            retry=Retry(ExponentialBackoff(cap=5.0, base=0.2), retries=20),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            health_check_interval=30,
+        )
         cls._context = ChunkContext(model=loaded, settings=settings, redis=client, send_chunk=send_chunk)
         return cls._context
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import boto3
+from boto3.exceptions import S3UploadFailedError
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -152,7 +153,8 @@ class S3Storage:
             s3_client().upload_file(
                 str(path), self.bucket, self._key(key), ExtraArgs={"ContentType": content_type}
             )
-        except (BotoCoreError, ClientError) as exc:
+        # upload_file wraps the ClientError of its last attempt in S3UploadFailedError (boto3's own).
+        except (BotoCoreError, ClientError, S3UploadFailedError) as exc:
             raise StorageError(f"cannot write {self.uri(key)}: {exc}") from None
         return self.uri(key)
 
@@ -175,6 +177,8 @@ class S3Storage:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return False
+            raise StorageError(f"cannot read {self.uri(key)}: {exc}") from None
+        except BotoCoreError as exc:
             raise StorageError(f"cannot read {self.uri(key)}: {exc}") from None
         return True
 

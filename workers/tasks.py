@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import redis
+from celery.exceptions import Reject
+
 from schemas.errors import ImgjobsError, JobCancelledError, PoisonChunkError, StageError
 from schemas.messages import RUN_CHUNK_TASK, Chunk
 from workers.app import app
@@ -23,7 +26,14 @@ MAX_BACKOFF_S = 60
 def run_chunk(self: Any, payload: dict[str, Any]) -> None:
     chunk = Chunk.model_validate(payload)
     with log_context(job_id=chunk.job_id, chunk_id=chunk.chunk_id, stage=chunk.stage.name):
-        _run_chunk(self, chunk)
+        try:
+            _run_chunk(self, chunk)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            # Redis stayed away past the client's retries. Never fail items for that, and never let Celery
+            # ack the message (acks_late acks a task that raised): requeue it, or, while Redis is still
+            # down, leave it unacknowledged for the visibility timeout to bring back.
+            log.error("chunk %s: lost the broker (%s); requeued", chunk.chunk_id, exc)
+            raise Reject(exc, requeue=True) from None
         record_gpu_memory()
 
 
@@ -59,6 +69,8 @@ def _run_chunk(self: Any, chunk: Chunk) -> None:
             fail_items(chunk, ctx, exc)
             return
         raise self.retry(exc=exc, countdown=min(2**self.request.retries, MAX_BACKOFF_S)) from None
+    except (redis.ConnectionError, redis.TimeoutError):
+        raise  # run_chunk requeues the chunk
     except Exception as exc:
         # Unexpected: still account for every item, so the job ends instead of hanging.
         log.exception("chunk %s: unexpected error", chunk.chunk_id)
