@@ -14,21 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jobs.embedded import free_port  # noqa: E402
 from jobs.registry import Registry  # noqa: E402
 from tests.conftest import Workers  # noqa: E402
 from tests.faultkit import (  # noqa: E402
@@ -43,6 +39,7 @@ from tests.faultkit import (  # noqa: E402
     s3_faults,
     worker_death,
 )
+from tests.helpers import moto_server  # noqa: E402
 
 Scenario = Callable[[Lab], FaultRow]
 
@@ -108,40 +105,6 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 
-@contextmanager
-def moto_server(folder: Path) -> Iterator[str]:
-    """moto's S3 server on a loopback port, and AWS_* pointing at it for this process."""
-    port = free_port()
-    with (folder / "moto.log").open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    os.environ.update(
-        {
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-            "AWS_ACCESS_KEY_ID": "bench-key-id",
-            "AWS_SECRET_ACCESS_KEY": "bench-secret",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError("moto server did not start") from None
-            time.sleep(0.1)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
 def cell(value: Any) -> str:
     if value is None:
         return "—"
@@ -168,7 +131,8 @@ def main() -> None:
         models_yaml = root / "models" / "models.yaml"
         models_yaml.write_text(f"models:\n  tiny-sd:\n    source: {model}\n    dtype: float32\n")
         registry = Registry.load(models_yaml)
-        with moto_server(root) as endpoint:
+        credentials = {"AWS_ACCESS_KEY_ID": "bench-key-id", "AWS_SECRET_ACCESS_KEY": "bench-secret"}
+        with moto_server(root / "moto.log", credentials) as endpoint:
             for name in names:
                 if name == "multi-host" and (reason := netns_unavailable()):
                     print(f"{name}: skipped: {reason}", file=sys.stderr)

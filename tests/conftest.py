@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,8 +14,9 @@ from pathlib import Path
 import boto3
 import pytest
 
-from jobs.embedded import EmbeddedRedis, LocalWorker, free_port
+from jobs.embedded import EmbeddedRedis, LocalWorker
 from jobs.registry import Registry
+from tests.helpers import moto_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,43 +64,12 @@ def redis_server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """moto in server mode on a loopback port; every boto3 client here and in workers points at it."""
-    port = free_port()
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    saved = {
-        k: os.environ.get(k)
-        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    credentials = {
+        "AWS_ACCESS_KEY_ID": "testing-key-id",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret-do-not-leak",
     }
-    os.environ.update(
-        {
-            "AWS_ENDPOINT_URL": endpoint,
-            "AWS_ACCESS_KEY_ID": "testing-key-id",
-            "AWS_SECRET_ACCESS_KEY": "testing-secret-do-not-leak",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError("moto server did not start") from None
-            time.sleep(0.1)
-    yield endpoint
-    process.terminate()
-    process.wait(10)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with moto_server(tmp_path_factory.mktemp("moto") / "moto.log", credentials) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
