@@ -71,27 +71,15 @@ from schemas.settings import Settings  # noqa: E402
 from workers.chunk import ChunkContext, process_chunk  # noqa: E402
 from workers.chunk import _ChunkRun as chunk_runner  # noqa: E402
 from workers.models import COMPILE_CACHE_ENV, LoadedModel  # noqa: E402
+from workers.tiny_models import MAX_TOKENS, tiny_clip_tokenizer  # noqa: E402
 
 # Dense bf16 matmul on an H200 (and an H100) as measured here: the floor of issue 6.
 PEAK_FLOPS = 790e12
 PROMPT = "astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
 NEGATIVE = "ugly, blurry, low quality"
-MAX_TOKENS = 77
 
 
 # -- the architectures, random weights ---------------------------------------------------------------
-
-
-def clip_tokenizer(folder: Path) -> CLIPTokenizer:
-    """A byte-level CLIP vocabulary with no merges: any text tokenizes, one token per character."""
-    folder.mkdir(parents=True, exist_ok=True)
-    printable = [chr(code) for code in range(33, 127)]
-    vocab = {char: index for index, char in enumerate(printable)}
-    vocab |= {f"{char}</w>": len(printable) + index for index, char in enumerate(printable)}
-    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
-    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_TOKENS)
 
 
 def text_config(tokenizer: CLIPTokenizer, tiny: bool, **real: Any) -> CLIPTextConfig:
@@ -134,7 +122,7 @@ TINY_UNET: dict[str, Any] = {
 
 
 def sd15(tiny: bool, scratch: Path) -> Any:
-    tokenizer = clip_tokenizer(scratch / "tokenizer")
+    tokenizer = tiny_clip_tokenizer(scratch / "tokenizer")
     if tiny:
         unet = UNet2DConditionModel(sample_size=32, **TINY_UNET)
     else:  # Stable Diffusion 1.5's shapes (the UNet's defaults are SD 1.x's)
@@ -172,7 +160,7 @@ def sd15(tiny: bool, scratch: Path) -> Any:
 
 
 def sdxl_refiner(tiny: bool, scratch: Path) -> Any:
-    tokenizer = clip_tokenizer(scratch / "tokenizer_2")
+    tokenizer = tiny_clip_tokenizer(scratch / "tokenizer_2")
     if tiny:
         unet = UNet2DConditionModel(
             **TINY_UNET | {"cross_attention_dim": 32},
@@ -233,7 +221,7 @@ def sdxl_refiner(tiny: bool, scratch: Path) -> Any:
 
 
 def x4_upscaler(tiny: bool, scratch: Path) -> Any:
-    tokenizer = clip_tokenizer(scratch / "tokenizer")
+    tokenizer = tiny_clip_tokenizer(scratch / "tokenizer")
     if tiny:
         unet = UNet2DConditionModel(
             **TINY_UNET, sample_size=16, in_channels=7, num_class_embeds=100, attention_head_dim=8
