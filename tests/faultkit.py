@@ -1016,11 +1016,10 @@ def multi_host(lab: Lab, items: int = 12, time_limit_s: int = 10, timeout: float
         outputs = S3Outputs(bucket, f"out/{job_id}", endpoint, NETNS_CREDENTIALS)
         watcher = Watcher(broker_url, job_id, outputs, netns=redis_ns).start()
         try:
-            # Mid-job: once an item has finished, cut w1 off the moment it starts its next chunk.
-            wait_until(lambda: watcher.done >= 1, 120, "a first finished item")
-            seen = len(log_matches(lost_worker, CHUNK_START))
+            # Mid-job: cut w1 off the moment it starts a chunk. (Waiting for its second chunk was racy:
+            # w2 could take every remaining chunk first.)
             match = wait_until(
-                lambda: newest_after(lost_worker, CHUNK_START, seen), 120, "w1 to start another chunk", 0.01
+                lambda: newest_after(lost_worker, CHUNK_START, 0), 120, "w1 to start a chunk", 0.01
             )
             hosts.cut("w1")
             cut_at = time.monotonic()
