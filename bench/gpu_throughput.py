@@ -77,6 +77,7 @@ from workers.tiny_models import MAX_TOKENS, tiny_clip_tokenizer  # noqa: E402
 PEAK_FLOPS = 790e12
 PROMPT = "astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
 NEGATIVE = "ugly, blurry, low quality"
+CALLS_PER_CHUNK = 4
 
 
 # -- the architectures, random weights ---------------------------------------------------------------
@@ -526,10 +527,12 @@ class Bench:
             client = redis.Redis.from_url(server.url, decode_responses=True)
             register(client, job)
             ctx = ChunkContext(model=model, settings=Settings(), redis=client, send_chunk=no_next_stage)
-            chunks = list(plan_chunks(job, batch))
+            # Chunks of CALLS_PER_CHUNK calls, as IMGJOBS_CHUNK_SIZE (64) gives at static_batch 16: the
+            # worker overlaps each call with the next call's fetches and the last call's writes.
+            chunks = list(plan_chunks(job, batch * CALLS_PER_CHUNK))
             chunk_s = []
             timer = UnetTimer(model.pipeline.unet, self.cuda)
-            with timed_finalize() as finalize_s:
+            with timed_finalize() as finalize_s, duty_cycles() as duty:
                 for chunk in chunks:
                     self.sync()
                     started = time.perf_counter()
@@ -555,10 +558,14 @@ class Bench:
             finalize_s=round(once, 2),
             steady_img_per_s=round(items / (seconds - once), 4),
             median_chunk_s=round(statistics.median(chunk_s), 3),
+            duty_cycle=round(sum(busy for busy, _ in duty) / sum(wall for _, wall in duty), 4),
             phase_s=phases,
         )
         self.summary[f"{work.name.replace('-', '_')}_engine_steady_img_per_s"] = round(
             items / (seconds - once), 4
+        )
+        self.summary[f"{work.name.replace('-', '_')}_engine_duty_cycle"] = round(
+            sum(busy for busy, _ in duty) / sum(wall for _, wall in duty), 4
         )
         if work.name == "sd15" and self.unet_pair_flops and unet_s:
             # Every UNet call of the stream runs a CFG pair for each of the static_batch rows.
@@ -638,6 +645,7 @@ class Bench:
             "vs_recipe": ratio(engine, results.get("recipe_img_per_s")),
             "vs_diffusers_batched": ratio(engine, plain),
             "engine_steady_img_per_s": self.summary.get("sd15_engine_steady_img_per_s"),
+            "engine_duty_cycle": self.summary.get("sd15_engine_duty_cycle"),
             **{key: value for key, value in results.items() if key.startswith(("sdxl", "x4"))},
             "batch": args.batch,
             "items": args.items,
@@ -761,6 +769,33 @@ def timed_finalize() -> Iterator[list[float]]:
         yield spent
     finally:
         chunk_runner.finalize = original  # type: ignore[method-assign]
+
+
+class _DutyLog(logging.Handler):
+    """Collects (busy, wall) seconds from the worker's per-chunk log line."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.chunks: list[tuple[float, float]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if hasattr(record, "busy_s") and hasattr(record, "elapsed_s"):
+            self.chunks.append((record.busy_s, record.elapsed_s))
+
+
+@contextmanager
+def duty_cycles() -> Iterator[list[tuple[float, float]]]:
+    """(seconds in pipeline calls, seconds) of every chunk run inside the block, as the worker logs
+    them: its GPU duty cycle."""
+    logger, handler = logging.getLogger("workers.chunk"), _DutyLog()
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield handler.chunks
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def no_next_stage(chunk: Chunk) -> None:

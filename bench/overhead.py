@@ -7,7 +7,11 @@
 2. The producer: validate and enqueue --producer-items items with `imgjobs submit`, no workers
    attached; its rate and peak RSS.
 
-    python bench/overhead.py [--items 2000] [--producer-items 1000000] [--chunk-size 64] [--out DIR]
+    python bench/overhead.py [--items 10000] [--producer-items 1000000] [--chunk-size 64] [--out DIR]
+
+Both end-to-end runs are timed from `imgjobs submit` starting (about a second of imports) until the job
+is marked finished (results.jsonl and report.html written), through one `cpu` worker process. The
+producer runs at IMGJOBS_CHUNK_SIZE's default (64).
 
 Writes overhead.json in --out, prints a markdown table, and prints one JSON object as its last line.
 """
@@ -137,7 +141,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--items", type=int, default=2000)
+    parser.add_argument("--items", type=int, default=10_000)
     parser.add_argument("--producer-items", type=int, default=1_000_000)
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", tempfile.gettempdir())))

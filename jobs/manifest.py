@@ -1,8 +1,8 @@
 """Reading and validating a job: the spec (YAML or JSON) and its items file (JSONL or CSV).
 
 Validation streams the items once and collects every problem with its file and line; nothing is
-enqueued unless there are none. Planning streams them a second time, so memory stays flat in the
-number of items (except the set of ids used to reject duplicates).
+enqueued unless there are none. Submitting streams them a second time. Neither holds the items:
+what grows with their number is 8 bytes per item, to find duplicate ids.
 """
 
 from __future__ import annotations
@@ -11,18 +11,20 @@ import csv
 import hashlib
 import io
 import json
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from pydantic import ValidationError
 
 from jobs.recipe import plan_recipe
 from jobs.registry import Registry
 from schemas.errors import Problem, SpecError
-from schemas.job import Item, JobSpec, ResolvedParams, resolve_params
+from schemas.job import Item, JobSpec, ResolvedParams, StageSpec, resolve_params
 from schemas.messages import StagePlan
 from schemas.registry import ResolvedModel
 
@@ -66,10 +68,11 @@ def _locate(root: yaml.Node | None, loc: tuple[int | str, ...]) -> Located:
     without the stage type that pydantic inserts for a tagged union."""
     node, kept = root, list[int | str]()
     for position, key in enumerate(loc):
+        tag_place = position >= 2 and loc[position - 2] == "stages" and isinstance(loc[position - 1], int)
+        if tag_place and key in STAGE_TYPES:
+            continue  # pydantic's tag of the stage union, which a stage field may share a name with (resize)
         child = _child(node, key)
         if child is None:
-            if isinstance(node, yaml.MappingNode) and key in STAGE_TYPES:
-                continue
             kept.extend(loc[position:])
             break
         node = child
@@ -183,9 +186,42 @@ def _raw_rows(items_path: Path, digest: Any) -> Iterator[tuple[int, dict[str, An
                 yield reader.line_num, f"not valid CSV: {exc}"
 
 
+StageParams = ResolvedParams | list[str]  # a stage's parameters, or why the item's values are refused
+
+
+class ParamsResolver:
+    """Each stage's parameters for an item, resolved once per distinct set of the item's overrides.
+    An item overrides a parameter by the same name (see schemas.job.resolve_params), so items that
+    are equal there resolve alike; this saves a validation per item and stage, a good part of the
+    cost of reading a large manifest. The memo is cleared when it grows past MEMO_SIZE sets."""
+
+    MEMO_SIZE = 4096
+    OVERRIDES = tuple(name for name in ResolvedParams.model_fields if name in Item.model_fields)
+
+    def __init__(self, spec: JobSpec) -> None:
+        self.spec = spec
+        self._memo: dict[tuple[object, ...], list[StageParams]] = {}
+
+    def resolve(self, item: Item) -> list[StageParams]:
+        key = tuple(getattr(item, name) for name in self.OVERRIDES)
+        known = self._memo.get(key)
+        if known is None:
+            if len(self._memo) >= self.MEMO_SIZE:
+                self._memo.clear()
+            known = self._memo[key] = [self._resolve(item, stage) for stage in self.spec.stages]
+        return known
+
+    def _resolve(self, item: Item, stage: StageSpec) -> StageParams:
+        try:
+            return resolve_params(item, stage, self.spec.defaults)
+        except ValidationError as exc:
+            return [err["msg"].removeprefix("Value error, ") for err in exc.errors()]
+
+
 def _check_item(
-    spec: JobSpec, file: str, line: int, row: dict[str, Any]
+    resolver: ParamsResolver, file: str, line: int, row: dict[str, Any]
 ) -> tuple[Item | None, list[Problem]]:
+    spec = resolver.spec
     try:
         item = Item.model_validate(row)
     except ValidationError as exc:
@@ -198,15 +234,40 @@ def _check_item(
         problems.append(Problem(file, line, "image", "the first stage is text2img, which takes no image"))
     if item.control_image is not None and not any(getattr(s, "controlnet", None) for s in spec.stages):
         problems.append(Problem(file, line, "control_image", "no stage of this job has a controlnet"))
-    for index, stage in enumerate(spec.stages):
-        try:
-            resolve_params(item, stage, spec.defaults)
-        except ValidationError as exc:
-            for err in exc.errors():
-                problems.append(
-                    Problem(file, line, f"stages.{index}", err["msg"].removeprefix("Value error, "))
-                )
+    for index, params in enumerate(resolver.resolve(item)):
+        if isinstance(params, list):
+            problems.extend(Problem(file, line, f"stages.{index}", message) for message in params)
     return item, problems
+
+
+class _DuplicateIds:
+    """Repeated item ids, found with 8 bytes per item where a set of the ids would take about 100: each
+    id's 64-bit hash is kept, and only ids whose hash occurs twice are read again and compared."""
+
+    def __init__(self) -> None:
+        self._hashes = array("q")
+
+    def add(self, item_id: str) -> None:
+        self._hashes.append(hash(item_id))
+
+    def problems(self, resolver: ParamsResolver, items_path: Path) -> list[Problem]:
+        ordered = np.sort(np.frombuffer(self._hashes, dtype=np.int64))
+        repeated = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
+        if not repeated:
+            return []
+        file, first_line, problems = str(items_path), dict[str, int](), []
+        for line, row in _raw_rows(items_path, hashlib.sha256()):
+            item_id = row.get("id") if isinstance(row, dict) else None
+            if not isinstance(row, dict) or not isinstance(item_id, str) or hash(item_id) not in repeated:
+                continue
+            item, _ = _check_item(resolver, file, line, row)
+            if item is None:
+                continue  # reported already, and not counted as a use of its id
+            if item.id in first_line:
+                message = f"duplicate id {item.id!r}, first on line {first_line[item.id]}"
+                problems.append(Problem(file, line, "id", message))
+            first_line.setdefault(item.id, line)
+        return problems
 
 
 def items_path_of(spec: JobSpec, spec_path: Path) -> Path:
@@ -239,28 +300,31 @@ def validate_job(spec_path: Path, registry: Registry) -> ValidatedJob:
     digest = hashlib.sha256(spec.model_dump_json().encode())
     digest.update(json.dumps([plan.model_dump(mode="json") for plan in recipe]).encode())
     digest.update(f"{items_path.parent}\n{output}\n".encode())
-    seen: dict[str, int] = {}
+    duplicates = _DuplicateIds()
+    resolver = ParamsResolver(spec)
+    item_problems: list[Problem] = []
+    stopped: Problem | None = None
     total = 0
     file = str(items_path)
     for line, row in _raw_rows(items_path, digest):
         if isinstance(row, str):
-            problems.append(Problem(file, line, None, row))
+            item_problems.append(Problem(file, line, None, row))
             continue
-        item, item_problems = _check_item(spec, file, line, row)
-        problems.extend(item_problems)
+        item, found = _check_item(resolver, file, line, row)
+        item_problems.extend(found)
         if item is not None:
-            if item.id in seen:
-                problems.append(
-                    Problem(file, line, "id", f"duplicate id {item.id!r}, first on line {seen[item.id]}")
-                )
-            seen[item.id] = line
+            duplicates.add(item.id)
         total += 1
         if total > MAX_ITEMS:
-            problems.append(Problem(file, line, None, f"more than {MAX_ITEMS} items; split the job"))
+            stopped = Problem(file, line, None, f"more than {MAX_ITEMS} items; split the job")
             break
-        if len(problems) >= MAX_PROBLEMS:
-            problems.append(Problem(file, line, None, f"stopped after {MAX_PROBLEMS} problems"))
+        if len(item_problems) >= MAX_PROBLEMS:
+            stopped = Problem(file, line, None, f"stopped after {MAX_PROBLEMS} problems")
             break
+    item_problems.extend(duplicates.problems(resolver, items_path))
+    problems.extend(sorted(item_problems, key=lambda problem: problem.line or 0))
+    if stopped is not None:
+        problems.append(stopped)
     if total == 0 and not problems:
         problems.append(Problem(file, None, None, "no items"))
     if problems:
@@ -278,8 +342,10 @@ def validate_job(spec_path: Path, registry: Registry) -> ValidatedJob:
 
 def iter_items(job: ValidatedJob) -> Iterator[tuple[Item, ResolvedParams]]:
     """The items of a job that validate_job accepted, with their first stage's parameters."""
-    stage = job.spec.stages[0]
+    resolver = ParamsResolver(job.spec)
     for _line, row in _raw_rows(job.items_path, hashlib.sha256()):
         assert isinstance(row, dict), "iter_items runs only on a validated job"
         item = Item.model_validate(row)
-        yield item, resolve_params(item, stage, job.spec.defaults)
+        params = resolver.resolve(item)[0]
+        assert isinstance(params, ResolvedParams), "iter_items runs only on a validated job"
+        yield item, params

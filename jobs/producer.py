@@ -1,4 +1,4 @@
-"""Submitting a validated job: register it in Redis, plan chunks, send them to the model queues."""
+"""Submitting a validated job: record it in Redis, plan chunks, send them to the model queues."""
 
 from __future__ import annotations
 
@@ -21,11 +21,12 @@ from schemas.job import (
     Item,
     ResolvedParams,
 )
-from schemas.messages import RUN_CHUNK_TASK, Chunk, ChunkItem, StageInput
+from schemas.messages import RUN_CHUNK_TASK, Chunk, ChunkItem
 from schemas.progress import ItemState
 from schemas.settings import Settings
 
-REGISTER_BATCH = 1000
+SEND_BATCH = 64
+REGISTER_BATCH = 10_000
 
 
 @dataclass(frozen=True)
@@ -46,14 +47,14 @@ def _absolute(uri: str | None, items_dir: Path) -> str | None:
 
 def first_stage_item(item: Item, items_dir: Path) -> ChunkItem:
     """The item as the first stage reads it, its local paths made absolute for workers."""
-    item = item.model_copy(
-        update={
-            "image": _absolute(item.image, items_dir),
-            "control_image": _absolute(item.control_image, items_dir),
-        }
-    )
-    stage_input = StageInput(kind="image", uri=item.image) if item.image else StageInput(kind="none")
-    return ChunkItem(item=item, input=stage_input)
+    paths = {
+        "image": _absolute(item.image, items_dir),
+        "control_image": _absolute(item.control_image, items_dir),
+    }
+    if paths != {"image": item.image, "control_image": item.control_image}:
+        item = item.model_copy(update=paths)
+    stage_input = {"kind": "image", "uri": item.image} if item.image else {"kind": "none"}
+    return ChunkItem.model_validate({"item": item, "input": stage_input})
 
 
 def group_into_chunks(
@@ -73,8 +74,13 @@ def group_into_chunks(
         yield make(params, group)
 
 
-def plan_chunks(job: ValidatedJob, chunk_size: int) -> Iterator[Chunk]:
-    """The first stage's chunks."""
+Members = Iterator[tuple[ChunkItem, ResolvedParams]]
+
+
+def plan_chunks(
+    job: ValidatedJob, chunk_size: int, wrap: Callable[[Members], Members] = lambda members: members
+) -> Iterator[Chunk]:
+    """The first stage's chunks; wrap sees every item as it is read, before its chunk is made."""
     counter = itertools.count()
 
     def make(params: ResolvedParams, members: list[ChunkItem]) -> Chunk:
@@ -91,71 +97,125 @@ def plan_chunks(job: ValidatedJob, chunk_size: int) -> Iterator[Chunk]:
         )
 
     members = ((first_stage_item(item, job.items_path.parent), params) for item, params in iter_items(job))
-    yield from group_into_chunks(members, chunk_size, make)
+    yield from group_into_chunks(wrap(members), chunk_size, make)
 
 
-def _register(client: redis.Redis, job: ValidatedJob) -> Literal["new", "resume", "done"]:
-    """Record the job and every item as pending. The job joins the set of jobs only once all its
-    items are recorded, and is marked enqueued only once all its chunks are sent, so a submit that
-    dies part-way is either redone from scratch or resumed by submitting again."""
-    if client.sismember(keys.JOBS, job.job_id):
-        return "done" if client.hexists(keys.job_meta(job.job_id), "enqueued_at") else "resume"
-    client.delete(
+# KEYS: meta hash, counts hash, jobs set. ARGV: job id, item count, then the meta hash as field, value
+# pairs. Creates the job only where it does not exist, in one step, so two producers submitting the same
+# job cannot both create it. Every item counts as pending from the start (the other states count up
+# from nothing); the items themselves are recorded as they stream.
+_CREATE_JOB = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('HSET', KEYS[2], 'pending', ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[1])
+return 1
+"""
+
+
+def _create(client: redis.Redis, job: ValidatedJob) -> Literal["new", "resume", "done"]:
+    meta: dict[str, str | int | float] = {
+        "name": job.spec.name,
+        "output": job.output,
+        "total": job.total,
+        "spec": job.spec.model_dump_json(),
+        "recipe": json.dumps([plan.model_dump(mode="json") for plan in job.recipe]),
+        "submitted_at": time.time(),
+    }
+    created = client.eval(
+        _CREATE_JOB,
+        3,
         keys.job_meta(job.job_id),
         keys.job_counts(job.job_id),
-        keys.job_items(job.job_id),
-        keys.job_order(job.job_id),
+        keys.JOBS,
+        job.job_id,
+        job.total,
+        *itertools.chain.from_iterable(meta.items()),
     )
-    client.hset(
-        keys.job_meta(job.job_id),
-        mapping={
-            "name": job.spec.name,
-            "output": job.output,
-            "total": job.total,
-            "spec": job.spec.model_dump_json(),
-            "recipe": json.dumps([plan.model_dump(mode="json") for plan in job.recipe]),
-            "submitted_at": time.time(),
-        },
-    )
-    client.hset(keys.job_counts(job.job_id), mapping={state.value: 0 for state in ItemState})
-    pipe = client.pipeline(transaction=False)
-    batch = 0
-    for item, _params in iter_items(job):
-        pipe.hset(keys.job_items(job.job_id), item.id, ItemState.PENDING.value)
-        pipe.rpush(keys.job_order(job.job_id), item.id)
-        batch += 1
-        if batch >= REGISTER_BATCH:
-            pipe.execute()
-            batch = 0
-    pipe.hincrby(keys.job_counts(job.job_id), ItemState.PENDING.value, job.total)
-    pipe.sadd(keys.JOBS, job.job_id)
-    pipe.execute()
-    return "new"
+    if created:
+        return "new"
+    return "done" if client.hexists(keys.job_meta(job.job_id), "enqueued_at") else "resume"
+
+
+class _Registration:
+    """Records items as pending and in manifest order, in pipelined batches. A resumed submission keeps
+    what the first one recorded: an item's state is only set where it has none, and the order list,
+    always a prefix of the manifest, only grows past what it already holds."""
+
+    def __init__(self, client: redis.Redis, job_id: str, resume: bool) -> None:
+        self.client, self.job_id, self.resume = client, job_id, resume
+        self.skip_order = int(client.llen(keys.job_order(job_id))) if resume else 0
+        self.ids: list[str] = []
+
+    def add(self, item_id: str) -> None:
+        self.ids.append(item_id)
+        if len(self.ids) >= REGISTER_BATCH:
+            self.flush()  # early is harmless; it bounds memory when many chunks fill slowly
+
+    def flush(self) -> None:
+        if not self.ids:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        items_key = keys.job_items(self.job_id)
+        if self.resume:
+            for item_id in self.ids:
+                pipe.hsetnx(items_key, item_id, ItemState.PENDING.value)
+        else:
+            pipe.hset(items_key, mapping=dict.fromkeys(self.ids, ItemState.PENDING.value))
+        ordered = self.ids[self.skip_order :]
+        self.skip_order = max(0, self.skip_order - len(self.ids))
+        if ordered:
+            pipe.rpush(keys.job_order(self.job_id), *ordered)
+        pipe.execute()
+        self.ids = []
 
 
 def submit(job: ValidatedJob, settings: Settings, broker_url: str) -> Submission:
     """Submit a job; the same spec and items give the same job id, so submitting again resumes a
-    submission that died part-way (its finished items are skipped) or reports the job as known."""
+    submission that died part-way (finished items are skipped) or reports the job as known.
+
+    One pass over the items records them and sends their chunks, pipelined: every SEND_BATCH chunks,
+    the items read so far are recorded, then the chunks are published in one round trip. A chunk thus
+    never reaches a worker before its items are recorded."""
     client = connect_redis(broker_url)
-    state = _register(client, job)
+    state = _create(client, job)
     if state == "done":
         return Submission(job.job_id, job.total, 0, already_submitted=True)
-    chunks = send_chunks(producer_app(settings, broker_url), plan_chunks(job, settings.chunk_size))
+    registration = _Registration(client, job.job_id, resume=state == "resume")
+
+    def recorded(members: Members) -> Members:
+        for member in members:
+            registration.add(member[0].item.id)
+            yield member
+
+    chunks = plan_chunks(job, settings.chunk_size, wrap=recorded)
+    sent = send_chunks(producer_app(settings, broker_url), chunks, before_publish=registration.flush)
     client.hset(keys.job_meta(job.job_id), "enqueued_at", time.time())
-    return Submission(job.job_id, job.total, chunks, already_submitted=False, resumed=state == "resume")
+    return Submission(job.job_id, job.total, sent, already_submitted=False, resumed=state == "resume")
 
 
-def send_chunks(app: Celery, chunks: Iterable[Chunk]) -> int:
-    """Send each chunk by task name to its stage's model queue, over one connection; returns the count."""
-    count = 0
+def send_chunks(
+    app: Celery, chunks: Iterable[Chunk], before_publish: Callable[[], None] = lambda: None
+) -> int:
+    """Send each chunk by task name to its stage's model queue; returns the count. Chunks go out in
+    batches, each in one Redis pipeline (kombu's publish batch) after before_publish() returns. The
+    batches grow from 1 to SEND_BATCH chunks, so workers start on the first chunk at once while the
+    rest of the manifest is read."""
+    count, size = 0, 1
+    pending = iter(chunks)
     with app.producer_or_acquire() as producer:
-        for chunk in chunks:
-            app.send_task(
-                RUN_CHUNK_TASK,
-                args=[chunk.model_dump(mode="json")],
-                task_id=chunk.chunk_id,
-                queue=chunk.stage.model.queue,
-                producer=producer,
-            )
-            count += 1
+        while batch := list(itertools.islice(pending, size)):
+            before_publish()
+            with producer.batch(max_size=len(batch)):
+                for chunk in batch:
+                    app.send_task(
+                        RUN_CHUNK_TASK,
+                        args=chunk.task_args(),
+                        argsrepr=chunk.task_repr(),
+                        task_id=chunk.chunk_id,
+                        queue=chunk.stage.model.queue,
+                        producer=producer,
+                    )
+            count += len(batch)
+            size = min(size * 2, SEND_BATCH)
     return count

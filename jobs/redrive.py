@@ -61,10 +61,11 @@ def retry(client: redis.Redis, settings: Settings, broker_url: str, job_id: str,
     for item_id, raw in zip(item_ids, stored, strict=True):
         if raw is None:
             continue  # failed by a worker that predates redrive: nothing to run it from
-        if (
-            int(move(keys=state_keys, args=[item_id, ItemState.PENDING.value, "-", ItemState.FAILED.value]))
-            < 0
-        ):
+        moved = move(
+            keys=state_keys,
+            args=keys.transition_args([ItemState.FAILED.value], [(item_id, ItemState.PENDING.value, "-")]),
+        )
+        if int(moved[0]) < 0:
             continue  # someone else moved it already
         item = Item.model_validate_json(raw)
         members.append(

@@ -80,6 +80,15 @@ GuidanceScale = Annotated[float, Field(ge=0.0, le=50.0)]
 Steps = Annotated[int, Field(ge=1, le=1000)]
 Seed = Annotated[int, Field(ge=0, lt=2**63)]
 
+# How an input is brought to the target size:
+# - crop: scale to cover the size, then center-crop (the built-in default, so outputs made before the
+#   choice existed stay the same);
+# - fit: resize to exactly the size; the aspect ratio is not kept (stretch);
+# - pad: scale to fit inside the size keeping the aspect ratio, then pad centrally with black.
+ResizePolicy = Literal["crop", "fit", "pad"]
+BUILTIN_RESIZE: ResizePolicy = "crop"
+RESIZE_DESCRIPTION = "crop (cover, then center-crop), fit (stretch) or pad (fit inside, pad with black)"
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -93,6 +102,9 @@ class Defaults(_Strict):
     strength: Strength | None = None
     guidance_scale: GuidanceScale | None = None
     steps: Steps | None = None
+    resize: ResizePolicy | None = Field(
+        None, description=f"how inputs reach the size: {RESIZE_DESCRIPTION}; default crop"
+    )
 
 
 def _check_prompt_template(value: str) -> str:
@@ -179,6 +191,9 @@ class ResizeStage(_Strict):
     type: Literal["resize"]
     model: Literal["cpu"] = Field("cpu", description="resize runs on `imgjobs worker --model cpu`")
     size: Size | None = Field(None, description="default: the item's or the job's size")
+    resize: ResizePolicy | None = Field(
+        None, description=f"{RESIZE_DESCRIPTION}; default: the item's or the job's policy"
+    )
     format: Literal["png", "jpeg", "webp"] = "png"
     quality: int = Field(90, ge=1, le=100, description="jpeg and webp")
     save: tuple[Literal["image"], ...] | None = None
@@ -230,6 +245,7 @@ class Item(_Strict):
     guidance_scale: GuidanceScale | None = None
     steps: Steps | None = None
     noise_level: int | None = Field(None, ge=0, le=350)
+    resize: ResizePolicy | None = None
 
 
 T = TypeVar("T")
@@ -244,9 +260,11 @@ def _first(*values: T | None, fallback: T) -> T:
 
 class ResolvedParams(_Strict):
     """One stage's parameters for one item: items share a batched call only when these are equal.
-    `size` is the size inputs are fitted to (first stage) or generated at (text2img)."""
+    `size` is the size inputs are fitted to (first stage) or generated at (text2img); `resize` is how
+    they are fitted to it (first stage and resize stages; later stages take their input as it is)."""
 
     size: Size
+    resize: ResizePolicy = BUILTIN_RESIZE
     guidance_scale: GuidanceScale | None = None
     steps: Steps | None = None
     strength: Strength | None = None
@@ -270,11 +288,15 @@ BUILTIN_NOISE_LEVEL = 20
 
 def resolve_params(item: Item, stage: StageSpec, defaults: Defaults) -> ResolvedParams:
     """Item, then stage, then job defaults, then built-in defaults; an item's override applies to
-    every stage that takes the parameter."""
+    every stage that takes the parameter. Only resize stages have their own `size` and `resize`."""
     if isinstance(stage, ResizeStage):
-        return ResolvedParams(size=_first(item.size, stage.size, defaults.size, fallback=BUILTIN_SIZE))
+        return ResolvedParams(
+            size=_first(item.size, stage.size, defaults.size, fallback=BUILTIN_SIZE),
+            resize=_first(item.resize, stage.resize, defaults.resize, fallback=BUILTIN_RESIZE),
+        )
     upscale = isinstance(stage, UpscaleStage)
     return ResolvedParams(
+        resize=_first(item.resize, defaults.resize, fallback=BUILTIN_RESIZE),
         guidance_scale=_first(
             item.guidance_scale,
             stage.guidance_scale,

@@ -3,7 +3,8 @@ kombu's `unacked` bookkeeping) are named by Celery and not listed here.
 
     imgjobs:jobs                      set    every job id ever submitted
     imgjobs:job:<id>:meta             hash   name, output, total, spec, submitted_at, started_at, finished_at
-    imgjobs:job:<id>:counts           hash   pending / running / succeeded / failed -> count
+    imgjobs:job:<id>:counts           hash   pending / running / succeeded / failed -> count (pending
+                                             is the item count at submit; a state absent is 0)
     imgjobs:job:<id>:items            hash   item id -> ItemState
     imgjobs:job:<id>:order            list   item ids in manifest order (results.jsonl follows it)
     imgjobs:job:<id>:results          hash   item id -> ItemResult JSON, once the item is finished
@@ -67,22 +68,34 @@ def schedule_seen(name: str) -> str:
     return f"{PREFIX}:schedule:{name}:seen"
 
 
-# The one way an item changes state, shared by the producer (retry) and the workers.
-# KEYS: items hash, counts hash, results hash.  ARGV: item id, new state, result JSON ("" keeps the
-# stored result, "-" deletes it), then the states the item may move from. Returns pending + running
-# after the move, -1 for an unknown item, -2 when the item is in none of the allowed states (nothing
-# changes then). One script, so the per-state counts always add up to the total.
+# The one way items change state, shared by the producer (retry) and the workers.
+# KEYS: items hash, counts hash, results hash.  ARGV: n, the n states items may move from, then for each
+# item its id, its new state and its result JSON ("" keeps the stored result, "-" deletes it). Returns,
+# per item, 1 when it moved, -1 for an unknown item, -2 when it is in none of the allowed states (it is
+# left as it is then). One script, so the per-state counts always add up to the total; many items per
+# call, so a worker records a whole batch in one round trip.
 TRANSITION_SCRIPT = """
-local current = redis.call('HGET', KEYS[1], ARGV[1])
-if not current then return -1 end
-local allowed = false
-for i = 4, #ARGV do if ARGV[i] == current then allowed = true end end
-if not allowed then return -2 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('HINCRBY', KEYS[2], current, -1)
-redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
-if ARGV[3] == '-' then redis.call('HDEL', KEYS[3], ARGV[1])
-elseif ARGV[3] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[3]) end
-local open = redis.call('HMGET', KEYS[2], 'pending', 'running')
-return tonumber(open[1] or 0) + tonumber(open[2] or 0)
+local allowed, first = {}, 2 + tonumber(ARGV[1])
+for i = 2, first - 1 do allowed[ARGV[i]] = true end
+local outcomes = {}
+for i = first, #ARGV, 3 do
+  local id, to, result = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local current = redis.call('HGET', KEYS[1], id)
+  if not current then outcomes[#outcomes + 1] = -1
+  elseif not allowed[current] then outcomes[#outcomes + 1] = -2
+  else
+    redis.call('HSET', KEYS[1], id, to)
+    redis.call('HINCRBY', KEYS[2], current, -1)
+    redis.call('HINCRBY', KEYS[2], to, 1)
+    if result == '-' then redis.call('HDEL', KEYS[3], id)
+    elseif result ~= '' then redis.call('HSET', KEYS[3], id, result) end
+    outcomes[#outcomes + 1] = 1
+  end
+end
+return outcomes
 """
+
+
+def transition_args(allowed: list[str], moves: list[tuple[str, str, str]]) -> list[str]:
+    """TRANSITION_SCRIPT's ARGV for (item id, new state, result) moves from the allowed states."""
+    return [str(len(allowed)), *allowed, *(part for move in moves for part in move)]

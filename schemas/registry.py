@@ -44,8 +44,8 @@ class ModelEntry(BaseModel):
     vae_slicing: bool = Field(False, description="decode a batch one image at a time: less memory")
     vae_tiling: bool = Field(False, description="decode large images in tiles: less memory")
     # Throughput on a GPU (issue 6). All off by default, so CPU runs and tests are unaffected. The GPU
-    # recipe: dtype bfloat16, channels_last, fuse_qkv, compile, compile_vae, static_batch equal to
-    # IMGJOBS_CHUNK_SIZE and warmup. Compiled code is cached on disk (IMGJOBS_COMPILE_CACHE_DIR).
+    # recipe: dtype bfloat16, channels_last, fuse_qkv, compile, compile_vae, static_batch (16 for SD 1.5
+    # at 512 on an H100/H200) and warmup. Compiled code is cached on disk (IMGJOBS_COMPILE_CACHE_DIR).
     channels_last: bool = Field(
         False, description="channels-last memory format for the denoiser and the VAE (faster convolutions)"
     )
@@ -53,12 +53,20 @@ class ModelEntry(BaseModel):
         False, description="fuse the attention q/k/v projections into one matmul (needs attention: sdpa)"
     )
     compile_vae: bool = Field(False, description="torch.compile the VAE's encoder and decoder at load")
+    max_batch: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="most items in one pipeline call; a chunk of more items runs as several calls, "
+        "overlapped with fetching the next call's inputs and writing the last call's outputs",
+    )
     static_batch: int | None = Field(
         None,
         ge=1,
         le=256,
-        description="run every pipeline call at this batch size: a partial chunk is padded (the padded "
-        "rows are dropped), a larger one split, so compiled code sees one shape",
+        description="run every pipeline call at exactly this batch size (it then takes the place of "
+        "max_batch): a partial batch is padded (the padded rows are dropped), so compiled code sees "
+        "one shape",
     )
     warmup: bool = Field(
         False, description="run one dummy batch at load, so compilation happens before the worker takes work"
@@ -73,10 +81,17 @@ class ModelEntry(BaseModel):
     def _check_speedups(self) -> ModelEntry:
         if self.fuse_qkv and self.attention == "classic":
             raise ValueError("fuse_qkv uses SDPA's fused attention; it cannot go with attention: classic")
+        if self.static_batch and "max_batch" in self.model_fields_set and self.max_batch != self.static_batch:
+            raise ValueError("static_batch sets the batch size; leave max_batch out or make them equal")
         sides = self.warmup_size or ()
         if any(side % 8 or not 8 <= side <= 4096 for side in sides):
             raise ValueError("warmup_size: width and height must be multiples of 8 between 8 and 4096")
         return self
+
+    @property
+    def batch_size(self) -> int:
+        """Items per pipeline call."""
+        return self.static_batch or self.max_batch
 
 
 class RegistryFile(BaseModel):
@@ -114,6 +129,9 @@ BUILTIN_MODELS: dict[str, ModelEntry] = {
         source="imgjobs:cpu",
         pipeline=RESIZE_PIPELINE,
         dtype="float32",
+        # A resize costs next to nothing, so each call carries the per-call costs (a Redis round trip,
+        # a log line) for as many items as a chunk holds.
+        max_batch=256,
         description="CPU stages (resize); no model",
     ),
     "sd15": ModelEntry(

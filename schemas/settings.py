@@ -24,7 +24,19 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(None, description="redis:// or rediss:// URL; unset means embedded")
     models: Path | None = Field(None, description="models.yaml registry file")
     schedules: Path | None = Field(None, description="schedules.yaml for `imgjobs schedule`")
-    chunk_size: int = Field(8, ge=1, le=1024, description="items per Celery task and per batched call")
+    chunk_size: int = Field(
+        64,
+        ge=1,
+        le=1024,
+        description="items per Celery task; a worker runs them in pipeline calls of its model's batch size",
+    )
+    io_threads: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="threads per worker that fetch and decode inputs and encode and write outputs while "
+        "the pipeline runs; 0 does that in line; unset: 4 for a model on a GPU, 0 for one on the CPU",
+    )
     task_time_limit_s: int = Field(3600, ge=10, description="hard limit for one chunk")
     model_load_timeout_s: int = Field(1800, ge=10, description="how long a worker may take to load its model")
     max_image_bytes: int = Field(64 * 2**20, ge=1024, description="largest input file accepted")

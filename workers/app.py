@@ -36,7 +36,8 @@ def send_chunk(chunk: Chunk) -> None:
     """Queue a chunk on its stage's model queue; the deterministic task id names it in logs."""
     app.send_task(
         RUN_CHUNK_TASK,
-        args=[chunk.model_dump(mode="json")],
+        args=chunk.task_args(),
+        argsrepr=chunk.task_repr(),
         task_id=chunk.chunk_id,
         queue=chunk.stage.model.queue,
     )

@@ -1,5 +1,10 @@
-"""Running one chunk at one stage: fetch and decode inputs, one batched stage call, write outputs, then
+"""Running one chunk at one stage: fetch and decode inputs, batched stage calls, write outputs, then
 either hand the items to the next stage's queue or record them as finished.
+
+A chunk runs as calls of the model's batch size. While the pipeline runs one call, a thread pool
+(IMGJOBS_IO_THREADS) fetches and decodes the inputs of the next ones and encodes and writes the
+outputs of the last one, so the accelerator does not wait on storage. Items are recorded as finished
+a batch at a time, in one Redis round trip, as soon as their outputs are written.
 
 A bad item fails alone: its error is recorded and the others go on. Errors that may pass
 (StorageError) propagate so the task can retry the chunk; items already finished, or already
@@ -13,10 +18,12 @@ import json
 import logging
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import redis
 import torch
@@ -52,12 +59,15 @@ from workers.stages.upscale import run_upscale
 from workers.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STAGES = {"img2img": run_img2img, "text2img": run_text2img, "upscale": run_upscale, "resize": run_resize}
 RESULTS_KEY = "results.jsonl"
 DATASET_DIR = "dataset"
 REPORT_KEY = "report.html"
 LATENT_TENSOR = "latent"
+LOOKAHEAD = 2  # batches whose inputs are fetched, or outputs written, while the pipeline runs
+GPU_IO_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,23 @@ class _Prepared:
     latent: torch.Tensor | None = None
     control: Image.Image | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    written: dict[str, str] = field(default_factory=dict)
+
+
+class _InLine:
+    """Runs each task as it is submitted. For a model on the CPU: there the stage itself needs the CPU
+    (and the interpreter lock), so I/O threads would only take turns with it."""
+
+    def submit(self, task: Callable[..., T], *args: Any) -> Future[T]:
+        future: Future[T] = Future()
+        try:
+            future.set_result(task(*args))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self, cancel_futures: bool = False) -> None:
+        pass
 
 
 def _summed(records: list[StageRecord]) -> dict[str, float]:
@@ -130,37 +157,37 @@ class _ChunkRun:
             failed_stage=self.plan.name if error else None,
         )
 
-    def _finish(self, result: ItemResult) -> None:
-        """Record the result first: only then are the handover files surplus, and a failure to delete
+    def _finish(self, results: list[ItemResult]) -> None:
+        """Record the results first: only then are the handover files surplus, and a failure to delete
         them costs some storage, never the item."""
-        if not self.progress.finish(result):
-            return  # finished already, or handed on (a late fail_items): nothing of ours to record
-        reason = result.error.type if result.error else None
-        if result.error:
-            log.warning(
-                "item %s failed: %s: %s",
-                result.id,
-                result.error.type,
-                result.error.message,
-                extra={"item_id": result.id, "reason": result.error.type},
-            )
-        record_item(self.plan.model.name, self.plan.name, result.status, reason)
-        try:
-            self._delete_intermediates(result.id)
-        except StorageError as exc:
-            log.warning(
-                "item %s: handover files not deleted: %s", result.id, exc, extra={"item_id": result.id}
-            )
+        for result, recorded in zip(results, self.progress.finish(results), strict=True):
+            if not recorded:
+                continue  # finished already, or handed on (a late fail_items): nothing of ours to record
+            reason = result.error.type if result.error else None
+            if result.error:
+                log.warning(
+                    "item %s failed: %s: %s",
+                    result.id,
+                    result.error.type,
+                    result.error.message,
+                    extra={"item_id": result.id, "reason": result.error.type},
+                )
+            record_item(self.plan.model.name, self.plan.name, result.status, reason)
+            try:
+                self._delete_intermediates(result.id)
+            except StorageError as exc:
+                log.warning(
+                    "item %s: handover files not deleted: %s", result.id, exc, extra={"item_id": result.id}
+                )
 
     def fail(self, member: ChunkItem, error: ImgjobsError, timings: dict[str, float] | None = None) -> None:
         records = [*member.stages, self._record(timings or {})]
         # Kept before the failure is recorded, so `imgjobs retry` always finds what to run again.
         self.progress.keep_for_retry(member.item)
-        self._finish(self._result(member, records, dict(member.outputs), error))
+        self._finish([self._result(member, records, dict(member.outputs), error)])
 
     def _record(self, timings: dict[str, float]) -> StageRecord:
         record_stage(self.plan.model.name, self.plan.name, timings)
-        record_busy(self.plan.model.name, timings.get("infer_s", 0.0))
         return StageRecord(
             name=self.plan.name,
             model=self.plan.model.name,
@@ -184,7 +211,7 @@ class _ChunkRun:
         if source.kind == "image" and source.uri:
             # The first stage fits inputs to the job's size; later stages take what the previous made.
             size = self.chunk.params.size if self.chunk.stage_index == 0 else None
-            prepared.image = load_input(source.uri, size, self.ctx.settings)
+            prepared.image = load_input(source.uri, size, self.ctx.settings, self.chunk.params.resize)
         elif source.kind == "latent" and source.uri:
             try:
                 prepared.latent = load_safetensors(fetch_bytes(source.uri, self.ctx.settings))[LATENT_TENSOR]
@@ -200,49 +227,117 @@ class _ChunkRun:
         if image is None:
             raise InputImageError("a ControlNet stage needs an input image")
         if member.item.control_image:
-            return load_input(member.item.control_image, image.size, self.ctx.settings)
+            return load_input(
+                member.item.control_image, image.size, self.ctx.settings, self.chunk.params.resize
+            )
         if self.plan.depth_model is None:
             raise InputImageError("this stage needs a control_image for each item (or control: depth)")
-        depth: Image.Image = self.ctx.model.depth_estimator(self.plan.depth_model)(image)["depth"]
+        depth = self.ctx.model.estimate_depth(self.plan.depth_model, image)
         return depth.convert("RGB").resize(image.size, Image.Resampling.BICUBIC)
 
     # -- the stage
 
     def run(self, members: list[ChunkItem]) -> None:
-        ready: list[_Prepared] = []
-        for member in members:
+        size = self.ctx.model.entry.batch_size
+        batches = [members[start : start + size] for start in range(0, len(members), size)]
+        started, busy_s = time.perf_counter(), 0.0
+        handed: list[tuple[ChunkItem, ResolvedParams]] = []
+        pool = self._io_pool()
+        try:
+            # Inputs are fetched LOOKAHEAD batches ahead: enough to keep the pipeline fed, while a
+            # chunk of large images is never all in memory at once.
+            loading = deque([self._load_all(pool, batch) for batch in batches[: LOOKAHEAD + 1]])
+            writing: deque[Future[list[_Prepared]]] = deque()
+            for index in range(len(batches)):
+                loads = loading.popleft()
+                if index + LOOKAHEAD + 1 < len(batches):
+                    loading.append(self._load_all(pool, batches[index + LOOKAHEAD + 1]))
+                ready = self._collect(loads)
+                call_started = time.perf_counter()
+                output = self._infer(ready) if ready else None
+                busy_s += time.perf_counter() - call_started
+                if output is not None:
+                    writing.append(pool.submit(self._write_all, ready, output))
+                while writing and (writing[0].done() or len(writing) > LOOKAHEAD):
+                    handed += self._complete(writing.popleft().result())
+            while writing:
+                handed += self._complete(writing.popleft().result())
+        finally:
+            pool.shutdown(cancel_futures=True)  # on an error, drop the fetches not yet started
+        if handed:
+            self._hand_over(handed)
+        elapsed = time.perf_counter() - started
+        record_busy(self.plan.model.name, busy_s)
+        log.info(
+            "chunk %s: %d item(s) in %d call(s), %.3f s; pipeline busy %.3f s (duty cycle %.0f%%)",
+            self.chunk.chunk_id,
+            len(members),
+            len(batches),
+            elapsed,
+            busy_s,
+            100 * busy_s / elapsed if elapsed else 0.0,
+            extra={
+                "busy_s": round(busy_s, 4),
+                "elapsed_s": round(elapsed, 4),
+                "duty_cycle": round(busy_s / elapsed, 4) if elapsed else 0.0,
+            },
+        )
+
+    def _io_pool(self) -> ThreadPoolExecutor | _InLine:
+        threads = self.ctx.settings.io_threads
+        if threads is None:
+            threads = 0 if self.ctx.model.device == "cpu" else GPU_IO_THREADS
+        if threads == 0:
+            return _InLine()
+        return ThreadPoolExecutor(threads, thread_name_prefix="imgjobs-io")
+
+    def _load_all(
+        self, pool: ThreadPoolExecutor | _InLine, batch: list[ChunkItem]
+    ) -> list[tuple[ChunkItem, Future[_Prepared]]]:
+        return [(member, pool.submit(self._load, member)) for member in batch]
+
+    def _collect(self, loads: list[tuple[ChunkItem, Future[_Prepared]]]) -> list[_Prepared]:
+        """The batch's loaded items; those whose input was bad are recorded as failed."""
+        ready = []
+        for member, future in loads:
             try:
-                ready.append(self._load(member))
+                ready.append(future.result())
             except ItemError as exc:
                 self.fail(member, exc)
-        if not ready:
-            return
-        output = self._infer(ready)
-        if output is None:
-            return
-        handed: list[tuple[ChunkItem, ResolvedParams]] = []
+        return ready
+
+    def _write_all(self, ready: list[_Prepared], output: StageOutput) -> list[_Prepared]:
+        """On an I/O thread: encode and write one call's outputs."""
         for index, prepared in enumerate(ready):
             started = time.perf_counter()
-            written = self._write(prepared.member.item.id, output, index)
+            prepared.written = self._write(prepared.member.item.id, output, index)
             prepared.timings["write_s"] = time.perf_counter() - started
+        return ready
+
+    def _complete(self, written: list[_Prepared]) -> list[tuple[ChunkItem, ResolvedParams]]:
+        """Record one call's items as finished (the last stage), or return them for the next stage."""
+        finished: list[ItemResult] = []
+        handed: list[tuple[ChunkItem, ResolvedParams]] = []
+        for prepared in written:
             member = prepared.member
             records = [*member.stages, self._record(prepared.timings)]
             outputs = dict(member.outputs)
-            outputs.update({output_name(self.plan, kind): written[kind] for kind in self.plan.save})
+            outputs.update({output_name(self.plan, kind): prepared.written[kind] for kind in self.plan.save})
             if self.chunk.is_last_stage:
-                self._finish(self._result(member, records, outputs))
-                self.progress.stage_passed(self.plan.name, 1)
+                finished.append(self._result(member, records, outputs))
                 continue
             follower = ChunkItem(
                 item=member.item,
-                input=StageInput(kind=self.plan.handover, uri=written[self.plan.handover]),
+                input=StageInput(kind=self.plan.handover, uri=prepared.written[self.plan.handover]),
                 outputs=outputs,
                 stages=records,
             )
             next_spec = self.chunk.recipe[self.chunk.stage_index + 1].spec
             handed.append((follower, resolve_params(member.item, next_spec, self.chunk.defaults)))
-        if handed:
-            self._hand_over(handed)
+        if finished:
+            self._finish(finished)
+            self.progress.stage_passed(self.plan.name, len(finished))
+        return handed
 
     def _infer(self, ready: list[_Prepared]) -> StageOutput | None:
         spec, defaults = self.plan.spec, self.chunk.defaults

@@ -18,6 +18,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from schemas.errors import InputImageError, StorageError
+from schemas.job import ResizePolicy
 from schemas.settings import Settings
 from workers.storage import s3_client, split_s3_uri
 
@@ -145,12 +146,30 @@ def decode_image(data: bytes, uri: str, settings: Settings) -> Image.Image:
         raise InputImageError(f"{uri}: cannot decode: {exc}") from None
 
 
-def load_input(uri: str, size: tuple[int, int] | None, settings: Settings) -> Image.Image:
-    """Fetch, decode and fit (center-crop to the aspect ratio, then resize) to size=(width, height)."""
-    image = decode_image(fetch_bytes(uri, settings), uri, settings)
-    if size is None or image.size == size:
+PAD_COLOR = (0, 0, 0)
+
+
+def fit_image(image: Image.Image, size: tuple[int, int], policy: ResizePolicy) -> Image.Image:
+    """An RGB image of exactly size=(width, height): crop covers the size and center-crops, fit
+    stretches, pad fits inside and pads centrally with black (see schemas.job.ResizePolicy)."""
+    if image.mode != "RGB":  # first, since pad's canvas takes the image's mode
+        image = image.convert("RGB")
+    if image.size == size:
         return image
-    return ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)
+    resample = Image.Resampling.LANCZOS
+    if policy == "crop":
+        return ImageOps.fit(image, size, method=resample)
+    if policy == "fit":
+        return image.resize(size, resample)
+    return ImageOps.pad(image, size, method=resample, color=PAD_COLOR, centering=(0.5, 0.5))
+
+
+def load_input(
+    uri: str, size: tuple[int, int] | None, settings: Settings, policy: ResizePolicy = "crop"
+) -> Image.Image:
+    """Fetch, decode and, with a size=(width, height), bring to it as `policy` says."""
+    image = decode_image(fetch_bytes(uri, settings), uri, settings)
+    return image if size is None else fit_image(image, size, policy)
 
 
 def encode_image(image: Image.Image, image_format: str = "png", quality: int | None = None) -> bytes:

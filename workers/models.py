@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from diffusers import (
     DiffusionPipeline,
 )
 from diffusers.models.attention_processor import AttnProcessor
+from PIL import Image
 
 from schemas.errors import StageError
 from schemas.job import (
@@ -201,6 +203,7 @@ class LoadedModel:
         # CPU stages (resize) have no pipeline to load.
         self.pipeline: Any = None if entry.pipeline == RESIZE_PIPELINE else load_pipeline(entry)
         self._derived: dict[str, Any] = {}
+        self._depth_lock = threading.Lock()
         self.warmup_s: float | None = None
         if entry.warmup and self.pipeline is not None:
             self.warmup_s = self.warm_up()
@@ -311,13 +314,18 @@ class LoadedModel:
         log.info("loading controlnet %s for %s", model.name, self.name)
         return ControlNetModel.from_pretrained(model.entry.source, **kwargs).to(self.device)
 
-    def depth_estimator(self, model: ResolvedModel) -> Any:
+    def estimate_depth(self, model: ResolvedModel, image: Image.Image) -> Image.Image:
+        """The depth map of image, from the transformers depth-estimation model, loaded on first use.
+        Control images are made on the chunk runner's I/O threads, and a transformers pipeline is not
+        made for concurrent calls: one at a time (the GPU's main work runs beside it regardless)."""
         key = f"depth:{model.name}"
-        if key not in self._derived:
-            from transformers import pipeline as transformers_pipeline
+        with self._depth_lock:
+            if key not in self._derived:
+                from transformers import pipeline as transformers_pipeline
 
-            log.info("loading depth estimator %s for %s", model.name, self.name)
-            self._derived[key] = transformers_pipeline(
-                "depth-estimation", model=model.entry.source, device=self.device, dtype=torch.float32
-            )
-        return self._derived[key]
+                log.info("loading depth estimator %s for %s", model.name, self.name)
+                self._derived[key] = transformers_pipeline(
+                    "depth-estimation", model=model.entry.source, device=self.device, dtype=torch.float32
+                )
+            depth: Image.Image = self._derived[key](image)["depth"]
+        return depth

@@ -38,17 +38,20 @@ _context: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar
 
 
 class _Duty:
-    """Busy intervals of the last minute, for the duty-cycle gauge."""
+    """Busy intervals of the last minute, for the duty-cycle gauge, with their sum kept as they come
+    and go rather than summed on every call."""
 
     def __init__(self) -> None:
         self.intervals: deque[tuple[float, float]] = deque()
+        self.busy_s = 0.0
 
     def add(self, model: str, busy_s: float) -> None:
         now = time.monotonic()
         self.intervals.append((now, busy_s))
+        self.busy_s += busy_s
         while self.intervals and self.intervals[0][0] < now - DUTY_WINDOW_S:
-            self.intervals.popleft()
-        DUTY_CYCLE.labels(model).set(min(1.0, sum(busy for _, busy in self.intervals) / DUTY_WINDOW_S))
+            self.busy_s -= self.intervals.popleft()[1]
+        DUTY_CYCLE.labels(model).set(min(1.0, max(0.0, self.busy_s) / DUTY_WINDOW_S))
 
 
 _duty = _Duty()

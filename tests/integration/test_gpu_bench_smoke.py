@@ -54,6 +54,8 @@ def test_gpu_throughput_benchmark_smoke(tmp_path: Path) -> None:
     rows = {row["what"]: row for row in written["rows"]}
     assert not [row for row in written["rows"] if "error" in row]
     engine = rows["sd15_engine"]
-    assert engine["items"] == 16 and engine["chunks"] == 4 and engine["static_batch"] == 4
+    # One chunk of four calls at static_batch 4, as the worker runs a chunk; its duty cycle is logged.
+    assert engine["items"] == 16 and engine["chunks"] == 1 and engine["static_batch"] == 4
+    assert 0 < engine["duty_cycle"] <= 1 and last["engine_duty_cycle"] == engine["duty_cycle"]
     assert rows["sd15_engine_load"]["warmup_s"] > 0  # the engine warmed up before the stream
     assert rows["flops"]["per_image_tflop"] > 0

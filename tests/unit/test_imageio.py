@@ -1,4 +1,5 @@
-"""Input decoding: limits hold before decoding, and odd but valid images become plain RGB."""
+"""Input decoding: limits hold before decoding, odd but valid images become plain RGB, and each
+resize policy brings an input to its size as documented."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import pytest
 from PIL import Image
 
 from schemas.errors import InputImageError
+from schemas.job import ResizePolicy
 from schemas.settings import Settings
-from workers.imageio import decode_image, fetch_bytes, load_input
+from workers.imageio import decode_image, fetch_bytes, fit_image, load_input
 
 SETTINGS = Settings(max_image_bytes=200_000, max_image_pixels=1_000_000)
 
@@ -100,3 +102,68 @@ def test_load_input_center_crops_to_the_target_size(tmp_path: Path) -> None:
     assert fitted.size == (32, 32)
     # Cropped, not squashed: the black sides are gone (squashing would leave the outer quarters black).
     assert np.asarray(fitted).min() > 200
+
+
+GREEN, RED, BLUE, YELLOW, BLACK = (0, 255, 0), (255, 0, 0), (0, 0, 255), (255, 255, 0), (0, 0, 0)
+
+
+def four_bands() -> Image.Image:
+    """40x20, four vertical 10-pixel bands: green, red, blue, yellow. The outer bands tell a crop
+    (they go) from a stretch (they stay), which two halves alone would not."""
+    image = Image.new("RGB", (40, 20))
+    for index, colour in enumerate((GREEN, RED, BLUE, YELLOW)):
+        image.paste(colour, (10 * index, 0, 10 * index + 10, 20))
+    return image
+
+
+def assert_colour(image: Image.Image, xy: tuple[int, int], expected: tuple[int, int, int]) -> None:
+    # LANCZOS rings a little near band edges; the pixels probed here sit inside a band.
+    pixel = image.getpixel(xy)
+    assert isinstance(pixel, tuple)
+    assert max(abs(int(a) - b) for a, b in zip(pixel, expected, strict=True)) <= 16, (xy, pixel, expected)
+
+
+def test_crop_covers_the_size_and_cuts_the_outer_bands() -> None:
+    fitted = fit_image(four_bands(), (16, 16), "crop")
+    assert (fitted.mode, fitted.size) == ("RGB", (16, 16))
+    for y in (0, 8, 15):
+        assert_colour(fitted, (2, y), RED)
+        assert_colour(fitted, (13, y), BLUE)
+    assert np.asarray(fitted)[..., 1].max() <= 16, "no green or yellow: the outer quarters are cut off"
+
+
+def test_fit_stretches_keeping_every_band() -> None:
+    fitted = fit_image(four_bands(), (16, 16), "fit")
+    assert (fitted.mode, fitted.size) == ("RGB", (16, 16))
+    for y in (0, 8, 15):  # full height: nothing padded
+        for x, colour in ((2, GREEN), (6, RED), (9, BLUE), (13, YELLOW)):
+            assert_colour(fitted, (x, y), colour)
+
+
+def test_pad_keeps_the_aspect_ratio_between_black_bars() -> None:
+    fitted = fit_image(four_bands(), (16, 16), "pad")
+    assert (fitted.mode, fitted.size) == ("RGB", (16, 16))
+    pixels = np.asarray(fitted)
+    # 40x20 scales to 16x8, centred: rows 0-3 and 12-15 are the padding.
+    assert (pixels[:4] == 0).all() and (pixels[12:] == 0).all()
+    for y in (4, 8, 11):
+        for x, colour in ((2, GREEN), (6, RED), (9, BLUE), (13, YELLOW)):
+            assert_colour(fitted, (x, y), colour)
+
+
+@pytest.mark.parametrize("policy", ["crop", "fit", "pad"])
+def test_every_policy_gives_exactly_the_size_in_rgb(policy: ResizePolicy) -> None:
+    image = Image.new("RGBA", (33, 70), (10, 20, 30, 40))
+    for size in ((16, 16), (24, 8), (17, 9)):
+        fitted = fit_image(image, size, policy)
+        assert (fitted.mode, fitted.size) == ("RGB", size)
+    same = Image.new("RGB", (16, 8))
+    assert fit_image(same, (16, 8), policy) is same, "already the size: left as it is"
+
+
+def test_load_input_applies_the_policy(tmp_path: Path) -> None:
+    path = tmp_path / "bands.png"
+    four_bands().save(path)
+    padded = load_input(f"file://{path}", (16, 16), SETTINGS, "pad")
+    assert padded.getpixel((8, 0)) == BLACK
+    assert_colour(load_input(f"file://{path}", (16, 16), SETTINGS), (2, 8), RED)  # crop by default

@@ -135,6 +135,28 @@ def test_csv_items_with_size_strings(tmp_path: Path) -> None:
     assert sizes == [(32, 32), (64, 32)]  # b takes the job default
 
 
+def test_an_unknown_resize_policy_is_named_with_its_field(tmp_path: Path) -> None:
+    spec = write_job(tmp_path, [], model="sd15")
+    spec_data = json.loads(spec.read_text())
+    spec_data["items"] = "items.csv"
+    spec.write_text(json.dumps(spec_data))
+    csv = tmp_path / "items.csv"
+    csv.write_text("id,image,resize\na,a.png,pad\nb,b.png,\nc,c.png,stretch\nd,d.png,Pad\n")
+    expected = "resize: Input should be 'crop', 'fit' or 'pad'"
+    assert problems_of(spec) == [f"{csv}:4: {expected}", f"{csv}:5: {expected}"]  # exact spelling
+    csv.write_text("id,image,resize\na,a.png,pad\nb,b.png,\n")
+    chunks = list(plan_chunks(validate_job(spec, REGISTRY), chunk_size=8))
+    assert sorted(chunk.params.resize for chunk in chunks) == ["crop", "pad"]  # b: the built-in crop
+
+    spec_data["defaults"] = {"resize": "stretch"}
+    spec_data["stages"] = [{"type": "resize", "resize": "zoom"}]
+    spec.write_text(json.dumps(spec_data, indent=2))
+    found = problems_of(spec)
+    assert len(found) == 2, found
+    assert found[0].startswith(f"{spec}:") and found[0].endswith(f"defaults.{expected}")
+    assert found[1].startswith(f"{spec}:") and "stages.0.resize" in found[1] and found[1].endswith(expected)
+
+
 def test_empty_items_file_is_an_error(tmp_path: Path) -> None:
     spec = write_job(tmp_path, [], model="sd15")
     assert problems_of(spec) == [f"{tmp_path / 'items.jsonl'}: no items"]

@@ -40,13 +40,13 @@ def test_counts_follow_transitions_and_the_last_item_finishes_the_job(redis_serv
     status = read_status(client, "j1")
     assert (status.state, status.pending, status.running) == (JobState.RUNNING, 1, 2)
 
-    assert progress.finish(result("a")) is True
-    assert progress.finish(result("b", "failed")) is True
+    assert progress.finish([result("a")]) == [True]
+    assert progress.finish([result("b", "failed")]) == [True]
     assert not progress.unfinalized()  # c is still open
     # A second delivery of a finished item neither restarts nor re-counts it.
     assert progress.start(["a", "c"], 0) == ["c"]
-    assert progress.finish(result("a", "failed")) is False
-    assert progress.finish(result("c")) is True
+    assert progress.finish([result("a", "failed")]) == [False]
+    assert progress.finish([result("c")]) == [True]
     assert progress.unfinalized()
 
     status = read_status(client, "j1")
@@ -64,7 +64,7 @@ def test_a_reopened_job_is_not_marked_finished(redis_server: EmbeddedRedis) -> N
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     register(client, "j4", ["a"])
     progress = JobProgress(client, "j4")
-    assert progress.finish(result("a", "failed"))
+    assert progress.finish([result("a", "failed")]) == [True]
     client.hset(keys.job_items("j4"), "a", "pending")  # what `imgjobs retry` does, by its own script
     client.hset(keys.job_counts("j4"), mapping={"failed": 0, "pending": 1})
     assert not progress.mark_finished("results-uri", "report-uri")
@@ -77,7 +77,7 @@ def test_what_a_stage_still_owes(redis_server: EmbeddedRedis) -> None:
     progress = JobProgress(client, "j5")
     progress.start(["a", "b", "c"], 0)
     progress.handed_over(["b"], 0)
-    assert progress.finish(result("c"))
+    assert progress.finish([result("c")]) == [True]
     assert progress.open_at(["a", "b", "c"], 0) == ["a"]
     assert progress.open_at(["a", "b", "c"], 1) == ["a", "b"]
 
@@ -98,5 +98,5 @@ def test_unknown_items_are_ignored(redis_server: EmbeddedRedis) -> None:
     register(client, "j2", ["a"])
     progress = JobProgress(client, "j2")
     assert progress.start(["zzz"], 0) == []
-    assert progress.finish(result("zzz")) is False
+    assert progress.finish([result("zzz")]) == [False]
     assert read_status(client, "j2").pending == 1

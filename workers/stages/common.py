@@ -30,7 +30,7 @@ class StageBatch:
 
 @dataclass(frozen=True)
 class StageOutput:
-    images: np.ndarray | None = None  # float in [0, 1], (batch, height, width, 3)
+    images: np.ndarray | None = None  # (batch, height, width, 3): float in [0, 1], or uint8 from CPU stages
     latents: torch.Tensor | None = None  # (batch, channels, height, width), scaled as the pipeline uses them
 
 
@@ -158,5 +158,7 @@ def call_pipeline(
 
 
 def to_pil(image: np.ndarray) -> Image.Image:
-    """The same rounding diffusers applies for output_type="pil"."""
+    """The same rounding diffusers applies for output_type="pil"; 8-bit images are taken as they are."""
+    if image.dtype == np.uint8:
+        return Image.fromarray(image)
     return Image.fromarray((image * 255).round().astype("uint8"))

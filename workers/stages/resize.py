@@ -1,14 +1,15 @@
-"""resize: fit each input to the stage's size (center crop to the aspect ratio, then resize) on the
-CPU. The re-encoding (png, jpeg or webp) happens where outputs are written."""
+"""resize: bring each input to the stage's size on the CPU, as its resize policy says (crop, fit or
+pad; see schemas.job.ResizePolicy). The re-encoding (png, jpeg or webp) happens where outputs are
+written."""
 
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageOps
 
 from schemas.errors import StageError
 from schemas.job import ResolvedParams
 from schemas.messages import StagePlan
+from workers.imageio import fit_image
 from workers.models import LoadedModel
 from workers.stages.common import StageBatch, StageOutput, check_batch
 
@@ -25,11 +26,6 @@ def run_resize(
     check_batch(batch, needs_input=True)
     if batch.images is None or want_latents:
         raise StageError("resize works on images only")
-    fitted = [
-        image
-        if image.size == params.size
-        else ImageOps.fit(image, params.size, method=Image.Resampling.LANCZOS)
-        for image in batch.images
-    ]
-    # Exact: to_pil() maps these floats back to the same 8-bit values.
-    return StageOutput(images=np.stack([np.asarray(image, dtype=np.float32) / 255.0 for image in fitted]))
+    fitted = [fit_image(image, params.size, params.resize) for image in batch.images]
+    # 8-bit as decoded: to_pil() takes them as they are, with no round trip through floats.
+    return StageOutput(images=np.stack([np.asarray(image) for image in fitted]))
