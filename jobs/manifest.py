@@ -250,13 +250,18 @@ class _DuplicateIds:
     def add(self, item_id: str) -> None:
         self._hashes.append(hash(item_id))
 
-    def problems(self, resolver: ParamsResolver, items_path: Path) -> list[Problem]:
+    def problems(
+        self, resolver: ParamsResolver, items_path: Path, budget: int, last_line: int | None
+    ) -> list[Problem]:
+        """At most `budget` duplicates, among the lines up to last_line (where validation stopped)."""
         ordered = np.sort(np.frombuffer(self._hashes, dtype=np.int64))
         repeated = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
-        if not repeated:
+        if not repeated or budget <= 0:
             return []
-        file, first_line, problems = str(items_path), dict[str, int](), []
+        file, first_line, problems = str(items_path), dict[str, int](), list[Problem]()
         for line, row in _raw_rows(items_path, hashlib.sha256()):
+            if len(problems) >= budget or (last_line is not None and line > last_line):
+                break
             item_id = row.get("id") if isinstance(row, dict) else None
             if not isinstance(row, dict) or not isinstance(item_id, str) or hash(item_id) not in repeated:
                 continue
@@ -321,7 +326,12 @@ def validate_job(spec_path: Path, registry: Registry) -> ValidatedJob:
         if len(item_problems) >= MAX_PROBLEMS:
             stopped = Problem(file, line, None, f"stopped after {MAX_PROBLEMS} problems")
             break
-    item_problems.extend(duplicates.problems(resolver, items_path))
+    budget = MAX_PROBLEMS - len(item_problems)
+    last_line = stopped.line if stopped is not None else None
+    repeats = duplicates.problems(resolver, items_path, budget, last_line)
+    item_problems.extend(repeats)
+    if stopped is None and repeats and len(repeats) >= budget:
+        stopped = Problem(file, repeats[-1].line, None, f"stopped after {MAX_PROBLEMS} problems")
     problems.extend(sorted(item_problems, key=lambda problem: problem.line or 0))
     if stopped is not None:
         problems.append(stopped)

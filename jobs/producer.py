@@ -137,14 +137,34 @@ def _create(client: redis.Redis, job: ValidatedJob) -> Literal["new", "resume", 
     return "done" if client.hexists(keys.job_meta(job.job_id), "enqueued_at") else "resume"
 
 
-class _Registration:
-    """Records items as pending and in manifest order, in pipelined batches. A resumed submission keeps
-    what the first one recorded: an item's state is only set where it has none, and the order list,
-    always a prefix of the manifest, only grows past what it already holds."""
+# KEYS: items hash, order list. ARGV: the pending state, the manifest position of the first id, then
+# ids in manifest order. Records each id as pending where it has no state yet, and appends it to the
+# order list when the list ends just before its position. Every producer of a job writes the same thing
+# at the same place, so one that resumes a dead submission, or runs beside another submit of the same
+# job, never resets a state a worker has moved on nor repeats an id in the order (results.jsonl
+# follows it).
+_RECORD_ITEMS = """
+local length = redis.call('LLEN', KEYS[2])
+local position = tonumber(ARGV[2])
+for i = 3, #ARGV do
+  redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[1])
+  if position == length then
+    redis.call('RPUSH', KEYS[2], ARGV[i])
+    length = length + 1
+  end
+  position = position + 1
+end
+return length
+"""
 
-    def __init__(self, client: redis.Redis, job_id: str, resume: bool) -> None:
-        self.client, self.job_id, self.resume = client, job_id, resume
-        self.skip_order = int(client.llen(keys.job_order(job_id))) if resume else 0
+
+class _Registration:
+    """Records items, in batches of up to REGISTER_BATCH, through _RECORD_ITEMS."""
+
+    def __init__(self, client: redis.Redis, job_id: str) -> None:
+        self.record = client.register_script(_RECORD_ITEMS)
+        self.keys = [keys.job_items(job_id), keys.job_order(job_id)]
+        self.position = 0
         self.ids: list[str] = []
 
     def add(self, item_id: str) -> None:
@@ -153,21 +173,10 @@ class _Registration:
             self.flush()  # early is harmless; it bounds memory when many chunks fill slowly
 
     def flush(self) -> None:
-        if not self.ids:
-            return
-        pipe = self.client.pipeline(transaction=False)
-        items_key = keys.job_items(self.job_id)
-        if self.resume:
-            for item_id in self.ids:
-                pipe.hsetnx(items_key, item_id, ItemState.PENDING.value)
-        else:
-            pipe.hset(items_key, mapping=dict.fromkeys(self.ids, ItemState.PENDING.value))
-        ordered = self.ids[self.skip_order :]
-        self.skip_order = max(0, self.skip_order - len(self.ids))
-        if ordered:
-            pipe.rpush(keys.job_order(self.job_id), *ordered)
-        pipe.execute()
-        self.ids = []
+        if self.ids:
+            self.record(keys=self.keys, args=[ItemState.PENDING.value, self.position, *self.ids])
+            self.position += len(self.ids)
+            self.ids = []
 
 
 def submit(job: ValidatedJob, settings: Settings, broker_url: str) -> Submission:
@@ -181,7 +190,7 @@ def submit(job: ValidatedJob, settings: Settings, broker_url: str) -> Submission
     state = _create(client, job)
     if state == "done":
         return Submission(job.job_id, job.total, 0, already_submitted=True)
-    registration = _Registration(client, job.job_id, resume=state == "resume")
+    registration = _Registration(client, job.job_id)
 
     def recorded(members: Members) -> Members:
         for member in members:

@@ -1,7 +1,8 @@
 """Every Redis key imgjobs uses, in one place. Celery's own keys (the queues `imgjobs.<model>`,
 kombu's `unacked` bookkeeping) are named by Celery and not listed here.
 
-    imgjobs:jobs                      set    every job id ever submitted
+    imgjobs:jobs                      set    every job id ever submitted (a job joins it when created,
+                                             before its items are recorded)
     imgjobs:job:<id>:meta             hash   name, output, total, spec, submitted_at, started_at, finished_at
     imgjobs:job:<id>:counts           hash   pending / running / succeeded / failed -> count (pending
                                              is the item count at submit; a state absent is 0)

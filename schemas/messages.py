@@ -67,7 +67,8 @@ class ChunkItem(_Message):
 
 
 class Chunk(_Message):
-    """A unit of work: items at one stage that share ResolvedParams, run as one batched call."""
+    """A unit of work, one Celery task: items at one stage that share ResolvedParams, run as batched
+    calls of the model's batch size."""
 
     job_id: str
     chunk_id: str

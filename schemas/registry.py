@@ -16,6 +16,7 @@ MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 QUEUE_PREFIX = "imgjobs."
 X2_LATENT_UPSCALER = "StableDiffusionLatentUpscalePipeline"
 X4_UPSCALER = "StableDiffusionUpscalePipeline"
+DEFAULT_MAX_BATCH = 8
 UPSCALER_PIPELINES = (X2_LATENT_UPSCALER, X4_UPSCALER)
 
 
@@ -53,12 +54,13 @@ class ModelEntry(BaseModel):
         False, description="fuse the attention q/k/v projections into one matmul (needs attention: sdpa)"
     )
     compile_vae: bool = Field(False, description="torch.compile the VAE's encoder and decoder at load")
-    max_batch: int = Field(
-        8,
+    max_batch: int | None = Field(
+        None,
         ge=1,
         le=256,
-        description="most items in one pipeline call; a chunk of more items runs as several calls, "
-        "overlapped with fetching the next call's inputs and writing the last call's outputs",
+        description=f"most items in one pipeline call (default {DEFAULT_MAX_BATCH}); a chunk of more "
+        "items runs as several calls, overlapped with fetching the next call's inputs and writing the "
+        "last call's outputs",
     )
     static_batch: int | None = Field(
         None,
@@ -81,7 +83,7 @@ class ModelEntry(BaseModel):
     def _check_speedups(self) -> ModelEntry:
         if self.fuse_qkv and self.attention == "classic":
             raise ValueError("fuse_qkv uses SDPA's fused attention; it cannot go with attention: classic")
-        if self.static_batch and "max_batch" in self.model_fields_set and self.max_batch != self.static_batch:
+        if self.static_batch and self.max_batch is not None and self.max_batch != self.static_batch:
             raise ValueError("static_batch sets the batch size; leave max_batch out or make them equal")
         sides = self.warmup_size or ()
         if any(side % 8 or not 8 <= side <= 4096 for side in sides):
@@ -91,7 +93,7 @@ class ModelEntry(BaseModel):
     @property
     def batch_size(self) -> int:
         """Items per pipeline call."""
-        return self.static_batch or self.max_batch
+        return self.static_batch or self.max_batch or DEFAULT_MAX_BATCH
 
 
 class RegistryFile(BaseModel):

@@ -111,7 +111,7 @@ class _InLine:
             future.set_exception(exc)
         return future
 
-    def shutdown(self, cancel_futures: bool = False) -> None:
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
         pass
 
 
@@ -243,11 +243,11 @@ class _ChunkRun:
         started, busy_s = time.perf_counter(), 0.0
         handed: list[tuple[ChunkItem, ResolvedParams]] = []
         pool = self._io_pool()
+        writing: deque[Future[list[_Prepared]]] = deque()
         try:
             # Inputs are fetched LOOKAHEAD batches ahead: enough to keep the pipeline fed, while a
             # chunk of large images is never all in memory at once.
             loading = deque([self._load_all(pool, batch) for batch in batches[: LOOKAHEAD + 1]])
-            writing: deque[Future[list[_Prepared]]] = deque()
             for index in range(len(batches)):
                 loads = loading.popleft()
                 if index + LOOKAHEAD + 1 < len(batches):
@@ -262,8 +262,13 @@ class _ChunkRun:
                     handed += self._complete(writing.popleft().result())
             while writing:
                 handed += self._complete(writing.popleft().result())
-        finally:
-            pool.shutdown(cancel_futures=True)  # on an error, drop the fetches not yet started
+        except BaseException:
+            # The chunk will run again (retry or redelivery): keep what is already written, and drop
+            # the fetches not started rather than wait for them (a time limit may be what stopped us).
+            pool.shutdown(wait=False, cancel_futures=True)
+            self._salvage(writing, handed)
+            raise
+        pool.shutdown()
         if handed:
             self._hand_over(handed)
         elapsed = time.perf_counter() - started
@@ -282,6 +287,19 @@ class _ChunkRun:
                 "duty_cycle": round(busy_s / elapsed, 4) if elapsed else 0.0,
             },
         )
+
+    def _salvage(
+        self, writing: deque[Future[list[_Prepared]]], handed: list[tuple[ChunkItem, ResolvedParams]]
+    ) -> None:
+        """Record the calls whose outputs were written before the chunk stopped, so the chunk's next
+        run skips them; best effort, since what stopped the chunk may stop this too."""
+        try:
+            while writing and writing[0].done() and not writing[0].cancelled() and not writing[0].exception():
+                handed += self._complete(writing.popleft().result())
+            if handed:
+                self._hand_over(handed)
+        except Exception:
+            log.warning("chunk %s: could not record every written item", self.chunk.chunk_id, exc_info=True)
 
     def _io_pool(self) -> ThreadPoolExecutor | _InLine:
         threads = self.ctx.settings.io_threads

@@ -110,8 +110,9 @@ class LocalStorage:
 
 @functools.cache
 def s3_client() -> S3Client:
-    """One client per process. Retries and timeouts are boto3's own; checksums are only sent when
-    required because some S3-compatible stores reject the new default CRC headers (boto3#4392)."""
+    """One client per process (two threads asking first at once may each build one, which is
+    harmless). Retries and timeouts are boto3's own; checksums are only sent when required because
+    some S3-compatible stores reject the new default CRC headers (boto3#4392)."""
     config = Config(
         retries={"mode": "standard", "max_attempts": 8},
         connect_timeout=10,
@@ -119,7 +120,9 @@ def s3_client() -> S3Client:
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
-    return boto3.client("s3", config=config)
+    # A session of its own: boto3's default session is not safe to create clients from on several
+    # threads at once, and the chunk runner's I/O threads may be the first to ask.
+    return boto3.session.Session().client("s3", config=config)
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:

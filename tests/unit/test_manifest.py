@@ -233,3 +233,11 @@ def test_chunks_group_equal_parameters_and_respect_chunk_size(tmp_path: Path) ->
     assert len({c.chunk_id for c in chunks}) == len(chunks)
     assert all(c.stage.model.name == "sd15" and c.stage_index == 0 for c in chunks)
     assert all(m.input.kind == "image" and m.input.uri == m.item.image for c in chunks for m in c.items)
+
+
+def test_duplicate_ids_count_toward_the_problem_limit(tmp_path: Path) -> None:
+    spec = write_job(tmp_path, [{"id": "same", "image": f"in/{n}.png"} for n in range(1000)], model="sd15")
+    found = problems_of(spec)
+    assert len(found) == 201, len(found)
+    assert found[0].endswith("id: duplicate id 'same', first on line 1") and ":2:" in found[0]
+    assert found[-1].endswith("stopped after 200 problems")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,8 @@ from jobs.manifest import ParamsResolver, ValidatedJob, iter_items, validate_job
 from jobs.registry import Registry
 from schemas import keys
 from schemas.job import Defaults, Item, ResolvedParams, StageSpec, resolve_params
-from schemas.messages import Chunk
-from schemas.registry import BUILTIN_MODELS, ResolvedModel
+from schemas.messages import Chunk, WorkerModel
+from schemas.registry import BUILTIN_MODELS, ModelEntry, ResolvedModel
 from schemas.settings import Settings
 from tests.helpers import local_model, stage_plan, write_job
 
@@ -168,3 +169,43 @@ def test_only_same_named_item_fields_change_a_stages_parameters(stage: dict[str,
     assert resolve_params(plain.model_copy(update=others), spec, defaults) == resolve_params(
         plain, spec, defaults
     )
+
+
+def test_two_submits_of_one_job_at_once_record_each_item_once(
+    tmp_path: Path, redis_server: EmbeddedRedis
+) -> None:
+    job = resize_job(tmp_path, 3000)
+    ids = [f"i{n:03d}" for n in range(3000)]
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(
+            pool.map(lambda _: producer.submit(job, Settings(chunk_size=8), redis_server.url), range(2))
+        )
+    assert sorted(run.resumed for run in runs) == [False, True]  # one created it, the other resumed
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    assert client.lrange(keys.job_order(job.job_id), 0, -1) == ids
+    assert client.hgetall(keys.job_counts(job.job_id)) == {"pending": "3000"}
+    assert client.hlen(keys.job_items(job.job_id)) == 3000
+
+
+def test_model_entries_with_every_option_read_back_from_every_message(tiny_sd_dir: Path) -> None:
+    """A worker reads its model from `imgjobs worker`'s JSON, and each chunk carries its stages' models:
+    an entry must validate again exactly as it was written."""
+    entry = ModelEntry(source=str(tiny_sd_dir), dtype="bfloat16", static_batch=16, compile=True, warmup=True)
+    assert entry.batch_size == 16
+    assert ModelEntry.model_validate_json(entry.model_dump_json()) == entry
+    worker = WorkerModel(name="tiny-sd", entry=entry)
+    assert WorkerModel.model_validate_json(worker.model_dump_json()) == worker
+    plan = stage_plan({"type": "img2img"}, ResolvedModel(name="tiny-sd", entry=entry))
+    chunk = Chunk(
+        job_id="job",
+        chunk_id="job:s0:c0",
+        output="out",
+        stage_index=0,
+        recipe=[plan],
+        defaults=Defaults(),
+        params=ResolvedParams(size=(64, 64)),
+        items=[{"item": {"id": "a", "image": "a.png"}, "input": {"kind": "image", "uri": "a.png"}}],
+    )
+    assert Chunk.model_validate(json.loads(json.dumps(chunk.task_args()[0]))) == chunk
+    with pytest.raises(ValueError, match="static_batch sets the batch size"):
+        ModelEntry(source="x", static_batch=16, max_batch=8)

@@ -1,5 +1,6 @@
 """img2img: SD 1.x, the SDXL refiner, Kandinsky 2.2 (prior and decoder in one combined pipeline) and
-ControlNet img2img, chosen by the checkpoint's own pipeline class; one batched call per chunk."""
+ControlNet img2img, chosen by the checkpoint's own pipeline class; one batched call per batch of a
+chunk."""
 
 from __future__ import annotations
 
