@@ -47,7 +47,10 @@ def test_submit_two_workers_s3_and_status(
     tmp_path: Path, s3_bucket: str, models_yaml: Path, registry: Registry, workers: Workers
 ) -> None:
     rows = upload_inputs(s3_bucket)
-    spec = write_job(tmp_path / "job", rows, output=f"s3://{s3_bucket}/results", name="s3-job")
+    # 30 denoising steps an item, not 3: long enough a run that polls a second apart (the CLI's start)
+    # see it under way; at 3 steps two workers finish the 24 items between two polls.
+    stage = {"type": "img2img", "model": "tiny-sd", "strength": 0.75, "guidance_scale": 7.5, "steps": 40}
+    spec = write_job(tmp_path / "job", rows, output=f"s3://{s3_bucket}/results", name="s3-job", stage=stage)
     env = {"IMGJOBS_MODELS": str(models_yaml), "IMGJOBS_CHUNK_SIZE": "2"}
 
     with EmbeddedRedis(tmp_path / "redis", password=REDIS_PASSWORD) as server:
