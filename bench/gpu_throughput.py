@@ -806,17 +806,8 @@ def register(client: redis.Redis, job: ValidatedJob) -> None:
     """Record the job and its items as `imgjobs submit` does (jobs/producer.py), without Celery, which
     the GPU machine's image lacks: only what the worker's chunk path reads."""
     client.sadd(keys.JOBS, job.job_id)
-    client.hset(
-        keys.job_meta(job.job_id),
-        mapping={
-            "name": job.spec.name,
-            "output": job.output,
-            "total": job.total,
-            "spec": job.spec.model_dump_json(),
-            "recipe": json.dumps([plan.model_dump(mode="json") for plan in job.recipe]),
-            "submitted_at": time.time(),
-        },
-    )
+    meta: dict[Any, Any] = job.meta()  # redis-py types keys invariantly
+    client.hset(keys.job_meta(job.job_id), mapping=meta)
     client.hset(keys.job_counts(job.job_id), mapping={state.value: 0 for state in ItemState})
     ids = [item.id for item, _ in iter_items(job)]
     client.hset(keys.job_items(job.job_id), mapping=dict.fromkeys(ids, ItemState.PENDING.value))

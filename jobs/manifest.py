@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import json
+import time
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,6 +48,17 @@ class ValidatedJob:
     job_id: str
     total: int
     recipe: tuple[StagePlan, ...]
+
+    def meta(self) -> dict[str, str | int | float]:
+        """The job's meta hash in Redis (schemas/keys.py), as submitted."""
+        return {
+            "name": self.spec.name,
+            "output": self.output,
+            "total": self.total,
+            "spec": self.spec.model_dump_json(),
+            "recipe": json.dumps([plan.model_dump(mode="json") for plan in self.recipe]),
+            "submitted_at": time.time(),
+        }
 
     @property
     def models(self) -> list[ResolvedModel]:

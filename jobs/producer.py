@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -114,14 +113,6 @@ return 1
 
 
 def _create(client: redis.Redis, job: ValidatedJob) -> Literal["new", "resume", "done"]:
-    meta: dict[str, str | int | float] = {
-        "name": job.spec.name,
-        "output": job.output,
-        "total": job.total,
-        "spec": job.spec.model_dump_json(),
-        "recipe": json.dumps([plan.model_dump(mode="json") for plan in job.recipe]),
-        "submitted_at": time.time(),
-    }
     created = client.eval(
         _CREATE_JOB,
         3,
@@ -130,7 +121,7 @@ def _create(client: redis.Redis, job: ValidatedJob) -> Literal["new", "resume", 
         keys.JOBS,
         job.job_id,
         job.total,
-        *itertools.chain.from_iterable(meta.items()),
+        *itertools.chain.from_iterable(job.meta().items()),
     )
     if created:
         return "new"
@@ -217,14 +208,7 @@ def send_chunks(
             before_publish()
             with producer.batch(max_size=len(batch)):
                 for chunk in batch:
-                    app.send_task(
-                        RUN_CHUNK_TASK,
-                        args=chunk.task_args(),
-                        argsrepr=chunk.task_repr(),
-                        task_id=chunk.chunk_id,
-                        queue=chunk.stage.model.queue,
-                        producer=producer,
-                    )
+                    app.send_task(RUN_CHUNK_TASK, **chunk.send_options(), producer=producer)
             count += len(batch)
             size = min(size * 2, SEND_BATCH)
     return count

@@ -98,6 +98,16 @@ class Chunk(_Message):
         Without it Celery formats the whole chunk per message, most of the producer's cost."""
         return f"<{self.chunk_id}: {self.stage.name}, {len(self.items)} item(s)>"
 
+    def send_options(self) -> dict[str, Any]:
+        """Celery's send_task options for this chunk: by task name to its stage's model queue, with
+        the chunk id as the task id (deterministic, so logs and redeliveries name it)."""
+        return {
+            "args": self.task_args(),
+            "argsrepr": self.task_repr(),
+            "task_id": self.chunk_id,
+            "queue": self.stage.model.queue,
+        }
+
 
 class ErrorInfo(_Message):
     type: str

@@ -33,14 +33,8 @@ app.conf.include = ["workers.tasks"]
 
 
 def send_chunk(chunk: Chunk) -> None:
-    """Queue a chunk on its stage's model queue; the deterministic task id names it in logs."""
-    app.send_task(
-        RUN_CHUNK_TASK,
-        args=chunk.task_args(),
-        argsrepr=chunk.task_repr(),
-        task_id=chunk.chunk_id,
-        queue=chunk.stage.model.queue,
-    )
+    """Queue a chunk (the next stage's) on its model's queue."""
+    app.send_task(RUN_CHUNK_TASK, **chunk.send_options())
 
 
 @setup_logging.connect
