@@ -71,7 +71,7 @@ from schemas.settings import Settings  # noqa: E402
 from workers.chunk import ChunkContext, process_chunk  # noqa: E402
 from workers.chunk import _ChunkRun as chunk_runner  # noqa: E402
 from workers.models import COMPILE_CACHE_ENV, LoadedModel  # noqa: E402
-from workers.tiny_models import MAX_TOKENS, tiny_clip_tokenizer  # noqa: E402
+from workers.tiny_models import MAX_TOKENS, sd_scheduler, tiny_clip_tokenizer  # noqa: E402
 
 # Dense bf16 matmul on an H200 (and an H100) as measured here: the floor of issue 6.
 PEAK_FLOPS = 790e12
@@ -140,14 +140,7 @@ def sd15(tiny: bool, scratch: Path) -> Any:
         )
     )
     with torch.device("cpu"):
-        scheduler = DDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        )
+        scheduler = sd_scheduler()
     return StableDiffusionImg2ImgPipeline(
         vae=sd_vae(tiny),
         text_encoder=encoder,
