@@ -63,10 +63,10 @@ sys.path.insert(0, str(ROOT))
 
 from jobs.embedded import EmbeddedRedis  # noqa: E402
 from jobs.manifest import ValidatedJob, iter_items, validate_job  # noqa: E402
+from jobs.plan import Registration, create_job, plan_chunks  # noqa: E402
 from jobs.registry import Registry  # noqa: E402
 from schemas import keys  # noqa: E402
-from schemas.messages import Chunk, ChunkItem, StageInput  # noqa: E402
-from schemas.progress import ItemState  # noqa: E402
+from schemas.messages import Chunk  # noqa: E402
 from schemas.settings import Settings  # noqa: E402
 from workers.chunk import ChunkContext, process_chunk  # noqa: E402
 from workers.chunk import _ChunkRun as chunk_runner  # noqa: E402
@@ -796,44 +796,14 @@ def no_next_stage(chunk: Chunk) -> None:
 
 
 def register(client: redis.Redis, job: ValidatedJob) -> None:
-    """Record the job and its items as `imgjobs submit` does (jobs/producer.py), without Celery, which
-    the GPU machine's image lacks: only what the worker's chunk path reads."""
-    client.sadd(keys.JOBS, job.job_id)
-    meta: dict[Any, Any] = job.meta()  # redis-py types keys invariantly
-    client.hset(keys.job_meta(job.job_id), mapping=meta)
-    client.hset(keys.job_counts(job.job_id), mapping={state.value: 0 for state in ItemState})
-    ids = [item.id for item, _ in iter_items(job)]
-    client.hset(keys.job_items(job.job_id), mapping=dict.fromkeys(ids, ItemState.PENDING.value))
-    client.rpush(keys.job_order(job.job_id), *ids)
-    client.hincrby(keys.job_counts(job.job_id), ItemState.PENDING.value, job.total)
+    """Record the job and its items as `imgjobs submit` does, with its own jobs.plan, minus the sends
+    (the worker's chunk path is called directly, and the GPU machine's image has no Celery)."""
+    create_job(client, job)
+    registration = Registration(client, job.job_id)
+    for item, _params in iter_items(job):
+        registration.add(item.id)
+    registration.flush()
     client.hset(keys.job_meta(job.job_id), "enqueued_at", time.time())  # every chunk is about to be run
-
-
-def plan_chunks(job: ValidatedJob, size: int) -> Iterator[Chunk]:
-    """The first stage's chunks of `size` items, as the producer plans them (all items share parameters)."""
-    members = []
-    params = None
-    for item, item_params in iter_items(job):
-        assert item.image is not None
-        image = str((job.items_path.parent / item.image).resolve())
-        members.append(
-            ChunkItem(
-                item=item.model_copy(update={"image": image}), input=StageInput(kind="image", uri=image)
-            )
-        )
-        params = item_params
-    assert params is not None
-    for index, start in enumerate(range(0, len(members), size)):
-        yield Chunk(
-            job_id=job.job_id,
-            chunk_id=f"{job.job_id}:s0:c{index}",
-            output=job.output,
-            stage_index=0,
-            recipe=list(job.recipe),
-            defaults=job.spec.defaults,
-            params=params,
-            items=members[start : start + size],
-        )
 
 
 def table(results: dict[str, Any]) -> str:

@@ -1,31 +1,23 @@
-"""Submitting a validated job: record it in Redis, plan chunks, send them to the model queues."""
+"""Submitting a validated job: record it in Redis and send its chunks (planned by jobs/plan.py) to
+the model queues."""
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
 
-import redis
 from celery import Celery
 
 from jobs.broker import connect_redis, producer_app
-from jobs.manifest import ValidatedJob, iter_items
+from jobs.manifest import ValidatedJob
+from jobs.plan import Members, Registration, create_job, plan_chunks
 from schemas import keys
-from schemas.job import (
-    IMAGE_URI_SCHEMES,
-    Item,
-    ResolvedParams,
-)
-from schemas.messages import RUN_CHUNK_TASK, Chunk, ChunkItem
-from schemas.progress import ItemState
+from schemas.messages import RUN_CHUNK_TASK, Chunk
 from schemas.settings import Settings
 
 SEND_BATCH = 64
-REGISTER_BATCH = 10_000
 
 
 @dataclass(frozen=True)
@@ -37,139 +29,6 @@ class Submission:
     resumed: bool = False
 
 
-def _absolute(uri: str | None, items_dir: Path) -> str | None:
-    if uri is None or uri.startswith(IMAGE_URI_SCHEMES):
-        return uri
-    path = Path(uri).expanduser()
-    return str(path if path.is_absolute() else (items_dir / path).resolve())
-
-
-def first_stage_item(item: Item, items_dir: Path) -> ChunkItem:
-    """The item as the first stage reads it, its local paths made absolute for workers."""
-    paths = {
-        "image": _absolute(item.image, items_dir),
-        "control_image": _absolute(item.control_image, items_dir),
-    }
-    if paths != {"image": item.image, "control_image": item.control_image}:
-        item = item.model_copy(update=paths)
-    stage_input = {"kind": "image", "uri": item.image} if item.image else {"kind": "none"}
-    return ChunkItem.model_validate({"item": item, "input": stage_input})
-
-
-def group_into_chunks(
-    members: Iterable[tuple[ChunkItem, ResolvedParams]],
-    chunk_size: int,
-    make: Callable[[ResolvedParams, list[ChunkItem]], Chunk],
-) -> Iterator[Chunk]:
-    """Chunks of up to chunk_size items with equal parameters, in order within each group; full chunks
-    leave as they fill, partial ones at the end."""
-    open_chunks: dict[ResolvedParams, list[ChunkItem]] = {}
-    for member, params in members:
-        group = open_chunks.setdefault(params, [])
-        group.append(member)
-        if len(group) >= chunk_size:
-            yield make(params, open_chunks.pop(params))
-    for params, group in open_chunks.items():
-        yield make(params, group)
-
-
-Members = Iterator[tuple[ChunkItem, ResolvedParams]]
-
-
-def plan_chunks(
-    job: ValidatedJob, chunk_size: int, wrap: Callable[[Members], Members] = lambda members: members
-) -> Iterator[Chunk]:
-    """The first stage's chunks; wrap sees every item as it is read, before its chunk is made."""
-    counter = itertools.count()
-
-    def make(params: ResolvedParams, members: list[ChunkItem]) -> Chunk:
-        return Chunk(
-            job_id=job.job_id,
-            chunk_id=f"{job.job_id}:s0:c{next(counter)}",
-            output=job.output,
-            stage_index=0,
-            recipe=list(job.recipe),
-            defaults=job.spec.defaults,
-            params=params,
-            items=members,
-            dataset=job.spec.dataset,
-        )
-
-    members = ((first_stage_item(item, job.items_path.parent), params) for item, params in iter_items(job))
-    yield from group_into_chunks(wrap(members), chunk_size, make)
-
-
-# KEYS: meta hash, counts hash, jobs set. ARGV: job id, item count, then the meta hash as field, value
-# pairs. Creates the job only where it does not exist, in one step, so two producers submitting the same
-# job cannot both create it. Every item counts as pending from the start (the other states count up
-# from nothing); the items themselves are recorded as they stream.
-_CREATE_JOB = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
-redis.call('HSET', KEYS[2], 'pending', ARGV[2])
-redis.call('SADD', KEYS[3], ARGV[1])
-return 1
-"""
-
-
-def _create(client: redis.Redis, job: ValidatedJob) -> Literal["new", "resume", "done"]:
-    created = client.eval(
-        _CREATE_JOB,
-        3,
-        keys.job_meta(job.job_id),
-        keys.job_counts(job.job_id),
-        keys.JOBS,
-        job.job_id,
-        job.total,
-        *itertools.chain.from_iterable(job.meta().items()),
-    )
-    if created:
-        return "new"
-    return "done" if client.hexists(keys.job_meta(job.job_id), "enqueued_at") else "resume"
-
-
-# KEYS: items hash, order list. ARGV: the pending state, the manifest position of the first id, then
-# ids in manifest order. Records each id as pending where it has no state yet, and appends it to the
-# order list when the list ends just before its position. Every producer of a job writes the same thing
-# at the same place, so one that resumes a dead submission, or runs beside another submit of the same
-# job, never resets a state a worker has moved on nor repeats an id in the order (results.jsonl
-# follows it).
-_RECORD_ITEMS = """
-local length = redis.call('LLEN', KEYS[2])
-local position = tonumber(ARGV[2])
-for i = 3, #ARGV do
-  redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[1])
-  if position == length then
-    redis.call('RPUSH', KEYS[2], ARGV[i])
-    length = length + 1
-  end
-  position = position + 1
-end
-return length
-"""
-
-
-class _Registration:
-    """Records items, in batches of up to REGISTER_BATCH, through _RECORD_ITEMS."""
-
-    def __init__(self, client: redis.Redis, job_id: str) -> None:
-        self.record = client.register_script(_RECORD_ITEMS)
-        self.keys = [keys.job_items(job_id), keys.job_order(job_id)]
-        self.position = 0
-        self.ids: list[str] = []
-
-    def add(self, item_id: str) -> None:
-        self.ids.append(item_id)
-        if len(self.ids) >= REGISTER_BATCH:
-            self.flush()  # early is harmless; it bounds memory when many chunks fill slowly
-
-    def flush(self) -> None:
-        if self.ids:
-            self.record(keys=self.keys, args=[ItemState.PENDING.value, self.position, *self.ids])
-            self.position += len(self.ids)
-            self.ids = []
-
-
 def submit(job: ValidatedJob, settings: Settings, broker_url: str) -> Submission:
     """Submit a job; the same spec and items give the same job id, so submitting again resumes a
     submission that died part-way (finished items are skipped) or reports the job as known.
@@ -178,10 +37,10 @@ def submit(job: ValidatedJob, settings: Settings, broker_url: str) -> Submission
     the items read so far are recorded, then the chunks are published in one round trip. A chunk thus
     never reaches a worker before its items are recorded."""
     client = connect_redis(broker_url)
-    state = _create(client, job)
+    state = create_job(client, job)
     if state == "done":
         return Submission(job.job_id, job.total, 0, already_submitted=True)
-    registration = _Registration(client, job.job_id)
+    registration = Registration(client, job.job_id)
 
     def recorded(members: Members) -> Members:
         for member in members:

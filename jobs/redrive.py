@@ -11,7 +11,8 @@ from pathlib import Path
 import redis
 
 from jobs.broker import producer_app
-from jobs.producer import first_stage_item, group_into_chunks, send_chunks
+from jobs.plan import first_stage_item, group_into_chunks
+from jobs.producer import send_chunks
 from schemas import keys
 from schemas.errors import ImgjobsError
 from schemas.job import Item, JobSpec, ResolvedParams, resolve_params

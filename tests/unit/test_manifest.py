@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from jobs.manifest import validate_job
-from jobs.producer import plan_chunks
+from jobs.plan import plan_chunks
 from jobs.registry import Registry
 from schemas.errors import SpecError
 from schemas.job import resolve_negative_prompt, resolve_prompt, resolve_seed

@@ -15,7 +15,7 @@ import pytest
 import redis
 from pydantic import TypeAdapter
 
-from jobs import producer
+from jobs import plan, producer
 from jobs.embedded import EmbeddedRedis
 from jobs.manifest import ParamsResolver, ValidatedJob, iter_items, validate_job
 from jobs.registry import Registry
@@ -74,7 +74,7 @@ def test_a_submission_that_died_part_way_resumes_without_losing_or_repeating(
             yield pair
 
     with monkeypatch.context() as patch:
-        patch.setattr(producer, "iter_items", dies_after_17)
+        patch.setattr(plan, "iter_items", dies_after_17)
         with pytest.raises(RuntimeError, match="went away"):
             producer.submit(job, Settings(chunk_size=2), redis_server.url)
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from jobs.manifest import validate_job
-from jobs.producer import plan_chunks
+from jobs.plan import plan_chunks
 from jobs.registry import Registry
 from schemas.job import (
     Defaults,

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.manifest import validate_job
-from jobs.producer import plan_chunks
+from jobs.plan import plan_chunks
 from jobs.registry import Registry
 from jobs.sources import item_id_for, list_images, write_listing_job
 from schemas.errors import ConfigError, SpecError
