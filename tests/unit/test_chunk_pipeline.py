@@ -218,3 +218,24 @@ def test_a_chunk_stopped_by_a_fetch_records_the_calls_already_written(
         process_chunk(resize_chunk(tmp_path, ids), context(client, cpu_model(max_batch=2), threads=2))
     states = client.hgetall(keys.job_items("job"))
     assert sorted(i for i, state in states.items() if state == "succeeded") == ids[:6], states
+
+
+@pytest.mark.parametrize(
+    ("policy", "top_row"),
+    [("pad", (0, 0, 0)), ("crop", (200, 40, 90)), ("fit", (200, 40, 90))],
+)
+def test_the_chunk_fits_inputs_by_the_chunks_resize_policy(
+    policy: str, top_row: tuple[int, int, int], redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    """A wide input through the resize stage: padding leaves black bars above and below, cropping and
+    stretching fill the square; the fetch must fit by the policy too, or every output is a crop."""
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    register(client, "job", tmp_path / "out", ["wide"])
+    chunk = resize_chunk(tmp_path, ["wide"])
+    Image.new("RGB", (48, 16), (200, 40, 90)).save(tmp_path / "in" / "wide.png")  # replaces the square one
+    params = ResolvedParams.model_validate({"size": (16, 16), "resize": policy})
+    chunk = chunk.model_copy(update={"params": params})
+    process_chunk(chunk, context(client, cpu_model(max_batch=4), threads=0))
+    output = Image.open(tmp_path / "out" / "job" / "wide" / "s0-resize.png").convert("RGB")
+    assert output.size == (16, 16)
+    assert output.getpixel((8, 0)) == top_row and output.getpixel((8, 8)) == (200, 40, 90)
