@@ -1,17 +1,21 @@
 """imgjobs' own overhead on the CPU, against the embedded Redis and a real worker process.
 
-1. End to end with the near-zero-cost `resize` stage: items/s with chunks of --chunk-size, against
-   the same job sent as one Celery task per item (chunk size 1). The overhead per item is the
+1. End to end with the near-zero-cost `resize` stage: items/s with chunks of --chunk-size (default:
+   the `cpu` model's chunk_size, 1024), against the same job sent as one Celery task per item
+   (chunk size 1). The overhead per item is the
    end-to-end time per item minus what the stage's own work costs in-process (read, decode, fit,
    encode, write).
 2. The producer: validate and enqueue --producer-items items with `imgjobs submit`, no workers
    attached; its rate and peak RSS.
 
-    python bench/overhead.py [--items 10000] [--producer-items 1000000] [--chunk-size 64] [--out DIR]
+    python bench/overhead.py [--items 10000] [--producer-items 1000000] [--chunk-size N] [--out DIR]
+                             [--work-dir DIR]
 
 Both end-to-end runs are timed from `imgjobs submit` starting (about a second of imports) until the job
 is marked finished (results.jsonl and report.html written), through one `cpu` worker process. The
-producer runs at IMGJOBS_CHUNK_SIZE's default (64).
+producer runs at the `cpu` model's chunk size. --work-dir puts inputs, outputs and Redis elsewhere than
+the system's temporary folder: on a RAM-backed one (/dev/shm) the stage's file creation no longer
+depends on the disk, which both runs pay alike.
 
 Writes overhead.json in --out, prints a markdown table, and prints one JSON object as its last line.
 """
@@ -80,9 +84,13 @@ def stage_work_ms(folder: Path, rows: list[dict[str, Any]]) -> float:
     return (time.perf_counter() - started) * 1000 / len(rows)
 
 
-def run_job(folder: Path, server: EmbeddedRedis, chunk_size: int) -> float:
-    """items/s from submit until the job is finished, through one `cpu` worker process."""
-    env = os.environ | {"IMGJOBS_BROKER_URL": server.url, "IMGJOBS_CHUNK_SIZE": str(chunk_size)}
+def run_job(folder: Path, server: EmbeddedRedis, chunk_size: int | None) -> float:
+    """items/s from submit until the job is finished, through one `cpu` worker process; chunk_size
+    None leaves it to the model's registry entry."""
+    env = os.environ | {"IMGJOBS_BROKER_URL": server.url}
+    env.pop("IMGJOBS_CHUNK_SIZE", None)
+    if chunk_size is not None:
+        env["IMGJOBS_CHUNK_SIZE"] = str(chunk_size)
     started = time.perf_counter()
     submitted = subprocess.run(
         [sys.executable, "-m", "jobs", "submit", str(folder / "job.json")],
@@ -122,6 +130,7 @@ def producer(folder: Path, server: EmbeddedRedis, count: int) -> tuple[float, fl
         "finally:\n    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
     )
     env = os.environ | {"IMGJOBS_BROKER_URL": server.url}
+    env.pop("IMGJOBS_CHUNK_SIZE", None)
     started = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-c", measure, str(folder / "job.json")],
@@ -143,16 +152,23 @@ def main() -> None:
     )
     parser.add_argument("--items", type=int, default=10_000)
     parser.add_argument("--producer-items", type=int, default=1_000_000)
-    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--chunk-size", type=int, default=None, help="default: the cpu model's chunk_size")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", tempfile.gettempdir())))
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="where inputs, outputs and Redis live (default: the system's temporary folder)",
+    )
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="imgjobs-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="imgjobs-bench-", dir=args.work_dir) as tmp:
         root = Path(tmp)
         rows = write_inputs(root / "engine", args.items)
         work_ms = stage_work_ms(root / "engine", rows)
         with EmbeddedRedis(root / "redis") as server:
             cpu = Registry.load(None).resolve("cpu")
+            chunk_size = args.chunk_size or cpu.entry.items_per_chunk
             with LocalWorker(cpu, server.url, None, root / "worker.log", env={"IMGJOBS_TORCH_THREADS": "1"}):
                 write_job(root / "engine", rows[:8], "warm-up")  # the worker starts and loads before timing
                 run_job(root / "engine", server, args.chunk_size)
@@ -164,7 +180,8 @@ def main() -> None:
 
     result = {
         "items": args.items,
-        "chunk_size": args.chunk_size,
+        "chunk_size": chunk_size,
+        "work_dir": str(args.work_dir or tempfile.gettempdir()),
         "items_per_s": round(chunked, 1),
         "baseline_items_per_s": round(per_item, 1),
         "ratio": round(chunked / per_item, 2),

@@ -6,7 +6,8 @@ producer's own planning; jobs/producer.py sends what this plans.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -15,7 +16,7 @@ import redis
 from jobs.manifest import ValidatedJob, iter_items
 from schemas import keys
 from schemas.job import IMAGE_URI_SCHEMES, Item, ResolvedParams
-from schemas.messages import Chunk, ChunkItem
+from schemas.messages import Chunk, ChunkItem, StagePlan
 from schemas.progress import ItemState
 
 REGISTER_BATCH = 10_000
@@ -24,12 +25,19 @@ REGISTER_BATCH = 10_000
 def _absolute(uri: str | None, items_dir: Path) -> str | None:
     if uri is None or uri.startswith(IMAGE_URI_SCHEMES):
         return uri
-    path = Path(uri).expanduser()
-    return str(path if path.is_absolute() else (items_dir / path).resolve())
+    path = os.path.expanduser(uri)
+    if os.path.isabs(path):
+        return path
+    joined = os.path.join(items_dir, path)
+    # Lexical normalising costs no system calls (resolve() costs one per path component, per item,
+    # most of a local manifest's submit time); it differs from the file system only where ".."
+    # follows a symbolic link, so only such paths are resolved.
+    return str(Path(joined).resolve()) if ".." in Path(path).parts else os.path.normpath(joined)
 
 
 def first_stage_item(item: Item, items_dir: Path) -> ChunkItem:
-    """The item as the first stage reads it, its local paths made absolute for workers."""
+    """The item as the first stage reads it, its local paths made absolute for workers; items_dir is
+    already resolved."""
     paths = {
         "image": _absolute(item.image, items_dir),
         "control_image": _absolute(item.control_image, items_dir),
@@ -38,6 +46,12 @@ def first_stage_item(item: Item, items_dir: Path) -> ChunkItem:
         item = item.model_copy(update=paths)
     stage_input = {"kind": "image", "uri": item.image} if item.image else {"kind": "none"}
     return ChunkItem.model_validate({"item": item, "input": stage_input})
+
+
+def chunk_size_for(recipe: Sequence[StagePlan], override: int | None) -> int:
+    """Items per chunk: the override (IMGJOBS_CHUNK_SIZE) where set, else the smallest chunk_size among
+    the job's models, since a chunk carries its items through every stage."""
+    return override or min(stage.model.entry.items_per_chunk for stage in recipe)
 
 
 def group_into_chunks(
@@ -79,7 +93,8 @@ def plan_chunks(
             dataset=job.spec.dataset,
         )
 
-    members = ((first_stage_item(item, job.items_path.parent), params) for item, params in iter_items(job))
+    items_dir = job.items_path.parent.resolve()
+    members = ((first_stage_item(item, items_dir), params) for item, params in iter_items(job))
     yield from group_into_chunks(wrap(members), chunk_size, make)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import redis
 
 from jobs.broker import producer_app
-from jobs.plan import first_stage_item, group_into_chunks
+from jobs.plan import chunk_size_for, first_stage_item, group_into_chunks
 from jobs.producer import send_chunks
 from schemas import keys
 from schemas.errors import ImgjobsError
@@ -101,5 +101,6 @@ def retry(client: redis.Redis, settings: Settings, broker_url: str, job_id: str,
             dataset=spec.dataset,
         )
 
-    send_chunks(producer_app(settings, broker_url), group_into_chunks(members, settings.chunk_size, make))
+    chunk_size = chunk_size_for(recipe, settings.chunk_size)
+    send_chunks(producer_app(settings, broker_url), group_into_chunks(members, chunk_size, make))
     return len(moved)

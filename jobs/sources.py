@@ -12,8 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
-
 from schemas.errors import ConfigError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -38,6 +36,9 @@ def list_versions(pattern: str) -> Iterator[tuple[str, str]]:
         bucket, _, key_pattern = pattern.removeprefix("s3://").partition("/")
         if not bucket:
             raise ConfigError(f"--from {pattern!r}: an s3:// listing needs a bucket")
+        # Imported here: only s3:// listings need boto3, and every CLI command would pay its import.
+        import boto3
+
         pages = (
             boto3.client("s3")
             .get_paginator("list_objects_v2")

@@ -24,11 +24,12 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(None, description="redis:// or rediss:// URL; unset means embedded")
     models: Path | None = Field(None, description="models.yaml registry file")
     schedules: Path | None = Field(None, description="schedules.yaml for `imgjobs schedule`")
-    chunk_size: int = Field(
-        64,
+    chunk_size: int | None = Field(
+        None,
         ge=1,
-        le=1024,
-        description="items per Celery task; a worker runs them in pipeline calls of its model's batch size",
+        le=4096,
+        description="items per Celery task for every job; unset: the smallest chunk_size among the job's "
+        "models (registry, default 64). A worker runs a chunk in pipeline calls of its model's batch size",
     )
     io_threads: int | None = Field(
         None,

@@ -209,3 +209,50 @@ def test_model_entries_with_every_option_read_back_from_every_message(tiny_sd_di
     assert Chunk.model_validate(json.loads(json.dumps(chunk.task_args()[0]))) == chunk
     with pytest.raises(ValueError, match="static_batch sets the batch size"):
         ModelEntry(source="x", static_batch=16, max_batch=8)
+
+
+def test_local_image_paths_become_the_same_absolute_paths_resolve_gives(tmp_path: Path) -> None:
+    """Paths are made absolute lexically (no system call per item); where ".." follows a symbolic
+    link, where lexical and real paths part, the file system decides."""
+    (tmp_path / "real" / "in").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "link").symlink_to(tmp_path / "real" / "in")
+    items_dir = (tmp_path / "data").resolve()
+    for relative in ["a.png", "./in/a.png", "in//a.png", "link/../a.png", "link/a.png"]:
+        made = plan.first_stage_item(Item(id="x", image=relative), items_dir).item.image
+        assert made is not None and Path(made).is_absolute()
+        # the same file as resolve() names (which also follows a final link, as opening it does)
+        assert Path(made).resolve() == (items_dir / relative).resolve(), relative
+    assert plan.first_stage_item(Item(id="x", image="link/../a.png"), items_dir).item.image == str(
+        tmp_path.resolve() / "real" / "a.png"
+    )
+    assert plan.first_stage_item(Item(id="x", image="./in/a.png"), items_dir).item.image == str(
+        items_dir / "in" / "a.png"
+    )
+    assert plan.first_stage_item(Item(id="x", image="/abs/a.png"), items_dir).item.image == "/abs/a.png"
+    assert plan.first_stage_item(Item(id="x", image="s3://b/k.png"), items_dir).item.image == "s3://b/k.png"
+
+
+def test_a_job_is_chunked_by_its_models_chunk_size_unless_the_setting_overrides(
+    tmp_path: Path, redis_server: EmbeddedRedis
+) -> None:
+    job = resize_job(tmp_path, 50)  # the built-in cpu model: 1024 items a chunk
+    assert producer.submit(job, Settings(chunk_size=None), redis_server.url).chunks == 1
+    # Only the stages' models matter here, whatever the stages are.
+    resize = stage_plan({"type": "img2img"}, ResolvedModel(name="cpu", entry=BUILTIN_MODELS["cpu"]))
+    small = stage_plan({"type": "img2img"}, local_model("small", tmp_path, chunk_size=16), index=1)
+    plain = stage_plan({"type": "img2img"}, local_model("plain", tmp_path), index=1)
+    assert plan.chunk_size_for([resize], None) == 1024
+    assert plan.chunk_size_for([resize, small], None) == 16  # a chunk carries its items through both
+    assert plan.chunk_size_for([resize, plain], None) == 64  # the default for a model that sets none
+    assert plan.chunk_size_for([resize, small], 5) == 5  # IMGJOBS_CHUNK_SIZE wins
+
+
+def test_a_send_batch_is_bounded_in_items_as_well_as_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks are held until their batch is published: large chunks make smaller batches."""
+    monkeypatch.setattr(producer, "SEND_BATCH_ITEMS", 10)
+    chunks = list(plan.plan_chunks(resize_job(tmp_path, 50), 4))
+    batches = [[len(chunk.items) for chunk in batch] for batch in producer._send_batches(chunks)]
+    assert batches == [[4], [4, 4], [4, 4, 4], [4, 4, 4], [4, 4, 4], [2]]  # 12 items reach 10
