@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -474,7 +475,18 @@ def schedule_worker(loglevel: Annotated[str, typer.Option(help="Celery log level
     )
 
 
+def _tune_garbage_collector() -> None:
+    # A submit makes and drops a few dozen small objects per item (pydantic models, dicts, JSON).
+    # At Python's default thresholds the cycle collector runs every 700 of them and now and then walks
+    # every object the imports made (pydantic's schemas, Celery, boto3): about 30 % of a large submit.
+    # Freezing takes what exists now out of its sight, and a higher first threshold runs it less often.
+    # Memory stays bounded: the streaming path makes few reference cycles.
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+
+
 def main() -> None:
+    _tune_garbage_collector()
     try:
         app()
     except SpecError as exc:
