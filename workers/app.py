@@ -13,7 +13,9 @@ import signal
 from typing import Any
 
 from celery import Celery
-from celery.signals import setup_logging, worker_process_init
+from celery.platforms import EX_FAILURE
+from celery.signals import setup_logging, worker_init, worker_process_init
+from celery.worker import state as worker_state
 
 from schemas.errors import ConfigError
 from schemas.messages import RUN_CHUNK_TASK, Chunk
@@ -22,6 +24,7 @@ from workers.observability import configure_logging, serve_metrics
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger("imgjobs.worker")
+MODEL_LOAD_FAILED = signal.SIGUSR2
 
 settings = Settings.from_env()
 if not settings.broker_url:
@@ -45,6 +48,19 @@ def _configure_logging(loglevel: int | str | None = None, **_: Any) -> None:
     configure_logging(settings.log_format, level if isinstance(level, int) else logging.INFO)
 
 
+@worker_init.connect
+def _stop_failed_on_request(**_: Any) -> None:
+    """In the main process: a pool process that cannot load the model sends MODEL_LOAD_FAILED, and the
+    worker then shuts down as on SIGTERM (warm: the queue keeps every chunk) but exits 1, so that a
+    supervisor sees the failure. Celery's own SIGTERM shutdown exits 0, and its cold one loses its exit
+    code on the way out."""
+
+    def stop_failed(*_: object) -> None:
+        worker_state.should_stop = EX_FAILURE  # what Celery's own shutdown handlers set, with our code
+
+    signal.signal(MODEL_LOAD_FAILED, stop_failed)
+
+
 @worker_process_init.connect
 def _load_model(**_: Any) -> None:
     try:
@@ -55,5 +71,5 @@ def _load_model(**_: Any) -> None:
         log.exception("cannot load the model; stopping the worker")
         # A worker without its model would take chunks only to fail them. Stop the parent too, or it
         # would start another pool process that fails the same way, forever.
-        os.kill(os.getppid(), signal.SIGTERM)
+        os.kill(os.getppid(), MODEL_LOAD_FAILED)
         os._exit(1)

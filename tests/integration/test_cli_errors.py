@@ -104,3 +104,4 @@ def test_worker_whose_model_cannot_load_stops(tmp_path: Path) -> None:
             "worker", "--model", str(broken), env={"IMGJOBS_BROKER_URL": server.url}, timeout=120
         )
     assert "cannot load the model; stopping the worker" in worker.stderr
+    assert worker.returncode != 0, "a supervisor must see that the worker failed"
