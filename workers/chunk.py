@@ -243,19 +243,20 @@ class _ChunkRun:
         started, busy_s = time.perf_counter(), 0.0
         handed: list[tuple[ChunkItem, ResolvedParams]] = []
         pool = self._io_pool()
+        # On threads, the inputs of the next LOOKAHEAD calls are fetched while a call runs: enough to
+        # keep the pipeline fed, while a chunk of large images is never all in memory at once. In line,
+        # fetching ahead would overlap nothing and only hold more images.
+        ahead = 0 if isinstance(pool, _InLine) else LOOKAHEAD
         writing: deque[Future[list[_Prepared]]] = deque()
         try:
-            # Inputs are fetched LOOKAHEAD batches ahead: enough to keep the pipeline fed, while a
-            # chunk of large images is never all in memory at once.
-            loading = deque([self._load_all(pool, batch) for batch in batches[: LOOKAHEAD + 1]])
+            loading = deque([self._load_all(pool, batch) for batch in batches[: ahead + 1]])
             for index in range(len(batches)):
-                loads = loading.popleft()
-                if index + LOOKAHEAD + 1 < len(batches):
-                    loading.append(self._load_all(pool, batches[index + LOOKAHEAD + 1]))
-                ready = self._collect(loads)
+                ready = self._collect(loading.popleft())
                 call_started = time.perf_counter()
                 output = self._infer(ready) if ready else None
                 busy_s += time.perf_counter() - call_started
+                if index + ahead + 1 < len(batches):
+                    loading.append(self._load_all(pool, batches[index + ahead + 1]))
                 if output is not None:
                     writing.append(pool.submit(self._write_all, ready, output))
                 while writing and (writing[0].done() or len(writing) > LOOKAHEAD):

@@ -131,6 +131,38 @@ def test_a_chunk_runs_in_calls_of_the_batch_size_and_a_bad_item_fails_alone(
     assert len(logged) == 1 and 0.0 < logged[0].duty_cycle <= 1.0, logged
 
 
+@pytest.mark.parametrize(("threads", "most_held"), [(0, 3), (2, 9)])
+def test_inputs_are_fetched_ahead_only_on_io_threads(
+    threads: int, most_held: int, redis_server: EmbeddedRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In line, a batch's inputs are fetched just before its call (fetching ahead would overlap nothing
+    and only hold more images); on threads, up to LOOKAHEAD batches ahead of the call."""
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    ids = [f"i{index}" for index in range(12)]
+    register(client, "job", tmp_path / "out", ids)
+    loaded, held_at_calls = [0], list[int]()
+    load = chunk_module._ChunkRun._load
+
+    def counted_load(run: Any, member: ChunkItem) -> Any:
+        prepared = load(run, member)
+        loaded[0] += 1
+        return prepared
+
+    stage = chunk_module.STAGES["resize"]
+
+    def counted_call(*args: Any, **kwargs: Any) -> Any:
+        held_at_calls.append(loaded[0] - 3 * len(held_at_calls))  # fetched but not yet run
+        return stage(*args, **kwargs)
+
+    monkeypatch.setattr(chunk_module._ChunkRun, "_load", counted_load)
+    monkeypatch.setitem(chunk_module.STAGES, "resize", counted_call)
+    assert chunk_module.LOOKAHEAD == 2
+    process_chunk(resize_chunk(tmp_path, ids), context(client, cpu_model(max_batch=3), threads))
+    assert len(held_at_calls) == 4 and max(held_at_calls) <= most_held, held_at_calls
+    if threads == 0:
+        assert held_at_calls == [3, 3, 3, 3]
+
+
 def test_a_failed_write_stops_the_chunk_and_keeps_what_was_written(
     redis_server: EmbeddedRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
