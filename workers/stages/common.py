@@ -133,15 +133,44 @@ def batch_input(batch: StageBatch) -> Any:
 
 
 def decode_latents(pipeline: Any, latents: torch.Tensor) -> np.ndarray:
-    """What the pipeline's own output_type="np" would give for these latents."""
+    """What the pipeline's own output_type="np" would give for these latents: decoded in float32 where
+    the pipeline upcasts a float16 VAE that asks for it (SDXL's and the x4 upscaler's pipelines; SDXL's
+    VAE overflows in float16), denormalized by the VAE's latents mean and std where it has them,
+    watermarked where the pipeline watermarks, and through its safety checker where it has one
+    (flagged images come back black, as from the pipeline)."""
     vae = getattr(pipeline, "vae", None)
     if vae is None:
         raise StageError(f"{type(pipeline).__name__} has no VAE to decode latents with; save images instead")
+    config = vae.config
+    upcasts = hasattr(pipeline, "upcast_vae")  # the pipelines that check force_upcast have this
+    upcast = upcasts and vae.dtype == torch.float16 and bool(getattr(config, "force_upcast", False))
+    latents = latents.to(vae.device, torch.float32 if upcast else vae.dtype)
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        channels = (1, -1, 1, 1)
+        latents = latents * torch.tensor(std).view(channels).to(latents) / config.scaling_factor
+        latents = latents + torch.tensor(mean).view(channels).to(latents)
+    else:
+        latents = latents / config.scaling_factor
     with torch.inference_mode():
-        decoded = vae.decode(
-            latents.to(vae.device, vae.dtype) / vae.config.scaling_factor, return_dict=False
-        )[0]
-    images: np.ndarray = pipeline.image_processor.postprocess(decoded, output_type="np")
+        if upcast:
+            vae.to(dtype=torch.float32)
+        try:
+            decoded = vae.decode(latents, return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(dtype=torch.float16)
+        if getattr(pipeline, "watermark", None) is not None:
+            decoded = pipeline.watermark.apply_watermark(decoded)
+        flagged = None
+        if getattr(pipeline, "safety_checker", None) is not None:
+            # The x4 upscaler's checker returns a third value; the image and flags come first everywhere.
+            checked = pipeline.run_safety_checker(decoded, vae.device, vae.dtype)  # the pipeline's dtype
+            decoded, flagged = checked[0], checked[1]
+    denormalize = None if flagged is None else [not nsfw for nsfw in flagged]
+    images: np.ndarray = pipeline.image_processor.postprocess(
+        decoded, output_type="np", do_denormalize=denormalize
+    )
     return images
 
 
