@@ -32,7 +32,7 @@ def _absolute(uri: str | None, items_dir: Path) -> str | None:
     # Lexical normalising costs no system calls (resolve() costs one per path component, per item,
     # most of a local manifest's submit time); it differs from the file system only where ".."
     # follows a symbolic link, so only such paths are resolved.
-    return str(Path(joined).resolve()) if ".." in Path(path).parts else os.path.normpath(joined)
+    return str(Path(joined).resolve()) if ".." in path.split(os.sep) else os.path.normpath(joined)
 
 
 def first_stage_item(item: Item, items_dir: Path) -> ChunkItem:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +63,17 @@ def cpu_model(max_batch: int) -> LoadedModel:
 
 
 class CountingCalls:
-    """Wraps the resize stage to record each call's batch size; the stage itself runs unchanged."""
+    """Wraps the resize stage to record each call's batch size, and to run before_call first; the stage
+    itself runs unchanged."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(
+        self, monkeypatch: pytest.MonkeyPatch, before_call: Callable[[], None] = lambda: None
+    ) -> None:
         self.sizes: list[int] = []
         stage = chunk_module.STAGES["resize"]
 
         def counted(*args: Any, **kwargs: Any) -> Any:
+            before_call()
             self.sizes.append(len(args[3]))
             return stage(*args, **kwargs)
 
@@ -148,14 +153,11 @@ def test_inputs_are_fetched_ahead_only_on_io_threads(
         loaded[0] += 1
         return prepared
 
-    stage = chunk_module.STAGES["resize"]
-
-    def counted_call(*args: Any, **kwargs: Any) -> Any:
+    def count_held() -> None:
         held_at_calls.append(loaded[0] - 3 * len(held_at_calls))  # fetched but not yet run
-        return stage(*args, **kwargs)
 
     monkeypatch.setattr(chunk_module._ChunkRun, "_load", counted_load)
-    monkeypatch.setitem(chunk_module.STAGES, "resize", counted_call)
+    CountingCalls(monkeypatch, before_call=count_held)
     assert chunk_module.LOOKAHEAD == 2
     process_chunk(resize_chunk(tmp_path, ids), context(client, cpu_model(max_batch=3), threads))
     assert len(held_at_calls) == 4 and max(held_at_calls) <= most_held, held_at_calls
