@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from jobs import prune as retention
 from jobs import redrive, scheduler
 from jobs.broker import connect_redis, require_broker_url
 from jobs.embedded import EmbeddedRedis, LocalWorker
@@ -33,6 +34,7 @@ from schemas import keys
 from schemas.errors import ConfigError, ImgjobsError, SpecError
 from schemas.messages import WORKER_MODEL_ENV, WorkerModel
 from schemas.progress import JobState, JobStatus
+from schemas.schedule import parse_duration
 from schemas.settings import Settings
 
 app = typer.Typer(
@@ -312,6 +314,31 @@ def cancel(job_id: Annotated[str, typer.Argument(show_default=False)]) -> None:
     """Cancel a job: workers drop its queued chunks (their items fail as JobCancelledError)."""
     redrive.cancel(connect_redis(require_broker_url(Settings.from_env())), job_id)
     err.print(f"job {job_id}: cancelled; running chunks finish, queued ones are dropped")
+
+
+@app.command()
+def prune(
+    older_than: Annotated[
+        str,
+        typer.Option(
+            "--older-than",
+            help="delete jobs finished longer ago than this: 90s, 15m, 12h, 30d",
+            show_default=False,
+        ),
+    ],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="only list the jobs it would delete")] = False,
+) -> None:
+    """Delete finished jobs from Redis; their outputs in storage stay. Prints each job id."""
+    try:
+        age_s = parse_duration(older_than)
+    except ValueError as exc:
+        raise ConfigError(f"--older-than: {exc}") from None
+    cutoff = time.time() - age_s
+    pruned = retention.prune(connect_redis(require_broker_url(Settings.from_env())), cutoff, dry_run)
+    for job in pruned:
+        print(job.job_id)
+    since = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(cutoff))
+    err.print(f"{'would delete' if dry_run else 'deleted'} {len(pruned)} job(s) finished before {since}")
 
 
 @app.command()

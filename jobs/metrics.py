@@ -11,6 +11,7 @@ from prometheus_client.registry import Collector
 
 from jobs.status import read_status
 from schemas import keys
+from schemas.errors import ImgjobsError
 from schemas.registry import QUEUE_PREFIX
 
 
@@ -30,7 +31,10 @@ class BrokerCollector(Collector):
             "imgjobs_job_items", "Items of unfinished jobs, by state", labels=["job_id", "state"]
         )
         for job_id in sorted(self.client.smembers(keys.JOBS)):
-            status = read_status(self.client, str(job_id))
+            try:
+                status = read_status(self.client, str(job_id))
+            except ImgjobsError:
+                continue  # pruned since the listing
             if status.finished:
                 continue
             for state in ("pending", "running", "succeeded", "failed"):

@@ -4,7 +4,8 @@ a firing submits a job for the source's images not processed before.
 RedBeat keeps the schedule and its last run in Redis, so restarting beat neither loses nor repeats
 a firing. Each object is remembered by URI and ETag (or content hash) once its job is submitted;
 a firing that dies before remembering them submits the same items again next time, which gives
-the same job id, so nothing runs twice.
+the same job id, so nothing runs twice (unless the job was pruned meanwhile). With
+`keep_finished_jobs_for` in the file, beat also prunes finished jobs, hourly.
 
     imgjobs schedule beat      Celery beat with RedBeat
     imgjobs schedule worker    runs the firings (a small producer-side Celery worker, no torch)
@@ -16,6 +17,7 @@ import hashlib
 import json
 import logging
 import tempfile
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from pydantic import ValidationError
 from jobs.broker import connect_redis, require_broker_url
 from jobs.manifest import validate_job
 from jobs.producer import submit
+from jobs.prune import prune
 from jobs.registry import Registry
 from jobs.sources import item_id_for, list_versions
 from schemas import keys
@@ -38,7 +41,11 @@ from schemas.settings import Settings, celery_config
 log = logging.getLogger("imgjobs.schedule")
 
 FIRE_TASK = "imgjobs.fire_schedule"
+PRUNE_TASK = "imgjobs.prune_jobs"
 SCHEDULE_QUEUE = "imgjobs.schedules"
+# Not a valid schedule name (those have no ':'), so it never shadows an entry of the file.
+PRUNE_ENTRY = "imgjobs:prune"
+PRUNE_EVERY = timedelta(hours=1)
 
 
 def load_schedules(settings: Settings) -> SchedulesFile:
@@ -112,8 +119,35 @@ def _cadence(entry: ScheduleEntry) -> crontab | timedelta:
     )
 
 
+def prune_finished(settings: Settings) -> int:
+    """Delete the jobs finished longer ago than the file's keep_finished_jobs_for; returns how many."""
+    retention_s = load_schedules(settings).retention_s
+    if retention_s is None:
+        return 0
+    client = connect_redis(require_broker_url(settings))
+    pruned = prune(client, time.time() - retention_s)
+    log.info("pruned %d job(s) finished more than %.0f s ago", len(pruned), retention_s)
+    return len(pruned)
+
+
 def make_app(settings: Settings) -> Celery:
     broker_url = require_broker_url(settings)
+    schedules = load_schedules(settings)
+    beat_schedule: dict[str, dict[str, Any]] = {
+        entry.name: {
+            "task": FIRE_TASK,
+            "schedule": _cadence(entry),
+            "args": [entry.name],
+            "options": {"queue": SCHEDULE_QUEUE},
+        }
+        for entry in schedules.schedules
+    }
+    if schedules.keep_finished_jobs_for is not None:
+        beat_schedule[PRUNE_ENTRY] = {
+            "task": PRUNE_TASK,
+            "schedule": PRUNE_EVERY,
+            "options": {"queue": SCHEDULE_QUEUE},
+        }
     scheduler = Celery("imgjobs-scheduler")
     scheduler.conf.update(celery_config(settings, broker_url))
     scheduler.conf.update(
@@ -123,20 +157,16 @@ def make_app(settings: Settings) -> Celery:
         beat_max_loop_interval=5,
         # No result backend, so no celery.backend_cleanup entry either.
         result_expires=None,
-        beat_schedule={
-            entry.name: {
-                "task": FIRE_TASK,
-                "schedule": _cadence(entry),
-                "args": [entry.name],
-                "options": {"queue": SCHEDULE_QUEUE},
-            }
-            for entry in load_schedules(settings).schedules
-        },
+        beat_schedule=beat_schedule,
     )
 
     @scheduler.task(name=FIRE_TASK)
     def fire_task(name: str) -> str | None:
         # Read the file at each firing, so edits to an entry apply without restarting the worker.
         return fire(entry_named(load_schedules(settings), name), settings)
+
+    @scheduler.task(name=PRUNE_TASK)
+    def prune_task() -> int:
+        return prune_finished(settings)
 
     return scheduler

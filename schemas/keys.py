@@ -20,6 +20,8 @@ kombu's `unacked` bookkeeping) are named by Celery and not listed here.
                                              under redbeat:)
 
 The meta hash also holds `recipe` (the planned stages, JSON) and `cancelled_at` once cancelled.
+A job's keys stay until `imgjobs prune` (or a schedules file's `keep_finished_jobs_for`) deletes them,
+some time after the job finished.
 """
 
 from __future__ import annotations
@@ -63,6 +65,21 @@ def job_deliveries(job_id: str) -> str:
 
 def job_stages(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:stages"
+
+
+def job_keys(job_id: str) -> list[str]:
+    """Every key of one job (not its id in JOBS): what `imgjobs prune` deletes."""
+    return [
+        job_meta(job_id),
+        job_counts(job_id),
+        job_items(job_id),
+        job_order(job_id),
+        job_results(job_id),
+        job_stage(job_id),
+        job_inputs(job_id),
+        job_deliveries(job_id),
+        job_stages(job_id),
+    ]
 
 
 def schedule_seen(name: str) -> str:

@@ -6,9 +6,22 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEDULE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+# Hand-written rather than pydantic's timedelta, which takes seconds or ISO 8601 ("P30D") but not the
+# "30d" people write on a command line or in a YAML file.
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "90s", "15m", "12h" or "30d"."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration; write a number and s, m, h or d, e.g. 30d")
+    return float(match.group(1)) * _UNIT_S[match.group(2)]
 
 
 class ScheduleEntry(BaseModel):
@@ -50,6 +63,20 @@ class SchedulesFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     schedules: list[ScheduleEntry] = Field(default_factory=list)
+    keep_finished_jobs_for: str | None = Field(
+        None, description="beat prunes jobs finished longer ago than this (30d, 12h), hourly"
+    )
+
+    @field_validator("keep_finished_jobs_for")
+    @classmethod
+    def _duration(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+    @property
+    def retention_s(self) -> float | None:
+        return None if self.keep_finished_jobs_for is None else parse_duration(self.keep_finished_jobs_for)
 
     @model_validator(mode="after")
     def _unique(self) -> SchedulesFile:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import redis
 
@@ -66,8 +66,12 @@ class JobProgress:
         if mapping:
             self.client.hset(keys.job_stage(self.job_id), mapping=mapping)
 
-    def cancelled(self) -> bool:
-        return bool(self.client.hexists(keys.job_meta(self.job_id), "cancelled_at"))
+    def standing(self) -> Literal["open", "cancelled", "unknown"]:
+        """Whether the job takes work: "unknown" once `imgjobs prune` deleted it."""
+        total, cancelled_at = self.client.hmget(keys.job_meta(self.job_id), ["total", "cancelled_at"])
+        if total is None:
+            return "unknown"
+        return "open" if cancelled_at is None else "cancelled"
 
     def count_delivery(self, delivery: str) -> int:
         """How many times the broker has handed out this chunk (this retry of it), this time included."""

@@ -44,7 +44,12 @@ def _run_chunk(self: Any, chunk: Chunk) -> None:
         fail_items(chunk, ctx, StageError(message))
         return
     progress = JobProgress(ctx.redis, chunk.job_id)
-    if progress.cancelled():
+    standing = progress.standing()
+    if standing == "unknown":
+        # A redelivered chunk of a job pruned since: its items have nowhere to be recorded.
+        log.warning("chunk %s: job %s is not on this broker (pruned?); dropped", chunk.chunk_id, chunk.job_id)
+        return
+    if standing == "cancelled":
         fail_items(chunk, ctx, JobCancelledError("the job was cancelled"))
         return
     # Counted per retry, so only redeliveries count: a chunk whose worker dies mid-run comes back.

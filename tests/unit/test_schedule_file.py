@@ -16,6 +16,7 @@ from tests.conftest import ROOT
 def test_the_example_validates_and_compose_runs_beat_with_it() -> None:
     schedules = load_schedules(Settings(schedules=ROOT / "deploy" / "schedules.example.yaml"))
     assert [entry.name for entry in schedules.schedules] == ["nightly-restyle"]
+    assert schedules.retention_s == 30 * 86400
     compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
     for service in ("beat", "scheduler"):
         assert any(
