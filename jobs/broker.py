@@ -28,14 +28,20 @@ def require_broker_url(settings: Settings) -> str:
 
 def connect_redis(broker_url: str) -> redis.Redis:
     """A client that answered a ping, after a few tries with backoff (a broker restarting is normal)."""
-    client = redis.Redis.from_url(
-        broker_url,
-        socket_connect_timeout=CONNECT_TIMEOUT_S,
-        socket_timeout=30,
-        decode_responses=True,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.2), CONNECT_ATTEMPTS - 1),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-    )
+    try:
+        client = redis.Redis.from_url(
+            broker_url,
+            socket_connect_timeout=CONNECT_TIMEOUT_S,
+            socket_timeout=30,
+            decode_responses=True,
+            retry=Retry(ExponentialBackoff(cap=2.0, base=0.2), CONNECT_ATTEMPTS - 1),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        )
+    except ValueError as exc:  # a bad port, database or scheme; redis-py's message may quote the password
+        raise ConfigError(
+            f"IMGJOBS_BROKER_URL {redact_url(broker_url)} is not a valid Redis URL"
+            f" ({type(exc).__name__}); percent-encode '/', '?', '#' and '@' in a password"
+        ) from None
     try:
         client.ping()
     except redis.RedisError as exc:

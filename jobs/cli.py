@@ -137,7 +137,12 @@ def _parameters(pairs: list[str]) -> dict[str, object]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--param {pair!r}: expected KEY=VALUE")
-        parsed[key] = yaml.safe_load(value)
+        try:
+            parsed[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"--param {pair!r}: not a valid value: {getattr(exc, 'problem', exc)}"
+            ) from None
     return parsed
 
 
@@ -450,7 +455,7 @@ def schedule_list() -> None:
     schedules = scheduler.load_schedules(settings).schedules
     seen: list[int] = []
     if settings.broker_url:
-        client = connect_redis(settings.broker_url)
+        client = connect_redis(require_broker_url(settings))
         seen = [int(client.scard(keys.schedule_seen(entry.name))) for entry in schedules]
     table = Table("name", "when", "source", "output", "submitted so far")
     for index, entry in enumerate(schedules):

@@ -120,6 +120,8 @@ def load_spec(spec_path: Path) -> JobSpec:
         # JSON is read by the YAML parser too; safe_load builds plain data only, never objects.
         data = yaml.safe_load(text)
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise SpecError([Problem(file, None, None, "not valid YAML/JSON: nested too deeply")]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -183,6 +185,9 @@ def _raw_rows(items_path: Path, digest: Any) -> Iterator[tuple[int, dict[str, An
                     row = json.loads(line)
                 except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                     yield number, f"not valid JSON: {exc}"
+                    continue
+                except RecursionError:
+                    yield number, "not valid JSON: nested too deeply"
                     continue
                 yield (number, row) if isinstance(row, dict) else (number, "each line must be a JSON object")
         else:
@@ -312,6 +317,11 @@ def validate_job(spec_path: Path, registry: Registry) -> ValidatedJob:
     if not items_path.is_file():
         problems.append(Problem(str(spec_path), None, "items", f"no such file: {items_path}"))
         raise SpecError(problems)
+    try:
+        items_path.open("rb").close()
+    except OSError as exc:
+        problems.append(Problem(str(spec_path), None, "items", f"cannot read {items_path}: {exc.strerror}"))
+        raise SpecError(problems) from None
 
     output = output_of(spec, spec_path)
     # The id covers what the job will run: the spec, the resolved models, where relative paths point

@@ -7,8 +7,10 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import redis
+from pydantic import ValidationError
 
 from jobs.broker import producer_app
 from jobs.plan import chunk_size_for, first_stage_item, group_into_chunks
@@ -48,43 +50,50 @@ def cancel(client: redis.Redis, job_id: str) -> None:
 
 def retry(client: redis.Redis, settings: Settings, broker_url: str, job_id: str, reason: str | None) -> int:
     """Move failed items (of type `reason`, or all) back to pending and run them again from the first
-    stage. Items that succeeded stay as they are. Returns how many items were re-enqueued."""
+    stage. Items that succeeded stay as they are. Returns how many items were re-enqueued.
+
+    Everything is read and planned before anything changes. The items move, and the job reopens, in
+    one step. Should sending their chunks fail (broker gone, Ctrl-C), the items go back to failed with
+    their results, so a later retry finds them again instead of leaving them pending for ever."""
     meta = _meta(client, job_id)
     recipe = [StagePlan.model_validate(plan) for plan in json.loads(meta["recipe"])]
     spec = JobSpec.model_validate_json(meta["spec"])
-    item_ids = [result.id for result in failures(client, job_id, reason)]
-    if not item_ids:
+    failed = {result.id: result for result in failures(client, job_id, reason)}
+    if not failed:
         return 0
-    stored = client.hmget(keys.job_inputs(job_id), item_ids)
-    move = client.register_script(keys.TRANSITION_SCRIPT)
-    state_keys = [keys.job_items(job_id), keys.job_counts(job_id), keys.job_results(job_id)]
     members: list[tuple[ChunkItem, ResolvedParams]] = []
-    for item_id, raw in zip(item_ids, stored, strict=True):
+    for raw in client.hmget(keys.job_inputs(job_id), list(failed)):
         if raw is None:
             continue  # failed by a worker that predates redrive: nothing to run it from
-        moved = move(
-            keys=state_keys,
-            args=keys.transition_args([ItemState.FAILED.value], [(item_id, ItemState.PENDING.value, "-")]),
-        )
-        if int(moved[0]) < 0:
-            continue  # someone else moved it already
-        item = Item.model_validate_json(raw)
+        try:
+            item = Item.model_validate_json(raw)
+        except ValidationError:
+            continue  # kept by a version whose items this one no longer reads: it stays failed
         members.append(
             (first_stage_item(item, Path("/")), resolve_params(item, recipe[0].spec, spec.defaults))
         )
     if not members:
         return 0
+    move = client.register_script(keys.TRANSITION_SCRIPT)
+    state_keys = [keys.job_items(job_id), keys.job_counts(job_id), keys.job_results(job_id)]
+    outcomes = move(
+        keys=[*state_keys, keys.job_meta(job_id)],
+        args=keys.transition_args(
+            [ItemState.FAILED.value],
+            [(member.item.id, ItemState.PENDING.value, "-") for member, _ in members],
+        ),
+    )
+    if outcomes and all(int(outcome) == -1 for outcome in outcomes):
+        raise ImgjobsError(f"no job {job_id!r} on this broker (pruned meanwhile)")
+    # Others (a second retry) may have moved some already.
+    members = [member for member, outcome in zip(members, outcomes, strict=True) if int(outcome) == 1]
+    if not members:
+        return 0
     moved = [member.item.id for member, _ in members]
     # They run every stage again: take back the stages they had come through.
     passed = client.hmget(keys.job_stage(job_id), moved)
-    pipe = client.pipeline(transaction=False)
-    for last in passed:
-        for plan in recipe[: int(str(last)) + 1] if last is not None else []:
-            pipe.hincrby(keys.job_stages(job_id), plan.name, -1)
-    pipe.hdel(keys.job_stage(job_id), *moved)
-    pipe.execute()
-    # The job is open again: it finishes, and writes its results, when these items do.
-    client.hdel(keys.job_meta(job_id), "finished_at", "cancelled_at")
+    _count_stages(client, job_id, recipe, passed, -1)
+    client.hdel(keys.job_stage(job_id), *moved)
     round_number = client.hincrby(keys.job_meta(job_id), "retries", 1)
     counter = itertools.count()
 
@@ -102,5 +111,43 @@ def retry(client: redis.Redis, settings: Settings, broker_url: str, job_id: str,
         )
 
     chunk_size = chunk_size_for(recipe, settings.chunk_size)
-    send_chunks(producer_app(settings, broker_url), group_into_chunks(members, chunk_size, make))
+    try:
+        send_chunks(producer_app(settings, broker_url), group_into_chunks(members, chunk_size, make))
+    except BaseException:
+        # Chunks already sent find their items failed and skip them; an item a worker took meanwhile
+        # is left to it.
+        back = move(
+            keys=state_keys,
+            args=keys.transition_args(
+                [ItemState.PENDING.value],
+                [(item_id, ItemState.FAILED.value, failed[item_id].model_dump_json()) for item_id in moved],
+            ),
+        )
+        restored = [
+            (item_id, last)
+            for item_id, last, outcome in zip(moved, passed, back, strict=True)
+            if outcome == 1
+        ]
+        stages: dict[Any, Any] = {item_id: last for item_id, last in restored if last is not None}
+        if stages:  # redis-py types mapping keys invariantly, hence Any
+            client.hset(keys.job_stage(job_id), mapping=stages)
+        _count_stages(client, job_id, recipe, [last for _, last in restored], +1)
+        closed: dict[Any, Any] = {
+            field: meta[field] for field in ("finished_at", "cancelled_at") if field in meta
+        }
+        still_open = client.hmget(keys.job_counts(job_id), [ItemState.PENDING.value, ItemState.RUNNING.value])
+        if closed and not any(int(count or 0) for count in still_open):
+            client.hset(keys.job_meta(job_id), mapping=closed)
+        raise
     return len(moved)
+
+
+def _count_stages(
+    client: redis.Redis, job_id: str, recipe: list[StagePlan], passed: list[Any], sign: int
+) -> None:
+    """Add sign to the count of each stage the items had come through (`passed`: last stage index)."""
+    pipe = client.pipeline(transaction=False)
+    for last in passed:
+        for plan in recipe[: int(str(last)) + 1] if last is not None else []:
+            pipe.hincrby(keys.job_stages(job_id), plan.name, sign)
+    pipe.execute()

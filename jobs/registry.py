@@ -39,6 +39,8 @@ class Registry:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except OSError as exc:
             raise ConfigError(f"cannot read model registry {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"model registry {path} is not UTF-8 text") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"model registry {path} is not valid YAML: {exc}") from None
         try:

@@ -56,6 +56,8 @@ def load_schedules(settings: Settings) -> SchedulesFile:
         return SchedulesFile.model_validate(raw)
     except OSError as exc:
         raise ConfigError(f"cannot read {settings.schedules}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{settings.schedules} is not UTF-8 text") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{settings.schedules} is not valid YAML: {exc}") from None
     except ValidationError as exc:

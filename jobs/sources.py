@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from schemas.errors import ConfigError
+from schemas.job import RESERVED_ITEM_IDS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_DOTS = re.compile(r"\.{2,}")  # ".." is refused in item ids
 
 
 def _wildcard_free_prefix(pattern: str) -> str:
@@ -56,11 +58,12 @@ def list_versions(pattern: str) -> Iterator[tuple[str, str]]:
 
 
 def item_id_for(uri: str, taken: set[str]) -> str:
-    """A stable id from the file's name, made unique within the job."""
-    stem = _UNSAFE.sub("-", Path(uri.rsplit("/", 1)[-1]).stem).strip("-.") or "item"
-    stem = stem[:100]
+    """A stable id from the file's name, made unique within the job, that passes the item id rules
+    (schemas/job.py): "_DSC0001.JPG" gives "DSC0001", "a..b.png" "a.b", "dataset.png" "dataset-2"."""
+    stem = _UNSAFE.sub("-", Path(uri.rsplit("/", 1)[-1]).stem)
+    stem = _DOTS.sub(".", stem).strip("-.").lstrip("_-.")[:100] or "item"
     candidate, number = stem, 1
-    while candidate in taken:
+    while candidate in taken or candidate in RESERVED_ITEM_IDS:
         number += 1
         candidate = f"{stem}-{number}"
     taken.add(candidate)

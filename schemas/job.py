@@ -14,8 +14,9 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 # Item ids become storage key segments, so they are restricted to a portable, traversal-free
 # alphabet rather than escaped: what the user sees in results.jsonl is the key they get.
-ITEM_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-JOB_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+# \Z, not $: $ also matches before a final newline.
+ITEM_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+JOB_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
 IMAGE_URI_SCHEMES = ("file://", "s3://", "http://", "https://")
 
 BUILTIN_STRENGTH = 0.8

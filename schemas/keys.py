@@ -87,18 +87,22 @@ def schedule_seen(name: str) -> str:
 
 
 # The one way items change state, shared by the producer (retry) and the workers.
-# KEYS: items hash, counts hash, results hash.  ARGV: n, the n states items may move from, then for each
-# item its id, its new state and its result JSON ("" keeps the stored result, "-" deletes it). Returns,
-# per item, 1 when it moved, -1 for an unknown item, -2 when it is in none of the allowed states (it is
-# left as it is then). One script, so the per-state counts always add up to the total; many items per
-# call, so a worker records a whole batch in one round trip.
+# KEYS: items hash, counts hash, results hash, and optionally the job's meta hash.  ARGV: n, the n states
+# items may move from, then for each item its id, its new state and its result JSON ("" keeps the stored
+# result, "-" deletes it). Returns, per item, 1 when it moved, -1 for an unknown item, -2 when it is in
+# none of the allowed states (it is left as it is then). One script, so the per-state counts always add
+# up to the total; many items per call, so a worker records a whole batch in one round trip.
+# With the meta hash (`imgjobs retry`): items of a job that no longer exists (pruned) are all unknown,
+# and a move reopens the job (deletes finished_at and cancelled_at) in the same step, so `imgjobs prune`
+# either deletes the job before or keeps it.
 TRANSITION_SCRIPT = """
 local allowed, first = {}, 2 + tonumber(ARGV[1])
 for i = 2, first - 1 do allowed[ARGV[i]] = true end
-local outcomes = {}
+local exists = not KEYS[4] or redis.call('HEXISTS', KEYS[4], 'total') == 1
+local outcomes, moved = {}, 0
 for i = first, #ARGV, 3 do
   local id, to, result = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local current = redis.call('HGET', KEYS[1], id)
+  local current = exists and redis.call('HGET', KEYS[1], id)
   if not current then outcomes[#outcomes + 1] = -1
   elseif not allowed[current] then outcomes[#outcomes + 1] = -2
   else
@@ -108,8 +112,10 @@ for i = first, #ARGV, 3 do
     if result == '-' then redis.call('HDEL', KEYS[3], id)
     elseif result ~= '' then redis.call('HSET', KEYS[3], id, result) end
     outcomes[#outcomes + 1] = 1
+    moved = moved + 1
   end
 end
+if KEYS[4] and moved > 0 then redis.call('HDEL', KEYS[4], 'finished_at', 'cancelled_at') end
 return outcomes
 """
 

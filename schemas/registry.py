@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")  # \Z: $ allows a final newline
 QUEUE_PREFIX = "imgjobs."
 X2_LATENT_UPSCALER = "StableDiffusionLatentUpscalePipeline"
 X4_UPSCALER = "StableDiffusionUpscalePipeline"

@@ -8,12 +8,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SCHEDULE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+SCHEDULE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")  # \Z: $ allows a final newline
 
 # Hand-written rather than pydantic's timedelta, which takes seconds or ISO 8601 ("P30D") but not the
 # "30d" people write on a command line or in a YAML file.
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*\Z")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_DURATION_S = 100 * 365 * 86400
 
 
 def parse_duration(text: str) -> float:
@@ -21,7 +22,10 @@ def parse_duration(text: str) -> float:
     match = _DURATION.match(text)
     if match is None:
         raise ValueError(f"{text!r} is not a duration; write a number and s, m, h or d, e.g. 30d")
-    return float(match.group(1)) * _UNIT_S[match.group(2)]
+    seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
+    if seconds > MAX_DURATION_S:
+        raise ValueError(f"{text!r} is longer than a century")
+    return seconds
 
 
 class ScheduleEntry(BaseModel):

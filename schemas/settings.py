@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -75,15 +74,16 @@ class Settings(BaseSettings):
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password replaced, fit for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """The URL with any password replaced, fit for logs and error messages. Not urlsplit: it finds no
+    password in "redis://:pa/ss@host" (an unencoded '/', '?' or '#' ends its netloc early), so here
+    everything up to the last '@' counts as credentials; a user name before ':' is kept."""
+    scheme, separator, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not separator or not at:
         return url
-    netloc = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{netloc}"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    user, colon, _password = credentials.partition(":")
+    shown = f"{user}:***" if colon else "***"
+    return f"{scheme}://{shown}@{host}"
 
 
 def celery_config(settings: Settings, broker_url: str) -> dict[str, Any]:

@@ -105,3 +105,49 @@ def test_worker_whose_model_cannot_load_stops(tmp_path: Path) -> None:
         )
     assert "cannot load the model; stopping the worker" in worker.stderr
     assert worker.returncode != 0, "a supervisor must see that the worker failed"
+
+
+def test_malformed_inputs_are_one_error_line(tmp_path: Path) -> None:
+    bad_param = imgjobs(
+        "submit",
+        "--from",
+        str(tmp_path / "*.png"),
+        "--model",
+        "sd15",
+        "--output",
+        "o",
+        "--param",
+        "steps=[1",
+        env={"IMGJOBS_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"},
+    )
+    assert "--param 'steps=[1': not a valid value" in one_error_line(bad_param.stderr)
+    assert bad_param.returncode == 2
+
+    latin1 = tmp_path / "models.yaml"
+    latin1.write_bytes("models: {caf\xe9: {source: x}}\n".encode("latin-1"))
+    registry = imgjobs("models", env={"IMGJOBS_MODELS": str(latin1)})
+    assert "is not UTF-8 text" in one_error_line(registry.stderr) and registry.returncode == 2
+    schedules = imgjobs("schedule", "list", env={"IMGJOBS_SCHEDULES": str(latin1)})
+    assert "is not UTF-8 text" in one_error_line(schedules.stderr) and schedules.returncode == 2
+
+    deep = tmp_path / "deep"
+    spec = write_job(deep, [{"id": "a", "image": "a.png"}], model="sd15")
+    with (deep / "items.jsonl").open("a") as items:
+        items.write("[" * 100_000 + "]" * 100_000 + "\n")
+    nested = imgjobs("validate", str(spec))
+    assert nested.returncode == 2 and "Traceback" not in nested.stderr, nested.stderr
+    assert nested.stderr.splitlines() == [
+        f"error: {deep / 'items.jsonl'}:2: not valid JSON: nested too deeply"
+    ]
+    spec.write_text("a: " + "[" * 100_000)
+    nested_spec = imgjobs("validate", str(spec))
+    assert "nested too deeply" in one_error_line(nested_spec.stderr) and nested_spec.returncode == 2
+
+    schedules_file = tmp_path / "schedules.yaml"
+    schedules_file.write_text("schedules: []\n")
+    env = {"IMGJOBS_BROKER_URL": "http://127.0.0.1:1/0", "IMGJOBS_SCHEDULES": str(schedules_file)}
+    listed = imgjobs("schedule", "list", env=env)
+    assert "must be redis:// or rediss://" in one_error_line(listed.stderr) and listed.returncode == 2
+
+    forever = imgjobs("prune", "--older-than", "99999999999999d", env={"IMGJOBS_BROKER_URL": "redis://h/0"})
+    assert "longer than a century" in one_error_line(forever.stderr) and forever.returncode == 2

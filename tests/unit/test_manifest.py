@@ -6,12 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from jobs.manifest import validate_job
 from jobs.plan import plan_chunks
 from jobs.registry import Registry
 from schemas.errors import SpecError
-from schemas.job import resolve_negative_prompt, resolve_prompt, resolve_seed
+from schemas.job import Item, JobSpec, resolve_negative_prompt, resolve_prompt, resolve_seed
+from schemas.registry import queue_for
+from schemas.schedule import ScheduleEntry
 from tests.helpers import write_job
 
 REGISTRY = Registry.load(None)
@@ -241,3 +244,16 @@ def test_duplicate_ids_count_toward_the_problem_limit(tmp_path: Path) -> None:
     assert len(found) == 201, len(found)
     assert found[0].endswith("id: duplicate id 'same', first on line 1") and ":2:" in found[0]
     assert found[-1].endswith("stopped after 200 problems")
+
+
+def test_names_with_a_trailing_newline_are_refused() -> None:
+    # A regex's $ also matches before a final newline: "abc\n" passed as an item id, and so on.
+    with pytest.raises(ValidationError, match="id"):
+        Item(id="results.jsonl\n", image="a.png")
+    with pytest.raises(ValidationError, match="name"):
+        JobSpec.model_validate(
+            {"version": 1, "name": "job\n", "output": "o", "items": "i.jsonl", "stages": [{"type": "resize"}]}
+        )
+    with pytest.raises(ValidationError, match="lowercase"):
+        ScheduleEntry(name="nightly\n", every_s=5, source="x", output="o", stages=[{}])
+    assert "\n" not in queue_for("sd15\n")  # a registry name like this one is refused by the same pattern

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.manifest import validate_job
+from jobs.manifest import iter_items, validate_job
 from jobs.plan import plan_chunks
 from jobs.registry import Registry
 from jobs.sources import item_id_for, list_images, write_listing_job
@@ -86,3 +86,14 @@ def test_listing_with_no_match_and_odd_names(tmp_path: Path) -> None:
     assert item_id_for("s3://b/in/My Photo (1).JPG", taken) == "My-Photo-1"
     assert item_id_for("s3://b/other/My Photo (1).JPG", taken) == "My-Photo-1-2"
     assert item_id_for("s3://b/in/...png", taken) == "item"
+
+
+def test_listed_file_names_always_give_valid_item_ids(tmp_path: Path) -> None:
+    names = ["_DSC0001.JPG", "photo..final.png", "dataset.png", "results.jsonl.png", "-x.png", "a.png"]
+    for name in names:
+        write_image(tmp_path / "in" / name)
+    spec = {"version": 1, "name": "listing", "output": str(tmp_path / "out"), "stages": [{"type": "resize"}]}
+    path, count = write_listing_job(tmp_path / "job", str(tmp_path / "in" / "*"), spec, None)
+    job = validate_job(path, REGISTRY)  # a SpecError for the first four names before
+    ids = sorted(item.id for item, _ in iter_items(job))
+    assert (count, ids) == (6, sorted(["DSC0001", "photo.final", "dataset-2", "results.jsonl-2", "x", "a"]))

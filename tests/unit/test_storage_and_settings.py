@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from jobs.broker import connect_redis
 from schemas.errors import ConfigError, StorageError
 from schemas.settings import Settings, celery_config, redact_url
 from workers.storage import LocalStorage, S3Storage, check_key, open_storage
@@ -51,6 +52,16 @@ def test_redacted_urls_hide_passwords_only() -> None:
     assert redact_url("redis://:pw@host:6379/0") == "redis://:***@host:6379/0"
     assert redact_url("rediss://user:pw@host/1") == "rediss://user:***@host/1"
     assert redact_url("redis://host:6379/0") == "redis://host:6379/0"
+    # Unencoded '/', '?' or '#' in a password end urlsplit's netloc early; still nothing shows.
+    assert redact_url("redis://:s3cr/et@host/0") == "redis://:***@host/0"
+    assert redact_url("redis://u:a?b#c@host/0") == "redis://u:***@host/0"
+    assert redact_url("redis://token@host/0") == "redis://***@host/0"
+
+
+def test_a_malformed_broker_url_is_one_clear_error_without_its_password() -> None:
+    with pytest.raises(ConfigError, match=r"IMGJOBS_BROKER_URL redis://:\*\*\*@h/0 is not a valid") as caught:
+        connect_redis("redis://:s3cr/et@h/0")
+    assert "s3cr" not in str(caught.value)
 
 
 def test_celery_config_is_json_only_and_at_least_once() -> None:
