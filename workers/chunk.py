@@ -13,7 +13,7 @@ handed to the next stage, are skipped then.
 
 from __future__ import annotations
 
-import itertools
+import hashlib
 import json
 import logging
 import tempfile
@@ -28,6 +28,7 @@ from typing import Any, Literal, TypeVar
 import redis
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -215,7 +216,7 @@ class _ChunkRun:
         elif source.kind == "latent" and source.uri:
             try:
                 prepared.latent = load_safetensors(fetch_bytes(source.uri, self.ctx.settings))[LATENT_TENSOR]
-            except (KeyError, ValueError, RuntimeError) as exc:
+            except (KeyError, ValueError, RuntimeError, SafetensorError) as exc:
                 raise InputImageError(f"{source.uri}: not a latent file: {exc}") from None
         spec = self.plan.spec
         if isinstance(spec, Img2ImgStage) and spec.controlnet:
@@ -423,7 +424,6 @@ class _ChunkRun:
         """Queue the next stage's chunks (regrouped: an item's own overrides may split a group), then
         record the handover; a crash in between queues them again, and the next stage skips repeats."""
         next_index = self.chunk.stage_index + 1
-        counter = itertools.count()
         groups: dict[ResolvedParams, list[ChunkItem]] = {}
         for follower, params in handed:
             groups.setdefault(params, []).append(follower)
@@ -431,7 +431,7 @@ class _ChunkRun:
             self.ctx.send_chunk(
                 self.chunk.model_copy(
                     update={
-                        "chunk_id": f"{self.chunk.chunk_id}/s{next_index}.{next(counter)}",
+                        "chunk_id": f"{self.chunk.chunk_id}/s{next_index}.{_digest_of(followers)}",
                         "stage_index": next_index,
                         "params": params,
                         "items": followers,
@@ -490,6 +490,14 @@ class _ChunkRun:
                     }
                     out.write(json.dumps(row) + "\n")
             self.storage.put_file(f"{DATASET_DIR}/metadata.jsonl", path, "application/x-ndjson")
+
+
+def _digest_of(members: list[ChunkItem]) -> str:
+    """Names a handed-over chunk by its items. A run stopped part-way (a storage outage) hands over
+    what it finished, and its retry the rest: numbered per run, both would be ".0", and the next stage
+    would count the second as a redelivery of the first (and dead-letter healthy chunks). The same items
+    handed over twice (a redelivered parent) still get the same id."""
+    return hashlib.sha256("\n".join(member.item.id for member in members).encode()).hexdigest()[:12]
 
 
 def process_chunk(chunk: Chunk, ctx: ChunkContext) -> None:

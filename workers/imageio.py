@@ -3,6 +3,7 @@ and encoding outputs."""
 
 from __future__ import annotations
 
+import http.client
 import io
 import ipaddress
 import socket
@@ -14,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from schemas.errors import InputImageError, StorageError
@@ -27,13 +28,28 @@ ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 
 
 READ_BLOCK = 1 << 16
+# Errors of the object itself, not of the service: the item fails at once instead of being retried.
+PERMANENT_S3_ERRORS = frozenset(
+    {
+        "NoSuchKey",
+        "404",
+        "NoSuchBucket",
+        "AccessDenied",
+        "403",
+        "InvalidBucketName",
+        "InvalidObjectState",
+        "KeyTooLongError",
+    }
+)
 
 
 def _read_limited(stream: Any, limit: int, uri: str, deadline: float | None = None) -> bytes:
     """At most `limit` bytes, in blocks, and (for network reads) before `deadline`: a server that
-    trickles bytes cannot hold a worker past its timeout."""
+    trickles bytes cannot hold a worker past its timeout. With a deadline, read1 returns after one
+    receive; read(n) would wait for all n bytes, a byte per socket timeout if the server trickles."""
+    read = stream.read1 if deadline is not None else stream.read
     blocks, size = [], 0
-    while block := stream.read(min(READ_BLOCK, limit + 1 - size)):
+    while block := read(min(READ_BLOCK, limit + 1 - size)):
         blocks.append(block)
         size += len(block)
         if size > limit:
@@ -90,9 +106,11 @@ def fetch_bytes(uri: str, settings: Settings) -> bytes:
             return _read_limited(obj["Body"], limit, uri)
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
-            if code in ("NoSuchKey", "404", "NoSuchBucket", "AccessDenied", "403"):
+            if code in PERMANENT_S3_ERRORS:
                 raise InputImageError(f"{uri}: {code}") from None
             raise StorageError(f"{uri}: {exc}") from None
+        except ParamValidationError as exc:  # a bucket or key S3 can never accept: no retry helps
+            raise InputImageError(f"{uri}: {exc}") from None
         except BotoCoreError as exc:
             raise StorageError(f"{uri}: {exc}") from None
     if uri.startswith(("http://", "https://")):
@@ -107,8 +125,10 @@ def fetch_bytes(uri: str, settings: Settings) -> bytes:
                 return _read_limited(response, limit, uri, time.monotonic() + settings.http_timeout_s)
         except urllib.error.HTTPError as exc:
             raise InputImageError(f"{uri}: HTTP {exc.code} {exc.reason}") from None
-        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        except (urllib.error.URLError, TimeoutError, OSError, http.client.HTTPException) as exc:
             raise InputImageError(f"{uri}: {exc}") from None
+        except ValueError as exc:  # a URL urllib cannot parse: "http://[::1/x", "http://h:port/x"
+            raise InputImageError(f"{uri}: not a usable URL: {exc}") from None
     path = Path(uri.removeprefix("file://"))
     try:
         if path.stat().st_size > limit:

@@ -11,7 +11,6 @@ from collections.abc import Iterable
 
 from PIL import Image
 
-from schemas.errors import ImgjobsError
 from schemas.messages import ItemResult
 from schemas.settings import Settings
 from workers.imageio import decode_image, fetch_bytes
@@ -34,7 +33,7 @@ img { display: block; width: 160px; height: 160px; object-fit: contain; backgrou
 def _thumbnail(uri: str, settings: Settings) -> str | None:
     try:
         image = decode_image(fetch_bytes(uri, settings), uri, settings)
-    except ImgjobsError:
+    except Exception:  # a thumbnail is decoration: whatever stops it, the report shows none
         return None
     image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -35,6 +36,15 @@ class Handler(BaseHTTPRequestHandler):
             self._send(PNG.getvalue())
         elif self.path == "/big":
             self._send(b"\x00" * (SETTINGS.max_image_bytes + 1))
+        elif self.path == "/trickle":
+            # A byte every 0.3 s: each receive beats a 1 s socket timeout, the whole read never ends.
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for _ in range(1000):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.3)
         else:
             self.send_error(404)
 
@@ -82,3 +92,19 @@ def test_private_addresses_are_refused_unless_allowed(base_url: str) -> None:
         fetch_bytes(f"{base_url}/ok.png", strict)
     with pytest.raises(InputImageError, match=r"169\.254\.169\.254 is a private or local address"):
         fetch_bytes("http://169.254.169.254/latest/meta-data/", strict)
+
+
+def test_a_trickling_server_is_cut_off_at_the_timeout(base_url: str) -> None:
+    quick = SETTINGS.model_copy(update={"http_timeout_s": 1})
+    started = time.monotonic()
+    with pytest.raises(InputImageError, match="not read within the time limit"):
+        fetch_bytes(f"{base_url}/trickle", quick)
+    assert time.monotonic() - started < 3  # read(n) waited for all n bytes: 300 s here
+
+
+@pytest.mark.parametrize("url", ["http://[::1/x.png", "http://127.0.0.1:abc/x.png"])
+def test_urls_urllib_cannot_parse_fail_the_item(url: str) -> None:
+    with pytest.raises(InputImageError, match=r"x\.png"):
+        fetch_bytes(url, SETTINGS)
+    with pytest.raises(InputImageError, match=r"x\.png"):
+        fetch_bytes(url, SETTINGS.model_copy(update={"http_allow_private": False}))

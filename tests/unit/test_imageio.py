@@ -167,3 +167,9 @@ def test_load_input_applies_the_policy(tmp_path: Path) -> None:
     padded = load_input(f"file://{path}", (16, 16), SETTINGS, "pad")
     assert padded.getpixel((8, 0)) == BLACK
     assert_colour(load_input(f"file://{path}", (16, 16), SETTINGS), (2, 8), RED)  # crop by default
+
+
+def test_an_s3_uri_s3_can_never_accept_fails_the_item_without_retries() -> None:
+    # A StorageError (retryable) before: five chunk retries, then the whole chunk failed.
+    with pytest.raises(InputImageError, match="Invalid bucket name"):
+        fetch_bytes("s3://bad_bucket!/x.png", Settings())
