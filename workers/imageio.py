@@ -59,22 +59,89 @@ def _read_limited(stream: Any, limit: int, uri: str, deadline: float | None = No
     return b"".join(blocks)
 
 
-def _check_public(url: str) -> None:
-    """Refuse hosts that resolve to private, loopback, link-local or reserved addresses: an item's
-    URL must not reach the worker's own network (metadata services, internal hosts)."""
-    host = urllib.parse.urlsplit(url).hostname
-    if not host:
-        raise InputImageError(f"{url}: no host")
+def _global_addresses(host: str, port: int | None, url: str) -> list[tuple[Any, ...]]:
+    """getaddrinfo's answers for host, refused unless every address is global (not private,
+    loopback, link-local or reserved): an item's URL must not reach the worker's own network
+    (metadata services, internal hosts)."""
     try:
-        addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
         raise InputImageError(f"{url}: cannot resolve {host}: {exc}") from None
-    for address in addresses:
+    for info in infos:
+        address = str(info[4][0])
         if not ipaddress.ip_address(address.split("%", 1)[0]).is_global:
             raise InputImageError(
                 f"{url}: {host} is a private or local address ({address}); "
                 "IMGJOBS_HTTP_ALLOW_PRIVATE=true allows it"
             )
+    return infos
+
+
+def _check_public(url: str) -> None:
+    host = urllib.parse.urlsplit(url).hostname
+    if not host:
+        raise InputImageError(f"{url}: no host")
+    _global_addresses(host, None, url)
+
+
+def _connect_global(
+    address: tuple[str, int], timeout: Any = None, source_address: Any = None
+) -> socket.socket:
+    """socket.create_connection, to an address checked in the same resolution. Checking a name and
+    then letting the connection resolve it again would let a DNS answer that changes in between
+    (rebinding) reach a private address."""
+    host, port = address
+    last_error: OSError | None = None
+    for family, kind, proto, _name, sockaddr in _global_addresses(host, port, f"{host}:{port}"):
+        sock = socket.socket(family, kind, proto)
+        try:
+            if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:  # type: ignore[attr-defined]
+                sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last_error = exc
+    raise last_error or OSError(f"cannot connect to {host}:{port}")
+
+
+# http.client connects through the connection's _create_connection (socket.create_connection by
+# default); these connect only to checked addresses. TLS still verifies, and sends SNI for, the name.
+class _GlobalHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._create_connection = _connect_global
+
+
+class _GlobalHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._create_connection = _connect_global
+
+
+class _GlobalHTTPHandler(urllib.request.HTTPHandler):
+    def do_open(self, http_class: Any, req: Any, **kwargs: Any) -> Any:
+        return super().do_open(_GlobalHTTPConnection, req, **kwargs)
+
+
+class _GlobalHTTPSHandler(urllib.request.HTTPSHandler):
+    def do_open(self, http_class: Any, req: Any, **kwargs: Any) -> Any:
+        return super().do_open(_GlobalHTTPSConnection, req, **kwargs)
+
+
+def _opener(url: str, allow_private: bool) -> urllib.request.OpenerDirector:
+    handlers: list[Any] = [_CheckedRedirects(allow_private)]
+    parts = urllib.parse.urlsplit(url)
+    proxied = parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(
+        parts.hostname or ""
+    )
+    # Through a proxy (from the environment, like every urllib client) the connection goes to the
+    # proxy, an address the operator chose: only the item's host name is checked then.
+    if not allow_private and not proxied:
+        handlers += [_GlobalHTTPHandler(), _GlobalHTTPSHandler()]
+    return urllib.request.build_opener(*handlers)
 
 
 class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
@@ -117,8 +184,9 @@ def fetch_bytes(uri: str, settings: Settings) -> bytes:
         try:
             if not settings.http_allow_private:
                 _check_public(uri)
-            opener = urllib.request.build_opener(_CheckedRedirects(settings.http_allow_private))
-            with opener.open(uri, timeout=settings.http_timeout_s) as response:
+            with _opener(uri, settings.http_allow_private).open(
+                uri, timeout=settings.http_timeout_s
+            ) as response:
                 length = response.headers.get("Content-Length")
                 if length and length.isdigit() and int(length) > limit:
                     raise InputImageError(f"{uri}: larger than the {limit}-byte limit")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -108,3 +110,25 @@ def test_urls_urllib_cannot_parse_fail_the_item(url: str) -> None:
         fetch_bytes(url, SETTINGS)
     with pytest.raises(InputImageError, match=r"x\.png"):
         fetch_bytes(url, SETTINGS.model_copy(update={"http_allow_private": False}))
+
+
+def test_a_name_that_rebinds_to_a_private_address_is_refused(
+    base_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for proxy in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    port = int(base_url.rsplit(":", 1)[1])
+    real_getaddrinfo = socket.getaddrinfo
+    public_once = [[(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 0))]]
+
+    def rebinding(host: str, *args: Any, **kwargs: Any) -> Any:
+        """DNS rebinding: a public answer for the check, then the worker's own loopback."""
+        if host != "rebind.test":
+            return real_getaddrinfo(host, *args, **kwargs)
+        return public_once.pop() if public_once else real_getaddrinfo("127.0.0.1", *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    strict = SETTINGS.model_copy(update={"http_allow_private": False})
+    # Before, the connection resolved the name again and fetched from the loopback server.
+    with pytest.raises(InputImageError, match=r"private or local address \(127\.0\.0\.1\)"):
+        fetch_bytes(f"http://rebind.test:{port}/ok.png", strict)
