@@ -20,9 +20,16 @@ from schemas.progress import ItemState
 RESULTS_BATCH = 1000
 OPEN_STATES = (ItemState.PENDING, ItemState.RUNNING)
 
+# KEYS: meta hash. ARGV: time. The job's first start, recorded only while the job exists (not pruned).
+_MARK_STARTED = """
+if redis.call('HEXISTS', KEYS[1], 'total') == 1 then redis.call('HSETNX', KEYS[1], 'started_at', ARGV[1]) end
+"""
+
 # KEYS: counts hash, meta hash. ARGV: time, results URI, report URI. Sets finished_at only while no
-# item is pending or running, so a finalize racing `imgjobs retry` cannot close a reopened job.
+# item is pending or running, so a finalize racing `imgjobs retry` cannot close a reopened job; and
+# only while the job exists, so a finalize racing `imgjobs prune` leaves no stray meta hash.
 _MARK_FINISHED = """
+if redis.call('HEXISTS', KEYS[2], 'total') == 0 then return 0 end
 local open = redis.call('HMGET', KEYS[1], 'pending', 'running')
 if tonumber(open[1] or 0) + tonumber(open[2] or 0) > 0 then return 0 end
 redis.call('HSET', KEYS[2], 'finished_at', ARGV[1], 'results', ARGV[2], 'report', ARGV[3])
@@ -36,6 +43,7 @@ class JobProgress:
         self.job_id = job_id
         self._transition = client.register_script(keys.TRANSITION_SCRIPT)
         self._mark_finished = client.register_script(_MARK_FINISHED)
+        self._mark_started = client.register_script(_MARK_STARTED)
         self._keys = [keys.job_items(job_id), keys.job_counts(job_id), keys.job_results(job_id)]
 
     def _move_all(self, moves: list[tuple[str, ItemState, str]], allowed: Iterable[ItemState]) -> list[int]:
@@ -51,7 +59,7 @@ class JobProgress:
         """Mark items running; returns those this stage should work on. Finished items, and items
         already handed past this stage, are skipped, so a chunk delivered twice never recomputes or
         overwrites them; running ones were orphaned by a lost worker and are taken over."""
-        self.client.hsetnx(keys.job_meta(self.job_id), "started_at", time.time())
+        self._mark_started(keys=[keys.job_meta(self.job_id)], args=[time.time()])
         candidates = list(item_ids)
         moved = self._move_all([(i, ItemState.RUNNING, "") for i in candidates], OPEN_STATES)
         ids = [i for i, outcome in zip(candidates, moved, strict=True) if outcome >= 0]
@@ -105,12 +113,12 @@ class JobProgress:
         ]
 
     def unfinalized(self) -> bool:
-        """Every item is finished, and the job is not marked finished yet."""
+        """The job exists (not pruned), every item is finished, and it is not marked finished yet."""
         pipe = self.client.pipeline(transaction=False)
         pipe.hmget(keys.job_counts(self.job_id), [ItemState.PENDING.value, ItemState.RUNNING.value])
-        pipe.hexists(keys.job_meta(self.job_id), "finished_at")
-        (pending, running), finished = pipe.execute()
-        return int(pending or 0) + int(running or 0) == 0 and not finished
+        pipe.hmget(keys.job_meta(self.job_id), ["total", "finished_at"])
+        (pending, running), (total, finished) = pipe.execute()
+        return total is not None and int(pending or 0) + int(running or 0) == 0 and finished is None
 
     def result_lines(self) -> Iterator[str]:
         """Each finished item's ItemResult JSON, in manifest order."""

@@ -42,15 +42,15 @@ def run_chunk(self: Any, payload: dict[str, Any]) -> None:
 
 def _run_chunk(self: Any, chunk: Chunk) -> None:
     ctx = WorkerRuntime.context()
-    if chunk.stage.model.name != ctx.model.name:
-        message = f"chunk for model {chunk.stage.model.name!r} reached the worker of {ctx.model.name!r}"
-        _fail(self, chunk, ctx, StageError(message))
-        return
     progress = JobProgress(ctx.redis, chunk.job_id)
     standing = progress.standing()
     if standing == "unknown":
         # A redelivered chunk of a job pruned since: its items have nowhere to be recorded.
         log.warning("chunk %s: job %s is not on this broker (pruned?); dropped", chunk.chunk_id, chunk.job_id)
+        return
+    if chunk.stage.model.name != ctx.model.name:
+        message = f"chunk for model {chunk.stage.model.name!r} reached the worker of {ctx.model.name!r}"
+        _fail(self, chunk, ctx, StageError(message))
         return
     if standing == "cancelled":
         _fail(self, chunk, ctx, JobCancelledError("the job was cancelled"))

@@ -4,6 +4,7 @@ and a real Redis: no item is lost, none is failed twice, the job always ends."""
 from __future__ import annotations
 
 import importlib
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,6 +12,7 @@ import pytest
 import redis
 
 from jobs.embedded import EmbeddedRedis
+from jobs.prune import prune
 from jobs.status import read_status
 from schemas import keys
 from schemas.errors import StageError, StorageError
@@ -217,3 +219,19 @@ def test_a_finalize_that_fails_while_failing_items_retries_the_chunk(
     status = read_status(client, "job")
     assert (status.state.value, status.failed) == ("failed", 2)
     assert (tmp_path / "out" / "job" / "results.jsonl").read_text().count("\n") == 2
+
+
+def test_late_chunks_of_a_pruned_job_leave_it_pruned(tmp_path: Path, redis_server: EmbeddedRedis) -> None:
+    client, chunk = setup(tmp_path, redis_server, stages=1)
+    ctx = context(client, LocalStorage(tmp_path / "out" / "job"), [])
+    process_chunk(chunk, ctx)
+    results = (tmp_path / "out" / "job" / "results.jsonl").read_text()
+    assert results.count("\n") == 2
+    client.sadd(keys.JOBS, "job")
+    assert [job.job_id for job in prune(client, time.time() + 10)] == ["job"]
+    process_chunk(chunk, ctx)  # a redelivery
+    fail_items(chunk, ctx, StageError("failed late"))
+    # Before, the finalize ran again: an empty results.jsonl over the real one, and a meta hash that
+    # made a resubmission of the job "resume" a job with no items.
+    assert (tmp_path / "out" / "job" / "results.jsonl").read_text() == results
+    assert list(client.scan_iter(match=f"{keys.PREFIX}:job:job:*")) == []

@@ -108,8 +108,6 @@ def test_a_trickling_server_is_cut_off_at_the_timeout(base_url: str) -> None:
 def test_urls_urllib_cannot_parse_fail_the_item(url: str) -> None:
     with pytest.raises(InputImageError, match=r"x\.png"):
         fetch_bytes(url, SETTINGS)
-    with pytest.raises(InputImageError, match=r"x\.png"):
-        fetch_bytes(url, SETTINGS.model_copy(update={"http_allow_private": False}))
 
 
 def test_a_name_that_rebinds_to_a_private_address_is_refused(
