@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from schemas.errors import ConfigError
+from schemas.errors import ConfigError, StorageError
 from schemas.job import RESERVED_ITEM_IDS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -40,17 +40,21 @@ def list_versions(pattern: str) -> Iterator[tuple[str, str]]:
             raise ConfigError(f"--from {pattern!r}: an s3:// listing needs a bucket")
         # Imported here: only s3:// listings need boto3, and every CLI command would pay its import.
         import boto3
+        from botocore.exceptions import BotoCoreError, ClientError
 
-        pages = (
-            boto3.client("s3")
-            .get_paginator("list_objects_v2")
-            .paginate(Bucket=bucket, Prefix=_wildcard_free_prefix(key_pattern))
-        )
-        for page in pages:
-            for entry in page.get("Contents", []):
-                key = entry["Key"]
-                if fnmatch.fnmatchcase(key, key_pattern or "*") and key.lower().endswith(IMAGE_SUFFIXES):
-                    yield f"s3://{bucket}/{key}", str(entry.get("ETag", "")).strip('"')
+        try:
+            pages = (
+                boto3.client("s3")
+                .get_paginator("list_objects_v2")
+                .paginate(Bucket=bucket, Prefix=_wildcard_free_prefix(key_pattern))
+            )
+            for page in pages:
+                for entry in page.get("Contents", []):
+                    key = entry["Key"]
+                    if fnmatch.fnmatchcase(key, key_pattern or "*") and key.lower().endswith(IMAGE_SUFFIXES):
+                        yield f"s3://{bucket}/{key}", str(entry.get("ETag", "")).strip('"')
+        except (BotoCoreError, ClientError) as exc:  # no credentials, no such bucket, endpoint down
+            raise StorageError(f"cannot list {pattern}: {exc}") from None
         return
     for path in sorted(glob.glob(pattern, recursive=True)):
         if Path(path).is_file() and path.lower().endswith(IMAGE_SUFFIXES):

@@ -9,7 +9,8 @@
 #     imgjobs-producer flower --port=5555
 #
 # Flower and `celery inspect` use Celery's default app, configured from CELERY_BROKER_URL; no project
-# code is needed for them. There is no Celery beat command: imgjobs has no periodic tasks yet.
+# code is needed for them. Scheduled pipelines and the hourly prune run from this image too:
+# `imgjobs schedule beat` and `imgjobs schedule worker` (compose's beat and scheduler services).
 #
 # `imgjobs run` and `imgjobs demo` need local workers and torch: they belong to the worker image.
 

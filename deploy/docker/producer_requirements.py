@@ -31,6 +31,7 @@ PRODUCER = frozenset(
         "prometheus-client",
         "pyarrow",
         "boto3",
+        "botocore",
         "celery-redbeat",
     }
 )

@@ -151,3 +151,17 @@ def test_malformed_inputs_are_one_error_line(tmp_path: Path) -> None:
 
     forever = imgjobs("prune", "--older-than", "99999999999999d", env={"IMGJOBS_BROKER_URL": "redis://h/0"})
     assert "longer than a century" in one_error_line(forever.stderr) and forever.returncode == 2
+
+
+def test_an_s3_listing_that_fails_is_one_error_line(tmp_path: Path) -> None:
+    env = {
+        "IMGJOBS_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",  # nothing listens there
+        "AWS_ACCESS_KEY_ID": "placeholder",
+        "AWS_SECRET_ACCESS_KEY": "placeholder",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_MAX_ATTEMPTS": "1",
+    }
+    listed = imgjobs("submit", "--from", "s3://bucket/in/*.png", "--model", "sd15", "--output", "o", env=env)
+    assert "cannot list s3://bucket/in/*.png" in one_error_line(listed.stderr), listed.stderr
+    assert listed.returncode == 1

@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 
 from jobs import cli
 from schemas.registry import BUILTIN_MODELS, MODEL_NAME_PATTERN, ModelEntry, RegistryFile, queue_for
+from schemas.schedule import parse_duration
 from schemas.settings import ENV_PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -500,3 +501,54 @@ def test_operations_doc_covers_every_setting_and_registry_field() -> None:
     for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_HOME"):
         assert f"`{name}`" in doc, name
     assert "3600" in doc and "terminationGracePeriodSeconds: 3900" in doc
+
+
+# --- retention ----------------------------------------------------------------------------------------
+
+
+def test_kubernetes_prunes_finished_jobs_daily_with_a_real_command() -> None:
+    (cronjob,) = k8s_objects("CronJob")
+    assert len(cronjob["spec"]["schedule"].split()) == 5
+    pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"].startswith("imgjobs-producer:")  # the image whose ENTRYPOINT is imgjobs
+    args = container["args"]
+    # The CLI's own parser takes the arguments, and the age is a duration prune accepts.
+    command = typer.main.get_command(cli.app).commands[args[0]]  # type: ignore[attr-defined]
+    command.make_context(args[0], list(args[1:]))
+    assert parse_duration(option_value(args, "--older-than")) >= 86400
+    env = {e["name"]: e for e in container["env"]}
+    assert env["IMGJOBS_BROKER_URL"]["value"] == "redis://:$(REDIS_PASSWORD)@$(REDIS_ADDRESS)/0"
+    names = list(env)
+    assert names.index("REDIS_PASSWORD") < names.index("IMGJOBS_BROKER_URL")
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["restartPolicy"] == "OnFailure"
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+
+
+def test_compose_runs_the_prune_from_beat_and_the_scheduler_lists_what_workers_read() -> None:
+    services = compose()["services"]
+    assert services["beat"]["command"] == ["schedule", "beat"]
+    assert services["scheduler"]["command"] == ["schedule", "worker"]
+    schedules = yaml.safe_load((DEPLOY / "schedules.example.yaml").read_text(encoding="utf-8"))
+    assert parse_duration(schedules["keep_finished_jobs_for"]) > 0
+    work_dirs = {v for v in worker_services()["sd15"]["volumes"] if str(v).endswith(":/work:ro")}
+    assert work_dirs and work_dirs <= set(services["scheduler"]["volumes"])
+    # The producer lists s3:// sources for `submit --from`: it needs the same S3 settings as workers.
+    producer = services["producer"]
+    assert (
+        producer["env_file"] == ".env" and "http://minio:9000" in producer["environment"]["AWS_ENDPOINT_URL"]
+    )
+
+
+def test_the_worker_image_keeps_compiled_code_on_the_model_volume() -> None:
+    stage = final_stage(dockerfile("worker.Dockerfile"))
+    env = " ".join(args for kw, args in stage if kw == "ENV")
+    cache = re.search(r"IMGJOBS_COMPILE_CACHE_DIR=(\S+)", env)
+    assert cache is not None
+    volume = (
+        json.loads(instruction(stage, "VOLUME"))
+        if instruction(stage, "VOLUME").startswith("[")
+        else [instruction(stage, "VOLUME")]
+    )
+    assert any(cache.group(1).startswith(path.rstrip("/") + "/") for path in volume), (cache.group(1), volume)
