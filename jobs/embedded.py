@@ -79,6 +79,16 @@ class EmbeddedRedis:
         args = [redis_server_binary(), str(config_path)]
         log = (self.workdir / "redis.log").open("ab")
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self._wait_ready()
+        except BaseException:
+            # Its own session keeps Ctrl-C from reaching it: stopped here, or it outlives us.
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        assert self.process is not None
         deadline = time.monotonic() + READY_TIMEOUT_S
         client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=1)
         while time.monotonic() < deadline:
@@ -88,10 +98,9 @@ class EmbeddedRedis:
                 )
             try:
                 client.ping()
-                return self
+                return
             except redis.ConnectionError:
                 time.sleep(0.05)
-        self.stop()
         raise BrokerUnavailableError(f"embedded redis-server did not start in {READY_TIMEOUT_S:.0f}s")
 
     def stop(self) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,9 @@ def test_gpu_throughput_benchmark_smoke(tmp_path: Path) -> None:
 
     written = json.loads((tmp_path / "gpu_throughput.json").read_text())
     assert {key: written["summary"][key] for key in last} == last
+    assert {key: value for key, value in written["final"].items() if key != "wall_s"} == {
+        key: value for key, value in last.items() if key != "wall_s"
+    }
     rows = {row["what"]: row for row in written["rows"]}
     assert not [row for row in written["rows"] if "error" in row]
     engine = rows["sd15_engine"]
@@ -59,3 +63,26 @@ def test_gpu_throughput_benchmark_smoke(tmp_path: Path) -> None:
     assert 0 < engine["duty_cycle"] <= 1 and last["engine_duty_cycle"] == engine["duty_cycle"]
     assert rows["sd15_engine_load"]["warmup_s"] > 0  # the engine warmed up before the stream
     assert rows["flops"]["per_image_tflop"] > 0
+
+
+def test_a_run_stopped_by_a_time_limit_still_prints_what_it_measured(tmp_path: Path) -> None:
+    """The device tool ends a call at its limit: the inner `timeout` sends SIGTERM first."""
+    bench = subprocess.Popen(
+        [sys.executable, "bench/gpu_throughput.py", "--tiny", "--out", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+    )
+    assert bench.stdout is not None
+    lines: list[str] = []
+    for line in bench.stdout:  # stop it in the engine, once a first rate is measured
+        lines.append(line)
+        if '"what": "sd15_engine_load"' in line:  # (b)'s rate is kept by now
+            bench.send_signal(signal.SIGTERM)
+            break
+    lines += bench.stdout.readlines()
+    assert bench.wait(60) == 124
+    last = json.loads(lines[-1])
+    assert set(KEYS) <= set(last) and last["diffusers_b1_img_per_s"] > 0
+    assert json.loads((tmp_path / "gpu_throughput.json").read_text())["rows"][-1]["what"] == "stopped"
