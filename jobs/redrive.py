@@ -77,24 +77,23 @@ def retry(client: redis.Redis, settings: Settings, broker_url: str, job_id: str,
         members.append(
             (first_stage_item(item, Path("/")), resolve_params(item, recipe[0].spec, spec.defaults))
         )
-    move = client.register_script(keys.TRANSITION_SCRIPT)
-    state_keys = [keys.job_items(job_id), keys.job_counts(job_id), keys.job_results(job_id)]
     moved: list[tuple[ChunkItem, ResolvedParams]] = []
     passed: list[Any] = []  # the last stage each moved item had come through, once taken back
     try:
+        # Batch by batch here, so that a retry stopped part-way knows which items it moved.
         for start in range(0, len(members), MOVE_BATCH):
             batch = members[start : start + MOVE_BATCH]
-            outcomes = move(
-                keys=[*state_keys, keys.job_meta(job_id)],
-                args=keys.transition_args(
-                    [ItemState.FAILED.value],
-                    [(member.item.id, ItemState.PENDING.value, "-") for member, _ in batch],
-                ),
+            outcomes = _move(
+                client,
+                job_id,
+                ItemState.FAILED,
+                [(member.item.id, ItemState.PENDING.value, "-") for member, _ in batch],
+                reopen=True,
             )
-            if not moved and all(int(outcome) == -1 for outcome in outcomes):
+            if not moved and all(outcome == -1 for outcome in outcomes):
                 raise ImgjobsError(f"no job {job_id!r} on this broker (pruned meanwhile)")
             # Others (a second retry) may have moved some already.
-            moved += [member for member, outcome in zip(batch, outcomes, strict=True) if int(outcome) == 1]
+            moved += [member for member, outcome in zip(batch, outcomes, strict=True) if outcome == 1]
         if not moved:
             return 0
         moved_ids = [member.item.id for member, _ in moved]
@@ -146,19 +145,12 @@ def _put_back(
     """Undo a stopped retry: items still pending go back to failed with their results, and the stages
     they had come through (where already taken back) are theirs again. An item a worker took meanwhile
     is left to it."""
-    move = client.register_script(keys.TRANSITION_SCRIPT)
-    state_keys = [keys.job_items(job_id), keys.job_counts(job_id), keys.job_results(job_id)]
-    back: list[int] = []
-    for start in range(0, len(items), MOVE_BATCH):
-        batch = items[start : start + MOVE_BATCH]
-        outcomes = move(
-            keys=state_keys,
-            args=keys.transition_args(
-                [ItemState.PENDING.value],
-                [(item_id, ItemState.FAILED.value, result.model_dump_json()) for item_id, result in batch],
-            ),
-        )
-        back += [int(outcome) for outcome in outcomes]
+    back = _move(
+        client,
+        job_id,
+        ItemState.PENDING,
+        [(item_id, ItemState.FAILED.value, result.model_dump_json()) for item_id, result in items],
+    )
     if not passed:
         return
     restored = [
@@ -170,6 +162,26 @@ def _put_back(
     if stages:  # redis-py types mapping keys invariantly, hence Any
         client.hset(keys.job_stage(job_id), mapping=stages)
     _count_stages(client, job_id, recipe, [last for _, last in restored], +1)
+
+
+def _move(
+    client: redis.Redis,
+    job_id: str,
+    allowed: ItemState,
+    moves: list[tuple[str, str, str]],
+    reopen: bool = False,
+) -> list[int]:
+    """TRANSITION_SCRIPT's outcome per (item id, new state, result) move, MOVE_BATCH moves per call;
+    with reopen, the job reopens in the call that moves its first item."""
+    move = client.register_script(keys.TRANSITION_SCRIPT)
+    state_keys = [keys.job_items(job_id), keys.job_counts(job_id), keys.job_results(job_id)]
+    if reopen:
+        state_keys.append(keys.job_meta(job_id))
+    outcomes: list[int] = []
+    for start in range(0, len(moves), MOVE_BATCH):
+        args = keys.transition_args([allowed.value], moves[start : start + MOVE_BATCH])
+        outcomes += [int(outcome) for outcome in move(keys=state_keys, args=args)]
+    return outcomes
 
 
 def _count_stages(

@@ -183,6 +183,8 @@ def fetch_bytes(uri: str, settings: Settings) -> bytes:
     if uri.startswith(("http://", "https://")):
         try:
             if not settings.http_allow_private:
+                # Besides the check at connect time: this one's error names the URL, and through a
+                # proxy it is the only check.
                 _check_public(uri)
             with _opener(uri, settings.http_allow_private).open(
                 uri, timeout=settings.http_timeout_s
