@@ -5,11 +5,13 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -20,20 +22,21 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from jobs import prune as retention
 from jobs import redrive, scheduler
-from jobs.broker import connect_redis, require_broker_url
-from jobs.embedded import EmbeddedRedis, LocalWorker
+from jobs.broker import connect_redis, producer_app, require_broker_url
+from jobs.embedded import EmbeddedState, Interrupted, LocalWorker, state_root, stopped_by_signals
 from jobs.manifest import ValidatedJob, validate_job
 from jobs.metrics import BrokerCollector
+from jobs.producer import prepared, send_chunks, sender
 from jobs.producer import submit as submit_job
 from jobs.registry import Registry
 from jobs.sources import write_listing_job
-from jobs.status import read_status
-from schemas import keys
-from schemas.errors import ConfigError, ImgjobsError, SpecError
-from schemas.messages import WORKER_MODEL_ENV, WorkerModel
+from jobstate import keys
+from jobstate.store import JobStore
+from schemas.errors import ConfigError, ImgjobsError, SpecError, UnknownJobError
+from schemas.messages import JOB_END_QUEUE, WORKER_MODEL_ENV, WorkerModel
 from schemas.progress import JobState, JobStatus
+from schemas.registry import ResolvedModel
 from schemas.schedule import parse_duration
 from schemas.settings import Settings
 
@@ -48,6 +51,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
+EXIT_SIGNAL = 128  # + the signal's number, as shells report a command a signal stopped
 POLL_S = 0.5
 DEFAULT_METRICS_PORT = 9108
 
@@ -123,7 +127,7 @@ def submit(
             err.print(f"--from {from_}: {count} image(s)")
         elif job is None:
             raise ConfigError("give a job spec, or --from with --model and --output")
-        validated, _ = _validated(job, models, settings)
+        validated = stack.enter_context(prepared(job, _registry(models, settings), settings))
         submission = submit_job(validated, settings, broker_url)
     if submission.already_submitted:
         err.print(f"job {submission.job_id} was already submitted; see `imgjobs status {submission.job_id}`")
@@ -165,10 +169,10 @@ def _rate(status: JobStatus, done: int | None = None) -> float:
     return done / max((status.finished_at or time.time()) - status.started_at, 1e-6)
 
 
-def _watch(client: redis.Redis, job_id: str, workers: list[LocalWorker] | None = None) -> JobStatus:
+def _watch(store: JobStore, job_id: str, workers: list[LocalWorker] | None = None) -> JobStatus:
     """Progress bars until the job finishes: the job's, and one per stage when it has several."""
     with _progress_bar() as progress:
-        status = read_status(client, job_id)
+        status = store.status(job_id)
         job_bar = progress.add_task(status.name, total=status.total, rate=0.0, failed="failed 0")
         stage_bars = (
             {
@@ -179,7 +183,7 @@ def _watch(client: redis.Redis, job_id: str, workers: list[LocalWorker] | None =
             else {}
         )
         while True:
-            status = read_status(client, job_id)
+            status = store.status(job_id)
             progress.update(
                 job_bar, completed=status.done, rate=_rate(status), failed=f"failed {status.failed}"
             )
@@ -203,10 +207,69 @@ def _print_summary(status: JobStatus) -> None:
     table.add_row("items", str(status.total))
     table.add_row("succeeded", str(status.succeeded))
     table.add_row("failed", str(status.failed))
+    if status.cancelled:
+        table.add_row("of them cancelled", str(status.cancelled))
     if status.started_at and status.finished_at:
         table.add_row("time", f"{status.finished_at - status.started_at:.1f}s ({_rate(status):.2f} items/s)")
-    table.add_row("results", f"{status.output.rstrip('/')}/{status.job_id}/results.jsonl")
+    if status.error:
+        table.add_row("error", status.error)
+    else:
+        table.add_row("results", f"{status.output.rstrip('/')}/{status.job_id}/results.jsonl")
     out.print(table)
+
+
+class RunInterrupted(ImgjobsError):
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+def _job_models(models: list[ResolvedModel], registry: Registry) -> list[ResolvedModel]:
+    """The models to start local workers for: the job's, and `cpu`, whose workers write jobs' ends."""
+    names = {model.name for model in models}
+    return models if "cpu" in names else [*models, registry.resolve("cpu")]
+
+
+def _local_workers(
+    stack: ExitStack,
+    models: list[ResolvedModel],
+    registry: Path | None,
+    broker_url: str,
+    logs: Path,
+    settings: Settings,
+    per_model: int = 1,
+) -> list[LocalWorker]:
+    count = len(models) * per_model
+    # Local workers share this machine's cores; more torch threads than cores only spin.
+    threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // count)
+    return [
+        stack.enter_context(
+            LocalWorker(
+                model,
+                broker_url,
+                registry,
+                logs / f"worker-{model.queue.removeprefix('imgjobs.')}-{index}.log",
+                env={"IMGJOBS_TORCH_THREADS": str(threads)},
+                die_with_parent=True,
+            )
+        )
+        for model in models
+        for index in range(per_model)
+    ]
+
+
+def _follow(store: JobStore, job_id: str, workers: list[LocalWorker] | None, again: str) -> JobStatus:
+    """_watch, saying how far the job got when a signal stops it."""
+    try:
+        return _watch(store, job_id, workers)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        try:
+            status = store.status(job_id)
+            done = f"{status.done}/{status.total} finished"
+        except (ImgjobsError, redis.RedisError):
+            done = "stopped"
+        raise RunInterrupted(f"interrupted: {done}; {again}", signum) from None
 
 
 @app.command()
@@ -215,40 +278,61 @@ def run(
     models: ModelsOption = None,
     workers_per_model: Annotated[int, typer.Option(min=1, max=16, help="local workers for each model")] = 1,
 ) -> None:
-    """Run a job to the end. With no IMGJOBS_BROKER_URL, start an embedded Redis and local workers."""
+    """Run a job to the end. With no IMGJOBS_BROKER_URL, start an embedded Redis and local workers,
+    keeping their state so that running the job again resumes it."""
     settings = Settings.from_env()
-    validated, registry = _validated(job, models, settings)
-    with ExitStack() as stack:
+    registry = _registry(models, settings)
+    logs: Path | None = None
+    with ExitStack() as stack, stopped_by_signals():
+        validated = stack.enter_context(prepared(job, registry, settings))
         workers: list[LocalWorker] | None = None
+        state: EmbeddedState | None = None
         if settings.broker_url:
             broker_url = require_broker_url(settings)
         else:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="imgjobs-")))
-            broker_url = stack.enter_context(EmbeddedRedis(workdir / "redis")).url
-            count = len(validated.models) * workers_per_model
-            # Local workers share this machine's cores; more torch threads than cores only spin.
-            threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // count)
-            workers = [
-                stack.enter_context(
-                    LocalWorker(
-                        model,
-                        broker_url,
-                        registry.path,
-                        workdir / f"worker-{n}-{i}.log",
-                        env={"IMGJOBS_TORCH_THREADS": str(threads)},
-                    )
-                )
-                for n, model in enumerate(validated.models)
-                for i in range(workers_per_model)
-            ]
-            err.print(f"embedded mode: redis at {broker_url}, {len(workers)} local worker(s)")
+            state = EmbeddedState(state_root(settings.state_dir), validated.job_id)
+            broker_url = stack.enter_context(state.broker(registry.path, own=True))
+            logs = state.logs
+        store = JobStore(connect_redis(broker_url))
         submission = submit_job(validated, settings, broker_url)
         if submission.already_submitted:
             err.print(f"job {submission.job_id} was submitted before on this broker; following it")
-        err.print(f"job {submission.job_id}: {submission.total} item(s) in {submission.chunks} chunk(s)")
-        status = _watch(connect_redis(broker_url), submission.job_id, workers)
+        elif submission.resumed:
+            err.print(f"job {submission.job_id}: resumed")
+        if state is not None and not store.status(submission.job_id).finished:
+            workers = _local_workers(
+                stack,
+                _job_models(validated.models, registry),
+                registry.path,
+                broker_url,
+                state.logs,
+                settings,
+                workers_per_model,
+            )
+            err.print(f"embedded mode: state in {state.folder}, {len(workers)} local worker(s)")
+        err.print(f"job {submission.job_id}: {submission.total} item(s)")
+        again = f"run `imgjobs run {job}` again to resume"
+        status = _follow(store, submission.job_id, workers, again)
     _print_summary(status)
+    if logs is not None:
+        err.print(f"worker logs: {logs}")
     raise typer.Exit(0 if status.state == JobState.SUCCEEDED else EXIT_FAILED)
+
+
+@contextmanager
+def _job_broker(settings: Settings, job_id: str) -> Iterator[str]:
+    """The broker that has the job: IMGJOBS_BROKER_URL's, else the job's embedded one."""
+    if settings.broker_url:
+        yield require_broker_url(settings)
+        return
+    state = EmbeddedState(state_root(settings.state_dir), job_id)
+    if not state.exists():
+        raise ConfigError(
+            "no broker configured: set IMGJOBS_BROKER_URL=redis://host:6379/0; and no embedded run of "
+            f"job {job_id!r} in {state.folder.parent}"
+        )
+    with state.broker() as url:
+        yield url
 
 
 @app.command()
@@ -260,19 +344,30 @@ def status(
     ] = False,
 ) -> None:
     """Show a job's state and counts."""
-    client = connect_redis(require_broker_url(Settings.from_env()))
-    if watch and not as_json:
-        _print_summary(_watch(client, job_id))
-        return
+    with _job_broker(Settings.from_env(), job_id) as broker_url:
+        store = JobStore(connect_redis(broker_url))
+        if watch and not as_json:
+            _print_summary(
+                _follow(store, job_id, None, f"`imgjobs status {job_id} --watch` follows it again")
+            )
+            return
+        _status_lines(store, job_id, watch, as_json)
+
+
+def _status_lines(store: JobStore, job_id: str, watch: bool, as_json: bool) -> None:
     while True:
-        current = read_status(client, job_id)
+        current = store.status(job_id)
         if as_json:
             print(json.dumps(current.model_dump(mode="json")), flush=True)
         else:
+            cancelled = f" (cancelled {current.cancelled})" if current.cancelled else ""
             out.print(
                 f"{current.job_id}: {current.state.value}  total {current.total}  pending {current.pending}  "
-                f"running {current.running}  succeeded {current.succeeded}  failed {current.failed}"
+                f"running {current.running}  succeeded {current.succeeded}  "
+                f"failed {current.failed}{cancelled}"
             )
+            if current.error:
+                out.print(f"error: {current.error}", markup=False)
         if not watch or current.finished:
             return
         time.sleep(POLL_S)
@@ -285,8 +380,9 @@ def failures(
     as_json: Annotated[bool, typer.Option("--json", help="one ItemResult JSON object per line")] = False,
 ) -> None:
     """List a job's failed items with their reasons."""
-    client = connect_redis(require_broker_url(Settings.from_env()))
-    failed = sorted(redrive.failures(client, job_id, reason), key=lambda result: result.id)
+    with _job_broker(Settings.from_env(), job_id) as broker_url:
+        store = JobStore(connect_redis(broker_url))
+        failed = sorted(redrive.failures(store, job_id, reason), key=lambda result: result.id)
     if as_json:
         for result in failed:
             print(result.model_dump_json())
@@ -307,18 +403,69 @@ def retry(
         str | None, typer.Option(help="only failures of this error type, e.g. InputImageError")
     ] = None,
 ) -> None:
-    """Run a job's failed items again, from the first stage; succeeded items are left as they are."""
+    """Run a job's failed items again, from the first stage; succeeded items are left as they are.
+    A job run embedded (no IMGJOBS_BROKER_URL) is run again here, to its end."""
     settings = Settings.from_env()
-    broker_url = require_broker_url(settings)
-    count = redrive.retry(connect_redis(broker_url), settings, broker_url, job_id, reason)
-    err.print(f"job {job_id}: {count} failed item(s) enqueued again")
+    if settings.broker_url:
+        broker_url = require_broker_url(settings)
+        count = _retry(JobStore(connect_redis(broker_url)), settings, broker_url, job_id, reason)
+        err.print(f"job {job_id}: {count} failed item(s) enqueued again")
+        return
+    state = EmbeddedState(state_root(settings.state_dir), job_id)
+    if not state.exists():
+        raise ConfigError(
+            f"no broker configured, and no embedded run of job {job_id!r} in {state.folder.parent}"
+        )
+    registry = Registry.load(state.registry())
+    with ExitStack() as stack, stopped_by_signals():
+        broker_url = stack.enter_context(state.broker(registry.path, own=True))
+        store = JobStore(connect_redis(broker_url))
+        meta = store.meta(job_id)
+        job_models = list({plan.model.name: plan.model for plan in meta.recipe}.values())
+        workers = _local_workers(
+            stack, _job_models(job_models, registry), registry.path, broker_url, state.logs, settings
+        )
+        count = _retry(store, settings, broker_url, job_id, reason)
+        err.print(f"job {job_id}: {count} failed item(s) run again, by {len(workers)} local worker(s)")
+        status = (
+            _follow(store, job_id, workers, f"`imgjobs retry {job_id}` goes on")
+            if count
+            else store.status(job_id)
+        )
+    _print_summary(status)
+    err.print(f"worker logs: {state.logs}")
+    raise typer.Exit(0 if status.state == JobState.SUCCEEDED else EXIT_FAILED)
+
+
+def _retry(store: JobStore, settings: Settings, broker_url: str, job_id: str, reason: str | None) -> int:
+    app_ = producer_app(settings, broker_url)
+    return redrive.retry(
+        store,
+        job_id,
+        reason,
+        lambda meta, chunks: send_chunks(app_, meta, chunks),
+        sender(settings, broker_url),
+    )
 
 
 @app.command()
 def cancel(job_id: Annotated[str, typer.Argument(show_default=False)]) -> None:
-    """Cancel a job: workers drop its queued chunks (their items fail as JobCancelledError)."""
-    redrive.cancel(connect_redis(require_broker_url(Settings.from_env())), job_id)
-    err.print(f"job {job_id}: cancelled; running chunks finish, queued ones are dropped")
+    """Cancel a job: items not started are cancelled at once (JobCancelledError), queued chunks are
+    dropped, and running ones stop at their next pipeline call."""
+    settings = Settings.from_env()
+    with _job_broker(settings, job_id) as broker_url:
+        store = JobStore(connect_redis(broker_url))
+        verdict = redrive.cancel(store, job_id, sender(settings, broker_url))
+        status = store.status(job_id)
+    if verdict == "finished":
+        err.print(f"job {job_id}: already finished ({status.state.value}); nothing to cancel")
+        return
+    if verdict == "already":
+        err.print(f"job {job_id}: cancelled before")
+    else:
+        err.print(f"job {job_id}: cancelled; {status.cancelled} item(s) not started are cancelled")
+    if status.running:
+        err.print(f"job {job_id}: {status.running} item(s) running stop at their next pipeline call")
 
 
 @app.command()
@@ -339,7 +486,8 @@ def prune(
     except ValueError as exc:
         raise ConfigError(f"--older-than: {exc}") from None
     cutoff = time.time() - age_s
-    pruned = retention.prune(connect_redis(require_broker_url(Settings.from_env())), cutoff, dry_run)
+    store = JobStore(connect_redis(require_broker_url(Settings.from_env())))
+    pruned = store.prune(cutoff, dry_run)
     for job in pruned:
         print(job.job_id)
     since = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(cutoff))
@@ -360,6 +508,8 @@ def worker(
     resolved = _registry(models, settings).resolve(model, base_dir=Path.cwd())
     connect_redis(broker_url)  # fail here, in one line, rather than in Celery's retry loop
     queue = resolved.queue
+    # The CPU workers also write jobs' ends, so that no GPU waits on them.
+    queues = f"{queue},{JOB_END_QUEUE}" if resolved.name == "cpu" else queue
     env = os.environ | {
         WORKER_MODEL_ENV: WorkerModel(name=resolved.name, entry=resolved.entry).model_dump_json()
     }
@@ -371,7 +521,7 @@ def worker(
         "workers.app",
         "worker",
         "--queues",
-        queue,
+        queues,
         "--concurrency",
         "1",
         "--pool",
@@ -525,9 +675,12 @@ def main() -> None:
         for problem in exc.problems:
             err.print(f"error: {problem}", markup=False)
         sys.exit(EXIT_INVALID)
-    except ConfigError as exc:
+    except (ConfigError, UnknownJobError) as exc:
         err.print(f"error: {exc}", markup=False)
         sys.exit(EXIT_INVALID)
+    except RunInterrupted as exc:
+        err.print(str(exc), markup=False)
+        sys.exit(EXIT_SIGNAL + exc.signum)
     except ImgjobsError as exc:
         err.print(f"error: {exc}", markup=False)
         sys.exit(EXIT_FAILED)

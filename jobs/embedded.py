@@ -1,19 +1,38 @@
 """The embedded default: a Redis server and local Celery worker processes, started and stopped by
-`imgjobs run` (and by the tests). They are the same components distributed mode uses."""
+`imgjobs run` (and by the tests). They are the same components distributed mode uses.
+
+An embedded run keeps its broker's data (Redis' append-only file) and its workers' logs in a state
+folder per job (EmbeddedState), so that running the same job again after Ctrl-C, a SIGTERM or a crash
+resumes it, and `imgjobs status`, `failures` and `retry` work on it afterwards:
+
+    $IMGJOBS_STATE_DIR (default $XDG_STATE_HOME/imgjobs, else ~/.local/state/imgjobs)
+      jobs/<job id>/redis/      redis.conf, appendonly.aof, redis.log
+      jobs/<job id>/logs/       worker-<model>-<n>.log
+      jobs/<job id>/lock        held by the process that runs the job's broker
+      jobs/<job id>/broker.json where that broker listens while it runs (mode 0600)
+      jobs/<job id>/run.json    the models.yaml the run used, for a later `imgjobs retry`
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import fcntl
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
 import redis
+from kombu import Connection
 
 from schemas.errors import BrokerUnavailableError, ConfigError
 from schemas.registry import ResolvedModel
@@ -43,16 +62,30 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _die_with_parent() -> None:
+    """In a child, before exec: SIGTERM it when the process that started it dies, however that dies
+    (Linux's PR_SET_PDEATHSIG), so a killed `imgjobs run` leaves no server or worker behind."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
 class EmbeddedRedis:
     """A private redis-server on a free loopback port, persistence off unless asked for."""
 
     def __init__(
-        self, workdir: Path, *, appendonly: bool = False, port: int | None = None, password: str | None = None
+        self,
+        workdir: Path,
+        *,
+        appendonly: bool = False,
+        port: int | None = None,
+        password: str | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         self.workdir = workdir
         self.appendonly = appendonly
         self.port = port or free_port()
         self.password = password
+        self.die_with_parent = die_with_parent
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -77,8 +110,14 @@ class EmbeddedRedis:
         config_path.touch(mode=0o600)
         config_path.write_text("\n".join(config) + "\n", encoding="utf-8")
         args = [redis_server_binary(), str(config_path)]
-        log = (self.workdir / "redis.log").open("ab")
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with (self.workdir / "redis.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
+            )
         try:
             self._wait_ready()
         except BaseException:
@@ -136,6 +175,7 @@ class LocalWorker:
         registry: Path | None,
         log_path: Path,
         env: dict[str, str] | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         self.model = model
         self.log_path = log_path
@@ -148,6 +188,7 @@ class LocalWorker:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_parent if die_with_parent else None,
         )
 
     def alive(self) -> bool:
@@ -177,3 +218,126 @@ class LocalWorker:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def requeue_unacknowledged(broker_url: str) -> None:
+    """Put back on their queues every message delivered and not acknowledged: the chunks a worker held
+    when the run stopped. Only right while no worker of this broker is alive, as at the start of an
+    embedded run: Redis would otherwise hand them out again only after its visibility timeout (two
+    hours by default). kombu's own restore, with a visibility timeout of 0, so that every message
+    counts as timed out."""
+    with Connection(broker_url, transport_options={"visibility_timeout": 0}) as connection:
+        qos = connection.default_channel.qos
+        qos.restore_visible(num=100_000, interval=1)
+
+
+def state_root(configured: Path | None) -> Path:
+    """IMGJOBS_STATE_DIR, else $XDG_STATE_HOME/imgjobs, else ~/.local/state/imgjobs."""
+    if configured is not None:
+        return configured.expanduser()
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "imgjobs"
+
+
+class EmbeddedState:
+    """One job's embedded broker and logs, kept between runs (see the module's docstring)."""
+
+    def __init__(self, root: Path, job_id: str) -> None:
+        self.folder = root / "jobs" / job_id
+        self.logs = self.folder / "logs"
+        self._lock: int | None = None
+
+    def exists(self) -> bool:
+        return (self.folder / "redis").is_dir()
+
+    @contextlib.contextmanager
+    def broker(self, registry: Path | None = None, *, own: bool = False) -> Iterator[str]:
+        """This job's broker, for the block: one started from the job's state (and stopped after),
+        or, unless `own`, the one another `imgjobs` process runs for it. Yields its URL."""
+        if self._try_lock():
+            try:
+                yield from self._own_broker(registry)
+            finally:
+                self._unlock()
+            return
+        if own:
+            raise ConfigError(
+                f"job {self.folder.name} is running in another `imgjobs` process (state {self.folder})"
+            )
+        # Another process runs this job's broker: talk to it.
+        try:
+            found = json.loads((self.folder / "broker.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise ConfigError(f"the embedded broker of {self.folder} is starting; try again") from None
+        yield str(found["url"])
+
+    def _own_broker(self, registry: Path | None) -> Iterator[str]:
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.logs.mkdir(exist_ok=True)
+        if registry is not None:
+            (self.folder / "run.json").write_text(json.dumps({"models": str(registry)}), encoding="utf-8")
+        server = EmbeddedRedis(
+            self.folder / "redis", appendonly=True, password=secrets.token_hex(16), die_with_parent=True
+        )
+        with server:
+            requeue_unacknowledged(server.url)
+            address = self.folder / "broker.json"
+            address.touch(mode=0o600)
+            address.write_text(json.dumps({"url": server.url, "pid": os.getpid()}), encoding="utf-8")
+            try:
+                yield server.url
+            finally:
+                address.unlink(missing_ok=True)
+
+    def registry(self) -> Path | None:
+        """The models.yaml the job's run used, if any."""
+        try:
+            models = json.loads((self.folder / "run.json").read_text(encoding="utf-8")).get("models")
+        except (OSError, ValueError):
+            return None
+        return Path(models) if models else None
+
+    def _try_lock(self) -> bool:
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        handle = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(handle)
+            return False
+        self._lock = handle
+        return True
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing releases the lock
+            self._lock = None
+
+
+class Interrupted(Exception):
+    """A signal asked the command to stop (SIGTERM, SIGHUP, Ctrl-C); raised where the command is,
+    so that what it started stops on the way out."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stopped_by_signals() -> Iterator[None]:
+    """SIGTERM, SIGHUP and SIGINT raise Interrupted in the main thread, once: while the block unwinds,
+    more of them are ignored, so that the unwinding (workers' warm shutdown) is not cut short."""
+    raised: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        if not raised:
+            raised.append(signum)
+            raise Interrupted(signum)
+
+    handled = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    previous = {signum: signal.signal(signum, handler) for signum in handled}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)

@@ -1,8 +1,8 @@
 """Reading and validating a job: the spec (YAML or JSON) and its items file (JSONL or CSV).
 
 Validation streams the items once and collects every problem with its file and line; nothing is
-enqueued unless there are none. Submitting streams them a second time. Neither holds the items:
-what grows with their number is 8 bytes per item, to find duplicate ids.
+enqueued unless there are none. For a submit, the same pass writes the items as parts (jobs/plan.py).
+Nothing holds the items: what grows with their number is 8 bytes per item, to find duplicate ids.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import csv
 import hashlib
 import io
 import json
-import operator
 import time
 from array import array
 from collections.abc import Callable, Iterator
@@ -23,10 +22,12 @@ import numpy as np
 import yaml
 from pydantic import ValidationError
 
+from jobs.plan import PartWriter
 from jobs.recipe import plan_recipe
 from jobs.registry import Registry
+from jobstate.meta import JobMeta, chunk_size_for
 from schemas.errors import Problem, SpecError
-from schemas.job import Item, JobSpec, ResolvedParams, StageSpec, resolve_params
+from schemas.job import Item, JobSpec, ResolvedParams, StageSpec, overrides_of, resolve_params
 from schemas.messages import StagePlan
 from schemas.registry import ResolvedModel
 
@@ -49,17 +50,22 @@ class ValidatedJob:
     job_id: str
     total: int
     recipe: tuple[StagePlan, ...]
+    chunk_size: int
+    parts: PartWriter | None = None  # the items, written as parts, when validation was asked to
 
-    def meta(self) -> dict[str, str | int | float]:
-        """The job's meta hash in Redis (schemas/keys.py), as submitted."""
-        return {
-            "name": self.spec.name,
-            "output": self.output,
-            "total": self.total,
-            "spec": self.spec.model_dump_json(),
-            "recipe": json.dumps([plan.model_dump(mode="json") for plan in self.recipe]),
-            "submitted_at": time.time(),
-        }
+    def meta(self, run_id: str) -> JobMeta:
+        """The job as the state owner records it at submit."""
+        return JobMeta(
+            job_id=self.job_id,
+            name=self.spec.name,
+            output=self.output,
+            total=self.total,
+            chunk_size=self.chunk_size,
+            run_id=run_id,
+            spec=self.spec,
+            recipe=self.recipe,
+            submitted_at=time.time(),
+        )
 
     @property
     def models(self) -> list[ResolvedModel]:
@@ -149,7 +155,7 @@ def _bounded_lines(raw: Any) -> Iterator[bytes | None]:
         yield line
 
 
-def _parquet_rows(items_path: Path, digest: Any) -> Iterator[tuple[int, dict[str, Any] | str]]:
+def _parquet_rows(items_path: Path, digest: Any) -> Iterator[tuple[int, Row]]:
     """(row number, row) of a Parquet file, read a batch at a time."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -165,9 +171,12 @@ def _parquet_rows(items_path: Path, digest: Any) -> Iterator[tuple[int, dict[str
         yield number + 1, f"not a readable Parquet file: {exc}"
 
 
-def _raw_rows(items_path: Path, digest: Any) -> Iterator[tuple[int, dict[str, Any] | str]]:
-    """(line, row) for each item, or (line, message) where the line itself cannot be read; for Parquet
-    the "line" is the row number."""
+Row = dict[str, Any] | bytes | str
+
+
+def _raw_rows(items_path: Path, digest: Any) -> Iterator[tuple[int, Row]]:
+    """(line, row) for each item, or (line, message) where the line itself cannot be read; a JSONL
+    line comes unparsed (bytes), for the caller to parse; for Parquet the "line" is the row number."""
     suffix = items_path.suffix.lower()
     if suffix == ".parquet":
         yield from _parquet_rows(items_path, digest)
@@ -179,17 +188,8 @@ def _raw_rows(items_path: Path, digest: Any) -> Iterator[tuple[int, dict[str, An
                     yield number, f"line is longer than {MAX_LINE_BYTES} bytes"
                     continue
                 digest.update(line)
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    yield number, f"not valid JSON: {exc}"
-                    continue
-                except RecursionError:
-                    yield number, "not valid JSON: nested too deeply"
-                    continue
-                yield (number, row) if isinstance(row, dict) else (number, "each line must be a JSON object")
+                if line.strip():
+                    yield number, line
         else:
             text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
             reader = csv.DictReader(text)
@@ -214,15 +214,13 @@ class ParamsResolver:
     cost of reading a large manifest. The memo is cleared when it grows past MEMO_SIZE sets."""
 
     MEMO_SIZE = 4096
-    OVERRIDES = tuple(name for name in ResolvedParams.model_fields if name in Item.model_fields)
-    _overrides_of = staticmethod(operator.attrgetter(*OVERRIDES))  # a tuple of those, built in C
 
     def __init__(self, spec: JobSpec) -> None:
         self.spec = spec
         self._memo: dict[tuple[object, ...], list[StageParams]] = {}
 
     def resolve(self, item: Item) -> list[StageParams]:
-        key = self._overrides_of(item)
+        key = overrides_of(item)
         known = self._memo.get(key)
         if known is None:
             if len(self._memo) >= self.MEMO_SIZE:
@@ -237,15 +235,43 @@ class ParamsResolver:
             return [err["msg"].removeprefix("Value error, ") for err in exc.errors()]
 
 
-def _check_item(
-    resolver: ParamsResolver, file: str, line: int, row: dict[str, Any]
-) -> tuple[Item | None, list[Problem]]:
-    spec = resolver.spec
+def _json_row(line: bytes) -> dict[str, Any] | str:
+    """A JSONL line as a mapping, or why it is not one."""
     try:
-        item = Item.model_validate(row)
+        row = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        # The line number is the caller's; JSON's own would be a second one ("line 1 column 9").
+        where = f" (column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
+        return f"not valid JSON: {exc.msg if isinstance(exc, json.JSONDecodeError) else exc}{where}"
+    except RecursionError:
+        return "not valid JSON: nested too deeply"
+    return row if isinstance(row, dict) else "each line must be a JSON object"
+
+
+def _parsed(row: dict[str, Any] | bytes, file: str, line: int) -> tuple[Item | None, list[Problem]]:
+    if isinstance(row, bytes):
+        # Pydantic's own JSON parsing is about twice as fast as json.loads followed by model_validate.
+        # Where it refuses a line, the line is read the second way, whose errors name the field.
+        try:
+            return Item.model_validate_json(row), []
+        except ValidationError:
+            parsed = _json_row(row)
+            if isinstance(parsed, str):
+                return None, [Problem(file, line, None, parsed)]
+            row = parsed
+    try:
+        return Item.model_validate(row), []
     except ValidationError as exc:
         return None, _problems_from(exc, file, lambda loc: (line, loc))
-    problems = []
+
+
+def _check_item(
+    resolver: ParamsResolver, file: str, line: int, row: dict[str, Any] | bytes
+) -> tuple[Item | None, list[Problem]]:
+    spec = resolver.spec
+    item, problems = _parsed(row, file, line)
+    if item is None:
+        return None, problems
     starts_with_text = spec.stages[0].type == "text2img"
     if item.image is None and not starts_with_text:
         problems.append(Problem(file, line, "image", "required unless the first stage is text2img"))
@@ -263,24 +289,36 @@ class _DuplicateIds:
     """Repeated item ids, found with 8 bytes per item where a set of the ids would take about 100: each
     id's 64-bit hash is kept, and only ids whose hash occurs twice are read again and compared."""
 
+    BUCKETS = 16  # hashes kept in buckets by their low bits, so no array grows past 1/16 of the whole
+
     def __init__(self) -> None:
-        self._hashes = array("q")
+        self._buckets = [array("q") for _ in range(self.BUCKETS)]
 
     def add(self, item_id: str) -> None:
-        self._hashes.append(hash(item_id))
+        value = hash(item_id)
+        self._buckets[value & (self.BUCKETS - 1)].append(value)
+
+    def _repeated(self) -> set[int]:
+        repeated: set[int] = set()
+        for bucket in self._buckets:
+            ordered = np.frombuffer(bucket, dtype=np.int64)
+            ordered.sort()  # in place, in the array's own memory: no copy of 8 bytes per item
+            repeated.update(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
+        return repeated
 
     def problems(
         self, resolver: ParamsResolver, items_path: Path, budget: int, last_line: int | None
     ) -> list[Problem]:
         """At most `budget` duplicates, among the lines up to last_line (where validation stopped)."""
-        ordered = np.sort(np.frombuffer(self._hashes, dtype=np.int64))
-        repeated = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
+        repeated = self._repeated()
         if not repeated or budget <= 0:
             return []
         file, first_line, problems = str(items_path), dict[str, int](), list[Problem]()
         for line, row in _raw_rows(items_path, hashlib.sha256()):
             if len(problems) >= budget or (last_line is not None and line > last_line):
                 break
+            if isinstance(row, bytes):
+                row = _json_row(row)
             item_id = row.get("id") if isinstance(row, dict) else None
             if not isinstance(row, dict) or not isinstance(item_id, str) or hash(item_id) not in repeated:
                 continue
@@ -305,8 +343,12 @@ def output_of(spec: JobSpec, spec_path: Path) -> str:
     return str(local if local.is_absolute() else (spec_path.parent / local).resolve())
 
 
-def validate_job(spec_path: Path, registry: Registry) -> ValidatedJob:
-    """Every problem of the spec and all its items, raised together as one SpecError."""
+def validate_job(
+    spec_path: Path, registry: Registry, parts_to: Path | None = None, chunk_size: int | None = None
+) -> ValidatedJob:
+    """Every problem of the spec and all its items, raised together as one SpecError. With
+    `parts_to`, the items are also written there as parts of the job's chunk size (`chunk_size`
+    overrides the models'), in the same pass: what `imgjobs submit` publishes."""
     spec = load_spec(spec_path)
     recipe, problems = plan_recipe(spec, registry, spec_path.parent, str(spec_path))
 
@@ -335,6 +377,8 @@ def validate_job(spec_path: Path, registry: Registry) -> ValidatedJob:
     stopped: Problem | None = None
     total = 0
     file = str(items_path)
+    size = chunk_size_for(recipe, chunk_size) if recipe else 1
+    writer = PartWriter(parts_to, size, items_path.parent) if parts_to is not None else None
     for line, row in _raw_rows(items_path, digest):
         if isinstance(row, str):
             item_problems.append(Problem(file, line, None, row))
@@ -343,6 +387,8 @@ def validate_job(spec_path: Path, registry: Registry) -> ValidatedJob:
         item_problems.extend(found)
         if item is not None:
             duplicates.add(item.id)
+            if writer is not None and not item_problems:
+                writer.add(item, row if isinstance(row, bytes) else None)
         total += 1
         if total > MAX_ITEMS:
             stopped = Problem(file, line, None, f"more than {MAX_ITEMS} items; split the job")
@@ -361,6 +407,8 @@ def validate_job(spec_path: Path, registry: Registry) -> ValidatedJob:
         problems.append(stopped)
     if total == 0 and not problems:
         problems.append(Problem(file, None, None, "no items"))
+    if writer is not None:
+        writer.close()
     if problems:
         raise SpecError(problems)
     return ValidatedJob(
@@ -371,32 +419,6 @@ def validate_job(spec_path: Path, registry: Registry) -> ValidatedJob:
         job_id=f"{spec.name}-{digest.hexdigest()[:12]}",
         total=total,
         recipe=tuple(recipe),
+        chunk_size=size,
+        parts=writer,
     )
-
-
-def _accepted_items(items_path: Path) -> Iterator[Item]:
-    if items_path.suffix.lower() != ".jsonl":
-        for _line, row in _raw_rows(items_path, hashlib.sha256()):
-            assert isinstance(row, dict), "iter_items runs only on a validated job"
-            yield Item.model_validate(row)
-        return
-    with items_path.open("rb") as raw:
-        for line in _bounded_lines(raw):
-            assert line is not None, "iter_items runs only on a validated job"
-            if not line.strip():
-                continue
-            # Pydantic's own JSON parsing is about twice as fast as json.loads followed by model_validate.
-            # Validation took the latter way, so where the two could part, the latter decides.
-            try:
-                yield Item.model_validate_json(line)
-            except ValidationError:
-                yield Item.model_validate(json.loads(line))
-
-
-def iter_items(job: ValidatedJob) -> Iterator[tuple[Item, ResolvedParams]]:
-    """The items of a job that validate_job accepted, with their first stage's parameters."""
-    resolver = ParamsResolver(job.spec)
-    for item in _accepted_items(job.items_path):
-        params = resolver.resolve(item)[0]
-        assert isinstance(params, ResolvedParams), "iter_items runs only on a validated job"
-        yield item, params

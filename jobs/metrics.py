@@ -9,15 +9,15 @@ import redis
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from jobs.status import read_status
-from schemas import keys
-from schemas.errors import ImgjobsError
+from jobstate.store import JobStore
+from schemas.errors import UnknownJobError
 from schemas.registry import QUEUE_PREFIX
 
 
 class BrokerCollector(Collector):
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
+        self.store = JobStore(client)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily(
@@ -30,10 +30,10 @@ class BrokerCollector(Collector):
         items = GaugeMetricFamily(
             "imgjobs_job_items", "Items of unfinished jobs, by state", labels=["job_id", "state"]
         )
-        for job_id in sorted(self.client.smembers(keys.JOBS)):
+        for job_id in sorted(self.store.job_ids()):
             try:
-                status = read_status(self.client, str(job_id))
-            except ImgjobsError:
+                status = self.store.status(job_id)
+            except UnknownJobError:
                 continue  # pruned since the listing
             if status.finished:
                 continue

@@ -1,25 +1,18 @@
-"""Planning a submission without the broker: the job and its items recorded in Redis, and the
-first stage's chunks. Free of Celery, so the GPU benchmark (whose machine has no Celery) runs the
-producer's own planning; jobs/producer.py sends what this plans.
+"""Planning a submission: each item as workers will read it (local paths made absolute), written in
+parts of the job's chunk size while the manifest is validated. Free of Celery and Redis, so the GPU
+benchmark (whose machine has no Celery) uses the producer's own planning; jobs/producer.py
+publishes the parts and sends one chunk per part.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from types import TracebackType
+from typing import BinaryIO
 
-import redis
-
-from jobs.manifest import ValidatedJob, iter_items
-from schemas import keys
-from schemas.job import IMAGE_URI_SCHEMES, Item, ResolvedParams
-from schemas.messages import Chunk, ChunkItem, StagePlan
-from schemas.progress import ItemState
-
-REGISTER_BATCH = 10_000
+from jobstate.parts import JobParts
+from schemas.job import IMAGE_URI_SCHEMES, Item
 
 
 def _absolute(uri: str | None, items_dir: Path) -> str | None:
@@ -35,135 +28,67 @@ def _absolute(uri: str | None, items_dir: Path) -> str | None:
     return str(Path(joined).resolve()) if ".." in path.split(os.sep) else os.path.normpath(joined)
 
 
-def first_stage_item(item: Item, items_dir: Path) -> ChunkItem:
-    """The item as the first stage reads it, its local paths made absolute for workers; items_dir is
-    already resolved."""
+def normalized(item: Item, items_dir: Path) -> Item:
+    """The item as workers read it: its local paths made absolute (items_dir is resolved already)."""
     paths = {
         "image": _absolute(item.image, items_dir),
         "control_image": _absolute(item.control_image, items_dir),
     }
-    if paths != {"image": item.image, "control_image": item.control_image}:
-        item = item.model_copy(update=paths)
-    stage_input = {"kind": "image", "uri": item.image} if item.image else {"kind": "none"}
-    return ChunkItem.model_validate({"item": item, "input": stage_input})
+    if paths == {"image": item.image, "control_image": item.control_image}:
+        return item
+    return item.model_copy(update=paths)
 
 
-def chunk_size_for(recipe: Sequence[StagePlan], override: int | None) -> int:
-    """Items per chunk: the override (IMGJOBS_CHUNK_SIZE) where set, else the smallest chunk_size among
-    the job's models, since a chunk carries its items through every stage."""
-    return override or min(stage.model.entry.items_per_chunk for stage in recipe)
+class PartWriter:
+    """Writes items, in manifest order, as part files of `chunk_size` items each (the layout of
+    jobstate/parts.py's items parts) into a local folder, from which they are published to the job's
+    storage once the whole manifest has validated."""
 
+    def __init__(self, folder: Path, chunk_size: int, items_dir: Path) -> None:
+        self.folder = folder
+        self.chunk_size = chunk_size
+        self.items_dir = items_dir
+        self.parts = 0
+        self._lines = 0
+        self._file: BinaryIO | None = None
+        folder.mkdir(parents=True, exist_ok=True)
 
-def group_into_chunks(
-    members: Iterable[tuple[ChunkItem, ResolvedParams]],
-    chunk_size: int,
-    make: Callable[[ResolvedParams, list[ChunkItem]], Chunk],
-) -> Iterator[Chunk]:
-    """Chunks of up to chunk_size items with equal parameters, in order within each group; full chunks
-    leave as they fill, partial ones at the end."""
-    open_chunks: dict[ResolvedParams, list[ChunkItem]] = {}
-    for member, params in members:
-        group = open_chunks.setdefault(params, [])
-        group.append(member)
-        if len(group) >= chunk_size:
-            yield make(params, open_chunks.pop(params))
-    for params, group in open_chunks.items():
-        yield make(params, group)
+    def add(self, item: Item, line: bytes | None) -> None:
+        """The item, and its manifest line where that is valid Item JSON already (JSONL)."""
+        file = self._file
+        if file is None:
+            file = self._file = (self.folder / self.name(self.parts)).open("wb")
+            self.parts += 1
+        written = normalized(item, self.items_dir)
+        if line is not None and written is item:
+            file.write(line.rstrip(b"\r\n") + b"\n")
+        else:
+            file.write(written.model_dump_json(exclude_none=True).encode() + b"\n")
+        self._lines += 1
+        if self._lines == self.chunk_size:
+            file.close()
+            self._file, self._lines = None, 0
 
+    @staticmethod
+    def name(part: int) -> str:
+        return f"p{part:07d}.jsonl"
 
-Members = Iterator[tuple[ChunkItem, ResolvedParams]]
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
+    def publish(self, parts: JobParts, first: int = 0, stop: int | None = None) -> None:
+        """Copy parts `first` to `stop` (default: the last) into the job's storage."""
+        for part in range(first, self.parts if stop is None else stop):
+            source = self.folder / self.name(part)
+            target = parts.items_key(part)
+            parts.storage.put_file(target, source, "application/x-ndjson")
 
-def plan_chunks(
-    job: ValidatedJob, chunk_size: int, wrap: Callable[[Members], Members] = lambda members: members
-) -> Iterator[Chunk]:
-    """The first stage's chunks; wrap sees every item as it is read, before its chunk is made."""
-    counter = itertools.count()
+    def __enter__(self) -> PartWriter:
+        return self
 
-    def make(params: ResolvedParams, members: list[ChunkItem]) -> Chunk:
-        return Chunk(
-            job_id=job.job_id,
-            chunk_id=f"{job.job_id}:s0:c{next(counter)}",
-            output=job.output,
-            stage_index=0,
-            recipe=list(job.recipe),
-            defaults=job.spec.defaults,
-            params=params,
-            items=members,
-            dataset=job.spec.dataset,
-        )
-
-    items_dir = job.items_path.parent.resolve()
-    members = ((first_stage_item(item, items_dir), params) for item, params in iter_items(job))
-    yield from group_into_chunks(wrap(members), chunk_size, make)
-
-
-# KEYS: meta hash, counts hash, jobs set. ARGV: job id, item count, then the meta hash as field, value
-# pairs. Creates the job only where it does not exist, in one step, so two producers submitting the same
-# job cannot both create it. Every item counts as pending from the start (the other states count up
-# from nothing); the items themselves are recorded as they stream.
-_CREATE_JOB = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
-redis.call('HSET', KEYS[2], 'pending', ARGV[2])
-redis.call('SADD', KEYS[3], ARGV[1])
-return 1
-"""
-
-
-def create_job(client: redis.Redis, job: ValidatedJob) -> Literal["new", "resume", "done"]:
-    created = client.eval(
-        _CREATE_JOB,
-        3,
-        keys.job_meta(job.job_id),
-        keys.job_counts(job.job_id),
-        keys.JOBS,
-        job.job_id,
-        job.total,
-        *itertools.chain.from_iterable(job.meta().items()),
-    )
-    if created:
-        return "new"
-    return "done" if client.hexists(keys.job_meta(job.job_id), "enqueued_at") else "resume"
-
-
-# KEYS: items hash, order list. ARGV: the pending state, the manifest position of the first id, then
-# ids in manifest order. Records each id as pending where it has no state yet, and appends it to the
-# order list when the list ends just before its position. Every producer of a job writes the same thing
-# at the same place, so one that resumes a dead submission, or runs beside another submit of the same
-# job, never resets a state a worker has moved on nor repeats an id in the order (results.jsonl
-# follows it).
-_RECORD_ITEMS = """
-local length = redis.call('LLEN', KEYS[2])
-local position = tonumber(ARGV[2])
-for i = 3, #ARGV do
-  redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[1])
-  if position == length then
-    redis.call('RPUSH', KEYS[2], ARGV[i])
-    length = length + 1
-  end
-  position = position + 1
-end
-return length
-"""
-
-
-class Registration:
-    """Records items, in batches of up to REGISTER_BATCH, through _RECORD_ITEMS."""
-
-    def __init__(self, client: redis.Redis, job_id: str) -> None:
-        self.record = client.register_script(_RECORD_ITEMS)
-        self.keys = [keys.job_items(job_id), keys.job_order(job_id)]
-        self.position = 0
-        self.ids: list[str] = []
-
-    def add(self, item_id: str) -> None:
-        self.ids.append(item_id)
-        if len(self.ids) >= REGISTER_BATCH:
-            self.flush()  # early is harmless; it bounds memory when many chunks fill slowly
-
-    def flush(self) -> None:
-        if self.ids:
-            self.record(keys=self.keys, args=[ItemState.PENDING.value, self.position, *self.ids])
-            self.position += len(self.ids)
-            self.ids = []
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

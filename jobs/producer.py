@@ -1,24 +1,29 @@
-"""Submitting a validated job: record it in Redis and send its chunks (planned by jobs/plan.py) to
-the model queues."""
+"""Submitting a validated job: record it with the job-state owner, publish its item parts to the
+job's storage, and send one first-stage chunk per part to the first model's queue."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable, Iterator
+import secrets
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from celery import Celery
 
 from jobs.broker import connect_redis, producer_app
-from jobs.manifest import ValidatedJob
-from jobs.plan import Members, Registration, chunk_size_for, create_job, plan_chunks
-from schemas import keys
-from schemas.messages import RUN_CHUNK_TASK, Chunk
+from jobs.manifest import ValidatedJob, validate_job
+from jobs.registry import Registry
+from jobstate.meta import JobMeta
+from jobstate.parts import JobParts
+from jobstate.storage import open_storage
+from jobstate.store import JobStore
+from schemas.errors import ConfigError
+from schemas.messages import END_JOB_TASK, RUN_CHUNK_TASK, Chunk, JobEnd
 from schemas.settings import Settings
 
 SEND_BATCH = 64
-# A batch is held in memory until published: bounded in items too, since one chunk may hold thousands.
-SEND_BATCH_ITEMS = 4096
 
 
 @dataclass(frozen=True)
@@ -30,55 +35,67 @@ class Submission:
     resumed: bool = False
 
 
+@contextmanager
+def prepared(job_path: Path, registry: Registry, settings: Settings) -> Iterator[ValidatedJob]:
+    """The job validated, its items written as parts into a temporary folder for `submit`."""
+    with tempfile.TemporaryDirectory(prefix="imgjobs-parts-") as folder:
+        yield validate_job(job_path, registry, Path(folder), settings.chunk_size)
+
+
 def submit(job: ValidatedJob, settings: Settings, broker_url: str) -> Submission:
     """Submit a job; the same spec and items give the same job id, so submitting again resumes a
-    submission that died part-way (finished items are skipped) or reports the job as known.
+    submission that died part-way (parts already sent are not sent again; finished items are
+    skipped anyway) or reports the job as known.
 
-    One pass over the items records them and sends their chunks, pipelined: every SEND_BATCH chunks
-    (or SEND_BATCH_ITEMS items), the items read so far are recorded, then the chunks are published in
-    one round trip. A chunk thus never reaches a worker before its items are recorded."""
-    client = connect_redis(broker_url)
-    state = create_job(client, job)
-    if state == "done":
+    Parts are published and their chunks sent in batches that grow from 1 to SEND_BATCH, so workers
+    start on the first part at once; a chunk never reaches a worker before its part is in storage."""
+    if job.parts is None:
+        raise ValueError("validate the job with parts_to= before submitting it")
+    store = JobStore(connect_redis(broker_url))
+    created, meta = store.create(job.meta(run_id=secrets.token_hex(8)))
+    if not created and meta.enqueued_at is not None:
         return Submission(job.job_id, job.total, 0, already_submitted=True)
-    registration = Registration(client, job.job_id)
-
-    def recorded(members: Members) -> Members:
-        for member in members:
-            registration.add(member[0].item.id)
-            yield member
-
-    chunks = plan_chunks(job, chunk_size_for(job.recipe, settings.chunk_size), wrap=recorded)
-    sent = send_chunks(producer_app(settings, broker_url), chunks, before_publish=registration.flush)
-    client.hset(keys.job_meta(job.job_id), "enqueued_at", time.time())
-    return Submission(job.job_id, job.total, sent, already_submitted=False, resumed=state == "resume")
-
-
-def send_chunks(
-    app: Celery, chunks: Iterable[Chunk], before_publish: Callable[[], None] = lambda: None
-) -> int:
-    """Send each chunk by task name to its stage's model queue; returns the count. Chunks go out in
-    batches, each in one Redis pipeline (kombu's publish batch) after before_publish() returns. The
-    batches grow from 1 to SEND_BATCH chunks (fewer where they would hold over SEND_BATCH_ITEMS
-    items), so workers start on the first chunk at once while the rest of the manifest is read."""
-    count = 0
-    with app.producer_or_acquire() as producer:
-        for batch in _send_batches(chunks):
-            before_publish()
-            with producer.batch(max_size=len(batch)):
-                for chunk in batch:
-                    app.send_task(RUN_CHUNK_TASK, **chunk.send_options(), producer=producer)
-            count += len(batch)
-    return count
+    if meta.chunk_size != job.chunk_size:
+        raise ConfigError(
+            f"job {job.job_id} was submitted with chunks of {meta.chunk_size} items; resume it with "
+            f"IMGJOBS_CHUNK_SIZE={meta.chunk_size}"
+        )
+    parts = JobParts(open_storage(meta.output, meta.job_id), meta.run_id)
+    app = producer_app(settings, broker_url)
+    sent = meta.parts_sent
+    for batch in _batches(range(meta.parts_sent, meta.parts)):
+        job.parts.publish(parts, batch.start, batch.stop)
+        send_chunks(app, meta, [meta.first_chunk(part) for part in batch])
+        sent = batch.stop
+        store.record_sent(meta.job_id, sent)
+    store.mark_enqueued(meta.job_id)
+    return Submission(
+        job.job_id, job.total, sent - meta.parts_sent, already_submitted=False, resumed=not created
+    )
 
 
-def _send_batches(chunks: Iterable[Chunk]) -> Iterator[list[Chunk]]:
-    size, batch, items = 1, list[Chunk](), 0
-    for chunk in chunks:
-        batch.append(chunk)
-        items += len(chunk.items)
-        if len(batch) >= size or items >= SEND_BATCH_ITEMS:
-            yield batch
-            size, batch, items = min(size * 2, SEND_BATCH), [], 0
-    if batch:
-        yield batch
+def _batches(parts: range) -> list[range]:
+    batches, size, start = [], 1, parts.start
+    while start < parts.stop:
+        batches.append(range(start, min(start + size, parts.stop)))
+        start, size = start + size, min(size * 2, SEND_BATCH)
+    return batches
+
+
+def send_chunks(app: Celery, meta: JobMeta, chunks: Sequence[Chunk]) -> None:
+    """Send chunks by task name to their stage's model queue, in one Redis pipeline (kombu's
+    publish batch)."""
+    with app.producer_or_acquire() as producer, producer.batch(max_size=len(chunks)):
+        for chunk in chunks:
+            queue = meta.recipe[chunk.stage_index].model.queue
+            app.send_task(RUN_CHUNK_TASK, **chunk.send_options(queue), producer=producer)
+
+
+def sender(settings: Settings, broker_url: str) -> Callable[[JobEnd], None]:
+    """Sends a job's end to the CPU workers (after a cancel or a retry's undo, from the CLI)."""
+    app = producer_app(settings, broker_url)
+
+    def send_end(end: JobEnd) -> None:
+        app.send_task(END_JOB_TASK, **end.send_options())
+
+    return send_end

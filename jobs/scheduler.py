@@ -28,12 +28,11 @@ from celery.schedules import crontab
 from pydantic import ValidationError
 
 from jobs.broker import connect_redis, require_broker_url
-from jobs.manifest import validate_job
-from jobs.producer import submit
-from jobs.prune import prune
+from jobs.producer import prepared, submit
 from jobs.registry import Registry
 from jobs.sources import item_id_for, list_versions
-from schemas import keys
+from jobstate import keys
+from jobstate.store import JobStore
 from schemas.errors import ConfigError
 from schemas.schedule import ScheduleEntry, SchedulesFile
 from schemas.settings import Settings, celery_config
@@ -100,8 +99,8 @@ def fire(entry: ScheduleEntry, settings: Settings) -> str | None:
     (folder / "job.json").write_text(
         json.dumps({**entry.job_spec(), "items": "items.jsonl"}), encoding="utf-8"
     )
-    job = validate_job(folder / "job.json", Registry.load(settings.models))
-    submission = submit(job, settings, broker_url)
+    with prepared(folder / "job.json", Registry.load(settings.models), settings) as job:
+        submission = submit(job, settings, broker_url)
     client.sadd(keys.schedule_seen(entry.name), *(marker for _, marker in fresh))
     log.info("schedule %s: job %s with %d new item(s)", entry.name, submission.job_id, len(fresh))
     return submission.job_id
@@ -126,8 +125,7 @@ def prune_finished(settings: Settings) -> int:
     retention_s = load_schedules(settings).retention_s
     if retention_s is None:
         return 0
-    client = connect_redis(require_broker_url(settings))
-    pruned = prune(client, time.time() - retention_s)
+    pruned = JobStore(connect_redis(require_broker_url(settings))).prune(time.time() - retention_s)
     log.info("pruned %d job(s) finished more than %.0f s ago", len(pruned), retention_s)
     return len(pruned)
 
@@ -155,7 +153,7 @@ def make_app(settings: Settings) -> Celery:
     scheduler.conf.update(
         beat_scheduler="redbeat.RedBeatScheduler",
         redbeat_redis_url=broker_url,
-        redbeat_key_prefix=f"{keys.PREFIX}:redbeat:",
+        redbeat_key_prefix=keys.REDBEAT_PREFIX,
         beat_max_loop_interval=5,
         # No result backend, so no celery.backend_cleanup entry either.
         result_expires=None,

@@ -4,15 +4,17 @@
     ├── SpecError                 the job spec or an item is invalid; carries every Problem found
     ├── ConfigError               a setting, env var or registry entry is wrong
     │   └── UnknownModelError     a stage names a model that is neither registered nor a folder
+    ├── UnknownJobError           no job of that id on the broker (never submitted, or pruned)
     ├── BrokerUnavailableError    Redis cannot be reached
-    ├── StorageError              reading or writing outputs failed (retryable)
+    ├── StorageError              reading or writing a job's files failed (retryable)
+    │   └── StorageRefusedError   ... for good: a path through a file, no permission, a bad bucket
     └── ItemError                 one item failed; it is recorded and the rest of the job goes on
         ├── InputImageError       missing, unreadable, oversized or undecodable input image
         ├── StageError            the pipeline rejected or failed on the item's inputs
         ├── JobCancelledError     the job was cancelled before the item ran
         └── PoisonChunkError      the item's chunk was delivered too often: its worker died each time
 
-`retryable` is policy as data: retries (issue 4) look at it rather than at the class names.
+`retryable` is policy as data: retries look at it rather than at the class names.
 """
 
 from __future__ import annotations
@@ -53,12 +55,20 @@ class UnknownModelError(ConfigError):
     pass
 
 
+class UnknownJobError(ImgjobsError):
+    pass
+
+
 class BrokerUnavailableError(ImgjobsError):
     pass
 
 
 class StorageError(ImgjobsError):
     retryable = True
+
+
+class StorageRefusedError(StorageError):
+    retryable = False
 
 
 class ItemError(ImgjobsError):

@@ -1,4 +1,5 @@
-"""What travels over the broker (a Chunk, as JSON) and what a finished item records (ItemResult)."""
+"""What travels over the broker (a Chunk or a JobEnd, as JSON) and what a finished item records
+(ItemResult)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,23 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.job import Defaults, Item, ResizeStage, ResolvedParams, SaveKind, StageSpec
+from schemas.job import (
+    Defaults,
+    Item,
+    ResizeStage,
+    ResolvedParams,
+    SaveKind,
+    StageSpec,
+    base_prompt,
+    resolve_negative_prompt,
+    resolve_seed,
+)
 from schemas.registry import ModelEntry, ResolvedModel
 
 RUN_CHUNK_TASK = "imgjobs.run_chunk"
+END_JOB_TASK = "imgjobs.end_job"
+# Consumed by the `cpu` model's workers, so that a job's end never takes GPU time.
+JOB_END_QUEUE = "imgjobs.end"
 # Set by `imgjobs worker` for the Celery worker it starts: the resolved model, as WorkerModel JSON.
 WORKER_MODEL_ENV = "IMGJOBS_WORKER_MODEL"
 
@@ -60,6 +74,8 @@ class StageRecord(_Message):
 
 
 class ChunkItem(_Message):
+    """One item as a stage runs it: the item from its part, its input, and what earlier stages made."""
+
     item: Item = Field(description="the item as submitted; a local image path is made absolute")
     input: StageInput
     outputs: dict[str, str] = Field(default_factory=dict, description="outputs of the stages before this one")
@@ -67,46 +83,52 @@ class ChunkItem(_Message):
 
 
 class Chunk(_Message):
-    """A unit of work, one Celery task: items at one stage that share ResolvedParams, run as batched
-    calls of the model's batch size."""
+    """A unit of work, one Celery task: items of one part of the job at one stage. It names them
+    rather than carrying them: the items are in the part's file in storage (jobstate/parts.py), and
+    so is what a handed-over chunk carries from the stage before."""
 
     job_id: str
+    run_id: str = Field(description="the run of the job id the chunk belongs to")
     chunk_id: str
-    output: str = Field(description="the job's output root; outputs go under {output}/{job_id}/")
+    part: int = Field(ge=0, description="the items part: manifest positions part * chunk_size onwards")
     stage_index: int = Field(ge=0)
-    recipe: list[StagePlan] = Field(min_length=1)
-    defaults: Defaults
-    params: ResolvedParams
-    items: list[ChunkItem] = Field(min_length=1)
-    dataset: bool = Field(False, description="also write the final images as an imagefolder dataset")
-
-    @property
-    def stage(self) -> StagePlan:
-        return self.recipe[self.stage_index]
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.stage_index == len(self.recipe) - 1
+    epoch: int = Field(0, ge=0, description="the job's epoch when sent; a cancel raises it")
+    round: int = Field(0, ge=0, description="the job's retry round when sent")
+    slots: str | None = Field(
+        None, description="the part's slots this chunk runs, as a base64 bitmap; all if unset"
+    )
+    carry: str | None = Field(None, description="the carry part's key, for a stage after the first")
 
     def task_args(self) -> list[dict[str, Any]]:
-        """The task's arguments, as JSON. Unset fields are left out: every optional field defaults to
-        None, so the worker reads the same chunk back, and a chunk of 64 items is a third the size."""
-        return [self.model_dump(mode="json", exclude_none=True)]
+        """The task's arguments, as JSON; unset fields are left out (each defaults to None)."""
+        return [self.model_dump(mode="json", exclude_none=True, exclude_defaults=True)]
 
     def task_repr(self) -> str:
-        """What Celery shows for the task's arguments in logs and events: a name, never the prompts.
-        Without it Celery formats the whole chunk per message, most of the producer's cost."""
-        return f"<{self.chunk_id}: {self.stage.name}, {len(self.items)} item(s)>"
+        """What Celery shows for the task's arguments in logs and events: a name, never the contents."""
+        return f"<{self.chunk_id}>"
 
-    def send_options(self) -> dict[str, Any]:
+    def send_options(self, queue: str) -> dict[str, Any]:
         """Celery's send_task options for this chunk: by task name to its stage's model queue, with
         the chunk id as the task id (deterministic, so logs and redeliveries name it)."""
         return {
             "args": self.task_args(),
             "argsrepr": self.task_repr(),
             "task_id": self.chunk_id,
-            "queue": self.stage.model.queue,
+            "queue": queue,
         }
+
+
+class JobEnd(_Message):
+    """The job's end as a task of its own: results.jsonl and the report, on a CPU worker."""
+
+    job_id: str
+    run_id: str
+    round: int = Field(ge=0)
+
+    def send_options(self) -> dict[str, Any]:
+        # Celery's own task id (random): a redelivered end task keeps it, a second one sent for the same
+        # end has another, and the end's claim (jobstate) lets only one of them run.
+        return {"args": [self.model_dump(mode="json")], "queue": JOB_END_QUEUE}
 
 
 class ErrorInfo(_Message):
@@ -138,3 +160,38 @@ class WorkerModel(_Message):
 
     name: str
     entry: ModelEntry
+
+
+def item_result(
+    item: Item,
+    defaults: Defaults,
+    plan: StagePlan,
+    params: ResolvedParams,
+    records: list[StageRecord],
+    outputs: dict[str, str],
+    error: Exception | None = None,
+) -> ItemResult:
+    """The results line of an item that ended at stage `plan` with these parameters."""
+    return ItemResult(
+        id=item.id,
+        status="failed" if error else "succeeded",
+        image=item.image,
+        outputs=outputs,
+        seed=resolve_seed(item, defaults),
+        model=plan.model.name,
+        prompt=base_prompt(item, defaults),
+        negative_prompt=resolve_negative_prompt(item, plan.spec, defaults),
+        params=params,
+        stages=records,
+        timings=summed_timings(records),
+        error=ErrorInfo(type=type(error).__name__, message=str(error)) if error else None,
+        failed_stage=plan.name if error else None,
+    )
+
+
+def summed_timings(records: list[StageRecord]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for record in records:
+        for phase, seconds in record.timings.items():
+            total[phase] = round(total.get(phase, 0.0) + seconds, 4)
+    return total

@@ -1,25 +1,16 @@
-"""Job and item states, and the status object `imgjobs status --json` prints."""
+"""Job states, and the status object `imgjobs status --json` prints."""
 
 from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict
-
-
-class ItemState(StrEnum):
-    PENDING = "pending"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-
-
-TERMINAL_ITEM_STATES = (ItemState.SUCCEEDED, ItemState.FAILED)
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class JobState(StrEnum):
-    """pending: nothing started. running: started, not finished. succeeded / failed: every item
-    is done and results.jsonl is written; failed means at least one item failed."""
+    """pending: nothing started. running: started, not finished. succeeded / failed: every item is
+    done and results.jsonl is written; failed means at least one item failed, or the job's end could
+    not be written (`error`). cancelled: cancelled; finished once its end is written."""
 
     PENDING = "pending"
     RUNNING = "running"
@@ -45,11 +36,13 @@ class JobStatus(BaseModel):
     pending: int
     running: int
     succeeded: int
-    failed: int
+    failed: int = Field(description="failed items, the cancelled ones included")
+    cancelled: int = Field(0, description="items cancelled before they ran (counted in failed too)")
     output: str
     submitted_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    error: str | None = Field(None, description="why the job's end could not be written")
     stages: list[StageProgress] = []
 
     @property
@@ -58,4 +51,5 @@ class JobStatus(BaseModel):
 
     @property
     def finished(self) -> bool:
-        return self.state in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+        """The job's end is written (or failed for good): nothing more happens without a retry."""
+        return self.finished_at is not None

@@ -23,6 +23,11 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(None, description="redis:// or rediss:// URL; unset means embedded")
     models: Path | None = Field(None, description="models.yaml registry file")
     schedules: Path | None = Field(None, description="schedules.yaml for `imgjobs schedule`")
+    state_dir: Path | None = Field(
+        None,
+        description="where embedded runs keep their broker's data and workers' logs, a folder per job; "
+        "unset: $XDG_STATE_HOME/imgjobs, else ~/.local/state/imgjobs",
+    )
     chunk_size: int | None = Field(
         None,
         ge=1,

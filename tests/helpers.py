@@ -17,7 +17,9 @@ from PIL import Image
 from pydantic import TypeAdapter
 
 from jobs.embedded import free_port
-from schemas.job import StageSpec, stage_name
+from jobs.manifest import ValidatedJob, validate_job
+from jobs.registry import Registry
+from schemas.job import Item, StageSpec, stage_name
 from schemas.messages import StagePlan
 from schemas.registry import ModelEntry, ResolvedModel
 
@@ -127,3 +129,17 @@ def local_model(name: str, folder: Path, **entry: object) -> ResolvedModel:
     return ResolvedModel(
         name=name, entry=ModelEntry.model_validate({"source": str(folder), "dtype": "float32", **entry})
     )
+
+
+def validated_parts(
+    spec: Path, registry: Registry, chunk_size: int = 8
+) -> tuple[ValidatedJob, list[list[Item]]]:
+    """The job validated as submit validates it, with the items of each part it wrote."""
+    folder = spec.parent / "parts"
+    job = validate_job(spec, registry, folder, chunk_size)
+    assert job.parts is not None
+    parts = []
+    for part in range(job.parts.parts):
+        lines = (folder / job.parts.name(part)).read_text().splitlines()
+        parts.append([Item.model_validate_json(line) for line in lines])
+    return job, parts

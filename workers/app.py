@@ -18,9 +18,10 @@ from celery.signals import setup_logging, worker_init, worker_process_init
 from celery.worker import state as worker_state
 
 from schemas.errors import ConfigError
-from schemas.messages import RUN_CHUNK_TASK, Chunk
+from schemas.messages import END_JOB_TASK, RUN_CHUNK_TASK, Chunk, JobEnd
 from schemas.settings import Settings, celery_config
-from workers.observability import configure_logging, serve_metrics
+from workers import events
+from workers.observability import Observability, configure_logging, serve_metrics
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger("imgjobs.worker")
@@ -35,9 +36,14 @@ app.conf.update(celery_config(settings, settings.broker_url))
 app.conf.include = ["workers.tasks"]
 
 
-def send_chunk(chunk: Chunk) -> None:
+def send_chunk(chunk: Chunk, queue: str) -> None:
     """Queue a chunk (the next stage's) on its model's queue."""
-    app.send_task(RUN_CHUNK_TASK, **chunk.send_options())
+    app.send_task(RUN_CHUNK_TASK, **chunk.send_options(queue))
+
+
+def send_end(end: JobEnd) -> None:
+    """Queue a job's end for the CPU workers."""
+    app.send_task(END_JOB_TASK, **end.send_options())
 
 
 @setup_logging.connect
@@ -64,7 +70,8 @@ def _stop_failed_on_request(**_: Any) -> None:
 @worker_process_init.connect
 def _load_model(**_: Any) -> None:
     try:
-        WorkerRuntime.start(settings, send_chunk)
+        WorkerRuntime.start(settings, send_chunk, send_end)
+        events.subscribe(Observability())
         if settings.metrics_port:
             serve_metrics(settings.metrics_port)
     except Exception:

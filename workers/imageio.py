@@ -21,7 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from schemas.errors import InputImageError, StorageError
 from schemas.job import ResizePolicy
 from schemas.settings import Settings
-from workers.storage import s3_client, split_s3_uri
+from jobstate.storage import s3_client, split_s3_uri
 
 # Formats we decode; everything else is refused before a decoder runs.
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")

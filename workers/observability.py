@@ -12,11 +12,14 @@ import contextvars
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from pythonjsonlogger.json import JsonFormatter
+
+from schemas.messages import ItemResult, StageRecord
+from workers.events import ChunkInfo, EngineEvents
 
 ITEMS = Counter("imgjobs_items_total", "Items through a stage", ["model", "stage", "status"])
 FAILURES = Counter("imgjobs_failures_total", "Failed items by reason", ["model", "stage", "reason"])
@@ -29,8 +32,15 @@ STAGE_SECONDS = Histogram(
 BUSY_SECONDS = Counter("imgjobs_busy_seconds_total", "Seconds spent in pipeline calls", ["model"])
 DUTY_CYCLE = Gauge("imgjobs_duty_cycle", "Fraction of the last minute spent in pipeline calls", ["model"])
 GPU_MEMORY = Gauge("imgjobs_gpu_memory_bytes", "CUDA memory of this worker's process", ["kind"])
+JOB_END_SECONDS = Histogram(
+    "imgjobs_job_end_seconds",
+    "Seconds a job's end took (results.jsonl, the report)",
+    buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 300),
+)
 
 DUTY_WINDOW_S = 60.0
+
+log = logging.getLogger("imgjobs.worker")
 
 _context: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
     "imgjobs_log_context", default=None
@@ -57,19 +67,54 @@ class _Duty:
 _duty = _Duty()
 
 
-def record_stage(model: str, stage: str, timings: dict[str, float]) -> None:
-    STAGE_SECONDS.labels(model, stage).observe(sum(timings.values()))
+class Observability(EngineEvents):
+    """The engine's events as Prometheus metrics and log lines; every worker subscribes one."""
 
+    def items_finished(self, chunk: ChunkInfo, results: Sequence[ItemResult]) -> None:
+        for result in results:
+            ITEMS.labels(chunk.model, chunk.stage, result.status).inc()
+            if result.stages:
+                STAGE_SECONDS.labels(chunk.model, chunk.stage).observe(
+                    sum(result.stages[-1].timings.values())
+                )
+            if result.error:
+                FAILURES.labels(chunk.model, chunk.stage, result.error.type).inc()
+                log.warning(
+                    "item %s failed: %s: %s",
+                    result.id,
+                    result.error.type,
+                    result.error.message,
+                    extra={"item_id": result.id, "reason": result.error.type},
+                )
 
-def record_busy(model: str, seconds: float) -> None:
-    BUSY_SECONDS.labels(model).inc(seconds)
-    _duty.add(model, seconds)
+    def items_handed_over(self, chunk: ChunkInfo, records: Sequence[StageRecord]) -> None:
+        ITEMS.labels(chunk.model, chunk.stage, "handed_over").inc(len(records))
+        for record in records:
+            STAGE_SECONDS.labels(chunk.model, chunk.stage).observe(sum(record.timings.values()))
 
+    def chunk_done(self, chunk: ChunkInfo, elapsed_s: float, busy_s: float) -> None:
+        BUSY_SECONDS.labels(chunk.model).inc(busy_s)
+        _duty.add(chunk.model, busy_s)
+        duty = busy_s / elapsed_s if elapsed_s else 0.0
+        log.info(
+            "chunk %s: %d item(s), %.3f s; pipeline busy %.3f s (duty cycle %.0f%%)",
+            chunk.chunk_id,
+            chunk.items,
+            elapsed_s,
+            busy_s,
+            100 * duty,
+            extra={
+                "busy_s": round(busy_s, 4),
+                "elapsed_s": round(elapsed_s, 4),
+                "duty_cycle": round(duty, 4),
+            },
+        )
 
-def record_item(model: str, stage: str, status: str, reason: str | None = None, count: int = 1) -> None:
-    ITEMS.labels(model, stage, status).inc(count)
-    if reason:
-        FAILURES.labels(model, stage, reason).inc(count)
+    def chunk_retried(self, chunk_id: str, error: Exception, countdown_s: float) -> None:
+        log.warning("chunk %s: %s; running it again in %.1f s", chunk_id, error, countdown_s)
+
+    def job_ended(self, job_id: str, seconds: float, error: str | None) -> None:
+        JOB_END_SECONDS.observe(seconds)
 
 
 def record_gpu_memory() -> None:

@@ -12,10 +12,12 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from jobstate.store import JobStore
 from schemas.errors import ConfigError
-from schemas.messages import WORKER_MODEL_ENV, Chunk, WorkerModel
+from schemas.messages import WORKER_MODEL_ENV, Chunk, JobEnd, WorkerModel
 from schemas.settings import Settings
 from workers.chunk import ChunkContext
+from workers.job_end import EndContext
 
 log = logging.getLogger("imgjobs.worker")
 
@@ -24,7 +26,9 @@ class WorkerRuntime:
     _context: ClassVar[ChunkContext | None] = None
 
     @classmethod
-    def start(cls, settings: Settings, send_chunk: Callable[[Chunk], None]) -> ChunkContext:
+    def start(
+        cls, settings: Settings, send_chunk: Callable[[Chunk, str], None], send_end: Callable[[JobEnd], None]
+    ) -> ChunkContext:
         import torch
 
         from workers.models import LoadedModel
@@ -53,7 +57,9 @@ class WorkerRuntime:
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
             health_check_interval=30,
         )
-        cls._context = ChunkContext(model=loaded, settings=settings, redis=client, send_chunk=send_chunk)
+        cls._context = ChunkContext(
+            model=loaded, settings=settings, store=JobStore(client), send_chunk=send_chunk, send_end=send_end
+        )
         return cls._context
 
     @classmethod
@@ -61,3 +67,8 @@ class WorkerRuntime:
         if cls._context is None:
             raise ConfigError("the worker's model is not loaded (worker_process_init did not run)")
         return cls._context
+
+    @classmethod
+    def end_context(cls) -> EndContext:
+        ctx = cls.context()
+        return EndContext(store=ctx.store, settings=ctx.settings, open_storage=ctx.open_storage)

@@ -1,36 +1,58 @@
-"""The Celery task: one chunk per task, retried with backoff when a retryable error stops it."""
+"""The Celery tasks: one chunk per task, and a job's end per task; retried with backoff when a
+retryable error stops them."""
 
 from __future__ import annotations
 
 import logging
+import random
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 from celery.exceptions import Reject
 
-from schemas.errors import ImgjobsError, JobCancelledError, PoisonChunkError, StageError
-from schemas.messages import RUN_CHUNK_TASK, Chunk
+from schemas.messages import END_JOB_TASK, RUN_CHUNK_TASK, Chunk, JobEnd
 from workers.app import app
-from workers.chunk import ChunkContext, fail_items, process_chunk
+from workers.chunk import RetryChunk, process_chunk
+from workers.events import emit
+from workers.job_end import RetryEnd, end_job
 from workers.observability import log_context, record_gpu_memory
-from workers.progress import JobProgress
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger("imgjobs.worker")
 
-MAX_RETRIES = 5
-MAX_BACKOFF_S = 60
-# A chunk whose items are all recorded as failed may still owe the job's finalize (results.jsonl, the
-# report): that gets retries of its own beyond MAX_RETRIES, since without it the job never ends.
-FINALIZE_RETRIES = 2 * MAX_RETRIES
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a task that stopped on a retryable error runs again: up to `retries` more times, after
+    an exponential backoff capped at `cap_s`, of which a random share up to `jitter` is taken off,
+    so that workers stopped by the same outage do not all come back at once."""
+
+    retries: int
+    base_s: float = 1.0
+    cap_s: float = 60.0
+    jitter: float = 0.5
+
+    def countdown(self, retries: int) -> float:
+        backoff = min(self.base_s * 2.0**retries, self.cap_s)
+        return backoff * (1 - self.jitter * random.random())
 
 
-@app.task(name=RUN_CHUNK_TASK, bind=True, max_retries=MAX_RETRIES)
+CHUNK_RETRIES = RetryPolicy(retries=5)
+END_RETRIES = RetryPolicy(retries=8)
+
+
+@app.task(name=RUN_CHUNK_TASK, bind=True, max_retries=CHUNK_RETRIES.retries)
 def run_chunk(self: Any, payload: dict[str, Any]) -> None:
     chunk = Chunk.model_validate(payload)
-    with log_context(job_id=chunk.job_id, chunk_id=chunk.chunk_id, stage=chunk.stage.name):
+    retries = int(self.request.retries)
+    with log_context(job_id=chunk.job_id, chunk_id=chunk.chunk_id, stage=f"s{chunk.stage_index}"):
         try:
-            _run_chunk(self, chunk)
+            process_chunk(chunk, WorkerRuntime.context(), retries, may_retry=retries < CHUNK_RETRIES.retries)
+        except RetryChunk as stopped:
+            countdown = CHUNK_RETRIES.countdown(retries)
+            emit.chunk_retried(chunk.chunk_id, stopped.error, countdown)
+            raise self.retry(exc=stopped.error, countdown=countdown) from None
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             # Redis stayed away past the client's retries. Never fail items for that, and never let Celery
             # ack the message (acks_late acks a task that raised): requeue it, or, while Redis is still
@@ -40,64 +62,21 @@ def run_chunk(self: Any, payload: dict[str, Any]) -> None:
         record_gpu_memory()
 
 
-def _run_chunk(self: Any, chunk: Chunk) -> None:
-    ctx = WorkerRuntime.context()
-    progress = JobProgress(ctx.redis, chunk.job_id)
-    standing = progress.standing()
-    if standing == "unknown":
-        # A redelivered chunk of a job pruned since: its items have nowhere to be recorded.
-        log.warning("chunk %s: job %s is not on this broker (pruned?); dropped", chunk.chunk_id, chunk.job_id)
-        return
-    if chunk.stage.model.name != ctx.model.name:
-        message = f"chunk for model {chunk.stage.model.name!r} reached the worker of {ctx.model.name!r}"
-        _fail(self, chunk, ctx, StageError(message))
-        return
-    if standing == "cancelled":
-        _fail(self, chunk, ctx, JobCancelledError("the job was cancelled"))
-        return
-    # Counted per retry, so only redeliveries count: a chunk whose worker dies mid-run comes back.
-    deliveries = progress.count_delivery(f"{chunk.chunk_id}#{self.request.retries}")
-    if deliveries > ctx.settings.max_deliveries:
-        message = f"delivered {deliveries} times; its worker died each time (IMGJOBS_MAX_DELIVERIES)"
-        log.error("chunk %s: dead-lettered: %s", chunk.chunk_id, message)
-        _fail(self, chunk, ctx, PoisonChunkError(message))
-        return
-    log.info(
-        "chunk %s: %s, %d item(s), delivery %d",
-        chunk.chunk_id,
-        chunk.stage.name,
-        len(chunk.items),
-        deliveries,
-    )
-    try:
-        process_chunk(chunk, ctx)
-    except ImgjobsError as exc:
-        if not exc.retryable or self.request.retries >= MAX_RETRIES:
-            log.error("chunk %s: failing its unfinished items: %s", chunk.chunk_id, exc)
-            _fail(self, chunk, ctx, exc)
-            return
-        raise self.retry(exc=exc, countdown=min(2**self.request.retries, MAX_BACKOFF_S)) from None
-    except (redis.ConnectionError, redis.TimeoutError):
-        raise  # run_chunk requeues the chunk
-    except Exception as exc:
-        # Unexpected: still account for every item, so the job ends instead of hanging.
-        log.exception("chunk %s: unexpected error", chunk.chunk_id)
-        _fail(self, chunk, ctx, StageError(f"{type(exc).__name__}: {exc}"))
-
-
-def _fail(self: Any, chunk: Chunk, ctx: ChunkContext, error: ImgjobsError) -> None:
-    """fail_items, and where its items were the job's last, the job's finalize. A storage error in that
-    finalize retries the chunk, whose items are failed by then, so its retry only finalizes."""
-    try:
-        fail_items(chunk, ctx, error)
-    except ImgjobsError as exc:
-        if exc.retryable and self.request.retries < FINALIZE_RETRIES:
-            countdown = min(2**self.request.retries, MAX_BACKOFF_S)
-            raise self.retry(exc=exc, countdown=countdown, max_retries=FINALIZE_RETRIES) from None
-        log.error(
-            "chunk %s: job %s left unfinished, its results not written: %s; `imgjobs retry %s` finishes it",
-            chunk.chunk_id,
-            chunk.job_id,
-            exc,
-            chunk.job_id,
-        )
+@app.task(name=END_JOB_TASK, bind=True, max_retries=END_RETRIES.retries)
+def end_job_task(self: Any, payload: dict[str, Any]) -> None:
+    end = JobEnd.model_validate(payload)
+    retries = int(self.request.retries)
+    with log_context(job_id=end.job_id):
+        try:
+            end_job(
+                end, WorkerRuntime.end_context(), self.request.id, may_retry=retries < END_RETRIES.retries
+            )
+        except RetryEnd as stopped:
+            countdown = END_RETRIES.countdown(retries)
+            log.warning(
+                "job %s: its end stopped (%s); trying again in %.1f s", end.job_id, stopped, countdown
+            )
+            raise self.retry(exc=stopped.error, countdown=countdown) from None
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.error("job %s: lost the broker writing its end (%s); requeued", end.job_id, exc)
+            raise Reject(exc, requeue=True) from None

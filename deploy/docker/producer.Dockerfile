@@ -27,6 +27,7 @@ RUN python /tmp/producer_requirements.py /src/pyproject.toml >/tmp/requirements.
     && pip install -r /tmp/requirements.txt "flower>=2.0,<3"
 # The workers package is left out: nothing on this side imports it.
 COPY schemas /src/schemas
+COPY jobstate /src/jobstate
 COPY jobs /src/jobs
 RUN pip install --no-deps /src
 

@@ -37,6 +37,7 @@ RUN python3 -m venv /opt/venv
 RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
 COPY pyproject.toml README.md /src/
 COPY schemas /src/schemas
+COPY jobstate /src/jobstate
 COPY jobs /src/jobs
 COPY workers /src/workers
 RUN pip install /src

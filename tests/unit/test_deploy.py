@@ -468,13 +468,27 @@ def third_party_imports(*packages: str) -> set[str]:
     names: set[str] = set()
     for package in packages:
         for path in (ROOT / package).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            # Imports only for type checking (`if TYPE_CHECKING:`) are not needed at run time.
+            typing_only = {
+                id(child)
+                for node in ast.walk(tree)
+                if isinstance(node, ast.If)
+                and isinstance(node.test, ast.Name)
+                and node.test.id == "TYPE_CHECKING"
+                for child in ast.walk(node)
+            }
+            for node in ast.walk(tree):
+                if id(node) in typing_only:
+                    continue
                 if isinstance(node, ast.Import):
                     names |= {alias.name.partition(".")[0] for alias in node.names}
                 elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                     names.add(node.module.partition(".")[0])
     return {
-        n for n in names if n not in sys.stdlib_module_names and n not in {"jobs", "schemas", "__future__"}
+        n
+        for n in names
+        if n not in sys.stdlib_module_names and n not in {"jobs", "jobstate", "schemas", "__future__"}
     }
 
 
@@ -482,14 +496,14 @@ def test_the_producer_image_installs_every_library_the_producer_imports() -> Non
     script = runpy.run_path(str(DOCKER / "producer_requirements.py"))
     requirements = script["producer_requirements"](ROOT / "pyproject.toml")
     installed = {script["requirement_name"](r) for r in requirements}
-    imported = third_party_imports("jobs", "schemas")
+    imported = third_party_imports("jobs", "jobstate", "schemas")
     assert "workers" not in imported and "torch" not in imported  # the image has neither
     distributions = packages_distributions()
     for module in imported:
         names = {script["requirement_name"](d) for d in distributions.get(module, [module])}
         assert names & installed, f"the producer imports {module} but its image does not install it"
     copied = [args.split()[0] for kw, args in dockerfile("producer.Dockerfile") if kw == "COPY"]
-    assert "workers" not in copied
+    assert "workers" not in copied and {"jobs", "jobstate", "schemas"} <= set(copied)
 
 
 def test_operations_doc_covers_every_setting_and_registry_field() -> None:

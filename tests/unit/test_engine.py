@@ -7,7 +7,6 @@ applied here and run compiled by bench/gpu_throughput.py."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -21,13 +20,10 @@ from PIL import Image
 from pydantic import ValidationError
 
 from jobs.embedded import EmbeddedRedis
-from schemas import keys
 from schemas.job import Defaults, Item, ResolvedParams
-from schemas.messages import Chunk, ChunkItem, StageInput
 from schemas.registry import ModelEntry
-from schemas.settings import Settings
+from tests.chunkkit import harness
 from tests.helpers import local_model, stage_plan, write_image
-from workers.chunk import ChunkContext, process_chunk
 from workers.models import COMPILE_CACHE_ENV, LoadedModel, compile_cache_dir
 from workers.stages.common import StageBatch, StageOutput, pad_batch, run_static
 from workers.stages.img2img import run_img2img
@@ -171,38 +167,30 @@ def test_static_batch_pads_without_changing_the_real_items(tiny_sd_dir: Path, re
 def test_the_chunk_path_pads_to_static_batch(
     tiny_sd_dir: Path, redis_server: EmbeddedRedis, tmp_path: Path
 ) -> None:
-    """Three items through process_chunk with static_batch 4 write the PNGs the unpadded engine writes."""
+    """Three items through the chunk path with static_batch 4 write the PNGs the unpadded engine writes."""
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     ids = ["a", "b", "c"]
-    members = []
+    rows = []
     for seed, item_id in enumerate(ids):
         uri = str(write_image(tmp_path / "in" / f"{item_id}.png", (32, 32), (40 * seed, 90, 200)))
-        item = Item(id=item_id, image=uri, prompt=f"prompt {seed}", seed=seed)
-        members.append(ChunkItem(item=item, input=StageInput(kind="image", uri=uri)))
+        rows.append(Item(id=item_id, image=uri, prompt=f"prompt {seed}", seed=seed))
     written: dict[str, dict[str, np.ndarray]] = {}
-    for job, static in (("plain", None), ("padded", 4)):
+    stage = {"type": "img2img", "strength": 0.8, "guidance_scale": 7.5, "steps": 4}
+    for job_id, static in (("plain", None), ("padded", 4)):
         model = load(tiny_sd_dir, static_batch=static)
-        client.hset(keys.job_meta(job), mapping={"name": job, "output": str(tmp_path / "out"), "total": 3})
-        client.hset(keys.job_counts(job), mapping={"pending": 3, "running": 0, "succeeded": 0, "failed": 0})
-        client.hset(keys.job_items(job), mapping=dict.fromkeys(ids, "pending"))
-        client.rpush(keys.job_order(job), *ids)
-        chunk = Chunk(
-            job_id=job,
-            chunk_id=f"{job}:s0:c0",
-            output=str(tmp_path / "out"),
-            stage_index=0,
-            recipe=[
-                stage_plan({"type": "img2img"}, local_model("tiny-sd", tiny_sd_dir, static_batch=static))
-            ],
-            defaults=Defaults(negative_prompt="blurry"),
-            params=PARAMS,
-            items=members,
+        job = harness(
+            client,
+            rows,
+            tmp_path / "out",
+            recipe=[stage_plan(stage, local_model("tiny-sd", tiny_sd_dir, static_batch=static))],
+            model=model,
+            job_id=job_id,
+            defaults=Defaults(negative_prompt="blurry", size=(32, 32)),
         )
-        process_chunk(chunk, ChunkContext(model=model, settings=Settings(), redis=client, send_chunk=print))
-        lines = (tmp_path / "out" / job / "results.jsonl").read_text().splitlines()
-        results = {r["id"]: r for r in map(json.loads, lines)}
-        assert [r["status"] for r in results.values()] == ["succeeded"] * 3
-        written[job] = {i: np.asarray(Image.open(results[i]["outputs"]["s0-img2img"])) for i in ids}
+        job.run_all()
+        results = job.results()
+        assert [r.status for r in results.values()] == ["succeeded"] * 3
+        written[job_id] = {i: np.asarray(Image.open(results[i].outputs["s0-img2img"])) for i in ids}
     for item_id in ids:
         np.testing.assert_array_equal(written["padded"][item_id], written["plain"][item_id])
 

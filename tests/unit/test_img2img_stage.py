@@ -3,7 +3,6 @@ each item what diffusers gives for that item alone with the same seed."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +13,10 @@ from diffusers import StableDiffusionImg2ImgPipeline
 from PIL import Image
 
 from jobs.embedded import EmbeddedRedis
-from schemas import keys
 from schemas.errors import StageError
 from schemas.job import Defaults, Item, ResolvedParams
-from schemas.messages import Chunk, ChunkItem, StageInput
-from schemas.settings import Settings
+from tests.chunkkit import harness
 from tests.helpers import local_model, stage_plan, write_image
-from workers.chunk import ChunkContext, process_chunk
 from workers.models import LoadedModel
 from workers.stages.common import StageBatch
 from workers.stages.img2img import check_inputs, run_img2img
@@ -109,46 +105,37 @@ def test_chunk_fails_bad_items_alone_and_skips_finished_ones_on_redelivery(
 ) -> None:
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     ids = ["good1", "missing", "corrupt", "good2"]
-    client.hset(keys.job_meta("job"), mapping={"name": "job", "output": str(tmp_path / "out"), "total": 4})
-    client.hset(keys.job_counts("job"), mapping={"pending": 4, "running": 0, "succeeded": 0, "failed": 0})
-    client.hset(keys.job_items("job"), mapping=dict.fromkeys(ids, "pending"))
-    client.rpush(keys.job_order("job"), *ids)
     write_image(tmp_path / "in" / "good1.png")
     write_image(tmp_path / "in" / "good2.png", color=(10, 200, 10))
     (tmp_path / "in" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    members = []
-    for seed, item_id in enumerate(ids):
-        uri = str(tmp_path / "in" / f"{item_id}.png")
-        item = Item(id=item_id, image=uri, prompt="p", seed=seed)
-        members.append(ChunkItem(item=item, input=StageInput(kind="image", uri=uri)))
-    chunk = Chunk(
-        job_id="job",
-        chunk_id="job:s0:c0",
-        output=str(tmp_path / "out"),
-        stage_index=0,
-        recipe=[stage_plan({"type": "img2img"}, local_model("tiny-sd", tiny_sd_dir))],
-        defaults=Defaults(),
-        params=ResolvedParams(strength=0.5, guidance_scale=7.5, steps=4, size=(32, 32)),
-        items=members,
+    rows = [
+        Item(id=item_id, image=str(tmp_path / "in" / f"{item_id}.png"), prompt="p", seed=seed)
+        for seed, item_id in enumerate(ids)
+    ]
+    stage = {"type": "img2img", "strength": 0.5, "guidance_scale": 7.5, "steps": 4}
+    job = harness(
+        client,
+        rows,
+        tmp_path / "out",
+        recipe=[stage_plan(stage, local_model("tiny-sd", tiny_sd_dir))],
+        model=tiny_sd,
+        defaults=Defaults(size=(32, 32)),
     )
-    sent: list[Chunk] = []
-    ctx = ChunkContext(model=tiny_sd, settings=Settings(), redis=client, send_chunk=sent.append)
-    process_chunk(chunk, ctx)
+    job.run_all()
 
-    job_dir = tmp_path / "out" / "job"
-    results = {r["id"]: r for r in map(json.loads, (job_dir / "results.jsonl").read_text().splitlines())}
-    assert list(results) == ids and not sent
-    assert results["good1"]["status"] == results["good2"]["status"] == "succeeded"
-    assert results["missing"]["error"]["type"] == "InputImageError"
-    assert "No such file" in results["missing"]["error"]["message"]
-    assert results["corrupt"]["error"]["type"] == "InputImageError"
-    assert results["corrupt"]["failed_stage"] == "s0-img2img"
-    output = Path(results["good1"]["outputs"]["s0-img2img"])
+    results = job.results()
+    assert list(results) == ids and not job.sent
+    assert results["good1"].status == results["good2"].status == "succeeded"
+    missing, corrupt = results["missing"].error, results["corrupt"].error
+    assert missing is not None and missing.type == "InputImageError" and "No such file" in missing.message
+    assert corrupt is not None and corrupt.type == "InputImageError"
+    assert results["corrupt"].failed_stage == "s0-img2img"
+    output = Path(results["good1"].outputs["s0-img2img"])
     assert Image.open(output).size == (32, 32)
-    assert (job_dir / "report.html").read_text().count('<section class="item') == 4
+    assert (job.job_dir / "report.html").read_text().count('<section class="item') == 4
 
     written = output.stat().st_mtime_ns
-    process_chunk(chunk, ctx)  # the broker delivers the same chunk again
+    job.run(job.chunks[0])  # the broker delivers the same chunk again
     assert output.stat().st_mtime_ns == written
-    counts = client.hgetall(keys.job_counts("job"))
-    assert counts == {"pending": "0", "running": "0", "succeeded": "2", "failed": "2"}
+    status = job.store.status("job")
+    assert (status.pending, status.running, status.succeeded, status.failed) == (0, 0, 2, 2)

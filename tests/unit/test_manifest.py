@@ -8,20 +8,35 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from jobs.manifest import validate_job
-from jobs.plan import plan_chunks
+from jobs.manifest import ValidatedJob, validate_job
 from jobs.registry import Registry
 from schemas.errors import SpecError
-from schemas.job import Item, JobSpec, resolve_negative_prompt, resolve_prompt, resolve_seed
+from schemas.job import (
+    Item,
+    JobSpec,
+    ResolvedParams,
+    resolve_negative_prompt,
+    resolve_params,
+    resolve_prompt,
+    resolve_seed,
+)
 from schemas.registry import queue_for
 from schemas.schedule import ScheduleEntry
-from tests.helpers import write_job
+from tests.helpers import validated_parts, write_job
 
 REGISTRY = Registry.load(None)
 
 
 def items(count: int, **extra: object) -> list[dict[str, object]]:
     return [{"id": f"i{n:03d}", "image": f"in/{n}.png", "prompt": f"p{n}", **extra} for n in range(count)]
+
+
+def parted(spec: Path, chunk_size: int = 8) -> tuple[ValidatedJob, list[list[tuple[Item, ResolvedParams]]]]:
+    """The job validated and written as parts, each item with its first stage's parameters as the
+    chunk runner resolves them."""
+    job, parts = validated_parts(spec, REGISTRY, chunk_size)
+    stage, defaults = job.spec.stages[0], job.spec.defaults
+    return job, [[(item, resolve_params(item, stage, defaults)) for item in part] for part in parts]
 
 
 def problems_of(spec: Path, registry: Registry = REGISTRY) -> list[str]:
@@ -132,10 +147,8 @@ def test_csv_items_with_size_strings(tmp_path: Path) -> None:
         f"{tmp_path / 'items.csv'}:4: size: size must look like 512x512 or [512, 512], got 'big'"
     ]
     (tmp_path / "items.csv").write_text("id,image,prompt,seed,size\na,a.png,a cat,3,64x32\nb,b.png,a dog,,\n")
-    job = validate_job(spec, REGISTRY)
-    chunks = list(plan_chunks(job, chunk_size=8))
-    sizes = sorted(chunk.params.size for chunk in chunks)
-    assert sizes == [(32, 32), (64, 32)]  # b takes the job default
+    _job, (part,) = parted(spec)
+    assert [params.size for _, params in part] == [(64, 32), (32, 32)]  # b takes the job default
 
 
 def test_an_unknown_resize_policy_is_named_with_its_field(tmp_path: Path) -> None:
@@ -148,8 +161,8 @@ def test_an_unknown_resize_policy_is_named_with_its_field(tmp_path: Path) -> Non
     expected = "resize: Input should be 'crop', 'fit' or 'pad'"
     assert problems_of(spec) == [f"{csv}:4: {expected}", f"{csv}:5: {expected}"]  # exact spelling
     csv.write_text("id,image,resize\na,a.png,pad\nb,b.png,\n")
-    chunks = list(plan_chunks(validate_job(spec, REGISTRY), chunk_size=8))
-    assert sorted(chunk.params.resize for chunk in chunks) == ["crop", "pad"]  # b: the built-in crop
+    _job, (part,) = parted(spec)
+    assert [params.resize for _, params in part] == ["pad", "crop"]  # b: the built-in crop
 
     spec_data["defaults"] = {"resize": "stretch"}
     spec_data["stages"] = [{"type": "resize", "resize": "zoom"}]
@@ -197,9 +210,8 @@ def test_parameter_precedence_item_then_stage_then_defaults(tmp_path: Path) -> N
             "size": "64x64",
         },
     )
-    job = validate_job(spec, REGISTRY)
-    chunks = list(plan_chunks(job, chunk_size=8))
-    by_id = {member.item.id: (member.item, chunk.params) for chunk in chunks for member in chunk.items}
+    job, parts = parted(spec)
+    by_id = {item.id: (item, params) for part in parts for item, params in part}
     stage, defaults = job.spec.stages[0], job.spec.defaults
     item_a, params_a = by_id["a"]
     resolved_a = (resolve_prompt(item_a, stage, defaults), resolve_negative_prompt(item_a, stage, defaults))
@@ -219,23 +231,21 @@ def test_parameter_precedence_item_then_stage_then_defaults(tmp_path: Path) -> N
     assert item_a.image == str(tmp_path / "a.png")
 
 
-def test_chunks_group_equal_parameters_and_respect_chunk_size(tmp_path: Path) -> None:
+def test_parts_keep_manifest_order_and_respect_chunk_size(tmp_path: Path) -> None:
     rows = items(7) + items(3, strength=0.5)
     for index, row in enumerate(rows):
         row["id"] = f"x{index}"
     spec = write_job(tmp_path, rows, model="sd15")
-    chunks = list(plan_chunks(validate_job(spec, REGISTRY), chunk_size=3))
-    # Full chunks leave as they fill; the partial one of each parameter group leaves at the end.
-    assert [[m.item.id for m in c.items] for c in chunks] == [
+    job, parts = parted(spec, chunk_size=3)
+    # Parts are manifest ranges; items with other parameters share them (a call groups them).
+    assert [[item.id for item, _ in part] for part in parts] == [
         ["x0", "x1", "x2"],
         ["x3", "x4", "x5"],
-        ["x7", "x8", "x9"],
-        ["x6"],
+        ["x6", "x7", "x8"],
+        ["x9"],
     ]
-    assert [c.params.strength for c in chunks] == [0.75, 0.75, 0.5, 0.75]
-    assert len({c.chunk_id for c in chunks}) == len(chunks)
-    assert all(c.stage.model.name == "sd15" and c.stage_index == 0 for c in chunks)
-    assert all(m.input.kind == "image" and m.input.uri == m.item.image for c in chunks for m in c.items)
+    assert [params.strength for _, params in parts[2]] == [0.75, 0.5, 0.5]
+    assert (job.total, job.chunk_size) == (10, 3)
 
 
 def test_duplicate_ids_count_toward_the_problem_limit(tmp_path: Path) -> None:

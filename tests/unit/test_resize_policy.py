@@ -3,14 +3,9 @@ resize stage honours it."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from PIL import Image
 
-from jobs.manifest import validate_job
-from jobs.plan import plan_chunks
-from jobs.registry import Registry
 from schemas.job import (
     Defaults,
     Img2ImgStage,
@@ -20,8 +15,10 @@ from schemas.job import (
     ResolvedParams,
     resolve_params,
 )
+from schemas.messages import ChunkItem, StageInput
 from schemas.registry import BUILTIN_MODELS, ResolvedModel
-from tests.helpers import stage_plan, write_job
+from tests.helpers import stage_plan
+from workers.engine import WorkItem, calls_of
 from workers.models import LoadedModel
 from workers.stages.common import StageBatch, to_pil
 from workers.stages.resize import run_resize
@@ -50,18 +47,28 @@ def test_resize_precedence_is_item_then_stage_then_defaults_then_crop() -> None:
     assert resolve_params(bare, resize, none) != resolve_params(own, resize, none)
 
 
-def test_items_with_different_policies_land_in_different_chunks(tmp_path: Path) -> None:
-    rows: list[dict[str, object]] = [
-        {"id": "a", "image": "a.png"},
-        {"id": "b", "image": "b.png", "resize": "pad"},
-        {"id": "c", "image": "c.png"},
-        {"id": "d", "image": "d.png", "resize": "crop"},
+def test_items_with_different_policies_go_to_different_calls() -> None:
+    """A chunk's items are grouped into pipeline calls by their parameters, in manifest order."""
+    rows = [
+        Item(id="a", image="a.png"),
+        Item(id="b", image="b.png", resize="pad"),
+        Item(id="c", image="c.png"),
+        Item(id="d", image="d.png", resize="crop"),
+        Item(id="e", image="e.png"),
     ]
-    spec = write_job(tmp_path, rows, stage={"type": "resize", "resize": "fit"}, defaults={"size": [16, 16]})
-    chunks = list(plan_chunks(validate_job(spec, Registry.load(None)), chunk_size=8))
-    grouped = {chunk.params.resize: [member.item.id for member in chunk.items] for chunk in chunks}
-    assert grouped == {"fit": ["a", "c"], "pad": ["b"], "crop": ["d"]}
-    assert len(chunks) == 3
+    stage, defaults = ResizeStage(type="resize", resize="fit"), Defaults(size=(16, 16))
+    work = [
+        WorkItem(
+            position=slot,
+            slot=slot,
+            member=ChunkItem(item=item, input=StageInput(kind="image", uri=item.image)),
+            params=resolve_params(item, stage, defaults),
+        )
+        for slot, item in enumerate(rows)
+    ]
+    calls = calls_of(work, size=2)
+    assert [[w.member.item.id for w in call] for call in calls] == [["a", "c"], ["e"], ["b"], ["d"]]
+    assert [call[0].params.resize for call in calls] == ["fit", "fit", "pad", "crop"]
 
 
 def run(policy: ResizePolicy, image: Image.Image) -> np.ndarray:

@@ -9,12 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.manifest import iter_items, validate_job
-from jobs.plan import plan_chunks
+from jobs.manifest import validate_job
 from jobs.registry import Registry
 from jobs.sources import item_id_for, list_images, write_listing_job
 from schemas.errors import ConfigError, SpecError
-from tests.helpers import write_image, write_job
+from tests.helpers import validated_parts, write_image, write_job
 
 REGISTRY = Registry.load(None)
 
@@ -38,10 +37,9 @@ def test_parquet_items_stream_with_row_numbers(tmp_path: Path) -> None:
     ]
     rows["image"][2] = "c.png"
     pq.write_table(pa.table(rows), tmp_path / "items.parquet", row_group_size=2)
-    job = validate_job(spec, REGISTRY)
+    job, parts = validated_parts(spec, REGISTRY)
     assert job.total == 3
-    members = [m for chunk in plan_chunks(job, 8) for m in chunk.items]
-    assert [(m.item.id, m.item.prompt, m.item.seed) for m in members] == [
+    assert [(item.id, item.prompt, item.seed) for part in parts for item in part] == [
         ("a", "x", 1),
         ("b", None, 2),
         ("c", "z", 3),
@@ -94,6 +92,6 @@ def test_listed_file_names_always_give_valid_item_ids(tmp_path: Path) -> None:
         write_image(tmp_path / "in" / name)
     spec = {"version": 1, "name": "listing", "output": str(tmp_path / "out"), "stages": [{"type": "resize"}]}
     path, count = write_listing_job(tmp_path / "job", str(tmp_path / "in" / "*"), spec, None)
-    job = validate_job(path, REGISTRY)  # a SpecError for the first four names before
-    ids = sorted(item.id for item, _ in iter_items(job))
+    _job, parts = validated_parts(path, REGISTRY)  # a SpecError for the first four names before
+    ids = sorted(item.id for part in parts for item in part)
     assert (count, ids) == (6, sorted(["DSC0001", "photo.final", "dataset-2", "results.jsonl-2", "x", "a"]))

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
 
 from jobs.broker import connect_redis
-from schemas.errors import ConfigError, StorageError
+from jobstate.storage import LocalStorage, S3Storage, check_key, open_storage
+from schemas.errors import ConfigError, StorageError, StorageRefusedError
 from schemas.settings import Settings, celery_config, redact_url
-from workers.storage import LocalStorage, S3Storage, check_key, open_storage
 
 
 def test_local_storage_round_trip(tmp_path: Path) -> None:
@@ -22,6 +24,31 @@ def test_local_storage_round_trip(tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "job-1" / "item").iterdir()] == [
         "s0-img2img.png"
     ]  # no temp file left
+
+
+def test_local_files_follow_the_umask_and_list_by_folder(tmp_path: Path) -> None:
+    storage = open_storage(str(tmp_path), "job")
+    previous = os.umask(0o027)
+    try:
+        storage.put("a/one.png", b"1", "image/png")
+        source = tmp_path / "source.txt"
+        source.write_text("x")
+        storage.put_file("results.jsonl", source, "application/x-ndjson")
+    finally:
+        os.umask(previous)
+    # Before, put wrote through mkstemp: 0600 whatever the umask, unlike every other file.
+    assert stat.S_IMODE((tmp_path / "job" / "a" / "one.png").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "job" / "results.jsonl").stat().st_mode) == 0o640
+    storage.put("a/two.png", b"2", "image/png")
+    assert storage.list("a") == ["a/one.png", "a/two.png"] and storage.list("nothing/here") == []
+
+
+def test_a_path_through_a_file_is_refused_for_good(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    storage = open_storage(str(tmp_path / "afile" / "sub"), "job")
+    with pytest.raises(StorageRefusedError, match="Not a directory") as caught:
+        storage.put("a/one.png", b"1", "image/png")
+    assert not caught.value.retryable
 
 
 def test_s3_storage_is_rooted_at_the_job_prefix() -> None:

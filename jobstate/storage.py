@@ -1,28 +1,49 @@
-"""Where outputs go: one small interface, a local-directory backend and an S3 backend.
+"""Where a job's files go: one small interface, a local-directory backend and an S3 backend.
 
 A Storage is rooted at one job's prefix ({output}/{job_id}); keys are relative to it and checked
-so that none escapes it. S3 settings come from boto3's own chain (AWS_ENDPOINT_URL, AWS_* keys,
+so that none escapes it. Outputs, results.jsonl and the report live there, and so do the job's
+parts (jobstate/parts.py). S3 settings come from boto3's own chain (AWS_ENDPOINT_URL, AWS_* keys,
 profiles, instance roles); we never read or store credentials ourselves.
+
+Errors are StorageError (retryable: the store may come back) or StorageRefusedError (the store
+refuses this for good: a path through a file, no permission, a bucket name S3 cannot have).
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import boto3
 from boto3.exceptions import S3UploadFailedError
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
-from schemas.errors import StorageError
+from schemas.errors import StorageError, StorageRefusedError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+
+# What a local file system says when no retry can help.
+PERMANENT_ERRNOS = frozenset(
+    {errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG, errno.EEXIST}
+)
+# What S3 says when no retry can help.
+PERMANENT_S3_ERRORS = frozenset(
+    {
+        "403",
+        "AccessDenied",
+        "InvalidBucketName",
+        "InvalidObjectState",
+        "KeyTooLongError",
+        "NoSuchBucket",
+    }
+)
 
 
 class Storage(Protocol):
@@ -36,6 +57,9 @@ class Storage(Protocol):
     def get(self, key: str) -> bytes: ...
 
     def exists(self, key: str) -> bool: ...
+
+    def list(self, prefix: str) -> list[str]:
+        """The keys of the files directly under the folder `prefix` (a key), sorted; none if it is absent."""
 
     def delete(self, key: str) -> None:
         """Remove key; a missing key is not an error."""
@@ -52,10 +76,17 @@ def check_key(key: str) -> str:
         or "\x00" in key
         or any(p in ("", ".", "..") for p in parts)
     ):
-        raise StorageError(
+        raise StorageRefusedError(
             f"refusing storage key {key!r}: keys are relative and stay inside the job's prefix"
         )
     return key
+
+
+def _local_error(action: str, path: Path, exc: OSError) -> StorageError:
+    reason = exc.strerror or str(exc)
+    if exc.errno in PERMANENT_ERRNOS:
+        return StorageRefusedError(f"cannot {action} {path}: {reason}")
+    return StorageError(f"cannot {action} {path}: {reason}")
 
 
 class LocalStorage:
@@ -72,42 +103,69 @@ class LocalStorage:
     def put(self, key: str, data: bytes, content_type: str) -> str:
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # Write then rename, so a reader never sees half a file. mkstemp rather than
-            # NamedTemporaryFile: the same unique name for half the cost, which counts for small images.
-            handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            with open(handle, "wb") as file:
+            with _Replacing(path) as tmp, open(tmp, "wb") as file:
                 file.write(data)
-            os.replace(tmp, path)
         except OSError as exc:
-            raise StorageError(f"cannot write {path}: {exc.strerror}") from None
+            raise _local_error("write", path, exc) from None
         return str(path)
 
     def put_file(self, key: str, path: Path, content_type: str) -> str:
         target = self._path(key)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".tmp-{target.name}")
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, target)
+            with _Replacing(target) as tmp:
+                shutil.copyfile(path, tmp)
         except OSError as exc:
-            raise StorageError(f"cannot write {target}: {exc.strerror}") from None
+            raise _local_error("write", target, exc) from None
         return str(target)
 
     def get(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
         except OSError as exc:
-            raise StorageError(f"cannot read {self._path(key)}: {exc.strerror}") from None
+            raise _local_error("read", self._path(key), exc) from None
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def list(self, prefix: str) -> list[str]:
+        folder = self._path(prefix)
+        try:
+            with os.scandir(folder) as entries:
+                names = [
+                    entry.name for entry in entries if entry.is_file() and not entry.name.startswith(".")
+                ]
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise _local_error("list", folder, exc) from None
+        return [f"{prefix}/{name}" for name in sorted(names)]
 
     def delete(self, key: str) -> None:
         try:
             self._path(key).unlink(missing_ok=True)
         except OSError as exc:
-            raise StorageError(f"cannot delete {self._path(key)}: {exc.strerror}") from None
+            raise _local_error("delete", self._path(key), exc) from None
+
+
+class _Replacing:
+    """A temporary name beside `path`, renamed over it on success, so a reader never sees half a
+    file; removed on failure. Created with os.open's default mode, so the file follows the umask
+    as any other file the user writes (mkstemp's would be 0600)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = path.with_name(f".tmp-{secrets.token_hex(6)}-{path.name}"[:255])
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        return self.tmp
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
 
 
 @functools.cache
@@ -132,6 +190,21 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+def _s3_error(action: str, uri: str, exc: Exception) -> StorageError:
+    if isinstance(exc, ParamValidationError):
+        return StorageRefusedError(f"cannot {action} {uri}: {exc}")
+    # upload_file keeps only the text of its last ClientError, the code among it.
+    if isinstance(exc, ClientError):
+        refused = exc.response.get("Error", {}).get("Code") in PERMANENT_S3_ERRORS
+    else:
+        refused = isinstance(exc, S3UploadFailedError) and any(
+            f"({code})" in str(exc) for code in PERMANENT_S3_ERRORS
+        )
+    if refused:
+        return StorageRefusedError(f"cannot {action} {uri}: {exc}")
+    return StorageError(f"cannot {action} {uri}: {exc}")
+
+
 class S3Storage:
     def __init__(self, bucket: str, prefix: str) -> None:
         self.bucket = bucket
@@ -150,7 +223,7 @@ class S3Storage:
                 Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type
             )
         except (BotoCoreError, ClientError) as exc:
-            raise StorageError(f"cannot write {self.uri(key)}: {exc}") from None
+            raise _s3_error("write", self.uri(key), exc) from None
         return self.uri(key)
 
     def put_file(self, key: str, path: Path, content_type: str) -> str:
@@ -160,21 +233,35 @@ class S3Storage:
             )
         # upload_file wraps the ClientError of its last attempt in S3UploadFailedError (boto3's own).
         except (BotoCoreError, ClientError, S3UploadFailedError) as exc:
-            raise StorageError(f"cannot write {self.uri(key)}: {exc}") from None
+            raise _s3_error("write", self.uri(key), exc) from None
         return self.uri(key)
 
     def get(self, key: str) -> bytes:
         try:
             body: bytes = s3_client().get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
         except (BotoCoreError, ClientError) as exc:
-            raise StorageError(f"cannot read {self.uri(key)}: {exc}") from None
+            raise _s3_error("read", self.uri(key), exc) from None
         return body
+
+    def list(self, prefix: str) -> list[str]:
+        folder = f"{self._key(prefix)}/"
+        names: list[str] = []
+        try:
+            for page in (
+                s3_client()
+                .get_paginator("list_objects_v2")
+                .paginate(Bucket=self.bucket, Prefix=folder, Delimiter="/")
+            ):
+                names += [obj["Key"][len(folder) :] for obj in page.get("Contents", [])]
+        except (BotoCoreError, ClientError) as exc:
+            raise _s3_error("list", f"s3://{self.bucket}/{folder}", exc) from None
+        return [f"{prefix}/{name}" for name in sorted(names)]
 
     def delete(self, key: str) -> None:
         try:
             s3_client().delete_object(Bucket=self.bucket, Key=self._key(key))
         except (BotoCoreError, ClientError) as exc:
-            raise StorageError(f"cannot delete {self.uri(key)}: {exc}") from None
+            raise _s3_error("delete", self.uri(key), exc) from None
 
     def exists(self, key: str) -> bool:
         try:
@@ -182,9 +269,9 @@ class S3Storage:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return False
-            raise StorageError(f"cannot read {self.uri(key)}: {exc}") from None
+            raise _s3_error("read", self.uri(key), exc) from None
         except BotoCoreError as exc:
-            raise StorageError(f"cannot read {self.uri(key)}: {exc}") from None
+            raise _s3_error("read", self.uri(key), exc) from None
         return True
 
 

@@ -1,0 +1,136 @@
+"""Running the workers' own chunk code in the test process, against a real Redis: a job created
+through jobstate.seed (the same parts and state `imgjobs submit` makes), chunks run by
+workers.chunk.process_chunk, handed-over chunks collected, and the job's end written in-process
+when it is due."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from jobstate.meta import JobMeta
+from jobstate.seed import seed_job
+from jobstate.storage import Storage, open_storage
+from jobstate.store import JobStore
+from schemas.job import Defaults, Item, ResolvedParams
+from schemas.messages import Chunk, ItemResult, JobEnd, StagePlan
+from schemas.registry import BUILTIN_MODELS, ResolvedModel
+from schemas.settings import Settings
+from tests.helpers import stage_plan
+from workers.chunk import ChunkContext, process_chunk
+from workers.job_end import EndContext, end_job
+from workers.models import LoadedModel
+
+CPU = ResolvedModel(name="cpu", entry=BUILTIN_MODELS["cpu"])
+PARAMS = ResolvedParams(size=(16, 16))
+
+
+def resize_recipe(stages: int = 1, model: ResolvedModel = CPU) -> list[StagePlan]:
+    """`stages` resize stages on the cpu model, each handing its image to the next."""
+    return [
+        stage_plan(
+            {"type": "resize"},
+            model,
+            index=index,
+            handover="image" if index < stages - 1 else "none",
+            save=() if index < stages - 1 else ("image",),
+        )
+        for index in range(stages)
+    ]
+
+
+@dataclass
+class Harness:
+    """One job and the context its chunks run in; `sent` collects the chunks handed to next stages,
+    `ends` the job's ends sent (written at once unless `write_ends` is off)."""
+
+    client: redis.Redis
+    store: JobStore
+    meta: JobMeta
+    chunks: list[Chunk]
+    model: LoadedModel
+    settings: Settings
+    storage_for: Callable[[str, str], Storage]
+    write_ends: bool = True
+    sent: list[Chunk] = field(default_factory=list)
+    ends: list[JobEnd] = field(default_factory=list)
+
+    @property
+    def ctx(self) -> ChunkContext:
+        return ChunkContext(
+            model=self.model,
+            settings=self.settings,
+            store=self.store,
+            send_chunk=lambda chunk, _queue: self.sent.append(chunk),
+            send_end=self._send_end,
+            open_storage=self.storage_for,
+        )
+
+    @property
+    def end_ctx(self) -> EndContext:
+        return EndContext(store=self.store, settings=self.settings, open_storage=self.storage_for)
+
+    def _send_end(self, end: JobEnd) -> None:
+        self.ends.append(end)
+        if self.write_ends:
+            end_job(end, self.end_ctx, token=f"end-{len(self.ends)}")
+
+    def run(self, chunk: Chunk, retries: int = 0, may_retry: bool = False) -> None:
+        process_chunk(chunk, self.ctx, retries, may_retry)
+
+    def run_all(self) -> None:
+        """Every first-stage chunk, then every chunk handed on, until none is left."""
+        for chunk in self.chunks:
+            self.run(chunk)
+        while self.sent:
+            self.run(self.sent.pop(0))
+
+    @property
+    def job_dir(self) -> Path:
+        return Path(self.meta.output) / self.meta.job_id
+
+    def results(self) -> dict[str, ItemResult]:
+        lines = (self.job_dir / "results.jsonl").read_text().splitlines()
+        return {result.id: result for result in map(ItemResult.model_validate_json, lines)}
+
+
+def harness(
+    client: redis.Redis,
+    items: Sequence[Item],
+    output: Path,
+    *,
+    recipe: Sequence[StagePlan] | None = None,
+    model: LoadedModel | None = None,
+    settings: Settings | None = None,
+    storage: Storage | None = None,
+    job_id: str = "job",
+    chunk_size: int | None = None,
+    defaults: Defaults | None = None,
+) -> Harness:
+    """A job of `items` (absolute paths) on Redis and in `output`; the cpu model's resize stage unless
+    `recipe` says otherwise. `storage` replaces the job's storage everywhere (to inject faults)."""
+    storage_for: Callable[[str, str], Storage] = (
+        open_storage if storage is None else (lambda _output, _job_id: storage)
+    )
+    seeded = seed_job(
+        client,
+        items,
+        recipe or resize_recipe(),
+        str(output),
+        job_id=job_id,
+        chunk_size=chunk_size,
+        defaults=defaults or Defaults(size=PARAMS.size),
+        storage_for=storage_for,
+    )
+    return Harness(
+        client=client,
+        store=JobStore(client),
+        meta=seeded.meta,
+        chunks=seeded.chunks,
+        model=model or LoadedModel("cpu", CPU.entry),
+        settings=settings or Settings(),
+        storage_for=storage_for,
+    )

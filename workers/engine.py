@@ -1,0 +1,379 @@
+"""The pipelined batch engine: one stage over a list of items, as batched pipeline calls of the
+model's batch size, with no Celery and no Redis. What it makes goes to a Sink: finished items (with
+their ItemResult) and items for the next stage (with what they carry there).
+
+Items are grouped into calls by their stage parameters (a call needs equal steps, strength, size,
+...), in their order. While the pipeline runs one call, a thread pool (IMGJOBS_IO_THREADS) fetches
+and decodes the inputs of the next ones and encodes and writes the outputs of the last one, so the
+accelerator does not wait on storage; each call's items reach the sink as soon as their outputs are
+written. A bad item fails alone: its error reaches the sink and the others go on. Errors that may
+pass (StorageError) propagate so the chunk can run again; what was written before is handed to the
+sink first, so it is not done twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, TypeVar
+
+import torch
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from jobstate.parts import CarriedItem
+from jobstate.storage import Storage
+from schemas.errors import ImgjobsError, InputImageError, ItemError, StageError
+from schemas.job import (
+    Defaults,
+    Img2ImgStage,
+    ResizeStage,
+    ResolvedParams,
+    resolve_negative_prompt,
+    resolve_prompt,
+    resolve_seed,
+)
+from schemas.messages import ChunkItem, ItemResult, StageInput, StagePlan, StageRecord, item_result
+from schemas.settings import Settings
+from workers.events import ChunkInfo, emit
+from workers.imageio import encode_image, fetch_bytes, load_input
+from workers.models import LoadedModel
+from workers.stages.common import StageBatch, StageOutput, run_static, to_pil
+from workers.stages.img2img import run_img2img
+from workers.stages.resize import run_resize
+from workers.stages.text2img import run_text2img
+from workers.stages.upscale import run_upscale
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+STAGES = {"img2img": run_img2img, "text2img": run_text2img, "upscale": run_upscale, "resize": run_resize}
+DATASET_DIR = "dataset"
+LATENT_TENSOR = "latent"
+LOOKAHEAD = 2  # calls whose inputs are fetched, or outputs written, while the pipeline runs
+GPU_IO_THREADS = 4
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One item at this stage: where it stands in the job (position, and slot in its part), what the
+    stage reads, and its parameters here."""
+
+    position: int
+    slot: int
+    member: ChunkItem
+    params: ResolvedParams
+
+
+@dataclass(frozen=True)
+class StageJob:
+    """What the engine needs of the job: its stages, defaults, and whether it writes a dataset."""
+
+    recipe: tuple[StagePlan, ...]
+    defaults: Defaults
+    dataset: bool
+
+
+class Sink(Protocol):
+    def finished(self, done: Sequence[tuple[WorkItem, ItemResult]]) -> None:
+        """Items that ended at this stage, succeeded (their outputs written) or failed."""
+
+    def handed(self, onward: Sequence[tuple[WorkItem, CarriedItem]]) -> None:
+        """Items whose next stage's input is written."""
+
+    def should_stop(self) -> bool:
+        """Asked before each call after the first: True stops the run there (a cancel)."""
+
+
+def output_key(item_id: str, plan: StagePlan, kind: Literal["image", "latent"]) -> str:
+    return f"{item_id}/{plan.name}.{plan.image_format if kind == 'image' else 'safetensors'}"
+
+
+def output_name(plan: StagePlan, kind: Literal["image", "latent"]) -> str:
+    return plan.name if kind == "image" else f"{plan.name}.latent"
+
+
+@dataclass
+class _Prepared:
+    work: WorkItem
+    image: Image.Image | None = None
+    latent: torch.Tensor | None = None
+    control: Image.Image | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    written: dict[str, str] = field(default_factory=dict)
+
+
+class _InLine:
+    """Runs each task as it is submitted. For a model on the CPU: there the stage itself needs the CPU
+    (and the interpreter lock), so I/O threads would only take turns with it."""
+
+    def submit(self, task: Callable[..., T], *args: Any) -> Future[T]:
+        future: Future[T] = Future()
+        try:
+            future.set_result(task(*args))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
+def calls_of(items: Sequence[WorkItem], size: int) -> list[list[WorkItem]]:
+    """Items as pipeline calls of up to `size`: items with equal parameters together, in order."""
+    groups: dict[ResolvedParams, list[WorkItem]] = {}
+    for work in items:
+        groups.setdefault(work.params, []).append(work)
+    return [group[start : start + size] for group in groups.values() for start in range(0, len(group), size)]
+
+
+class StageEngine:
+    """Runs one stage of a job on the worker's resident model."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        settings: Settings,
+        storage: Storage,
+        job: StageJob,
+        stage_index: int,
+        info: ChunkInfo,
+    ) -> None:
+        self.model = model
+        self.settings = settings
+        self.storage = storage
+        self.job = job
+        self.stage_index = stage_index
+        self.plan = job.recipe[stage_index]
+        self.is_last = stage_index == len(job.recipe) - 1
+        self.info = info
+        self.busy_s = 0.0
+
+    # -- the stage
+
+    def run(self, items: Sequence[WorkItem], sink: Sink) -> None:
+        calls = calls_of(items, self.model.entry.batch_size)
+        pool = self._io_pool()
+        # On threads, the inputs of the next LOOKAHEAD calls are fetched while a call runs: enough to
+        # keep the pipeline fed, while a chunk of large images is never all in memory at once. In line,
+        # fetching ahead would overlap nothing and only hold more images.
+        ahead = 0 if isinstance(pool, _InLine) else LOOKAHEAD
+        writing: deque[Future[list[_Prepared]]] = deque()
+        try:
+            loading = deque([self._load_all(pool, call) for call in calls[: ahead + 1]])
+            for index in range(len(calls)):
+                if index and sink.should_stop():
+                    break
+                ready = self._collect(loading.popleft(), sink)
+                output = self._infer(ready, sink) if ready else None
+                if index + ahead + 1 < len(calls):
+                    loading.append(self._load_all(pool, calls[index + ahead + 1]))
+                if output is not None:
+                    writing.append(pool.submit(self._write_all, ready, output))
+                while writing and (writing[0].done() or len(writing) > LOOKAHEAD):
+                    self._complete(writing.popleft().result(), sink)
+            while writing:
+                self._complete(writing.popleft().result(), sink)
+        except BaseException:
+            # The chunk will run again (retry or redelivery): record what is already written, and drop
+            # the fetches not started rather than wait for them (a time limit may be what stopped us).
+            pool.shutdown(wait=False, cancel_futures=True)
+            self._salvage(writing, sink)
+            raise
+        pool.shutdown()
+
+    def _salvage(self, writing: deque[Future[list[_Prepared]]], sink: Sink) -> None:
+        """Record the calls whose outputs were written before the run stopped, so that the chunk's next
+        run skips them; best effort, since what stopped the run may stop this too."""
+        try:
+            while writing and writing[0].done() and not writing[0].cancelled() and not writing[0].exception():
+                self._complete(writing.popleft().result(), sink)
+        except Exception:
+            log.warning("chunk %s: could not record every written item", self.info.chunk_id, exc_info=True)
+
+    def _io_pool(self) -> ThreadPoolExecutor | _InLine:
+        threads = self.settings.io_threads
+        if threads is None:
+            threads = 0 if self.model.device == "cpu" else GPU_IO_THREADS
+        if threads == 0:
+            return _InLine()
+        return ThreadPoolExecutor(threads, thread_name_prefix="imgjobs-io")
+
+    # -- results
+
+    def _record(self, timings: dict[str, float], params: ResolvedParams) -> StageRecord:
+        return StageRecord(
+            name=self.plan.name,
+            model=self.plan.model.name,
+            params=params,
+            timings={phase: round(seconds, 4) for phase, seconds in timings.items()},
+        )
+
+    def result(
+        self,
+        work: WorkItem,
+        records: list[StageRecord],
+        outputs: dict[str, str],
+        error: ImgjobsError | None = None,
+    ) -> ItemResult:
+        return item_result(
+            work.member.item, self.job.defaults, self.plan, work.params, records, outputs, error
+        )
+
+    def failed(
+        self, work: WorkItem, error: ImgjobsError, timings: dict[str, float] | None = None
+    ) -> ItemResult:
+        records = [*work.member.stages, self._record(timings or {}, work.params)]
+        return self.result(work, records, dict(work.member.outputs), error)
+
+    # -- inputs
+
+    def load(self, work: WorkItem) -> _Prepared:
+        """Fetch and decode one item's inputs (on an I/O thread, or in line)."""
+        started = time.perf_counter()
+        prepared = _Prepared(work)
+        source = work.member.input
+        if source.kind == "image" and source.uri:
+            # The first stage fits inputs to the job's size; later stages take what the previous made.
+            size = work.params.size if self.stage_index == 0 else None
+            prepared.image = load_input(source.uri, size, self.settings, work.params.resize)
+        elif source.kind == "latent" and source.uri:
+            try:
+                prepared.latent = load_safetensors(fetch_bytes(source.uri, self.settings))[LATENT_TENSOR]
+            except (KeyError, ValueError, RuntimeError, SafetensorError) as exc:
+                raise InputImageError(f"{source.uri}: not a latent file: {exc}") from None
+        spec = self.plan.spec
+        if isinstance(spec, Img2ImgStage) and spec.controlnet:
+            prepared.control = self._control_image(work, prepared.image)
+        prepared.timings["fetch_s"] = time.perf_counter() - started
+        return prepared
+
+    def _control_image(self, work: WorkItem, image: Image.Image | None) -> Image.Image:
+        if image is None:
+            raise InputImageError("a ControlNet stage needs an input image")
+        if work.member.item.control_image:
+            return load_input(work.member.item.control_image, image.size, self.settings, work.params.resize)
+        if self.plan.depth_model is None:
+            raise InputImageError("this stage needs a control_image for each item (or control: depth)")
+        depth = self.model.estimate_depth(self.plan.depth_model, image)
+        return depth.convert("RGB").resize(image.size, Image.Resampling.BICUBIC)
+
+    def _load_all(
+        self, pool: ThreadPoolExecutor | _InLine, call: list[WorkItem]
+    ) -> list[tuple[WorkItem, Future[_Prepared]]]:
+        return [(work, pool.submit(self.load, work)) for work in call]
+
+    def _collect(self, loads: list[tuple[WorkItem, Future[_Prepared]]], sink: Sink) -> list[_Prepared]:
+        """The call's loaded items; those whose input was bad fail, alone."""
+        ready = []
+        for work, future in loads:
+            try:
+                ready.append(future.result())
+            except ItemError as exc:
+                sink.finished([(work, self.failed(work, exc))])
+        return ready
+
+    # -- the call
+
+    def _infer(self, ready: list[_Prepared], sink: Sink) -> StageOutput | None:
+        spec, defaults = self.plan.spec, self.job.defaults
+        params = ready[0].work.params
+        items = [prepared.work.member.item for prepared in ready]
+        images = [p.image for p in ready if p.image is not None]
+        latents = [p.latent for p in ready if p.latent is not None]
+        controls = [p.control for p in ready if p.control is not None]
+        batch = StageBatch(
+            prompts=[resolve_prompt(item, spec, defaults) for item in items],
+            negative_prompts=[resolve_negative_prompt(item, spec, defaults) for item in items],
+            seeds=[resolve_seed(item, defaults) for item in items],
+            images=images or None,
+            latents=torch.stack(latents) if latents else None,
+            control_images=controls or None,
+        )
+        started = time.perf_counter()
+        error: StageError | None = None
+        run_stage = STAGES[spec.type]
+
+        def run(piece: StageBatch) -> StageOutput:
+            return run_stage(
+                self.model,
+                self.plan,
+                params,
+                piece,
+                want_images="image" in self.plan.writes,
+                want_latents="latent" in self.plan.writes,
+            )
+
+        try:
+            # static_batch: calls of one batch size (padded or split), so compiled code sees one shape.
+            output = run_static(run, batch, self.model.entry.static_batch)
+        except StageError as exc:
+            error = exc
+        except (ValueError, TypeError, RuntimeError) as exc:
+            # The pipeline refused these inputs; the message is diffusers' own.
+            error = StageError(f"{type(exc).__name__}: {exc}")
+        busy_s = time.perf_counter() - started
+        self.busy_s += busy_s
+        emit.call_done(self.info, len(ready), busy_s)
+        for prepared in ready:
+            prepared.timings["infer_s"] = busy_s / len(ready)
+        if error is not None:
+            sink.finished([(p.work, self.failed(p.work, error, p.timings)) for p in ready])
+            return None
+        return output
+
+    # -- outputs
+
+    def _write_all(self, ready: list[_Prepared], output: StageOutput) -> list[_Prepared]:
+        """On an I/O thread: encode and write one call's outputs."""
+        for index, prepared in enumerate(ready):
+            started = time.perf_counter()
+            prepared.written = self._write(prepared.work.member.item.id, output, index)
+            prepared.timings["write_s"] = time.perf_counter() - started
+        return ready
+
+    def _write(self, item_id: str, output: StageOutput, index: int) -> dict[str, str]:
+        written: dict[str, str] = {}
+        if "image" in self.plan.writes and output.images is not None:
+            spec, image_format = self.plan.spec, self.plan.image_format
+            quality = spec.quality if isinstance(spec, ResizeStage) else None
+            data = encode_image(to_pil(output.images[index]), image_format, quality)
+            key = output_key(item_id, self.plan, "image")
+            written["image"] = self.storage.put(key, data, f"image/{image_format}")
+            if self.job.dataset and self.is_last:
+                self.storage.put(f"{DATASET_DIR}/{item_id}.{image_format}", data, f"image/{image_format}")
+        if "latent" in self.plan.writes and output.latents is not None:
+            data = save_safetensors({LATENT_TENSOR: output.latents[index].contiguous()})
+            key = output_key(item_id, self.plan, "latent")
+            written["latent"] = self.storage.put(key, data, "application/octet-stream")
+        return written
+
+    def _complete(self, written: list[_Prepared], sink: Sink) -> None:
+        """One call's items, written: finished here (the last stage) or on to the next stage."""
+        finished: list[tuple[WorkItem, ItemResult]] = []
+        onward: list[tuple[WorkItem, CarriedItem]] = []
+        for prepared in written:
+            work = prepared.work
+            records = [*work.member.stages, self._record(prepared.timings, work.params)]
+            outputs = dict(work.member.outputs)
+            outputs.update({output_name(self.plan, kind): prepared.written[kind] for kind in self.plan.save})
+            if self.is_last:
+                finished.append((work, self.result(work, records, outputs)))
+                continue
+            carried = CarriedItem(
+                slot=work.slot,
+                input=StageInput(kind=self.plan.handover, uri=prepared.written[self.plan.handover]),
+                outputs=outputs,
+                stages=records,
+            )
+            onward.append((work, carried))
+        if finished:
+            sink.finished(finished)
+        if onward:
+            sink.handed(onward)

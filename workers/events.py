@@ -1,0 +1,122 @@
+"""What the chunk engine and the job's end report as they run: hooks that listeners subscribe to.
+
+workers/observability.py turns them into metrics and log lines in every worker; tests and
+benchmarks subscribe their own listeners to see what happened, instead of reading logs or
+reaching into the engine:
+
+    with subscribed(listener):
+        ...   # every event raised in this process meanwhile reaches listener
+
+A listener subclasses EngineEvents and overrides the hooks it wants; each hook runs in the thread
+that raised the event, and an exception in a listener is logged, never raised into the work.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from schemas.messages import ItemResult, StageRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    job_id: str
+    chunk_id: str
+    model: str
+    stage: str  # s0-img2img, ...
+    items: int  # items this run of the chunk works on (those finished before are skipped)
+    delivery: int
+
+
+class EngineEvents:
+    """Every hook, doing nothing."""
+
+    def chunk_started(self, chunk: ChunkInfo) -> None:
+        """The chunk runs `chunk.items` items."""
+
+    def call_done(self, chunk: ChunkInfo, items: int, busy_s: float) -> None:
+        """One pipeline call of `items` items took `busy_s` seconds."""
+
+    def items_finished(self, chunk: ChunkInfo, results: Sequence[ItemResult]) -> None:
+        """Items recorded as finished (succeeded or failed) by this chunk, now."""
+
+    def items_handed_over(self, chunk: ChunkInfo, records: Sequence[StageRecord]) -> None:
+        """Items handed to the next stage, one record of this stage each."""
+
+    def chunk_done(self, chunk: ChunkInfo, elapsed_s: float, busy_s: float) -> None:
+        """The chunk's run ended after `elapsed_s`, `busy_s` of them inside pipeline calls."""
+
+    def chunk_retried(self, chunk_id: str, error: Exception, countdown_s: float) -> None:
+        """The chunk stopped on a retryable error and runs again in `countdown_s` seconds."""
+
+    def job_ended(self, job_id: str, seconds: float, error: str | None) -> None:
+        """The job's end (results.jsonl, the report) was written, or failed for good with `error`."""
+
+
+_listeners: list[EngineEvents] = []
+_lock = threading.Lock()
+
+
+def subscribe(listener: EngineEvents) -> None:
+    with _lock:
+        _listeners.append(listener)
+
+
+def unsubscribe(listener: EngineEvents) -> None:
+    with _lock:
+        if listener in _listeners:
+            _listeners.remove(listener)
+
+
+@contextmanager
+def subscribed(listener: EngineEvents) -> Iterator[EngineEvents]:
+    subscribe(listener)
+    try:
+        yield listener
+    finally:
+        unsubscribe(listener)
+
+
+def _each(call: Callable[[EngineEvents], None]) -> None:
+    with _lock:
+        listeners = list(_listeners)
+    for listener in listeners:
+        try:
+            call(listener)
+        except Exception:
+            log.exception("event listener %s failed", type(listener).__name__)
+
+
+class _Broadcast(EngineEvents):
+    """Raises each event at every listener subscribed."""
+
+    def chunk_started(self, chunk: ChunkInfo) -> None:
+        _each(lambda listener: listener.chunk_started(chunk))
+
+    def call_done(self, chunk: ChunkInfo, items: int, busy_s: float) -> None:
+        _each(lambda listener: listener.call_done(chunk, items, busy_s))
+
+    def items_finished(self, chunk: ChunkInfo, results: Sequence[ItemResult]) -> None:
+        _each(lambda listener: listener.items_finished(chunk, results))
+
+    def items_handed_over(self, chunk: ChunkInfo, records: Sequence[StageRecord]) -> None:
+        _each(lambda listener: listener.items_handed_over(chunk, records))
+
+    def chunk_done(self, chunk: ChunkInfo, elapsed_s: float, busy_s: float) -> None:
+        _each(lambda listener: listener.chunk_done(chunk, elapsed_s, busy_s))
+
+    def chunk_retried(self, chunk_id: str, error: Exception, countdown_s: float) -> None:
+        _each(lambda listener: listener.chunk_retried(chunk_id, error, countdown_s))
+
+    def job_ended(self, job_id: str, seconds: float, error: str | None) -> None:
+        _each(lambda listener: listener.job_ended(job_id, seconds, error))
+
+
+# What the engine, the recorder, the tasks and the job's end raise their events on.
+emit = _Broadcast()

@@ -1,0 +1,142 @@
+"""The job's end, as a task of its own on a CPU worker: results.jsonl (manifest order, one line per
+item), the dataset's metadata.jsonl when asked for, and report.html, made from the job's parts; then
+the job is finished.
+
+The chunk whose end left no work in flight sends the end (JobEnd); more than one may be sent, and
+a redelivered one runs again, but the claim in jobstate lets one task per round write it. A
+permanent error marks the job failed with its reason at once; a retryable one (storage away) is
+retried by the task, then marks the job failed too: nothing leaves a job running for ever.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobstate.meta import JobMeta
+from jobstate.parts import JobParts
+from jobstate.results import part_results
+from jobstate.storage import Storage, open_storage
+from jobstate.store import JobStore
+from schemas.errors import ImgjobsError, UnknownJobError
+from schemas.messages import ItemResult, JobEnd
+from schemas.settings import Settings
+from workers.engine import DATASET_DIR
+from workers.events import emit
+from workers.report import MAX_ITEMS as REPORT_MAX_ITEMS
+from workers.report import render_report
+
+log = logging.getLogger(__name__)
+
+RESULTS_KEY = "results.jsonl"
+REPORT_KEY = "report.html"
+
+
+@dataclass(frozen=True)
+class EndContext:
+    store: JobStore
+    settings: Settings
+    open_storage: Callable[[str, str], Storage] = open_storage
+
+
+class RetryEnd(Exception):
+    def __init__(self, error: ImgjobsError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def end_job(end: JobEnd, ctx: EndContext, token: str, may_retry: bool = False) -> str:
+    """Write the job's end if this task holds its claim; returns what happened ('finished', 'failed',
+    or why nothing was done). With `may_retry`, a retryable error raises RetryEnd."""
+    try:
+        meta = ctx.store.meta(end.job_id)
+    except UnknownJobError:
+        return "unknown"
+    if meta.run_id != end.run_id:
+        return "unknown"
+    claim = ctx.store.claim_end(meta, end.round, token)
+    if claim != "run":
+        log.info("job %s: end of round %d not written here: %s", end.job_id, end.round, claim)
+        return claim
+    started = time.perf_counter()
+    try:
+        results_uri, report_uri = write_end(meta, ctx)
+    except ImgjobsError as exc:
+        if exc.retryable and may_retry:
+            raise RetryEnd(exc) from exc
+        return _failed(meta, end, ctx, token, f"{type(exc).__name__}: {exc}", started)
+    except Exception as exc:
+        log.exception("job %s: unexpected error writing its end", end.job_id)
+        return _failed(meta, end, ctx, token, f"{type(exc).__name__}: {exc}", started)
+    if not ctx.store.finish_job(meta, end.round, token, results_uri, report_uri):
+        log.info("job %s: reopened while its end was written; the next end rewrites it", end.job_id)
+        return "stale"
+    seconds = time.perf_counter() - started
+    log.info("job %s finished in %.1f s of end; results at %s", end.job_id, seconds, results_uri)
+    emit.job_ended(end.job_id, seconds, None)
+    return "finished"
+
+
+def _failed(meta: JobMeta, end: JobEnd, ctx: EndContext, token: str, reason: str, started: float) -> str:
+    log.error("job %s: its end could not be written: %s", end.job_id, reason)
+    ctx.store.finish_job(meta, end.round, token, error=f"the job's end could not be written: {reason}")
+    emit.job_ended(end.job_id, time.perf_counter() - started, reason)
+    return "failed"
+
+
+def write_end(meta: JobMeta, ctx: EndContext) -> tuple[str, str]:
+    """results.jsonl, the dataset's metadata and the report; returns the URIs of the first and last."""
+    storage = ctx.open_storage(meta.output, meta.job_id)
+    parts = JobParts(storage, meta.run_id)
+    bits = ctx.store.bits(meta)
+    shown: list[ItemResult] = []
+    last = meta.recipe[-1]
+    with tempfile.TemporaryDirectory(prefix="imgjobs-end-") as tmp:
+        results_path, dataset_path = Path(tmp) / RESULTS_KEY, Path(tmp) / "metadata.jsonl"
+        with (
+            results_path.open("w", encoding="utf-8") as out,
+            dataset_path.open("w", encoding="utf-8") as rows,
+        ):
+            for part in range(meta.parts):
+                for line in part_results(meta, parts, bits, part):
+                    out.write(line.line + "\n")
+                    needed = len(shown) < REPORT_MAX_ITEMS or (meta.spec.dataset and not line.failed)
+                    result = ItemResult.model_validate_json(line.line) if needed else None
+                    if result is not None and len(shown) < REPORT_MAX_ITEMS:
+                        shown.append(result)
+                    if result is not None and meta.spec.dataset and result.status == "succeeded":
+                        rows.write(json.dumps(_dataset_row(result, last.image_format)) + "\n")
+        results_uri = storage.put_file(RESULTS_KEY, results_path, "application/x-ndjson")
+        if meta.spec.dataset:
+            storage.put_file(f"{DATASET_DIR}/metadata.jsonl", dataset_path, "application/x-ndjson")
+    report = render_report(meta.job_id, shown, meta.total, ctx.settings)
+    report_uri = storage.put(REPORT_KEY, report.encode(), "text/html; charset=utf-8")
+    return results_uri, report_uri
+
+
+def _dataset_row(result: ItemResult, image_format: str) -> dict[str, object]:
+    """metadata.jsonl's row, in the layout the `datasets` imagefolder loader reads."""
+    return {
+        "file_name": f"{result.id}.{image_format}",
+        "id": result.id,
+        "prompt": result.prompt,
+        "seed": result.seed,
+        "model": result.model,
+        "source": result.image,
+    }
+
+
+def run_end_here(ctx: EndContext) -> Callable[[JobEnd], None]:
+    """A send_end that writes the end at once, in this process: for tests and benchmarks that run
+    chunks without Celery."""
+    counter = iter(range(1 << 62))
+
+    def send_end(end: JobEnd) -> None:
+        end_job(end, ctx, token=f"here-{next(counter)}")
+
+    return send_end

@@ -1,0 +1,144 @@
+"""Recording what one run of a chunk made: finished items into a results part and then done in
+Redis; items for the next stage into a carry part, the next stage's chunk, and then handed over.
+
+The order is what keeps work from being lost or done twice: a result is in storage before its item
+counts as done, and a handover is queued before its items count as handed over. A crash in between
+runs the items again at this stage, and the rows or chunks that repeat are passed over (the latest
+attempt's row wins; the next stage skips items it finished).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+
+from jobstate.bits import mask
+from jobstate.meta import JobMeta
+from jobstate.parts import Attempt, CarriedItem, JobParts
+from jobstate.storage import Storage
+from jobstate.store import JobStore
+from schemas.errors import StorageError
+from schemas.messages import Chunk, ItemResult
+from workers.engine import WorkItem, output_key
+from workers.events import ChunkInfo, emit
+
+log = logging.getLogger(__name__)
+
+
+def _digest(slots: Sequence[int]) -> str:
+    """Names what a handover carries by its items. A run stopped part-way (a storage outage) hands
+    over what it finished, and its retry the rest: these must not share a chunk id, or the next stage
+    counts the second as a redelivery of the first. The same items handed over twice (a redelivered
+    parent) get the same id, and the next stage skips what it finished."""
+    return hashlib.sha256(",".join(map(str, slots)).encode()).hexdigest()[:12]
+
+
+class ChunkRecorder:
+    """The engine's Sink for one run of one chunk."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        parts: JobParts,
+        storage: Storage,
+        meta: JobMeta,
+        chunk: Chunk,
+        attempt: Attempt,
+        info: ChunkInfo,
+        send_chunk: Callable[[Chunk, str], None],
+    ) -> None:
+        self.store = store
+        self.parts = parts
+        self.storage = storage
+        self.meta = meta
+        self.chunk = chunk
+        self.plan = meta.recipe[chunk.stage_index]
+        self.attempt = attempt
+        self.info = info
+        self.send_chunk = send_chunk
+        self.open: dict[int, WorkItem] = {}  # this run's items not yet recorded nor handed over
+        self.onward: list[tuple[WorkItem, CarriedItem]] = []
+        self.stopped = False
+        # A short tag of the chunk, so rows of two chunks of one part never share a file name.
+        self.tag = hashlib.sha256(chunk.chunk_id.encode()).hexdigest()[:6]
+
+    def expect(self, items: Sequence[WorkItem]) -> None:
+        self.open = {work.slot: work for work in items}
+
+    # -- the Sink
+
+    def finished(self, done: Sequence[tuple[WorkItem, ItemResult]]) -> None:
+        self._record(done, f"{self.tag}-c{done[0][0].slot}", must_write=True)
+
+    def handed(self, onward: Sequence[tuple[WorkItem, CarriedItem]]) -> None:
+        self.onward.extend(onward)
+
+    def should_stop(self) -> bool:
+        if not self.stopped and self.store.standing(self.chunk) != "open":
+            self.stopped = True
+        return self.stopped
+
+    # -- recording
+
+    def _record(self, done: Sequence[tuple[WorkItem, ItemResult]], tag: str, must_write: bool) -> None:
+        rows = [(work.slot, result) for work, result in done]
+        try:
+            self.parts.put_results(self.chunk.part, self.attempt, tag, rows)
+        except StorageError:
+            if must_write:
+                raise  # the chunk runs again, these items with it
+            # Failing items for good with no store to write to: they still end, and the job's end
+            # says their result could not be kept.
+            log.warning("chunk %s: failures of %d item(s) not written", self.chunk.chunk_id, len(rows))
+        outcomes = [(work.position, result.status == "failed") for work, result in done]
+        standing, moved = self.store.finish_items(self.chunk, self.plan.name, outcomes)
+        self.stopped = self.stopped or standing != "open"
+        recorded = [result for (work, result), first in zip(done, moved, strict=True) if first]
+        for work, _ in done:
+            self.open.pop(work.slot, None)
+        for result in recorded:
+            self._delete_handover_files(result.id)
+        if recorded:
+            emit.items_finished(self.info, recorded)
+
+    def _delete_handover_files(self, item_id: str) -> None:
+        """Files earlier stages wrote only for the next one go once the item is finished, never
+        before; a failure to delete them costs some storage, never the item."""
+        try:
+            for plan in self.meta.recipe[: self.chunk.stage_index]:
+                for kind in plan.writes:
+                    if kind not in plan.save:
+                        self.storage.delete(output_key(item_id, plan, kind))
+        except StorageError as exc:
+            log.warning("item %s: handover files not deleted: %s", item_id, exc, extra={"item_id": item_id})
+
+    def close(self) -> None:
+        """Hand over what this run finished for the next stage: its carry part, then its chunk, then
+        the mark in Redis."""
+        if not self.onward:
+            return
+        onward, self.onward = self.onward, []
+        next_index = self.chunk.stage_index + 1
+        slots = [work.slot for work, _ in onward]
+        digest = _digest(slots)
+        key = self.parts.put_carry(self.chunk.part, next_index, digest, [carried for _, carried in onward])
+        follower = self.chunk.model_copy(
+            update={
+                "chunk_id": f"{self.chunk.chunk_id}/s{next_index}.{digest}",
+                "stage_index": next_index,
+                "slots": mask(slots, len(self.meta.positions(self.chunk.part))),
+                "carry": key,
+            }
+        )
+        self.send_chunk(follower, self.meta.recipe[next_index].model.queue)
+        self.store.hand_over(self.chunk, self.plan.name, [work.position for work, _ in onward])
+        for work, _ in onward:
+            self.open.pop(work.slot, None)
+        emit.items_handed_over(self.info, [carried.stages[-1] for _, carried in onward])
+
+    def fail_open(self, result_of: Callable[[WorkItem], ItemResult]) -> None:
+        """Fail every item of this run not recorded nor handed over yet (the chunk gives up)."""
+        if self.open:
+            done = [(work, result_of(work)) for work in sorted(self.open.values(), key=lambda w: w.slot)]
+            self._record(done, f"{self.tag}-f{done[0][0].slot}", must_write=False)
