@@ -6,8 +6,9 @@ SD 1.5 img2img, 512x512, 50 steps x strength 0.8 (40 denoising steps), CFG 7.5, 
   (a) the guide's recipe: fp16, enable_model_cpu_offload, one image per call (GPU only);
   (b) plain diffusers resident, fp16, one image per call;
   (d) the engine: --items items through the worker's own chunk path (workers.chunk.process_chunk with a
-      ChunkContext, a real redis-server from jobs.embedded.EmbeddedRedis, local storage: PNG inputs
-      fetched and decoded, PNG outputs encoded and written, progress and results.jsonl in Redis), with
+      ChunkContext, a real redis-server from jobs.embedded.EmbeddedRedis, a job made by jobstate.seed,
+      local storage: PNG inputs fetched and decoded, PNG outputs encoded and written, results parts,
+      progress in Redis; then the job's end, results.jsonl and the report, as a CPU worker writes it), with
       the registry options bf16, channels_last, fuse_qkv, compile, compile_vae, static_batch and warmup;
       its load and warm-up (compilation) are timed apart, before the stream;
   (c) plain diffusers batched (--batch), bf16, fused QKV, channels_last, compiled UNet and VAE (after
@@ -63,16 +64,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from jobs.embedded import EmbeddedRedis  # noqa: E402
-from jobs.manifest import ValidatedJob, iter_items, validate_job  # noqa: E402
-from jobs.plan import Registration, create_job, plan_chunks  # noqa: E402
+from jobs.manifest import validate_job  # noqa: E402
 from jobs.registry import Registry  # noqa: E402
-from schemas import keys  # noqa: E402
-from schemas.messages import Chunk  # noqa: E402
+from jobstate.seed import seed_job  # noqa: E402
+from jobstate.store import JobStore  # noqa: E402
+from schemas.job import Item  # noqa: E402
+from schemas.messages import Chunk, JobEnd  # noqa: E402
 from schemas.settings import Settings  # noqa: E402
 from workers.chunk import ChunkContext, process_chunk  # noqa: E402
-from workers.chunk import _ChunkRun as chunk_runner  # noqa: E402
+from workers.events import ChunkInfo, EngineEvents, subscribed  # noqa: E402
+from workers.job_end import EndContext, end_job  # noqa: E402
 from workers.models import COMPILE_CACHE_ENV, LoadedModel  # noqa: E402
-from workers.tiny_models import MAX_TOKENS, sd_scheduler, tiny_clip_tokenizer  # noqa: E402
+from workers.tiny_models import (  # noqa: E402
+    MAX_TOKENS,
+    sd_scheduler,
+    tiny_clip_tokenizer,
+    write_tiny_sd,
+    write_tiny_sd_x4_upscaler,
+    write_tiny_sdxl_refiner,
+)
 
 # Dense bf16 matmul on an H200 (and an H100) as measured here: the floor of issue 6.
 PEAK_FLOPS = 790e12
@@ -81,29 +91,21 @@ NEGATIVE = "ugly, blurry, low quality"
 CALLS_PER_CHUNK = 4
 
 
-# -- the architectures, random weights ---------------------------------------------------------------
+# -- the real architectures, random weights (--tiny takes workers/tiny_models.py's, as the tests do) --
 
 
-def text_config(tokenizer: CLIPTokenizer, tiny: bool, **real: Any) -> CLIPTextConfig:
-    size = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2}
+def text_config(tokenizer: CLIPTokenizer, **real: Any) -> CLIPTextConfig:
     return CLIPTextConfig(
-        vocab_size=len(tokenizer) if tiny else 49408,
+        vocab_size=49408,
         max_position_embeddings=MAX_TOKENS,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=1,
-        **({**size, "projection_dim": 32} if tiny else real),
+        **real,
     )
 
 
-def sd_vae(tiny: bool, blocks: int = 4, sample_size: int = 512) -> AutoencoderKL:
-    if tiny:
-        return AutoencoderKL(
-            block_out_channels=[32, 64],
-            down_block_types=["DownEncoderBlock2D"] * 2,
-            up_block_types=["UpDecoderBlock2D"] * 2,
-            latent_channels=4,
-        )
+def sd_vae(blocks: int = 4, sample_size: int = 512) -> AutoencoderKL:
     return AutoencoderKL(
         block_out_channels=[128, 256, 512, 512][:blocks],
         layers_per_block=2,
@@ -114,25 +116,13 @@ def sd_vae(tiny: bool, blocks: int = 4, sample_size: int = 512) -> AutoencoderKL
     )
 
 
-TINY_UNET: dict[str, Any] = {
-    "block_out_channels": (32, 64),
-    "layers_per_block": 1,
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-    "cross_attention_dim": 32,
-}
-
-
-def sd15(tiny: bool, scratch: Path) -> Any:
+def sd15(scratch: Path) -> Any:
     tokenizer = tiny_clip_tokenizer(scratch / "tokenizer")
-    if tiny:
-        unet = UNet2DConditionModel(sample_size=32, **TINY_UNET)
-    else:  # Stable Diffusion 1.5's shapes (the UNet's defaults are SD 1.x's)
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    # Stable Diffusion 1.5's shapes (the UNet's defaults are SD 1.x's)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
     encoder = CLIPTextModel(
         text_config(
             tokenizer,
-            tiny,
             hidden_size=768,
             intermediate_size=3072,
             num_attention_heads=12,
@@ -143,7 +133,7 @@ def sd15(tiny: bool, scratch: Path) -> Any:
     with torch.device("cpu"):
         scheduler = sd_scheduler()
     return StableDiffusionImg2ImgPipeline(
-        vae=sd_vae(tiny),
+        vae=sd_vae(),
         text_encoder=encoder,
         tokenizer=tokenizer,
         unet=unet,
@@ -154,38 +144,25 @@ def sd15(tiny: bool, scratch: Path) -> Any:
     )
 
 
-def sdxl_refiner(tiny: bool, scratch: Path) -> Any:
+def sdxl_refiner(scratch: Path) -> Any:
     tokenizer = tiny_clip_tokenizer(scratch / "tokenizer_2")
-    if tiny:
-        unet = UNet2DConditionModel(
-            **TINY_UNET | {"cross_attention_dim": 32},
-            sample_size=32,
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            transformer_layers_per_block=(1, 2),
-            projection_class_embeddings_input_dim=8 * 5 + 32,  # five time ids (with the aesthetic score)
-        )
-    else:
-        unet = UNet2DConditionModel(
-            sample_size=128,
-            block_out_channels=(384, 768, 1536, 1536),
-            layers_per_block=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(6, 12, 24, 24),
-            transformer_layers_per_block=4,
-            cross_attention_dim=1280,
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2560,
-        )
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        block_out_channels=(384, 768, 1536, 1536),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(6, 12, 24, 24),
+        transformer_layers_per_block=4,
+        cross_attention_dim=1280,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2560,
+    )
     encoder = CLIPTextModelWithProjection(
         text_config(
             tokenizer,
-            tiny,
             hidden_size=1280,
             intermediate_size=5120,
             num_attention_heads=20,
@@ -203,7 +180,7 @@ def sdxl_refiner(tiny: bool, scratch: Path) -> Any:
             timestep_spacing="leading",
         )
     return StableDiffusionXLImg2ImgPipeline(
-        vae=sd_vae(tiny, sample_size=1024),
+        vae=sd_vae(sample_size=1024),
         text_encoder=None,
         text_encoder_2=encoder,
         tokenizer=None,
@@ -215,36 +192,30 @@ def sdxl_refiner(tiny: bool, scratch: Path) -> Any:
     )
 
 
-def x4_upscaler(tiny: bool, scratch: Path) -> Any:
+def x4_upscaler(scratch: Path) -> Any:
     tokenizer = tiny_clip_tokenizer(scratch / "tokenizer")
-    if tiny:
-        unet = UNet2DConditionModel(
-            **TINY_UNET, sample_size=16, in_channels=7, num_class_embeds=100, attention_head_dim=8
-        )
-    else:
-        unet = UNet2DConditionModel(
-            sample_size=128,
-            in_channels=7,
-            out_channels=4,
-            down_block_types=(
-                "DownBlock2D",
-                "CrossAttnDownBlock2D",
-                "CrossAttnDownBlock2D",
-                "CrossAttnDownBlock2D",
-            ),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(256, 512, 512, 1024),
-            layers_per_block=2,
-            cross_attention_dim=1024,
-            attention_head_dim=8,
-            num_class_embeds=1000,
-            use_linear_projection=True,
-            only_cross_attention=(True, True, True, False),
-        )
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        in_channels=7,
+        out_channels=4,
+        down_block_types=(
+            "DownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+        ),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(256, 512, 512, 1024),
+        layers_per_block=2,
+        cross_attention_dim=1024,
+        attention_head_dim=8,
+        num_class_embeds=1000,
+        use_linear_projection=True,
+        only_cross_attention=(True, True, True, False),
+    )
     encoder = CLIPTextModel(
         text_config(
             tokenizer,
-            tiny,
             hidden_size=1024,
             intermediate_size=4096,
             num_attention_heads=16,
@@ -255,7 +226,7 @@ def x4_upscaler(tiny: bool, scratch: Path) -> Any:
     with torch.device("cpu"):
         low_res_scheduler, scheduler = DDPMScheduler(), DDIMScheduler()
     return StableDiffusionUpscalePipeline(
-        vae=sd_vae(tiny, blocks=3, sample_size=256),
+        vae=sd_vae(blocks=3, sample_size=256),
         text_encoder=encoder,
         tokenizer=tokenizer,
         unet=unet,
@@ -270,10 +241,15 @@ class Workload:
 
     def __init__(self, name: str, tiny: bool) -> None:
         self.name = name
-        self.builder: Callable[[bool, Path], Any] = {
+        self.builder: Callable[[Path], Any] = {
             "sd15": sd15,
             "sdxl-refiner": sdxl_refiner,
             "x4-upscaler": x4_upscaler,
+        }[name]
+        self.tiny_writer: Callable[[Path], Path] = {
+            "sd15": write_tiny_sd,
+            "sdxl-refiner": write_tiny_sdxl_refiner,
+            "x4-upscaler": write_tiny_sd_x4_upscaler,
         }[name]
         self.upscale = name == "x4-upscaler"
         if name == "sd15":
@@ -400,14 +376,17 @@ class Bench:
     def build(self, work: Workload, scratch: Path) -> Path:
         """The family's architecture with random weights, written as a diffusers folder in fp16."""
         started = time.perf_counter()
-        torch.manual_seed(0)
-        with torch.device(self.device):  # initialises the big weights where they will run: fast on a GPU
-            pipeline = work.builder(self.tiny, scratch / f"{work.name}-tokenizer")
         folder = scratch / work.name
-        if self.cuda:
-            pipeline.to(dtype=torch.float16)  # as checkpoints ship; each run loads it in its own dtype
-        pipeline.save_pretrained(folder)
-        del pipeline
+        if self.tiny:
+            work.tiny_writer(folder)  # the tests' and the demo's own tiny checkpoint of the family
+        else:
+            torch.manual_seed(0)
+            with torch.device(self.device):  # initialises the big weights where they will run: fast on a GPU
+                pipeline = work.builder(scratch / f"{work.name}-tokenizer")
+            if self.cuda:
+                pipeline.to(dtype=torch.float16)  # as checkpoints ship; each run loads it in its own dtype
+            pipeline.save_pretrained(folder)
+            del pipeline
         self.release()
         self.log(what=f"{work.name}_build_and_save", s=round(time.perf_counter() - started, 1))
         return folder
@@ -524,36 +503,51 @@ class Bench:
         load_s = time.perf_counter() - started
         self.log(what=f"{work.name}_engine_load", load_and_warmup_s=round(load_s, 1), warmup_s=model.warmup_s)
 
-        job_path = self.write_job(work, scratch / f"{work.name}-job", name, items)
-        job = validate_job(job_path, registry)
-        with EmbeddedRedis(scratch / f"{work.name}-redis") as server:
+        folder_job = scratch / f"{work.name}-job"
+        job_path, rows = self.write_job(work, folder_job, name, items)
+        validated = validate_job(job_path, registry)  # the producer's own validation and planning
+        timings = EngineTimings()
+        with EmbeddedRedis(scratch / f"{work.name}-redis") as server, subscribed(timings):
             client = redis.Redis.from_url(server.url, decode_responses=True)
-            register(client, job)
-            ctx = ChunkContext(model=model, settings=Settings(), redis=client, send_chunk=no_next_stage)
             # Chunks of CALLS_PER_CHUNK calls, as IMGJOBS_CHUNK_SIZE (64) gives at static_batch 16: the
             # worker overlaps each call with the next call's fetches and the last call's writes.
-            chunks = list(plan_chunks(job, batch * CALLS_PER_CHUNK))
+            job = seed_job(
+                client,
+                rows,
+                validated.recipe,
+                str(folder_job / "out"),
+                job_id=f"bench-{work.name}",
+                defaults=validated.spec.defaults,
+                chunk_size=batch * CALLS_PER_CHUNK,
+            )
+            store = JobStore(client)
+            ends: list[JobEnd] = []
+            ctx = ChunkContext(
+                model=model, settings=Settings(), store=store, send_chunk=no_next_stage, send_end=ends.append
+            )
             chunk_s = []
             timer = UnetTimer(model.pipeline.unet, self.cuda)
-            with timed_finalize() as finalize_s, duty_cycles() as duty:
-                for chunk in chunks:
-                    self.sync()
-                    started = time.perf_counter()
-                    process_chunk(chunk, ctx)
-                    self.sync()
-                    chunk_s.append(time.perf_counter() - started)
-            seconds = sum(chunk_s)
+            for chunk in job.chunks:
+                self.sync()
+                started = time.perf_counter()
+                process_chunk(chunk, ctx)
+                self.sync()
+                chunk_s.append(time.perf_counter() - started)
             unet_s, unet_calls = timer.stop()
-            counts = client.hgetall(keys.job_counts(job.job_id))
-            finished = client.hget(keys.job_meta(job.job_id), "finished_at")
-        if int(counts.get("succeeded", 0)) != items or finished is None:
-            raise RuntimeError(f"engine run incomplete: {counts}")
-        phases = phase_seconds(Path(job.output) / job.job_id / "results.jsonl")
-        once = sum(finalize_s)  # results.jsonl and report.html, once per job
+            # The job's end (results.jsonl, report.html with 200 thumbnails), once per job, as the CPU
+            # worker writes it.
+            for end in ends:
+                end_job(end, EndContext(store=store, settings=Settings()), token="bench")
+            status = store.status(job.meta.job_id)
+        once = sum(timings.ends)
+        seconds = sum(chunk_s) + once
+        if status.succeeded != items or status.finished_at is None:
+            raise RuntimeError(f"engine run incomplete: {status}")
+        phases = phase_seconds(folder_job / "out" / job.meta.job_id / "results.jsonl")
         self.log(
             what=f"{work.name}_engine",
             items=items,
-            chunks=len(chunks),
+            chunks=len(job.chunks),
             static_batch=batch,
             compiled=self.compile,
             s=round(seconds, 2),
@@ -561,15 +555,13 @@ class Bench:
             finalize_s=round(once, 2),
             steady_img_per_s=round(items / (seconds - once), 4),
             median_chunk_s=round(statistics.median(chunk_s), 3),
-            duty_cycle=round(sum(busy for busy, _ in duty) / sum(wall for _, wall in duty), 4),
+            duty_cycle=timings.duty_cycle(),
             phase_s=phases,
         )
         self.summary[f"{work.name.replace('-', '_')}_engine_steady_img_per_s"] = round(
             items / (seconds - once), 4
         )
-        self.summary[f"{work.name.replace('-', '_')}_engine_duty_cycle"] = round(
-            sum(busy for busy, _ in duty) / sum(wall for _, wall in duty), 4
-        )
+        self.summary[f"{work.name.replace('-', '_')}_engine_duty_cycle"] = timings.duty_cycle()
         if work.name == "sd15" and self.unet_pair_flops and unet_s:
             # Every UNet call of the stream runs a CFG pair for each of the static_batch rows.
             self.unet_tflops = self.unet_pair_flops * batch * unet_calls / unet_s / 1e12
@@ -583,15 +575,24 @@ class Bench:
         del model, ctx
         return items / seconds
 
-    def write_job(self, work: Workload, folder: Path, model: str, items: int) -> Path:
+    def write_job(self, work: Workload, folder: Path, model: str, items: int) -> tuple[Path, list[Item]]:
+        """The job's spec and items file, and its items as submit records them."""
         (folder / "in").mkdir(parents=True, exist_ok=True)
         distinct = min(items, 16)
         for index in range(distinct):
             input_image(work.size, index).save(folder / "in" / f"{index}.png")
+        rows = [
+            Item(
+                id=f"i{index:05d}",
+                image=str((folder / "in" / f"{index % distinct}.png").resolve()),
+                seed=index,
+                prompt=f"{PROMPT}, variation {index}",
+            )
+            for index in range(items)
+        ]
         with (folder / "items.jsonl").open("w", encoding="utf-8") as out:
-            for index in range(items):
-                row = {"id": f"i{index:05d}", "image": f"in/{index % distinct}.png", "seed": index}
-                out.write(json.dumps(row | {"prompt": f"{PROMPT}, variation {index}"}) + "\n")
+            for row in rows:
+                out.write(row.model_dump_json(exclude_none=True) + "\n")
         spec = {
             "version": 1,
             "name": f"bench-{work.name}",
@@ -601,7 +602,7 @@ class Bench:
             "stages": [work.stage(model)],
         }
         (folder / "job.json").write_text(json.dumps(spec), encoding="utf-8")
-        return folder / "job.json"
+        return folder / "job.json", rows
 
     # -- the whole run
 
@@ -770,65 +771,26 @@ class UnetTimer:
         return sum(start.elapsed_time(end) for start, end in self.spans) / 1000, self.calls
 
 
-@contextmanager
-def timed_finalize() -> Iterator[list[float]]:
-    """Times the job's one-off end (results.jsonl, report.html with 200 thumbnails) apart from the
-    per-item work, by wrapping the chunk runner's finalize; the code that runs is unchanged."""
-    original = chunk_runner.finalize
-    spent: list[float] = []
-
-    def finalize(run: Any) -> None:
-        started = time.perf_counter()
-        original(run)
-        spent.append(time.perf_counter() - started)
-
-    chunk_runner.finalize = finalize  # type: ignore[method-assign,assignment]
-    try:
-        yield spent
-    finally:
-        chunk_runner.finalize = original  # type: ignore[method-assign]
-
-
-class _DutyLog(logging.Handler):
-    """Collects (busy, wall) seconds from the worker's per-chunk log line."""
+class EngineTimings(EngineEvents):
+    """The engine's own report, from its events: each chunk's time and time in pipeline calls (its
+    duty cycle), and the job's end's time."""
 
     def __init__(self) -> None:
-        super().__init__(logging.INFO)
         self.chunks: list[tuple[float, float]] = []
+        self.ends: list[float] = []
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if hasattr(record, "busy_s") and hasattr(record, "elapsed_s"):
-            self.chunks.append((record.busy_s, record.elapsed_s))
+    def chunk_done(self, chunk: ChunkInfo, elapsed_s: float, busy_s: float) -> None:
+        self.chunks.append((elapsed_s, busy_s))
 
+    def job_ended(self, job_id: str, seconds: float, error: str | None) -> None:
+        self.ends.append(seconds)
 
-@contextmanager
-def duty_cycles() -> Iterator[list[tuple[float, float]]]:
-    """(seconds in pipeline calls, seconds) of every chunk run inside the block, as the worker logs
-    them: its GPU duty cycle."""
-    logger, handler = logging.getLogger("workers.chunk"), _DutyLog()
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    try:
-        yield handler.chunks
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+    def duty_cycle(self) -> float:
+        return round(sum(busy for _, busy in self.chunks) / sum(wall for wall, _ in self.chunks), 4)
 
 
-def no_next_stage(chunk: Chunk) -> None:
+def no_next_stage(chunk: Chunk, queue: str) -> None:
     raise AssertionError(f"a one-stage job handed chunk {chunk.chunk_id} on")
-
-
-def register(client: redis.Redis, job: ValidatedJob) -> None:
-    """Record the job and its items as `imgjobs submit` does, with its own jobs.plan, minus the sends
-    (the worker's chunk path is called directly, and the GPU machine's image has no Celery)."""
-    create_job(client, job)
-    registration = Registration(client, job.job_id)
-    for item, _params in iter_items(job):
-        registration.add(item.id)
-    registration.flush()
-    client.hset(keys.job_meta(job.job_id), "enqueued_at", time.time())  # every chunk is about to be run
 
 
 def table(results: dict[str, Any]) -> str:

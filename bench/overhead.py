@@ -45,10 +45,10 @@ sys.path.insert(0, str(ROOT))
 
 from jobs.embedded import EmbeddedRedis, LocalWorker  # noqa: E402
 from jobs.registry import Registry  # noqa: E402
-from jobs.status import read_status  # noqa: E402
+from jobstate.storage import open_storage  # noqa: E402
+from jobstate.store import JobStore  # noqa: E402
 from schemas.settings import Settings  # noqa: E402
 from workers.imageio import encode_image, load_input  # noqa: E402
-from workers.storage import open_storage  # noqa: E402
 
 SIZE = 32
 
@@ -107,7 +107,7 @@ def run_job(folder: Path, server: EmbeddedRedis, chunk_size: int | None) -> floa
     )
     job_id = submitted.stdout.strip()
     client = redis.Redis.from_url(server.url, decode_responses=True)
-    while (status := read_status(client, job_id)).finished_at is None:
+    while (status := JobStore(client).status(job_id)).finished_at is None:
         time.sleep(0.05)
     elapsed = time.perf_counter() - started
     assert status.succeeded == status.total, status

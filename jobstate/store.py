@@ -288,7 +288,7 @@ class JobStore:
         if not raw:
             raise UnknownJobError(f"no job {job_id!r} on this broker")
         meta = JobMeta.from_hash(job_id, {_text(key): _text(value) for key, value in raw.items()})
-        counts = {_text(key): int(value) for key, value in raw_counts.items()}
+        counts = _counts(raw_counts)
         done, failed = counts.get("done", 0), counts.get("failed", 0)
         running = min(sum(max(int(value), 0) for value in inflight), meta.total - done)
         unfinished = meta.total - done - running
@@ -323,6 +323,15 @@ class JobStore:
                 for plan in meta.recipe
             ],
         )
+
+    def in_flight(self, job_id: str) -> dict[str, int]:
+        """The chunks of the job running now (by chunk id), with the items each still runs."""
+        return _counts(self.client.hgetall(keys.job_inflight(job_id)))
+
+    def deliveries(self, job_id: str) -> dict[str, int]:
+        """How often each chunk still running, or left by a worker that died, was delivered: by
+        "<chunk id>#<task retry>"."""
+        return _counts(self.client.hgetall(keys.job_deliveries(job_id)))
 
     def cancel(self, job_id: str) -> tuple[CancelVerdict, int | None]:
         """Cancel the job at once; returns the verdict and the round whose end is now due, if any."""
@@ -410,6 +419,10 @@ class JobStore:
         if batch:
             prune_batch()
         return pruned
+
+
+def _counts(raw: dict[Any, Any]) -> dict[str, int]:
+    return {_text(key): int(value) for key, value in raw.items()}
 
 
 def _text(value: Any) -> str:

@@ -80,15 +80,22 @@ def s3_bucket(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
 
 
 class Workers:
-    """Starts `imgjobs worker` processes and stops every one of them at teardown."""
+    """Starts `imgjobs worker` processes and stops every one of them at teardown. As a deployment
+    must, each broker gets a `cpu` worker, which writes jobs' ends (it is started with the first
+    worker of another model, with the same environment)."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
         self.started: list[LocalWorker] = []
+        self._ends: set[str] = set()
 
     def start(
         self, model: str, broker_url: str, registry: Registry, env: dict[str, str] | None = None
     ) -> LocalWorker:
+        if broker_url not in self._ends:
+            self._ends.add(broker_url)
+            if model != "cpu":
+                self.start("cpu", broker_url, registry, env)
         log_path = self.tmp_path / f"worker-{len(self.started)}.log"
         env = {"IMGJOBS_TORCH_THREADS": "1", **(env or {})}
         worker = LocalWorker(registry.resolve(model), broker_url, registry.path, log_path, env=env)

@@ -40,8 +40,12 @@ import redis
 from PIL import Image
 
 from jobs.embedded import EmbeddedRedis, LocalWorker, free_port, redis_server_binary, worker_command
+from jobs.redrive import failures
 from jobs.registry import Registry
-from schemas import keys
+from jobstate.bits import bit, ones
+from jobstate.results import JobBits
+from jobstate.store import JobStore
+from schemas.messages import ItemResult
 from tests.conftest import ROOT, Workers, imgjobs
 from tests.faultproxy import FaultProxy
 from tests.helpers import write_image, write_job
@@ -292,9 +296,12 @@ class Watcher:
     """Polls a job's item states from a thread (inside netns when given): when each item first
     shows as finished, its output's fingerprint, and the count of finished items over time."""
 
-    def __init__(self, broker_url: str, job_id: str, outputs: Outputs, netns: str | None = None) -> None:
+    def __init__(
+        self, broker_url: str, job_id: str, ids: Sequence[str], outputs: Outputs, netns: str | None = None
+    ) -> None:
         self.broker_url = broker_url
         self.job_id = job_id
+        self.ids = list(ids)  # in manifest order: the bitmaps' positions
         self.outputs = outputs
         self.netns = netns
         self.finished: dict[str, float] = {}
@@ -330,16 +337,17 @@ class Watcher:
             self._poll(client)
 
     def _poll(self, client: redis.Redis) -> None:
-        pipe = client.pipeline(transaction=True)
-        pipe.hgetall(keys.job_items(self.job_id))
-        pipe.hget(keys.job_meta(self.job_id), "finished_at")
-        states, finished_at = pipe.execute()
+        store = JobStore(client)
+        meta = store.meta(self.job_id)
+        bits = store.bits(meta)
+        finished_at = meta.finished_at
         now = time.monotonic()
         with self._lock:
-            for item_id, state in states.items():
-                if state in ("succeeded", "failed") and item_id not in self.finished:
+            for position in ones(bits.done, meta.total):
+                item_id = self.ids[position]
+                if item_id not in self.finished:
                     self.finished[item_id] = now
-                    if state == "succeeded":
+                    if not bit(bits.failed, position):
                         self.fingerprints[item_id] = self.outputs.fingerprint(item_id)
             if not self.timeline or self.timeline[-1][1] != len(self.finished):
                 self.timeline.append((now, len(self.finished)))
@@ -435,23 +443,20 @@ def stuck_row(
 ) -> FaultRow:
     """The row of a job that never finished: its items as Redis has them."""
 
-    def read() -> tuple[dict[str, str], dict[str, str]]:
-        client = redis.Redis.from_url(broker_url, decode_responses=True)
-        items: dict[str, str] = client.hgetall(keys.job_items(job_id))  # type: ignore[assignment]
-        results: dict[str, str] = client.hgetall(keys.job_results(job_id))  # type: ignore[assignment]
-        return items, results
+    def read() -> tuple[JobBits, list[ItemResult]]:
+        store = JobStore(redis.Redis.from_url(broker_url, decode_responses=True))
+        return store.bits(store.meta(job_id)), list(failures(store, job_id))
 
-    states, results = in_netns(netns, read)
+    bits, failed_results = in_netns(netns, read)
     failed: dict[str, int] = {}
-    for item_id, state in states.items():
-        if state == "failed":
-            reason = json.loads(results[item_id])["error"]["type"] if item_id in results else "?"
-            failed[reason] = failed.get(reason, 0) + 1
-    stuck = [i for i in ids if states.get(i) not in ("succeeded", "failed")]
+    for result in failed_results:
+        reason = result.error.type if result.error else "?"
+        failed[reason] = failed.get(reason, 0) + 1
+    stuck = [item_id for position, item_id in enumerate(ids) if not bit(bits.done, position)]
     return FaultRow(
         fault=fault,
         submitted=len(ids),
-        succeeded=sum(state == "succeeded" for state in states.values()),
+        succeeded=sum(bit(bits.done, p) and not bit(bits.failed, p) for p in range(len(ids))),
         failed=failed,
         lost=len(stuck),
         executed_twice=0,
@@ -516,7 +521,7 @@ def redis_restart(
         submitted = time.monotonic()
         job_id, _ = submit(spec, server.url, lab.models_yaml)
         outputs = LocalOutputs(folder / "out" / job_id)
-        watcher = Watcher(server.url, job_id, outputs).start()
+        watcher = Watcher(server.url, job_id, ids, outputs).start()
         wait_until(lambda: watcher is not None and watcher.done >= 1, 120, "a first finished item")
         seen = len(log_matches(worker, CHUNK_START))
         match = wait_until(lambda: newest_after(worker, CHUNK_START, seen), 60, "the next chunk to start")
@@ -610,7 +615,7 @@ def s3_faults(
         submitted = time.monotonic()
         job_id, _ = submit(spec, server.url, lab.models_yaml)
         outputs = S3Outputs(bucket, f"out/{job_id}", endpoint=lab.s3_endpoint)
-        watcher = Watcher(server.url, job_id, outputs).start()
+        watcher = Watcher(server.url, job_id, ids, outputs).start()
         try:
             wait_until(lambda: watcher is not None and watcher.done >= 1, 120, "a first finished item")
             proxy.arm(
@@ -712,7 +717,7 @@ def bad_images(lab: Lab, good: int = 4) -> FaultRow:
         submitted = time.monotonic()
         job_id, _ = submit(spec, server.url, lab.models_yaml)
         outputs = LocalOutputs(folder / "out" / job_id)
-        watcher = Watcher(server.url, job_id, outputs).start()
+        watcher = Watcher(server.url, job_id, ids, outputs).start()
         finished = watcher.wait_finished(120, lab.workers.logs)
         acc = account(job_id, ids, server.url, outputs, watcher)
     for kind in bad:
@@ -819,7 +824,7 @@ def duplicate_submission(lab: Lab, items: int = 6) -> FaultRow:
         lab.workers.wait_ready()
         submitted = time.monotonic()
         outputs = LocalOutputs(folder / "out" / job_id)
-        watcher = Watcher(server.url, job_id, outputs).start()
+        watcher = Watcher(server.url, job_id, ids, outputs).start()
         wait_until(lambda: watcher.done >= 1, 120, "a first finished item")
         during, third = submit(spec, server.url, lab.models_yaml)  # while it runs
         assert during == job_id and "already submitted" in third.stderr, third
@@ -1014,7 +1019,7 @@ def multi_host(lab: Lab, items: int = 12, time_limit_s: int = 10, timeout: float
         submitted = time.monotonic()
         job_id, _ = submit(spec, broker_url, lab.models_yaml, netns=redis_ns)
         outputs = S3Outputs(bucket, f"out/{job_id}", endpoint, NETNS_CREDENTIALS)
-        watcher = Watcher(broker_url, job_id, outputs, netns=redis_ns).start()
+        watcher = Watcher(broker_url, job_id, ids, outputs, netns=redis_ns).start()
         try:
             # Mid-job: cut w1 off the moment it starts a chunk. (Waiting for its second chunk was racy:
             # w2 could take every remaining chunk first.)
@@ -1073,7 +1078,7 @@ def worker_death(lab: Lab, how: str, items: int = 8) -> FaultRow:
         submitted = time.monotonic()
         job_id, _ = submit(spec, server.url, lab.models_yaml)
         outputs = LocalOutputs(folder / "out" / job_id)
-        watcher = Watcher(server.url, job_id, outputs).start()
+        watcher = Watcher(server.url, job_id, ids, outputs).start()
         wait_until(lambda: watcher.done >= 1, 120, "a first finished item")
         seen = len(log_matches(worker, CHUNK_START))
         match = wait_until(lambda: newest_after(worker, CHUNK_START, seen), 60, "the next chunk")

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from schemas.messages import ItemResult, StageRecord
 
@@ -59,6 +60,7 @@ class EngineEvents:
         """The job's end (results.jsonl, the report) was written, or failed for good with `error`."""
 
 
+Listener = TypeVar("Listener", bound=EngineEvents)
 _listeners: list[EngineEvents] = []
 _lock = threading.Lock()
 
@@ -75,7 +77,7 @@ def unsubscribe(listener: EngineEvents) -> None:
 
 
 @contextmanager
-def subscribed(listener: EngineEvents) -> Iterator[EngineEvents]:
+def subscribed(listener: Listener) -> Iterator[Listener]:
     subscribe(listener)
     try:
         yield listener

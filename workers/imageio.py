@@ -18,10 +18,10 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from jobstate.storage import s3_client, split_s3_uri
 from schemas.errors import InputImageError, StorageError
 from schemas.job import ResizePolicy
 from schemas.settings import Settings
-from jobstate.storage import s3_client, split_s3_uri
 
 # Formats we decode; everything else is refused before a decoder runs.
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")

@@ -19,7 +19,7 @@ from PIL import Image
 
 from jobs.embedded import EmbeddedRedis
 from jobs.registry import Registry
-from jobs.status import read_status
+from jobstate.store import JobStore
 from tests.conftest import Workers, imgjobs
 from workers.demo import write_demo
 
@@ -65,7 +65,7 @@ class Guide:
         job_id = submitted.stdout.strip()
         client = redis.Redis.from_url(self.broker_url, decode_responses=True)
         deadline = time.monotonic() + 300
-        while not read_status(client, job_id).finished:
+        while not JobStore(client).status(job_id).finished:
             assert time.monotonic() < deadline, self.workers.logs()
             time.sleep(0.2)
         body = self.s3.get_object(Bucket=self.bucket, Key=f"out/{job_id}/results.jsonl")["Body"].read()

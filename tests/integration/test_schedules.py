@@ -14,8 +14,8 @@ import pytest
 import redis
 
 from jobs.embedded import EmbeddedRedis
-from jobs.status import read_status
-from schemas import keys
+from jobstate import keys
+from jobstate.store import JobStore
 from tests.conftest import ROOT, imgjobs
 from tests.helpers import write_image
 
@@ -50,7 +50,7 @@ def test_run_now_submits_only_new_or_changed_images(tmp_path: Path) -> None:
         first = imgjobs("schedule", "run-now", "nightly", env=env)
         assert first.returncode == 0, first.stderr
         client = redis.Redis.from_url(server.url, decode_responses=True)
-        assert read_status(client, first.stdout.strip()).total == 3
+        assert JobStore(client).status(first.stdout.strip()).total == 3
 
         again = imgjobs("schedule", "run-now", "nightly", env=env)
         assert again.returncode == 0 and again.stdout == "" and "nothing new" in again.stderr
@@ -59,7 +59,7 @@ def test_run_now_submits_only_new_or_changed_images(tmp_path: Path) -> None:
         write_image(tmp_path / "incoming" / "a.png", color=(1, 2, 3))  # rewritten: new content
         third = imgjobs("schedule", "run-now", "nightly", env=env)
         assert third.returncode == 0, third.stderr
-        assert read_status(client, third.stdout.strip()).total == 2
+        assert JobStore(client).status(third.stdout.strip()).total == 2
         assert len(job_ids(server)) == 2
 
         listed = imgjobs("schedule", "list", env=env)
@@ -113,7 +113,7 @@ def test_beat_fires_and_a_restart_repeats_nothing(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-3000:]
                 time.sleep(0.5)
             client = redis.Redis.from_url(server.url, decode_responses=True)
-            assert sorted(read_status(client, job).total for job in job_ids(server)) == [1, 1]
+            assert sorted(JobStore(client).status(job).total for job in job_ids(server)) == [1, 1]
             # RedBeat keeps the schedule and its last run in Redis: a restarted beat carries on from there.
             assert client.zcard(f"{keys.PREFIX}:redbeat::schedule") == 1
             assert client.hexists(f"{keys.PREFIX}:redbeat:nightly", "meta")

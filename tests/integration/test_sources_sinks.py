@@ -16,7 +16,7 @@ from PIL import Image
 
 from jobs.embedded import EmbeddedRedis
 from jobs.registry import Registry
-from jobs.status import read_status
+from jobstate.store import JobStore
 from tests.conftest import Workers, imgjobs
 
 pytestmark = pytest.mark.slow
@@ -62,7 +62,7 @@ def test_submit_from_an_s3_listing_into_an_imagefolder_dataset(
         workers.start("tiny-sd", server.url, registry)
         client = redis.Redis.from_url(server.url, decode_responses=True)
         deadline = time.monotonic() + 180
-        while (status := read_status(client, job_id)).finished_at is None:
+        while (status := JobStore(client).status(job_id)).finished_at is None:
             assert time.monotonic() < deadline, workers.logs()
             time.sleep(0.2)
         assert status.succeeded == 5

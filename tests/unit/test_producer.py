@@ -73,7 +73,10 @@ def test_submit_publishes_the_parts_and_queues_one_small_chunk_each(
 
 
 def test_nothing_is_written_for_a_manifest_that_does_not_validate(tmp_path: Path) -> None:
-    rows = [{"id": "a", "image": "s3://b/a.png"}, {"id": "b", "image": "s3://b/b.png", "steps": 0}]
+    rows: list[dict[str, object]] = [
+        {"id": "a", "image": "s3://b/a.png"},
+        {"id": "b", "image": "s3://b/b.png", "steps": 0},
+    ]
     spec = write_job(tmp_path, rows, stage={"type": "resize"}, output=str(tmp_path / "out"))
     with pytest.raises(SpecError, match="steps"), producer.prepared(spec, REGISTRY, Settings()) as _job:
         pass
@@ -208,7 +211,7 @@ def test_local_image_paths_become_the_same_absolute_paths_resolve_gives(tmp_path
 
 
 def test_parts_keep_manifest_lines_that_need_no_change(tmp_path: Path) -> None:
-    rows = [
+    rows: list[dict[str, object]] = [
         {"id": "remote", "image": "s3://b/a.png", "prompt": "kept as written"},
         {"id": "local", "image": "in/b.png", "seed": 3},
     ]
