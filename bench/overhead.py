@@ -7,7 +7,8 @@
    overhead per item is the end-to-end time per item minus what the stage's own work costs
    in-process (read, decode, fit, encode, write; measured before and after, the mean).
 2. The producer: validate and enqueue --producer-items items with `imgjobs submit`, no workers
-   attached; its rate and peak RSS.
+   attached (it writes the items as parts into the job's local output, and queues a chunk per part);
+   its rate and peak RSS.
 
     python bench/overhead.py [--items 10000] [--producer-items 1000000] [--chunk-size N] [--out DIR]
                              [--work-dir DIR]
@@ -123,7 +124,7 @@ def producer(folder: Path, server: EmbeddedRedis, count: int) -> tuple[float, fl
     spec = {
         "version": 1,
         "name": "producer",
-        "output": "s3://bucket/out",
+        "output": str(folder / "out"),  # submit writes the items there, as parts
         "items": "items.jsonl",
         "defaults": {"size": [512, 512]},
         "stages": [{"type": "resize"}],

@@ -82,7 +82,7 @@ def s3_bucket(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
 class Workers:
     """Starts `imgjobs worker` processes and stops every one of them at teardown. As a deployment
     must, each broker gets a `cpu` worker, which writes jobs' ends (it is started with the first
-    worker of another model, with the same environment)."""
+    worker of another model, with the same environment but its metrics port)."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
@@ -95,7 +95,9 @@ class Workers:
         if broker_url not in self._ends:
             self._ends.add(broker_url)
             if model != "cpu":
-                self.start("cpu", broker_url, registry, env)
+                # Its own metrics port, if any, stays the model's worker's.
+                shared = {key: value for key, value in (env or {}).items() if key != "IMGJOBS_METRICS_PORT"}
+                self.start("cpu", broker_url, registry, shared)
         log_path = self.tmp_path / f"worker-{len(self.started)}.log"
         env = {"IMGJOBS_TORCH_THREADS": "1", **(env or {})}
         worker = LocalWorker(registry.resolve(model), broker_url, registry.path, log_path, env=env)

@@ -141,9 +141,15 @@ def image_rows(folder: Path, count: int, prefix: str = "i") -> list[dict[str, An
 
 
 def submit(
-    spec: Path, broker_url: str, models_yaml: Path, chunk_size: int = 2, netns: str | None = None
+    spec: Path,
+    broker_url: str,
+    models_yaml: Path,
+    chunk_size: int = 2,
+    netns: str | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> tuple[str, subprocess.CompletedProcess[str]]:
     env = {
+        **(env or {}),
         "IMGJOBS_BROKER_URL": broker_url,
         "IMGJOBS_MODELS": str(models_yaml),
         "IMGJOBS_CHUNK_SIZE": str(chunk_size),
@@ -950,11 +956,19 @@ class Hosts:
 class NetnsWorker(LocalWorker):
     """`imgjobs worker` on one of the Hosts; stopped with the other workers of the pool."""
 
-    def __init__(self, hosts: Hosts, name: str, lab: Lab, broker_url: str, env: Mapping[str, str]) -> None:
-        self.model = lab.registry.resolve("tiny-sd")
-        self.log_path = lab.workers.tmp_path / f"worker-{len(lab.workers.started)}-{name}.log"
+    def __init__(
+        self,
+        hosts: Hosts,
+        name: str,
+        lab: Lab,
+        broker_url: str,
+        env: Mapping[str, str],
+        model: str = "tiny-sd",
+    ) -> None:
+        self.model = lab.registry.resolve(model)
+        self.log_path = lab.workers.tmp_path / f"worker-{len(lab.workers.started)}-{name}-{model}.log"
         self._log = self.log_path.open("ab")
-        command = worker_command("tiny-sd", lab.registry.path)
+        command = worker_command(model, lab.registry.path)
         full_env = {"IMGJOBS_TORCH_THREADS": "1", **env, "IMGJOBS_BROKER_URL": broker_url}
         self.process = hosts.spawn(name, command, self.log_path, full_env)
         lab.workers.started.append(self)
@@ -1014,10 +1028,12 @@ def multi_host(lab: Lab, items: int = 12, time_limit_s: int = 10, timeout: float
         env = {**aws, "IMGJOBS_TASK_TIME_LIMIT_S": str(time_limit_s)}
         lost_worker = NetnsWorker(hosts, "w1", lab, broker_url, env)
         survivor = NetnsWorker(hosts, "w2", lab, broker_url, env)
+        NetnsWorker(hosts, "w2", lab, broker_url, env, model="cpu")  # writes the job's end
         lab.workers.wait_ready()
         redis_ns = hosts.netns("redis")
         submitted = time.monotonic()
-        job_id, _ = submit(spec, broker_url, lab.models_yaml, netns=redis_ns)
+        # The producer writes the job's item parts to S3 too.
+        job_id, _ = submit(spec, broker_url, lab.models_yaml, netns=redis_ns, env=aws)
         outputs = S3Outputs(bucket, f"out/{job_id}", endpoint, NETNS_CREDENTIALS)
         watcher = Watcher(broker_url, job_id, ids, outputs, netns=redis_ns).start()
         try:

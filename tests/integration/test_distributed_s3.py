@@ -108,19 +108,27 @@ def test_submit_two_workers_s3_and_status(
             assert result["seed"] == int(result["id"]) and result["model"] == "tiny-sd"
             assert set(result["timings"]) == {"fetch_s", "infer_s", "write_s"}
 
-        # Credentials appear nowhere we write: results, Redis, worker logs.
+        # Credentials appear nowhere we write: results, the job's parts, Redis, worker logs.
         dump = body + workers.logs()
-        client = redis.Redis.from_url(server.url, decode_responses=True)
+        s3 = boto3.client("s3")
+        listed = s3.list_objects_v2(Bucket=s3_bucket, Prefix=f"results/{job_id}/_imgjobs/")
+        parts = [obj["Key"] for obj in listed.get("Contents", [])]
+        assert any(key.endswith("/items/p0000000.jsonl") for key in parts), parts
+        for key in parts:
+            dump += s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read().decode()
+        client = redis.Redis.from_url(server.url)
         for key in client.scan_iter("imgjobs:*"):
             kind = client.type(key)
             value = (
                 client.hgetall(key)
-                if kind == "hash"
+                if kind == b"hash"
                 else client.lrange(key, 0, -1)
-                if kind == "list"
+                if kind == b"list"
                 else client.smembers(key)
+                if kind == b"set"
+                else client.get(key)  # a bitmap
             )
-            dump += json.dumps(value, default=list)
+            dump += repr(value)
         for secret in (REDIS_PASSWORD, "testing-secret-do-not-leak"):
             assert secret not in dump
 

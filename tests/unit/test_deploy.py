@@ -27,6 +27,7 @@ import yaml
 from typer.testing import CliRunner
 
 from jobs import cli
+from schemas.messages import JOB_END_QUEUE
 from schemas.registry import BUILTIN_MODELS, MODEL_NAME_PATTERN, ModelEntry, RegistryFile, queue_for
 from schemas.schedule import parse_duration
 from schemas.settings import ENV_PREFIX, Settings
@@ -175,8 +176,13 @@ def test_the_configmap_carries_the_example_registry() -> None:
 # --- one worker, one Deployment and one scaler per model, all on the same queue ----------------------
 
 
+def worker_queues(model: str) -> list[str]:
+    """What `imgjobs worker --model MODEL` consumes: the cpu workers also write jobs' ends."""
+    return [queue_for(model), JOB_END_QUEUE] if model == "cpu" else [queue_for(model)]
+
+
 def test_every_model_has_a_compose_worker_a_deployment_and_a_scaler() -> None:
-    models = set(registry().models)
+    models = set(registry().models) | {"cpu"}  # the built-in cpu model: resize stages and jobs' ends
     assert set(worker_services()) == models
     assert set(deployments()) == models
     targets = {so["spec"]["scaleTargetRef"]["name"] for so in k8s_objects("ScaledObject")}
@@ -187,13 +193,14 @@ def test_keda_watches_the_queue_each_deployment_consumes() -> None:
     by_name = {d["metadata"]["name"]: model for model, d in deployments().items()}
     for scaled in k8s_objects("ScaledObject"):
         model = by_name[scaled["spec"]["scaleTargetRef"]["name"]]
-        (trigger,) = scaled["spec"]["triggers"]
-        assert trigger["type"] == "redis"
-        assert trigger["metadata"]["listName"] == queue_for(model)
+        triggers = scaled["spec"]["triggers"]
+        assert [trigger["metadata"]["listName"] for trigger in triggers] == worker_queues(model)
         assert scaled["spec"]["minReplicaCount"] == 0
-        assert trigger["authenticationRef"]["name"] in {
-            ta["metadata"]["name"] for ta in k8s_objects("TriggerAuthentication")
-        }
+        for trigger in triggers:
+            assert trigger["type"] == "redis"
+            assert trigger["authenticationRef"]["name"] in {
+                ta["metadata"]["name"] for ta in k8s_objects("TriggerAuthentication")
+            }
 
 
 @pytest.fixture
@@ -216,16 +223,18 @@ def worker_argv(monkeypatch: pytest.MonkeyPatch) -> WorkerArgv:
 
 def test_the_worker_command_consumes_the_queue_keda_watches(worker_argv: WorkerArgv) -> None:
     list_names = {
-        so["spec"]["scaleTargetRef"]["name"]: so["spec"]["triggers"][0]["metadata"]["listName"]
+        so["spec"]["scaleTargetRef"]["name"]: [
+            trigger["metadata"]["listName"] for trigger in so["spec"]["triggers"]
+        ]
         for so in k8s_objects("ScaledObject")
     }
     for deployment in deployments().values():
         (container,) = deployment["spec"]["template"]["spec"]["containers"]
         argv = worker_argv(container["args"])  # exactly what the pod passes to `imgjobs worker`
-        assert option_value(argv, "--queues") == list_names[deployment["metadata"]["name"]]
+        assert option_value(argv, "--queues").split(",") == list_names[deployment["metadata"]["name"]]
         assert option_value(argv, "--concurrency") == "1"
     for model, service in worker_services().items():
-        assert option_value(worker_argv(service["command"]), "--queues") == queue_for(model)
+        assert option_value(worker_argv(service["command"]), "--queues").split(",") == worker_queues(model)
 
 
 def test_image_entrypoints_and_probe_commands_exist() -> None:
@@ -341,12 +350,20 @@ def test_the_health_check_gets_a_pong_from_a_real_worker(
 # --- resources, grace periods, users, Redis ----------------------------------------------------------
 
 
-def test_each_worker_gets_exactly_one_gpu() -> None:
+def test_each_model_worker_gets_exactly_one_gpu_and_the_cpu_worker_none() -> None:
+    cpu_service, cpu_deployment = worker_services()["cpu"], deployments()["cpu"]
+    assert "deploy" not in cpu_service
+    (cpu_container,) = cpu_deployment["spec"]["template"]["spec"]["containers"]
+    assert "nvidia.com/gpu" not in cpu_container["resources"]["requests"]
     for model, service in worker_services().items():
+        if model == "cpu":
+            continue
         (device,) = service["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"], model
         assert device.get("count") == 1 or len(device.get("device_ids", [])) == 1, model
     for model, deployment in deployments().items():
+        if model == "cpu":
+            continue
         (container,) = deployment["spec"]["template"]["spec"]["containers"]
         resources = container["resources"]
         assert resources["requests"]["nvidia.com/gpu"] == 1 == resources["limits"]["nvidia.com/gpu"], model
