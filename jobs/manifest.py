@@ -217,16 +217,26 @@ class ParamsResolver:
 
     def __init__(self, spec: JobSpec) -> None:
         self.spec = spec
-        self._memo: dict[tuple[object, ...], list[StageParams]] = {}
+        self._memo: dict[tuple[object, ...], tuple[list[StageParams], bool]] = {}
+        self.starts_with_text = spec.stages[0].type == "text2img"
+        self.has_controlnet = any(getattr(stage, "controlnet", None) for stage in spec.stages)
 
-    def resolve(self, item: Item) -> list[StageParams]:
+    def _known(self, item: Item) -> tuple[list[StageParams], bool]:
         key = overrides_of(item)
         known = self._memo.get(key)
         if known is None:
             if len(self._memo) >= self.MEMO_SIZE:
                 self._memo.clear()
-            known = self._memo[key] = [self._resolve(item, stage) for stage in self.spec.stages]
+            resolved = [self._resolve(item, stage) for stage in self.spec.stages]
+            known = self._memo[key] = (resolved, any(isinstance(params, list) for params in resolved))
         return known
+
+    def resolve(self, item: Item) -> list[StageParams]:
+        return self._known(item)[0]
+
+    def refused(self, item: Item) -> bool:
+        """Whether any stage refuses the item's parameters."""
+        return self._known(item)[1]
 
     def _resolve(self, item: Item, stage: StageSpec) -> StageParams:
         try:
@@ -268,20 +278,21 @@ def _parsed(row: dict[str, Any] | bytes, file: str, line: int) -> tuple[Item | N
 def _check_item(
     resolver: ParamsResolver, file: str, line: int, row: dict[str, Any] | bytes
 ) -> tuple[Item | None, list[Problem]]:
-    spec = resolver.spec
     item, problems = _parsed(row, file, line)
     if item is None:
         return None, problems
-    starts_with_text = spec.stages[0].type == "text2img"
-    if item.image is None and not starts_with_text:
-        problems.append(Problem(file, line, "image", "required unless the first stage is text2img"))
-    if item.image is not None and starts_with_text:
-        problems.append(Problem(file, line, "image", "the first stage is text2img, which takes no image"))
-    if item.control_image is not None and not any(getattr(s, "controlnet", None) for s in spec.stages):
-        problems.append(Problem(file, line, "control_image", "no stage of this job has a controlnet"))
-    for index, params in enumerate(resolver.resolve(item)):
-        if isinstance(params, list):
-            problems.extend(Problem(file, line, f"stages.{index}", message) for message in params)
+    starts_with_text = resolver.starts_with_text
+    if (item.image is None) != starts_with_text or (item.control_image and not resolver.has_controlnet):
+        if item.image is None and not starts_with_text:
+            problems.append(Problem(file, line, "image", "required unless the first stage is text2img"))
+        if item.image is not None and starts_with_text:
+            problems.append(Problem(file, line, "image", "the first stage is text2img, which takes no image"))
+        if item.control_image is not None and not resolver.has_controlnet:
+            problems.append(Problem(file, line, "control_image", "no stage of this job has a controlnet"))
+    if resolver.refused(item):
+        for index, params in enumerate(resolver.resolve(item)):
+            if isinstance(params, list):
+                problems.extend(Problem(file, line, f"stages.{index}", message) for message in params)
     return item, problems
 
 

@@ -30,6 +30,9 @@ def _absolute(uri: str | None, items_dir: Path) -> str | None:
 
 def normalized(item: Item, items_dir: Path) -> Item:
     """The item as workers read it: its local paths made absolute (items_dir is resolved already)."""
+    image, control = item.image, item.control_image
+    if control is None and (image is None or image.startswith(IMAGE_URI_SCHEMES)):
+        return item  # most items of a large job: nothing local to make absolute
     paths = {
         "image": _absolute(item.image, items_dir),
         "control_image": _absolute(item.control_image, items_dir),
@@ -61,7 +64,9 @@ class PartWriter:
             self.parts += 1
         written = normalized(item, self.items_dir)
         if line is not None and written is item:
-            file.write(line.rstrip(b"\r\n") + b"\n")
+            file.write(
+                line if line.endswith(b"\n") and not line.endswith(b"\r\n") else line.rstrip(b"\r\n") + b"\n"
+            )
         else:
             file.write(written.model_dump_json(exclude_none=True).encode() + b"\n")
         self._lines += 1
