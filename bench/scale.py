@@ -66,7 +66,9 @@ def write_job(folder: Path, count: int, name: str, images: bool) -> Path:
     with (folder / "items.jsonl").open("w") as items:
         for index in range(count):
             image = f"in/{index % DISTINCT_INPUTS}.png" if images else f"s3://bucket/in/{index}.png"
-            items.write(f'{{"id": "p{index}", "image": "{image}", "prompt": "a cat wizard, cold color palette"}}\n')
+            items.write(
+                f'{{"id": "p{index}", "image": "{image}", "prompt": "a cat wizard, cold color palette"}}\n'
+            )
     spec = {
         "version": 1,
         "name": name,
@@ -84,7 +86,9 @@ def cli(args: list[str], server: EmbeddedRedis) -> tuple[subprocess.CompletedPro
     env = os.environ | {"IMGJOBS_BROKER_URL": server.url}
     env.pop("IMGJOBS_CHUNK_SIZE", None)
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", MEASURE_RSS, *args], env=env, capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE_RSS, *args], env=env, capture_output=True, text=True, cwd=ROOT
+    )
     elapsed = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-2000:])
@@ -126,7 +130,11 @@ def wait_status(store: JobStore, job_id: str, done: Any, timeout: float) -> tupl
 
 def with_worker(root: Path, server: EmbeddedRedis, name: str) -> LocalWorker:
     worker = LocalWorker(
-        Registry.load(None).resolve("cpu"), server.url, None, root / f"{name}-worker.log", {"IMGJOBS_TORCH_THREADS": "1"}
+        Registry.load(None).resolve("cpu"),
+        server.url,
+        None,
+        root / f"{name}-worker.log",
+        {"IMGJOBS_TORCH_THREADS": "1"},
     )
     deadline = time.monotonic() + 120
     while " ready." not in worker.log_tail(200):
@@ -183,7 +191,9 @@ def e2e_scale(root: Path, count: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--submit-items", default="1000000,10000000")
     parser.add_argument("--cancel-items", type=int, default=1_000_000)
     parser.add_argument("--e2e-items", type=int, default=1_000_000)
