@@ -33,7 +33,7 @@ from jobs.registry import Registry
 from jobs.sources import write_listing_job
 from jobstate import keys
 from jobstate.store import JobStore
-from schemas.errors import ConfigError, ImgjobsError, SpecError, UnknownJobError
+from schemas.errors import ConfigError, ImgjobsError, SpecError, StorageRefusedError, UnknownJobError
 from schemas.messages import JOB_END_QUEUE, WORKER_MODEL_ENV, WorkerModel
 from schemas.progress import JobState, JobStatus
 from schemas.registry import ResolvedModel
@@ -311,7 +311,10 @@ def run(
             )
             err.print(f"embedded mode: state in {state.folder}, {len(workers)} local worker(s)")
         err.print(f"job {submission.job_id}: {submission.total} item(s)")
-        again = f"run `imgjobs run {job}` again to resume"
+        if state is not None:
+            again = f"run `imgjobs run {job}` again to resume"
+        else:  # the broker's workers go on with it
+            again = f"the job goes on; follow it with `imgjobs status {submission.job_id} --watch`"
         status = _follow(store, submission.job_id, workers, again)
     _print_summary(status)
     if logs is not None:
@@ -675,7 +678,8 @@ def main() -> None:
         for problem in exc.problems:
             err.print(f"error: {problem}", markup=False)
         sys.exit(EXIT_INVALID)
-    except (ConfigError, UnknownJobError) as exc:
+    except (ConfigError, UnknownJobError, StorageRefusedError) as exc:
+        # A refused write is the job's output: a path through a file, no permission, a bad bucket.
         err.print(f"error: {exc}", markup=False)
         sys.exit(EXIT_INVALID)
     except RunInterrupted as exc:

@@ -27,7 +27,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -62,11 +62,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    """In a child, before exec: SIGTERM it when the process that started it dies, however that dies
-    (Linux's PR_SET_PDEATHSIG), so a killed `imgjobs run` leaves no server or worker behind."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+def _dies_with_parent(signum: signal.Signals) -> Callable[[], None]:
+    """What a child runs before exec so that `signum` reaches it when the process that started it
+    dies, however that dies (Linux's PR_SET_PDEATHSIG): a killed `imgjobs run` leaves no server or
+    worker behind."""
+
+    def set_parent_death_signal() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signum))  # 1: PR_SET_PDEATHSIG
+
+    return set_parent_death_signal
+
+
+# Redis writes its file and exits on SIGTERM. A worker's warm shutdown (SIGTERM) would wait for the
+# chunk in hand, whose Redis is gone with its parent: Celery's cold shutdown stops it at once, and
+# the chunk, never acknowledged, runs again when the job is run again.
+REDIS_DIES_WITH = signal.SIGTERM
+WORKER_DIES_WITH = signal.SIGQUIT
 
 
 class EmbeddedRedis:
@@ -116,7 +128,7 @@ class EmbeddedRedis:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent if self.die_with_parent else None,
+                preexec_fn=_dies_with_parent(REDIS_DIES_WITH) if self.die_with_parent else None,
             )
         try:
             self._wait_ready()
@@ -188,7 +200,7 @@ class LocalWorker:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent if die_with_parent else None,
+            preexec_fn=_dies_with_parent(WORKER_DIES_WITH) if die_with_parent else None,
         )
 
     def alive(self) -> bool:

@@ -52,7 +52,12 @@ def submit(job: ValidatedJob, settings: Settings, broker_url: str) -> Submission
     if job.parts is None:
         raise ValueError("validate the job with parts_to= before submitting it")
     store = JobStore(connect_redis(broker_url))
-    created, meta = store.create(job.meta(run_id=secrets.token_hex(8)))
+    run_id = secrets.token_hex(8)
+    if store.find(job.job_id) is None:
+        # The first part before the job exists: storage that refuses it fails the submit alone,
+        # leaving no job behind.
+        job.parts.publish(JobParts(open_storage(job.output, job.job_id), run_id), 0, 1)
+    created, meta = store.create(job.meta(run_id))
     if not created and meta.enqueued_at is not None:
         return Submission(job.job_id, job.total, 0, already_submitted=True)
     if meta.chunk_size != job.chunk_size:

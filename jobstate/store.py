@@ -104,10 +104,18 @@ class JobStore:
         return created, (meta if created else self.meta(meta.job_id))
 
     def meta(self, job_id: str) -> JobMeta:
-        raw = self.client.hgetall(keys.job_meta(job_id))
-        if not raw:
+        found = self.find(job_id)
+        if found is None:
             raise UnknownJobError(f"no job {job_id!r} on this broker")
-        return JobMeta.from_hash(job_id, {_text(key): _text(value) for key, value in raw.items()})
+        return found
+
+    def find(self, job_id: str) -> JobMeta | None:
+        raw = self.client.hgetall(keys.job_meta(job_id))
+        return (
+            JobMeta.from_hash(job_id, {_text(key): _text(value) for key, value in raw.items()})
+            if raw
+            else None
+        )
 
     def record_sent(self, job_id: str, parts_sent: int) -> None:
         """First-stage chunks up to `parts_sent` are queued: a submit that resumes starts there."""

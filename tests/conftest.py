@@ -27,6 +27,15 @@ def private_compile_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["IMGJOBS_COMPILE_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor"))
 
 
+@pytest.fixture(autouse=True)
+def private_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Embedded runs keep their state in the test's own folder: never the user's, and no test finds
+    another's job there (the same job id would resume it)."""
+    state = tmp_path / "imgjobs-state"
+    monkeypatch.setenv("IMGJOBS_STATE_DIR", str(state))
+    return state
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread() -> None:
     """Two cores shared by the test process and worker processes: torch's spinning thread pool makes

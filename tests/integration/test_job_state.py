@@ -1,0 +1,262 @@
+"""A job's state through real worker processes on real Redis: an embedded run resumes after a
+SIGTERM and after being killed, and its state answers `status`, `failures` and `retry` after; a
+cancel is accounted for at once and stops a running chunk at its next call; a job's end that cannot
+be written fails the job at once, and one end more changes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from jobs.embedded import EmbeddedRedis, free_port
+from jobs.producer import sender
+from jobs.registry import Registry
+from jobstate.store import JobStore
+from schemas.errors import ImgjobsError
+from schemas.messages import JobEnd
+from schemas.settings import Settings
+from tests.conftest import ROOT, Workers, imgjobs
+from tests.helpers import write_image, write_job
+from tests.integration.test_observability import scrape
+from tests.integration.test_reliability import results, wait_finished
+
+pytestmark = pytest.mark.slow
+
+# About a second a chunk of two, on two shared cores: slow enough to stop a run between chunks.
+SLOW = {"type": "img2img", "model": "tiny-sd", "strength": 1.0, "steps": 150}
+
+
+def job_of(
+    tmp_path: Path, count: int, stage: dict[str, Any] = SLOW, output: str = "out"
+) -> tuple[Path, list[str]]:
+    write_image(tmp_path / "in" / "a.png")
+    rows = [{"id": f"i{n:02d}", "image": "in/a.png", "seed": n} for n in range(count)]
+    return write_job(tmp_path, rows, stage=stage, output=output), [str(row["id"]) for row in rows]
+
+
+def job_id_of(spec: Path, models_yaml: Path) -> str:
+    checked = imgjobs("validate", str(spec), "--models", str(models_yaml))
+    assert checked.returncode == 0, checked.stderr
+    return checked.stdout.split("job id ")[1].strip()
+
+
+def embedded_run(spec: Path, models_yaml: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "jobs", "run", str(spec), "--models", str(models_yaml)],
+        cwd=ROOT,
+        env=os.environ | {"IMGJOBS_CHUNK_SIZE": "2"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def status_of(job_id: str) -> dict[str, Any]:
+    """`imgjobs status --json` with no broker set: the job's embedded state answers."""
+    polled = imgjobs("status", job_id, "--json")
+    assert polled.returncode == 0, polled.stderr
+    return dict(json.loads(polled.stdout))
+
+
+def processes_on(broker_url: str) -> list[int]:
+    """Processes of this user whose environment or command line names the embedded broker's port."""
+    port = broker_url.rsplit(":", 1)[1].split("/")[0]
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            text = (entry / "environ").read_bytes() + (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"127.0.0.1:{port}".encode() in text or f"port {port}".encode() in text:
+            found.append(int(entry.name))
+    return found
+
+
+def wait_until(condition: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return value
+
+
+def succeeded(broker_url: str, job_id: str) -> int:
+    try:
+        return JobStore(redis.Redis.from_url(broker_url, decode_responses=True)).status(job_id).succeeded
+    except ImgjobsError:
+        return 0  # not submitted yet
+
+
+def fingerprints(folder: Path) -> dict[str, tuple[int, int]]:
+    """Each output written so far: (inode, mtime), which any rewrite changes."""
+    return {
+        path.parent.name: (path.stat().st_ino, path.stat().st_mtime_ns)
+        for path in folder.glob("*/s0-img2img.png")
+    }
+
+
+def test_an_embedded_run_resumes_after_a_sigterm_and_after_a_kill(
+    tmp_path: Path, models_yaml: Path, private_state_dir: Path
+) -> None:
+    spec, ids = job_of(tmp_path, 16)
+    job_id = job_id_of(spec, models_yaml)
+    state = private_state_dir / "jobs" / job_id
+
+    first = embedded_run(spec, models_yaml)
+    broker_url = wait_until(
+        lambda: (state / "broker.json").exists() and json.loads((state / "broker.json").read_text())["url"],
+        120,
+        "the embedded broker",
+    )
+    wait_until(lambda: succeeded(broker_url, job_id) >= 2, 180, "a first chunk")
+    assert status_of(job_id)["state"] == "running"  # with no broker set: the running one answers
+    first.send_signal(signal.SIGTERM)
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 128 + signal.SIGTERM, stderr
+    assert "interrupted: " in stderr and f"/16 finished; run `imgjobs run {spec}` again to resume" in stderr
+    # Before, its redis-server and workers went on running, parented to init.
+    assert wait_until(lambda: not processes_on(broker_url), 10, "no process left") is True
+    after_first = fingerprints(tmp_path / "out" / job_id)
+    assert 2 <= len(after_first) < 16
+
+    second = embedded_run(spec, models_yaml)
+    broker_url = wait_until(
+        lambda: (state / "broker.json").exists() and json.loads((state / "broker.json").read_text())["url"],
+        120,
+        "the embedded broker again",
+    )
+    wait_until(lambda: succeeded(broker_url, job_id) >= len(after_first) + 2, 180, "more items")
+    second.kill()  # no chance to stop anything: its children go with it, and the next run requeues
+    second.communicate(timeout=30)
+    assert wait_until(lambda: not processes_on(broker_url), 30, "no process left after a kill") is True
+
+    third = embedded_run(spec, models_yaml)
+    _stdout, stderr = third.communicate(timeout=300)
+    assert third.returncode == 0, stderr
+    assert f"worker logs: {state / 'logs'}" in stderr
+    final = fingerprints(tmp_path / "out" / job_id)
+    assert {item: final[item] for item in after_first} == after_first, "an item finished before ran again"
+    assert set(results(tmp_path, job_id)) == set(ids)
+
+    status = status_of(job_id)  # the job's state after the run: no broker configured
+    assert (status["state"], status["succeeded"]) == ("succeeded", 16)
+    listed = imgjobs("failures", job_id, "--json")
+    assert (listed.returncode, listed.stdout) == (0, "")
+    assert imgjobs("status", "no-such-job").returncode == 2
+
+
+def test_an_embedded_job_is_retried_from_its_state(tmp_path: Path, models_yaml: Path) -> None:
+    write_image(tmp_path / "in" / "ok.png")
+    rows = [{"id": "ok", "image": "in/ok.png"}, {"id": "late", "image": "in/late.png"}]
+    spec = write_job(tmp_path, rows)
+    ran = imgjobs("run", str(spec), "--models", str(models_yaml))
+    assert ran.returncode == 1, ran.stderr
+    job_id = job_id_of(spec, models_yaml)
+    failed = [json.loads(line)["id"] for line in imgjobs("failures", job_id, "--json").stdout.splitlines()]
+    assert failed == ["late"]
+    write_image(tmp_path / "in" / "late.png")  # the missing input arrives
+    retried = imgjobs("retry", job_id)
+    assert retried.returncode == 0, retried.stderr
+    assert "1 failed item(s) run again" in retried.stderr
+    assert {r["status"] for r in results(tmp_path, job_id).values()} == {"succeeded"}
+
+
+def test_cancel_is_accounted_at_once_and_stops_a_running_chunk_at_its_next_call(
+    tmp_path: Path, tiny_sd_dir: Path, workers: Workers
+) -> None:
+    one_a_call = tmp_path / "models.yaml"
+    one_a_call.write_text(
+        f"models:\n  tiny-sd:\n    source: {tiny_sd_dir}\n    dtype: float32\n    max_batch: 1\n",
+        encoding="utf-8",
+    )
+    registry = Registry.load(one_a_call)
+    spec, ids = job_of(tmp_path, 12)
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        env = {"IMGJOBS_BROKER_URL": server.url, "IMGJOBS_MODELS": str(one_a_call), "IMGJOBS_CHUNK_SIZE": "4"}
+        workers.start("tiny-sd", server.url, registry)
+        workers.wait_ready()
+        submitted = imgjobs("submit", str(spec), env=env)
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = submitted.stdout.strip()
+        store = JobStore(redis.Redis.from_url(server.url, decode_responses=True))
+        wait_until(lambda: store.status(job_id).succeeded >= 1, 180, "a first item")
+
+        cancelled = imgjobs("cancel", job_id, env=env)
+        assert cancelled.returncode == 0, cancelled.stderr
+        at_cancel = store.status(job_id)  # right after: every item not started is accounted for
+        assert at_cancel.pending == 0 and at_cancel.state.value == "cancelled"
+        assert at_cancel.cancelled == 12 - at_cancel.succeeded - at_cancel.running
+        assert "item(s) not started are cancelled" in cancelled.stderr
+
+        status = wait_finished(server, job_id, workers)
+        # The running chunk stopped at its next call: at most the call in flight finished after.
+        assert status.succeeded <= at_cancel.succeeded + 1, (at_cancel, status)
+        assert (status.state.value, status.cancelled) == ("cancelled", 12 - status.succeeded)
+        listed = results(tmp_path, job_id)
+        assert list(listed) == ids
+        reasons = [r["error"]["type"] for r in listed.values() if r["status"] == "failed"]
+        assert reasons == ["JobCancelledError"] * status.cancelled
+
+        again = imgjobs("cancel", job_id, env=env)
+        assert again.returncode == 0 and "already finished (cancelled); nothing to cancel" in again.stderr
+        assert store.status(job_id) == status
+
+
+def test_a_job_end_that_cannot_be_written_fails_the_job_at_once_and_a_second_end_changes_nothing(
+    tmp_path: Path, models_yaml: Path, registry: Registry, workers: Workers
+) -> None:
+    (tmp_path / "afile").write_text("a file, where the output should be a folder")
+    unwritable, _ = job_of(tmp_path / "bad", 2, {"type": "resize"}, output=str(tmp_path / "afile" / "sub"))
+    endless, _ = job_of(tmp_path / "endless", 2, {"type": "resize"})
+    good, _ = job_of(tmp_path / "good", 3, {"type": "resize"})
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        env = {"IMGJOBS_BROKER_URL": server.url, "IMGJOBS_MODELS": str(models_yaml)}
+        port = free_port()
+        workers.start("cpu", server.url, registry, env={"IMGJOBS_METRICS_PORT": str(port)})
+        workers.wait_ready()
+        # An output no one can write to is refused at submit, in one line: nothing is enqueued.
+        ran = imgjobs("run", str(unwritable), env=env)
+        assert ran.returncode == 2 and ran.stderr.startswith("error: cannot write "), ran.stderr
+        assert "Not a directory" in ran.stderr
+        assert list(JobStore(redis.Redis.from_url(server.url)).job_ids()) == []
+
+        # Its items run, but the job's end cannot be written (results.jsonl is a folder): before, the
+        # end was retried for five minutes and the job stayed running for ever.
+        job_id = job_id_of(endless, models_yaml)
+        (tmp_path / "endless" / "out" / job_id / "results.jsonl").mkdir(parents=True)
+        started = time.monotonic()
+        ran = imgjobs("run", str(endless), env=env)
+        assert ran.returncode == 1, ran.stderr
+        assert time.monotonic() - started < 30
+        status = json.loads(imgjobs("status", job_id, "--json", env=env).stdout)
+        assert (status["state"], status["succeeded"]) == ("failed", 2)
+        assert "the job's end could not be written" in status["error"] and "Is a directory" in status["error"]
+        pruned = imgjobs("prune", "--older-than", "0s", env=env)
+        assert job_id in pruned.stdout.split(), pruned.stderr
+
+        ran = imgjobs("run", str(good), env=env)
+        assert ran.returncode == 0, ran.stderr
+        job_id = job_id_of(good, models_yaml)
+        written = (tmp_path / "good" / "out" / job_id / "results.jsonl").stat()
+        send_end = sender(Settings(), server.url)
+        meta = JobStore(redis.Redis.from_url(server.url, decode_responses=True)).meta(job_id)
+        for _ in range(2):  # an end delivered again, or sent twice: it is claimed once, so nothing happens
+            send_end(JobEnd(job_id=job_id, run_id=meta.run_id, round=0))
+        time.sleep(2)
+        again = (tmp_path / "good" / "out" / job_id / "results.jsonl").stat()
+        assert (again.st_ino, again.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
+        (ends,) = [
+            line for line in scrape(port).splitlines() if line.startswith("imgjobs_job_end_seconds_count ")
+        ]
+        assert float(ends.split()[1]) == 2.0  # the failed end, and the good job's: one each
