@@ -94,6 +94,19 @@ def test_run_exits_1_when_an_item_fails_and_records_it(tmp_path: Path, models_ya
     assert results["a"]["status"] == "succeeded"
     assert results["empty"]["error"]["type"] == results["gone"]["error"]["type"] == "InputImageError"
 
+    # The run's state stays: `failures` and `retry` of its job id need no broker.
+    job_id = results_file.parent.name
+    failed = [json.loads(line)["id"] for line in imgjobs("failures", job_id, "--json").stdout.splitlines()]
+    assert sorted(failed) == ["empty", "gone"]
+    kept = Path(results["a"]["outputs"]["s0-img2img"]).stat().st_mtime_ns
+    write_image(tmp_path / "in" / "gone.png")  # the missing input arrives
+    retried = imgjobs("retry", job_id, "--reason", "InputImageError")
+    assert retried.returncode == 1, retried.stderr  # "empty" fails again
+    assert "2 failed item(s) run again" in retried.stderr
+    results = {r["id"]: r for r in map(json.loads, results_file.read_text().splitlines())}
+    assert (results["gone"]["status"], results["empty"]["status"]) == ("succeeded", "failed")
+    assert Path(results["a"]["outputs"]["s0-img2img"]).stat().st_mtime_ns == kept, "a was not run again"
+
 
 def test_resize_stage_runs_on_the_cpu_worker_and_feeds_the_next_stage(
     tmp_path: Path, models_yaml: Path
