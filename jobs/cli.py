@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -283,7 +284,7 @@ def run(
     settings = Settings.from_env()
     registry = _registry(models, settings)
     logs: Path | None = None
-    with ExitStack() as stack, stopped_by_signals():
+    with stopped_by_signals(), ExitStack() as stack:
         validated = stack.enter_context(prepared(job, registry, settings))
         workers: list[LocalWorker] | None = None
         state: EmbeddedState | None = None
@@ -322,11 +323,17 @@ def run(
     raise typer.Exit(0 if status.state == JobState.SUCCEEDED else EXIT_FAILED)
 
 
+@dataclass(frozen=True)
+class JobBroker:
+    url: str
+    idle: EmbeddedState | None = None  # an embedded job's state, when no process runs the job now
+
+
 @contextmanager
-def _job_broker(settings: Settings, job_id: str) -> Iterator[str]:
+def _job_broker(settings: Settings, job_id: str) -> Iterator[JobBroker]:
     """The broker that has the job: IMGJOBS_BROKER_URL's, else the job's embedded one."""
     if settings.broker_url:
-        yield require_broker_url(settings)
+        yield JobBroker(require_broker_url(settings))
         return
     state = EmbeddedState(state_root(settings.state_dir), job_id)
     if not state.exists():
@@ -335,7 +342,7 @@ def _job_broker(settings: Settings, job_id: str) -> Iterator[str]:
             f"job {job_id!r} in {state.folder.parent}"
         )
     with state.broker() as url:
-        yield url
+        yield JobBroker(url, None if state.running_elsewhere else state)
 
 
 @app.command()
@@ -347,8 +354,12 @@ def status(
     ] = False,
 ) -> None:
     """Show a job's state and counts."""
-    with _job_broker(Settings.from_env(), job_id) as broker_url:
-        store = JobStore(connect_redis(broker_url))
+    with _job_broker(Settings.from_env(), job_id) as broker:
+        store = JobStore(connect_redis(broker.url))
+        if broker.idle is not None and watch and not store.status(job_id).finished:
+            # An embedded job no `imgjobs run` runs now: watching it would wait for ever.
+            err.print(f"job {job_id}: nothing runs it now; `imgjobs run` of its spec resumes it")
+            watch = False
         if watch and not as_json:
             _print_summary(
                 _follow(store, job_id, None, f"`imgjobs status {job_id} --watch` follows it again")
@@ -383,8 +394,8 @@ def failures(
     as_json: Annotated[bool, typer.Option("--json", help="one ItemResult JSON object per line")] = False,
 ) -> None:
     """List a job's failed items with their reasons."""
-    with _job_broker(Settings.from_env(), job_id) as broker_url:
-        store = JobStore(connect_redis(broker_url))
+    with _job_broker(Settings.from_env(), job_id) as broker:
+        store = JobStore(connect_redis(broker.url))
         failed = sorted(redrive.failures(store, job_id, reason), key=lambda result: result.id)
     if as_json:
         for result in failed:
@@ -420,7 +431,7 @@ def retry(
             f"no broker configured, and no embedded run of job {job_id!r} in {state.folder.parent}"
         )
     registry = Registry.load(state.registry())
-    with ExitStack() as stack, stopped_by_signals():
+    with stopped_by_signals(), ExitStack() as stack:
         broker_url = stack.enter_context(state.broker(registry.path, own=True))
         store = JobStore(connect_redis(broker_url))
         meta = store.meta(job_id)
@@ -456,10 +467,17 @@ def cancel(job_id: Annotated[str, typer.Argument(show_default=False)]) -> None:
     """Cancel a job: items not started are cancelled at once (JobCancelledError), queued chunks are
     dropped, and running ones stop at their next pipeline call."""
     settings = Settings.from_env()
-    with _job_broker(settings, job_id) as broker_url:
-        store = JobStore(connect_redis(broker_url))
-        verdict = redrive.cancel(store, job_id, sender(settings, broker_url))
+    with ExitStack() as stack:
+        broker = stack.enter_context(_job_broker(settings, job_id))
+        store = JobStore(connect_redis(broker.url))
+        verdict = redrive.cancel(store, job_id, sender(settings, broker.url))
         status = store.status(job_id)
+        if broker.idle is not None and not status.finished:
+            # An embedded job no run runs now: its end is written here, by a cpu worker of its own.
+            registry = Registry.load(broker.idle.registry())
+            cpu = [registry.resolve("cpu")]
+            workers = _local_workers(stack, cpu, registry.path, broker.url, broker.idle.logs, settings)
+            status = _follow(store, job_id, workers, f"`imgjobs cancel {job_id}` again writes its end")
     if verdict == "finished":
         err.print(f"job {job_id}: already finished ({status.state.value}); nothing to cancel")
         return

@@ -6,7 +6,7 @@ folder per job (EmbeddedState), so that running the same job again after Ctrl-C,
 resumes it, and `imgjobs status`, `failures` and `retry` work on it afterwards:
 
     $IMGJOBS_STATE_DIR (default $XDG_STATE_HOME/imgjobs, else ~/.local/state/imgjobs)
-      jobs/<job id>/redis/      redis.conf, appendonly.aof, redis.log
+      jobs/<job id>/redis/      redis.conf, appendonly.aof, redis.log, redis.pid
       jobs/<job id>/logs/       worker-<model>-<n>.log
       jobs/<job id>/lock        held by the process that runs the job's broker
       jobs/<job id>/broker.json where that broker listens while it runs (mode 0600)
@@ -34,11 +34,14 @@ from types import TracebackType
 import redis
 from kombu import Connection
 
+from jobstate.store import JobStore
 from schemas.errors import BrokerUnavailableError, ConfigError
 from schemas.registry import ResolvedModel
 
 READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 30.0
+LOCK_WAIT_S = 10.0
+PID_FILE = "redis.pid"
 
 
 def redis_server_binary() -> str:
@@ -74,11 +77,13 @@ def _dies_with_parent(signum: signal.Signals) -> Callable[[], None]:
     return set_parent_death_signal
 
 
-# Redis writes its file and exits on SIGTERM. A worker's warm shutdown (SIGTERM) would wait for the
-# chunk in hand, whose Redis is gone with its parent: Celery's cold shutdown stops it at once, and
-# the chunk, never acknowledged, runs again when the job is run again.
+# Redis writes its file and exits on SIGTERM. A worker's shutdowns (SIGTERM, SIGQUIT) would wait on a
+# Redis that is gone with their parent (for the chunk in hand, or to give back what it reserved), for
+# as long as they retry: killed instead, its pool process with it (it reads from the worker and ends
+# at its pipe's end). Nothing is lost: the chunk in hand, never acknowledged, is in Redis' file and
+# runs again when the job is run again.
 REDIS_DIES_WITH = signal.SIGTERM
-WORKER_DIES_WITH = signal.SIGQUIT
+WORKER_DIES_WITH = signal.SIGKILL
 
 
 class EmbeddedRedis:
@@ -112,6 +117,7 @@ class EmbeddedRedis:
             f"port {self.port}",
             "bind 127.0.0.1",
             f'dir "{self.workdir}"',
+            f'pidfile "{self.workdir / PID_FILE}"',
             'save ""',
             f"appendonly {'yes' if self.appendonly else 'no'}",
             "maxmemory-policy noeviction",
@@ -255,8 +261,10 @@ class EmbeddedState:
     """One job's embedded broker and logs, kept between runs (see the module's docstring)."""
 
     def __init__(self, root: Path, job_id: str) -> None:
+        self.job_id = job_id
         self.folder = root / "jobs" / job_id
         self.logs = self.folder / "logs"
+        self.running_elsewhere = False  # set by broker(): another process runs the job's broker
         self._lock: int | None = None
 
     def exists(self) -> bool:
@@ -266,7 +274,9 @@ class EmbeddedState:
     def broker(self, registry: Path | None = None, *, own: bool = False) -> Iterator[str]:
         """This job's broker, for the block: one started from the job's state (and stopped after),
         or, unless `own`, the one another `imgjobs` process runs for it. Yields its URL."""
-        if self._try_lock():
+        # A command that only looked at the job (status, failures) holds it for a moment: wait for it.
+        if self._try_lock(LOCK_WAIT_S if own else 0.0):
+            self.running_elsewhere = False
             try:
                 yield from self._own_broker(registry)
             finally:
@@ -274,9 +284,10 @@ class EmbeddedState:
             return
         if own:
             raise ConfigError(
-                f"job {self.folder.name} is running in another `imgjobs` process (state {self.folder})"
+                f"job {self.job_id} is running in another `imgjobs` process (state {self.folder})"
             )
         # Another process runs this job's broker: talk to it.
+        self.running_elsewhere = True
         try:
             found = json.loads((self.folder / "broker.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -288,11 +299,15 @@ class EmbeddedState:
         self.logs.mkdir(exist_ok=True)
         if registry is not None:
             (self.folder / "run.json").write_text(json.dumps({"models": str(registry)}), encoding="utf-8")
+        _wait_for_exit(self.folder / "redis" / PID_FILE)  # the server of a run killed a moment ago
         server = EmbeddedRedis(
             self.folder / "redis", appendonly=True, password=secrets.token_hex(16), die_with_parent=True
         )
         with server:
             requeue_unacknowledged(server.url)
+            # Those chunks were stopped with the run, not by a worker's death: they run no more, and
+            # their deliveries so far must not count toward dead-lettering them.
+            JobStore(redis.Redis.from_url(server.url)).forget_running(self.job_id)
             address = self.folder / "broker.json"
             address.touch(mode=0o600)
             address.write_text(json.dumps({"url": server.url, "pid": os.getpid()}), encoding="utf-8")
@@ -309,21 +324,43 @@ class EmbeddedState:
             return None
         return Path(models) if models else None
 
-    def _try_lock(self) -> bool:
+    def _try_lock(self, wait_s: float) -> bool:
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         handle = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(handle)
-            return False
-        self._lock = handle
-        return True
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                os.close(handle)
+                return False
+            self._lock = handle
+            return True
 
     def _unlock(self) -> None:
         if self._lock is not None:
             os.close(self._lock)  # closing releases the lock
             self._lock = None
+
+
+def _wait_for_exit(pid_file: Path, timeout_s: float = 10.0) -> None:
+    """Wait for the redis-server that wrote `pid_file` to exit, then kill it by its pid should it not:
+    two servers must never share one data folder."""
+    try:
+        pid = int(pid_file.read_text(encoding="utf-8").strip())
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return  # no file, or no such process (/proc: Linux, as the parent-death signal)
+    if b"redis-server" not in command:
+        return  # the pid was taken by another process since
+    deadline = time.monotonic() + timeout_s
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 class Interrupted(Exception):

@@ -72,8 +72,8 @@ def submit(job: ValidatedJob, settings: Settings, broker_url: str) -> Submission
         job.parts.publish(parts, batch.start, batch.stop)
         send_chunks(app, meta, [meta.first_chunk(part) for part in batch])
         sent = batch.stop
-        store.record_sent(meta.job_id, sent)
-    store.mark_enqueued(meta.job_id)
+        store.record_sent(meta, sent)
+    store.record_sent(meta, sent, enqueued=True)
     return Submission(
         job.job_id, job.total, sent - meta.parts_sent, already_submitted=False, resumed=not created
     )

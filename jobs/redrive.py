@@ -7,19 +7,17 @@ import itertools
 from collections.abc import Callable, Iterator
 from typing import Literal
 
-from jobstate.bits import bit, mask, ones, zeros
+from jobstate.bits import mask, ones, zeros
 from jobstate.meta import JobMeta
 from jobstate.parts import JobParts
 from jobstate.results import JobBits, part_results, parts_with_failures
 from jobstate.storage import open_storage
-from jobstate.store import CancelVerdict, JobStore
-from schemas.errors import ImgjobsError, UnknownJobError
+from jobstate.store import MOVE_BATCH, CancelVerdict, JobStore
+from schemas.errors import ConfigError, ImgjobsError, JobCancelledError, UnknownJobError
 from schemas.messages import Chunk, ItemResult, JobEnd
 
-# Items moved per script call: a call blocks Redis while it runs.
-MOVE_BATCH = 10_000
-
 Sender = Callable[[JobMeta, list[Chunk]], None]
+CANCELLED = JobCancelledError.__name__
 
 
 def _parts(meta: JobMeta) -> JobParts:
@@ -69,6 +67,12 @@ def retry(
             f"job {job_id} is being cancelled; retry it once `imgjobs status` says it has ended"
         )
     cancelled = meta.cancelled_at is not None
+    if cancelled and reason not in (None, CANCELLED):
+        # Running only some of its failures would leave the cancelled items open with nothing queued.
+        raise ConfigError(
+            f"job {job_id} was cancelled: `imgjobs retry {job_id}` runs its failed and cancelled items "
+            f"again, `--reason {CANCELLED}` its cancelled ones; other reasons are for jobs not cancelled"
+        )
     bits = store.bits(meta)
     targets = list(_targets(meta, bits, reason, cancelled))
     if not targets:
@@ -81,8 +85,10 @@ def retry(
         for start in range(0, len(positions), MOVE_BATCH):
             batch = positions[start : start + MOVE_BATCH]
             round_, stages = store.reopen_items(meta, batch, reopen=not moved, cancelled=cancelled)
-            if round_ < 0:
+            if round_ == -1:
                 raise UnknownJobError(f"no job {job_id!r} on this broker (pruned meanwhile)")
+            if round_ == -2:
+                raise ImgjobsError(f"job {job_id} was cancelled meanwhile; retry it once it has ended")
             moved += [(p, passed, kinds[p]) for p, passed in zip(batch, stages, strict=True) if passed >= 0]
         if not moved:
             return 0
@@ -127,6 +133,9 @@ def _targets(
         if cancelled:
             yield from ((position, "c") for position in zeros(bits.done, meta.total))
         return
+    if reason == CANCELLED and cancelled:
+        yield from ((position, "c") for position in zeros(bits.done, meta.total))
+        return
     for position, result in _failed_lines(meta, bits):
         if result.error is not None and result.error.type == reason:
-            yield position, ("f" if bit(bits.done, position) else "c")
+            yield position, "f"

@@ -2,8 +2,9 @@
 
 results.jsonl, `imgjobs failures` and `imgjobs retry` all read the job through part_results, so
 they agree. The bitmaps decide what counts: an item whose done bit is set takes its latest row whose
-status matches its failed bit (rows a dead worker wrote but never marked done are passed over); an
-item never finished in a cancelled job is cancelled.
+status matches its failed bit (rows a dead worker wrote but never marked done are passed over), or,
+with none, a failed line that says its result is missing; an item never finished in a cancelled job
+is cancelled.
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ class ResultLine:
     line: str  # ItemResult JSON
 
 
-def _chosen(rows: list[ResultRow], failed: bool) -> ResultRow:
+def _chosen(rows: list[ResultRow], failed: bool) -> ResultRow | None:
+    """The latest row of the item's recorded status; None if there is none. Rows of the other status
+    were written by an attempt that never counted (a dead worker's, an earlier round's)."""
     matching = [row for row in rows if row.failed == failed]
-    return max(matching or rows, key=lambda row: row.attempt)
+    return max(matching, key=lambda row: row.attempt) if matching else None
 
 
 def cancelled_result(meta: JobMeta, item: Item, stage_index: int) -> ItemResult:
@@ -86,9 +89,8 @@ def part_results(meta: JobMeta, parts: JobParts, bits: JobBits, part: int) -> It
     for slot, position in enumerate(positions):
         failed = bit(bits.failed, position)
         if bit(bits.done, position):
-            candidates = rows.get(slot)
-            if candidates:
-                row = _chosen(candidates, failed)
+            row = _chosen(rows.get(slot, []), failed)
+            if row is not None:
                 yield ResultLine(position, row.failed, row.line)
                 continue
             items = items or parts.items(part)

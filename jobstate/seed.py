@@ -68,6 +68,5 @@ def seed_job(
     created, meta = store.create(meta)
     if not created:
         raise ValueError(f"job {job_id!r} exists on this broker already")
-    store.record_sent(job_id, meta.parts)
-    store.mark_enqueued(job_id)
+    store.record_sent(meta, meta.parts, enqueued=True)
     return SeededJob(meta, [meta.first_chunk(part) for part in range(meta.parts)])

@@ -7,7 +7,7 @@ storage prefix (jobstate/parts.py).
 
 A job's life, and who calls what:
 
-    producer   create -> record_sent ... -> mark_enqueued
+    producer   create -> record_sent ... -> record_sent(enqueued=True)
     workers    start_chunk -> (standing, finish_items, hand_over)* -> end_chunk
     job's end  claim_end -> finish_job
     commands   status, cancel, reopen_items / put_back (retry), prune, job_ids
@@ -24,13 +24,15 @@ from typing import Any, Literal
 import redis
 
 from jobstate import keys
-from jobstate.meta import JobMeta
+from jobstate.meta import END_CLAIM, JobMeta
 from jobstate.results import JobBits
 from schemas.errors import UnknownJobError
 from schemas.messages import Chunk
 from schemas.progress import JobState, JobStatus, StageProgress
 
 SCAN_BATCH = 1000
+# Items moved per script call by a retry or its undo: a call blocks Redis while it runs.
+MOVE_BATCH = 10_000
 
 
 def _script(name: str) -> str:
@@ -89,6 +91,7 @@ class JobStore:
                 "reopen_items",
                 "put_back",
                 "prune_job",
+                "mark_sent",
             )
         }
 
@@ -117,12 +120,14 @@ class JobStore:
             else None
         )
 
-    def record_sent(self, job_id: str, parts_sent: int) -> None:
-        """First-stage chunks up to `parts_sent` are queued: a submit that resumes starts there."""
-        self.client.hset(keys.job_meta(job_id), "parts_sent", parts_sent)
-
-    def mark_enqueued(self, job_id: str) -> None:
-        self.client.hset(keys.job_meta(job_id), "enqueued_at", time.time())
+    def record_sent(self, meta: JobMeta, parts_sent: int, *, enqueued: bool = False) -> None:
+        """First-stage chunks up to `parts_sent` are queued (with `enqueued`, all of them): a submit
+        that resumes starts there. Raises UnknownJobError once the job is no longer this run."""
+        done = self._run(
+            "mark_sent", [keys.job_meta(meta.job_id)], [meta.run_id, parts_sent, int(enqueued), time.time()]
+        )
+        if not done:
+            raise UnknownJobError(f"job {meta.job_id!r} is no longer on this broker (pruned meanwhile)")
 
     def job_ids(self) -> Iterator[str]:
         # SSCAN returns every member present from start to end, whatever is removed meanwhile.
@@ -227,10 +232,16 @@ class JobStore:
                     keys.job_inflight(job_id),
                     keys.job_deliveries(job_id),
                 ],
-                [chunk.chunk_id, delivery_field(chunk, retries)],
+                [chunk.chunk_id, delivery_field(chunk, retries), chunk.run_id],
             )
         )
         return due - 1 if due else None
+
+    def forget_running(self, job_id: str) -> None:
+        """No chunk of the job runs, and deliveries counted so far do not count: for an embedded run's
+        start, when no worker of its broker can be alive, and its own stop (not a worker's death)
+        left chunks unacknowledged."""
+        self.client.delete(keys.job_inflight(job_id), keys.job_deliveries(job_id))
 
     # -- the job's end -----------------------------------------------------------------------------
 
@@ -244,6 +255,10 @@ class JobStore:
                 [meta.run_id, round_, token],
             )
         )
+
+    def end_claimed(self, meta: JobMeta) -> bool:
+        """Whether an end task holds the job's end now (it is being written)."""
+        return bool(self.client.hexists(keys.job_meta(meta.job_id), END_CLAIM))
 
     def finish_job(
         self,
@@ -370,12 +385,13 @@ class JobStore:
         """`imgjobs retry`'s move: items failed (or, with `cancelled`, never finished in a cancelled
         job that has ended) go back to open. With `reopen`, the job opens a new round in the same step
         as the first item moves. Returns (the round, per item the stages it had been handed past as
-        bits, or -1 where it was left as it is); round -1 when the job is gone."""
+        bits, or -1 where it was left as it is); round -1 when the job is gone, -2 when it was
+        cancelled since `meta` was read (nothing moved then)."""
         stages = [stage_field(plan.name) for plan in meta.recipe[: meta.last_stage]]
         reply = self._run(
             "reopen_items",
             self._item_keys(meta),
-            [meta.run_id, len(stages), int(reopen), int(cancelled), *stages, *positions],
+            [meta.run_id, meta.epoch, len(stages), int(reopen), int(cancelled), *stages, *positions],
         )
         return int(reply[0]), [int(value) for value in reply[1:]]
 
@@ -387,20 +403,24 @@ class JobStore:
         end is due again."""
         stages = [stage_field(plan.name) for plan in meta.recipe[: meta.last_stage]]
         job_keys = self._item_keys(meta)
-        due = int(
-            self._run(
-                "put_back",
-                [*job_keys[:2], keys.job_inflight(meta.job_id), *job_keys[2:]],
-                [
-                    meta.run_id,
-                    len(stages),
-                    int(recancel),
-                    time.time(),
-                    *stages,
-                    *(part for move in moves for part in move),
-                ],
+        due = 0
+        # In batches, as the moves were made: one script call blocks Redis while it runs.
+        for start in range(0, max(len(moves), 1), MOVE_BATCH):
+            batch = moves[start : start + MOVE_BATCH]
+            due = int(
+                self._run(
+                    "put_back",
+                    [*job_keys[:2], keys.job_inflight(meta.job_id), *job_keys[2:]],
+                    [
+                        meta.run_id,
+                        len(stages),
+                        int(recancel and start == 0),
+                        time.time(),
+                        *stages,
+                        *(part for move in batch for part in move),
+                    ],
+                )
             )
-        )
         return due - 1 if due else None
 
     def prune(self, cutoff: float, dry_run: bool = False) -> list[PrunedJob]:

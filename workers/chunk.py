@@ -13,6 +13,7 @@ first); any other error fails the items of the run that are still open.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -181,7 +182,10 @@ def process_chunk(chunk: Chunk, ctx: ChunkContext, retries: int = 0, may_retry: 
                 engine.run(items, recorder)
     except ImgjobsError as exc:
         if exc.retryable and may_retry:
-            recorder.close()
+            # Hand over what this run finished, where storage takes it; what it cannot hand over stays
+            # open, and the retry runs it again.
+            with contextlib.suppress(ImgjobsError):
+                recorder.close()
             ctx.store.end_chunk(chunk, retries)
             raise RetryChunk(exc) from exc
         log.error("chunk %s: failing its unfinished items: %s", chunk.chunk_id, exc)

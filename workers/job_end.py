@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 RESULTS_KEY = "results.jsonl"
 REPORT_KEY = "report.html"
+STALE_WAIT_S = 120.0  # how long an end that found itself stale waits for a newer one being written
 
 
 @dataclass(frozen=True)
@@ -74,12 +75,33 @@ def end_job(end: JobEnd, ctx: EndContext, token: str, may_retry: bool = False) -
         log.exception("job %s: unexpected error writing its end", end.job_id)
         return _failed(meta, end, ctx, token, f"{type(exc).__name__}: {exc}", started)
     if not ctx.store.finish_job(meta, end.round, token, results_uri, report_uri):
-        log.info("job %s: reopened while its end was written; the next end rewrites it", end.job_id)
+        _after_a_stale_end(end, ctx)
         return "stale"
     seconds = time.perf_counter() - started
     log.info("job %s finished in %.1f s of end; results at %s", end.job_id, seconds, results_uri)
     emit.job_ended(end.job_id, seconds, None)
     return "finished"
+
+
+def _after_a_stale_end(end: JobEnd, ctx: EndContext, attempts: int = 3) -> None:
+    """A retry opened a new round while this end was written. Should that round's end finish before
+    this one's files landed, they overwrote the newer ones: so wait for a newer end that is being
+    written, then write the files again from the parts as they are (final once the job is finished),
+    until no round changes meanwhile."""
+    deadline = time.monotonic() + STALE_WAIT_S
+    for _ in range(attempts):
+        meta = ctx.store.meta(end.job_id)
+        while meta.finished_at is None and ctx.store.end_claimed(meta) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            meta = ctx.store.meta(end.job_id)
+        if meta.run_id != end.run_id or meta.finished_at is None or meta.end_error is not None:
+            log.info("job %s: reopened while its end was written; its next end writes it", end.job_id)
+            return
+        write_end(meta, ctx)
+        latest = ctx.store.meta(end.job_id)
+        if (latest.round, latest.finished_at) == (meta.round, meta.finished_at):
+            log.info("job %s: its end of round %d written again over an older one", end.job_id, meta.round)
+            return
 
 
 def _failed(meta: JobMeta, end: JobEnd, ctx: EndContext, token: str, reason: str, started: float) -> str:

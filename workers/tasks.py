@@ -10,6 +10,7 @@ from typing import Any
 
 import redis
 from celery.exceptions import Reject
+from kombu.exceptions import OperationalError
 
 from schemas.messages import END_JOB_TASK, RUN_CHUNK_TASK, Chunk, JobEnd
 from workers.app import app
@@ -53,11 +54,19 @@ def run_chunk(self: Any, payload: dict[str, Any]) -> None:
             countdown = CHUNK_RETRIES.countdown(retries)
             emit.chunk_retried(chunk.chunk_id, stopped.error, countdown)
             raise self.retry(exc=stopped.error, countdown=countdown) from None
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            # Redis stayed away past the client's retries. Never fail items for that, and never let Celery
-            # ack the message (acks_late acks a task that raised): requeue it, or, while Redis is still
-            # down, leave it unacknowledged for the visibility timeout to bring back.
+        except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
+            # Redis stayed away past the client's retries, or a send to it failed. Never fail items for
+            # that, and never let Celery drop the message (a task that raises is acknowledged and
+            # gone): requeue it, or, while Redis is still down, leave it unacknowledged for the
+            # visibility timeout to bring back. Run again, the chunk skips what it finished, hands over
+            # again what it had not, and sends the job's end if that is still to send.
             log.error("chunk %s: lost the broker (%s); requeued", chunk.chunk_id, exc)
+            raise Reject(exc, requeue=True) from None
+        except Exception as exc:
+            # Anything else that escaped the chunk's own handling (a time limit in its last steps, a
+            # bug): requeued too, so that its items are not left open for good; the delivery count
+            # ends a chunk that fails every time.
+            log.exception("chunk %s: stopped by %s; requeued", chunk.chunk_id, type(exc).__name__)
             raise Reject(exc, requeue=True) from None
         record_gpu_memory()
 
@@ -77,6 +86,6 @@ def end_job_task(self: Any, payload: dict[str, Any]) -> None:
                 "job %s: its end stopped (%s); trying again in %.1f s", end.job_id, stopped, countdown
             )
             raise self.retry(exc=stopped.error, countdown=countdown) from None
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
             log.error("job %s: lost the broker writing its end (%s); requeued", end.job_id, exc)
             raise Reject(exc, requeue=True) from None

@@ -2,9 +2,9 @@
 -- failed again (their results in the parts are still there) or, where the job had been cancelled,
 -- cancelled again; the stages they had come through are theirs again.
 -- KEYS: meta, counts, inflight, done, failed, then handed past stages 0 .. n - 1.
--- ARGV: run id, n, recancel ('1': the job was cancelled and ended before the retry), now, then the n
--- stage counter fields, then position, stages (as reopen_items returned), kind ('f' or 'c') triples.
--- Returns the job's end due (see common.lua): its end must be written again.
+-- ARGV: run id, n, recancel ('1': the job was cancelled and ended before the retry: with the first
+-- batch), now, then the n stage counter fields, then position, stages (as reopen_items returned), kind
+-- ('f' or 'c') triples. Returns the job's end due (see common.lua): its end must be written again.
 if redis.call('HGET', KEYS[1], 'run_id') ~= ARGV[1] then return 0 end
 local n = tonumber(ARGV[2])
 if ARGV[3] == '1' then

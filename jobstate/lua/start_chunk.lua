@@ -3,13 +3,24 @@
 -- ARGV: chunk id, delivery field, run id, epoch, now, first position, slot count, slot mask (the
 --       slots of the part this chunk covers, a bit each as in a bitmap; '' = every slot).
 -- Returns {'unknown'} (another run of the job id, or none: pruned), {'dropped', end due} (sent before a
--- cancel), or {'run', delivery, slot...}: the slots neither finished nor handed past this stage.
+-- cancel; end due is set for one dropped chunk per round), or {'run', delivery, slot...}: the slots
+-- neither finished nor handed past this stage.
 local meta = redis.call('HMGET', KEYS[1], 'run_id', 'epoch', 'cancelled_at')
 if meta[1] ~= ARGV[3] then return {'unknown'} end
 if tonumber(meta[2] or '0') ~= tonumber(ARGV[4]) or meta[3] then
   redis.call('HDEL', KEYS[3], ARGV[1])
   redis.call('HDEL', KEYS[4], ARGV[2])
-  return {'dropped', end_due(KEYS[1], KEYS[2], KEYS[3])}
+  -- Every chunk a cancel left queued comes this way: only the first to find the end due sends it
+  -- (end_sent: the round whose end a dropped chunk sent).
+  local due = end_due(KEYS[1], KEYS[2], KEYS[3])
+  if due > 0 then
+    if tonumber(redis.call('HGET', KEYS[1], 'end_sent') or '-1') == due - 1 then
+      due = 0
+    else
+      redis.call('HSET', KEYS[1], 'end_sent', due - 1)
+    end
+  end
+  return {'dropped', due}
 end
 local delivery = redis.call('HINCRBY', KEYS[4], ARGV[2], 1)
 redis.call('HSETNX', KEYS[1], 'started_at', ARGV[5])

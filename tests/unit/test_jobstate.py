@@ -13,11 +13,15 @@ import redis
 from jobs.embedded import EmbeddedRedis
 from jobstate import keys
 from jobstate.bits import mask
+from jobstate.parts import Attempt, JobParts
+from jobstate.results import part_results
+from jobstate.storage import LocalStorage
 from jobstate.store import JobStore
 from schemas.errors import UnknownJobError
 from schemas.job import Item
+from schemas.messages import ItemResult
 from schemas.progress import JobState
-from tests.chunkkit import harness, resize_recipe
+from tests.chunkkit import PARAMS, harness, resize_recipe
 from tests.helpers import write_image
 
 
@@ -110,21 +114,22 @@ def test_a_chunk_of_another_run_or_of_a_pruned_job_changes_nothing(
 
 
 def test_cancel_accounts_for_every_item_at_once(tmp_path: Path, redis_server: EmbeddedRedis) -> None:
-    job = harness(client_of(redis_server), items(tmp_path, 10), tmp_path / "out", chunk_size=4)
-    store, (first, second, third) = job.store, job.chunks
+    job = harness(client_of(redis_server), items(tmp_path, 10), tmp_path / "out", chunk_size=3)
+    store, (first, second, third, fourth) = job.store, job.chunks
     store.start_chunk(job.meta, first, 0, b"")
     store.finish_items(first, "s0-resize", [(0, False)])
 
     assert store.cancel("job") == ("cancelled", None)  # a chunk runs: the end waits for it
     status = store.status("job")
-    assert (status.state, status.pending, status.running, status.cancelled) == (JobState.CANCELLED, 0, 3, 6)
-    assert (status.succeeded, status.failed) == (1, 6)
+    assert (status.state, status.pending, status.running, status.cancelled) == (JobState.CANCELLED, 0, 2, 7)
+    assert (status.succeeded, status.failed) == (1, 7)
     # The running chunk learns at its next call; chunks sent before the cancel are dropped at start.
     assert store.standing(first) == "stopped"
     assert store.finish_items(first, "s0-resize", [(1, False)])[0] == "stopped"
     assert store.start_chunk(job.meta, second, 0, b"").verdict == "dropped"
     assert store.end_chunk(first, 0) == 0  # the last running chunk stopped: the end is due now
     assert store.start_chunk(job.meta, third, 0, b"").end_round == 0
+    assert store.start_chunk(job.meta, fourth, 0, b"").end_round is None  # one end sent per round
     status = store.status("job")
     assert (status.running, status.cancelled, status.succeeded) == (0, 8, 2)
     assert store.cancel("job")[0] == "already"
@@ -184,3 +189,23 @@ def test_redis_keeps_a_few_bits_per_item_over_a_jobs_life(
     assert store.status("job").done == count
     used = sum(int(client.memory_usage(key) or 0) for key in client.scan_iter(match=f"{keys.PREFIX}:*"))
     assert used / count < 16, used / count
+
+
+def test_an_item_counts_only_the_rows_of_its_recorded_status(
+    tmp_path: Path, redis_server: EmbeddedRedis
+) -> None:
+    """A row written by an attempt that never counted (a dead worker's) is passed over: with no row of
+    the recorded status, the item's line says its result is missing, as a failure."""
+    job = harness(client_of(redis_server), items(tmp_path, 2), tmp_path / "out")
+    (chunk,) = job.chunks
+    store = job.store
+    store.start_chunk(job.meta, chunk, 0, b"")
+    parts = JobParts(LocalStorage(tmp_path / "out" / "job"), job.meta.run_id)
+    row = ItemResult(id="i0", status="succeeded", seed=0, model="cpu", prompt="", params=PARAMS)
+    parts.put_results(0, Attempt(0, 0, 0, 1), "dead", [(0, row)])  # written, never marked done
+    parts.put_results(0, Attempt(0, 0, 0, 2), "alive", [(1, row.model_copy(update={"id": "i1"}))])
+    store.finish_items(chunk, "s0-resize", [(0, True), (1, False)])  # i0 failed with no row of its own
+    lines = list(part_results(job.meta, parts, store.bits(job.meta), 0))
+    results = [ItemResult.model_validate_json(line.line) for line in lines]
+    assert [(r.id, r.status) for r in results] == [("i0", "failed"), ("i1", "succeeded")]
+    assert results[0].error is not None and "missing" in results[0].error.message

@@ -22,7 +22,7 @@ from jobs.registry import Registry
 from jobstate import keys
 from jobstate.meta import JobMeta
 from jobstate.store import JobStore
-from schemas.errors import BrokerUnavailableError, ImgjobsError
+from schemas.errors import BrokerUnavailableError, ConfigError, ImgjobsError
 from schemas.messages import Chunk, ItemResult, JobEnd
 from schemas.registry import BUILTIN_MODELS
 from schemas.settings import Settings
@@ -182,6 +182,8 @@ def test_retry_by_reason_and_of_a_cancelled_job(tmp_path: Path, redis_server: Em
         "i5",
     }
 
+    with pytest.raises(ConfigError, match="was cancelled: `imgjobs retry"):
+        job.retry(reason="InputImageError")  # it would leave the cancelled items open with nothing queued
     assert job.retry(reason="JobCancelledError") == 4
     assert job.store.status(job.job_id).state.value == "running"  # no longer cancelled
     job.run(job.sent)
@@ -210,3 +212,24 @@ def test_a_job_pruned_while_a_retry_reads_it_stays_deleted(
     # Before: a meta hash holding only `retries` came back, and chunks went out for a job nobody knew.
     assert list(job.client.scan_iter(match=f"{keys.PREFIX}:job:{job.job_id}:*")) == []
     assert job.sent == []
+
+
+def test_a_job_cancelled_while_a_retry_reads_it_is_left_as_it_is(
+    tmp_path: Path, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = failed_job(tmp_path, redis_server)
+    targets = redrive._targets
+    job.store.reopen_items(job.meta, [0], reopen=True, cancelled=False)  # a retry of i0: the job runs again
+    before = job.store.status(job.job_id)
+
+    def cancel_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        redrive.cancel(job.store, job.job_id, job.ends.append)
+        return targets(*args, **kwargs)
+
+    monkeypatch.setattr(redrive, "_targets", cancel_meanwhile)
+    with pytest.raises(ImgjobsError, match="was cancelled meanwhile"):
+        job.retry()
+    # Before, the retry reopened the job, un-cancelling it, and sent chunks of the old epoch, which were
+    # dropped: nothing was cancelled any more and nothing ran, so the job never ended.
+    status = job.store.status(job.job_id)
+    assert (status.state.value, status.failed, job.sent) == ("cancelled", before.failed + 1, [])
