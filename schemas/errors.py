@@ -11,6 +11,7 @@
     └── ItemError                 one item failed; it is recorded and the rest of the job goes on
         ├── InputImageError       missing, unreadable, oversized or undecodable input image
         ├── StageError            the pipeline rejected or failed on the item's inputs
+        ├── TimeLimitError        the item's chunk ran past its time limit before the item finished
         ├── JobCancelledError     the job was cancelled before the item ran
         └── PoisonChunkError      the item's chunk was delivered too often: its worker died each time
 
@@ -80,6 +81,10 @@ class InputImageError(ItemError):
 
 
 class StageError(ItemError):
+    pass
+
+
+class TimeLimitError(ItemError):
     pass
 
 

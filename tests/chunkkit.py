@@ -55,6 +55,7 @@ class Harness:
     settings: Settings
     storage_for: Callable[[str, str], Storage]
     write_ends: bool = True
+    time_limits: tuple[type[BaseException], ...] = ()
     sent: list[Chunk] = field(default_factory=list)
     ends: list[JobEnd] = field(default_factory=list)
 
@@ -67,6 +68,7 @@ class Harness:
             send_chunk=lambda chunk, _queue: self.sent.append(chunk),
             send_end=self._send_end,
             open_storage=self.storage_for,
+            time_limits=self.time_limits,
         )
 
     @property

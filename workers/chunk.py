@@ -27,7 +27,7 @@ from jobstate.meta import JobMeta
 from jobstate.parts import Attempt, JobParts
 from jobstate.storage import Storage, open_storage
 from jobstate.store import JobStore
-from schemas.errors import ImgjobsError, PoisonChunkError, StageError, UnknownJobError
+from schemas.errors import ImgjobsError, PoisonChunkError, StageError, TimeLimitError, UnknownJobError
 from schemas.job import Item, ResolvedParams, overrides_of, resolve_params
 from schemas.messages import Chunk, ChunkItem, JobEnd, StageInput
 from schemas.settings import Settings
@@ -51,6 +51,9 @@ class ChunkContext:
     send_chunk: Callable[[Chunk, str], None]  # a chunk and its queue
     send_end: Callable[[JobEnd], None]
     open_storage: Callable[[str, str], Storage] = open_storage
+    # What the task runner raises at a chunk's soft time limit (Celery's SoftTimeLimitExceeded); kept
+    # apart from bugs so that its items fail with a reason that says what to change.
+    time_limits: tuple[type[BaseException], ...] = ()
 
 
 class RetryChunk(Exception):
@@ -151,7 +154,9 @@ def process_chunk(chunk: Chunk, ctx: ChunkContext, retries: int = 0, may_retry: 
     attempt = Attempt(chunk.round, chunk.stage_index, retries, start.delivery)
     recorder = ChunkRecorder(ctx.store, parts, storage, meta, chunk, attempt, info, ctx.send_chunk)
     job = StageJob(recipe=meta.recipe, defaults=meta.spec.defaults, dataset=meta.spec.dataset)
-    engine = StageEngine(ctx.model, ctx.settings, storage, job, chunk.stage_index, info)
+    engine = StageEngine(
+        ctx.model, ctx.settings, storage, job, chunk.stage_index, info, retry_inputs=may_retry
+    )
     started = time.perf_counter()
     error: ImgjobsError | None = None
     if start.slots:
@@ -192,6 +197,12 @@ def process_chunk(chunk: Chunk, ctx: ChunkContext, retries: int = 0, may_retry: 
         error = exc
     except (redis.ConnectionError, redis.TimeoutError):
         raise  # the task requeues the chunk; nothing here can be recorded
+    except ctx.time_limits:
+        log.error("chunk %s: stopped at its soft time limit", chunk.chunk_id)
+        error = TimeLimitError(
+            "its chunk ran past the soft time limit (IMGJOBS_TASK_TIME_LIMIT_S) before it finished; "
+            "a longer limit or a smaller chunk_size lets it finish"
+        )
     except Exception as exc:
         # Unexpected: still account for every item, so the job ends instead of hanging.
         log.exception("chunk %s: unexpected error", chunk.chunk_id)

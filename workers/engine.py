@@ -8,7 +8,11 @@ and decodes the inputs of the next ones and encodes and writes the outputs of th
 accelerator does not wait on storage; each call's items reach the sink as soon as their outputs are
 written. A bad item fails alone: its error reaches the sink and the others go on. Errors that may
 pass (StorageError) propagate so the chunk can run again; what was written before is handed to the
-sink first, so it is not done twice.
+sink first, so it is not done twice. An item whose input could not be read for a reason that may pass
+leaves the others running: with `retry_inputs` it stays open and the run ends on its error once the
+rest is done (the chunk runs again for it alone); without, it fails alone with its own error. A call
+that runs out of accelerator memory is halved and run again, down to one item: only an item that
+does not fit alone fails.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from safetensors.torch import save as save_safetensors
 
 from jobstate.parts import CarriedItem
 from jobstate.storage import Storage
-from schemas.errors import ImgjobsError, InputImageError, ItemError, StageError
+from schemas.errors import ImgjobsError, InputImageError, StageError
 from schemas.job import (
     Defaults,
     Img2ImgStage,
@@ -44,7 +48,7 @@ from schemas.settings import Settings
 from workers.events import ChunkInfo, emit
 from workers.imageio import encode_image, fetch_bytes, load_input
 from workers.models import LoadedModel
-from workers.stages.common import StageBatch, StageOutput, run_static, to_pil
+from workers.stages.common import SplitOutput, StageBatch, StageOutput, run_splitting, to_pil
 from workers.stages.img2img import run_img2img
 from workers.stages.resize import run_resize
 from workers.stages.text2img import run_text2img
@@ -144,6 +148,7 @@ class StageEngine:
         job: StageJob,
         stage_index: int,
         info: ChunkInfo,
+        retry_inputs: bool = False,
     ) -> None:
         self.model = model
         self.settings = settings
@@ -153,7 +158,9 @@ class StageEngine:
         self.plan = job.recipe[stage_index]
         self.is_last = stage_index == len(job.recipe) - 1
         self.info = info
+        self.retry_inputs = retry_inputs
         self.busy_s = 0.0
+        self.input_error: ImgjobsError | None = None  # the first input read that may pass on retry
 
     # -- the stage
 
@@ -171,15 +178,17 @@ class StageEngine:
                 if index and sink.should_stop():
                     break
                 ready = self._collect(loading.popleft(), sink)
-                output = self._infer(ready, sink) if ready else None
+                ran = self._infer(ready, sink) if ready else None
                 if index + ahead + 1 < len(calls):
                     loading.append(self._load_all(pool, calls[index + ahead + 1]))
-                if output is not None:
-                    writing.append(pool.submit(self._write_all, ready, output))
+                if ran is not None:
+                    writing.append(pool.submit(self._write_all, *ran))
                 while writing and (writing[0].done() or len(writing) > LOOKAHEAD):
                     self._complete(writing.popleft().result(), sink)
             while writing:
                 self._complete(writing.popleft().result(), sink)
+            if self.input_error is not None:
+                raise self.input_error
         except BaseException:
             # The chunk will run again (retry or redelivery): record what is already written, and drop
             # the fetches not started rather than wait for them (a time limit may be what stopped us).
@@ -270,18 +279,23 @@ class StageEngine:
         return [(work, pool.submit(self.load, work)) for work in call]
 
     def _collect(self, loads: list[tuple[WorkItem, Future[_Prepared]]], sink: Sink) -> list[_Prepared]:
-        """The call's loaded items; those whose input was bad fail, alone."""
+        """The call's loaded items; those whose input was bad fail, alone. One whose read may pass
+        (a storage outage, missing credentials) stays open while retries remain."""
         ready = []
         for work, future in loads:
             try:
                 ready.append(future.result())
-            except ItemError as exc:
-                sink.finished([(work, self.failed(work, exc))])
+            except ImgjobsError as exc:
+                if exc.retryable and self.retry_inputs:
+                    self.input_error = self.input_error or exc
+                else:
+                    sink.finished([(work, self.failed(work, exc))])
         return ready
 
     # -- the call
 
-    def _infer(self, ready: list[_Prepared], sink: Sink) -> StageOutput | None:
+    def _infer(self, ready: list[_Prepared], sink: Sink) -> tuple[list[_Prepared], StageOutput] | None:
+        """Run one call: the items that ran and their output, in order; the others have failed."""
         spec, defaults = self.plan.spec, self.job.defaults
         params = ready[0].work.params
         items = [prepared.work.member.item for prepared in ready]
@@ -310,9 +324,10 @@ class StageEngine:
                 want_latents="latent" in self.plan.writes,
             )
 
+        split = SplitOutput(None, {})
         try:
             # static_batch: calls of one batch size (padded or split), so compiled code sees one shape.
-            output = run_static(run, batch, self.model.entry.static_batch)
+            split = run_splitting(run, batch, self.model.entry.static_batch)
         except StageError as exc:
             error = exc
         except (ValueError, TypeError, RuntimeError) as exc:
@@ -326,7 +341,17 @@ class StageEngine:
         if error is not None:
             sink.finished([(p.work, self.failed(p.work, error, p.timings)) for p in ready])
             return None
-        return output
+        if split.failed:
+            sink.finished(
+                [
+                    (p.work, self.failed(p.work, split.failed[row], p.timings))
+                    for row, p in enumerate(ready)
+                    if row in split.failed
+                ]
+            )
+        if split.output is None:
+            return None
+        return [p for row, p in enumerate(ready) if row not in split.failed], split.output
 
     # -- outputs
 

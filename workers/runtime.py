@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 import redis
+from celery.exceptions import SoftTimeLimitExceeded
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -20,6 +21,7 @@ from workers.chunk import ChunkContext
 from workers.job_end import EndContext
 
 log = logging.getLogger("imgjobs.worker")
+TIME_LIMITS = (SoftTimeLimitExceeded,)
 
 
 class WorkerRuntime:
@@ -58,7 +60,12 @@ class WorkerRuntime:
             health_check_interval=30,
         )
         cls._context = ChunkContext(
-            model=loaded, settings=settings, store=JobStore(client), send_chunk=send_chunk, send_end=send_end
+            model=loaded,
+            settings=settings,
+            store=JobStore(client),
+            send_chunk=send_chunk,
+            send_end=send_end,
+            time_limits=TIME_LIMITS,
         )
         return cls._context
 

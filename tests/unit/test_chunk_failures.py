@@ -8,19 +8,25 @@ from pathlib import Path
 
 import pytest
 import redis
+import torch
+from celery.exceptions import SoftTimeLimitExceeded
 
 from jobs.embedded import EmbeddedRedis
 from jobstate import keys
 from jobstate.bits import unmask
 from jobstate.storage import LocalStorage
 from schemas.errors import StorageError
-from schemas.job import Item
+from schemas.job import Item, ResolvedParams
+from schemas.messages import StagePlan
 from schemas.registry import ResolvedModel
 from tests.chunkkit import CPU, Harness, harness, resize_recipe
 from tests.helpers import write_image
+from workers import engine
 from workers.chunk import RetryChunk
 from workers.job_end import RetryEnd, end_job
 from workers.models import LoadedModel
+from workers.runtime import TIME_LIMITS
+from workers.stages.common import StageBatch, StageOutput
 
 
 class FlakyStorage(LocalStorage):
@@ -157,6 +163,108 @@ def test_an_input_url_urllib_cannot_parse_fails_its_item_alone(
     error = job.results()["c"].error
     assert error is not None and error.type == "InputImageError"
     assert (tmp_path / "out" / "job" / "report.html").exists()
+
+
+def without_aws_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No credentials anywhere boto3 looks, and no instance metadata service to ask."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def test_an_input_that_cannot_be_read_for_now_leaves_the_others_running_then_fails_alone(
+    tmp_path: Path, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    without_aws_credentials(monkeypatch, tmp_path)
+    job = setup(tmp_path, redis_server, stages=1, bad_uri="s3://bucket/x.png")
+    (chunk,) = job.chunks
+    with pytest.raises(RetryChunk, match=r"s3://bucket/x\.png"):  # retries remain: c stays open
+        job.run(chunk, may_retry=True)
+    status = job.store.status("job")
+    assert (status.succeeded, status.failed, status.finished) == (2, 0, False), "a and b are done"
+    job.run(chunk, retries=1)  # the last try: c alone fails, with its own input's error
+    status = job.store.status("job")
+    assert (status.state.value, status.succeeded, status.failed) == ("failed", 2, 1)
+    results = job.results()
+    assert [results[item].status for item in ("a", "b")] == ["succeeded", "succeeded"]
+    error = results["c"].error
+    assert error is not None and error.type == "StorageError"
+    assert error.message.startswith("s3://bucket/x.png:") and "credentials" in error.message
+
+
+def test_a_call_out_of_memory_is_halved_until_it_fits_and_only_an_item_too_large_alone_fails(
+    tmp_path: Path, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Accelerator memory allows two items a call, and none at all for the item prompted "huge"."""
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    ids = ["a", "b", "c", "d", "e", "f"]
+    items = [
+        Item(
+            id=item_id,
+            image=str(
+                write_image(tmp_path / "in" / f"{item_id}.png", size=(24, 24), color=(40 * index, 30, 200))
+            ),
+            prompt="huge" if item_id == "d" else "fits",
+        )
+        for index, item_id in enumerate(ids)
+    ]
+    real = engine.STAGES["resize"]
+    calls: list[int] = []
+
+    def tight_memory(
+        model: LoadedModel, plan: StagePlan, params: ResolvedParams, batch: StageBatch, **kw: bool
+    ) -> StageOutput:
+        calls.append(len(batch))
+        if len(batch) > 2 or "huge" in batch.prompts:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
+        return real(model, plan, params, batch, **kw)
+
+    monkeypatch.setitem(engine.STAGES, "resize", tight_memory)
+    job = harness(client, items, tmp_path / "out")
+    job.run_all()
+    assert calls[:2] == [6, 3], "the call of six, then its first half"
+    results = job.results()
+    assert [item_id for item_id in ids if results[item_id].status == "succeeded"] == ["a", "b", "c", "e", "f"]
+    error = results["d"].error
+    assert error is not None and error.type == "StageError"
+    assert (
+        error.message == "out of memory even in a batch of 1: CUDA out of memory. Tried to allocate 20.00 GiB"
+    )
+    monkeypatch.setitem(engine.STAGES, "resize", real)  # the same items with memory to spare
+    reference = harness(client, items, tmp_path / "reference", job_id="reference")
+    reference.run_all()
+    for item_id in ["a", "b", "c", "e", "f"]:
+        ours = (job.job_dir / item_id / "s0-resize.png").read_bytes()
+        assert ours == (reference.job_dir / item_id / "s0-resize.png").read_bytes(), item_id
+
+
+def test_items_a_time_limit_stops_fail_as_timed_out_and_those_finished_before_are_kept(
+    tmp_path: Path, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    one_at_a_time = ResolvedModel(name="cpu", entry=CPU.entry.model_copy(update={"max_batch": 1}))
+    job = setup(tmp_path, redis_server, stages=1, model=one_at_a_time)
+    job.time_limits = TIME_LIMITS  # the worker's own
+    real = engine.STAGES["resize"]
+    calls: list[int] = []
+
+    def slow(
+        model: LoadedModel, plan: StagePlan, params: ResolvedParams, batch: StageBatch, **kw: bool
+    ) -> StageOutput:
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise SoftTimeLimitExceeded()  # what Celery raises in the task at the soft limit
+        return real(model, plan, params, batch, **kw)
+
+    monkeypatch.setitem(engine.STAGES, "resize", slow)
+    job.run_all()
+    results = job.results()
+    assert results["a"].status == "succeeded"
+    error = results["b"].error
+    assert error is not None and error.type == "TimeLimitError"
+    assert "IMGJOBS_TASK_TIME_LIMIT_S" in error.message
+    assert job.store.status("job").finished
 
 
 def test_handovers_of_a_run_and_its_retry_have_their_own_chunk_ids(

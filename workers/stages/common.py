@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -11,6 +13,8 @@ import torch
 from PIL import Image
 
 from schemas.errors import StageError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,48 @@ def run_static(
         piece = slice_batch(batch, start, start + static_batch)
         outputs.append(slice_output(run(pad_batch(piece, static_batch)), len(piece)))
     return concat_outputs(outputs)
+
+
+@dataclass(frozen=True)
+class SplitOutput:
+    """What a call split on running out of memory made: the output of the rows that ran, in order,
+    and the error of each row (by index in the call) that ran out of memory even alone."""
+
+    output: StageOutput | None
+    failed: dict[int, StageError]
+
+
+def _free_accelerator_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_splitting(
+    run: Callable[[StageBatch], StageOutput], batch: StageBatch, static_batch: int | None
+) -> SplitOutput:
+    """run_static, halving the batch each time it runs out of accelerator memory, down to one row;
+    only a row that runs out of memory alone fails. The halves run unpadded: padding them back to
+    static_batch would ask for the memory that was just missing."""
+    try:
+        return SplitOutput(run_static(run, batch, static_batch), {})
+    except torch.OutOfMemoryError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
+    # Only past the except block are the error's frames, and the tensors they hold, released.
+    _free_accelerator_memory()
+    if len(batch) == 1:
+        if static_batch and static_batch > 1:
+            return run_splitting(run, batch, None)  # padded, it was never tried alone
+        return SplitOutput(None, {0: StageError(f"out of memory even in a batch of 1: {reason}")})
+    half = (len(batch) + 1) // 2
+    log.warning(
+        "a batch of %d ran out of memory; running it as %d and %d", len(batch), half, len(batch) - half
+    )
+    pieces = [(0, run_splitting(run, slice_batch(batch, 0, half), None))]
+    pieces.append((half, run_splitting(run, slice_batch(batch, half, len(batch)), None)))
+    outputs = [piece.output for _, piece in pieces if piece.output is not None]
+    failed = {start + row: error for start, piece in pieces for row, error in piece.failed.items()}
+    return SplitOutput(concat_outputs(outputs) if outputs else None, failed)
 
 
 def generators(seeds: list[int]) -> list[torch.Generator]:
