@@ -25,8 +25,9 @@ from rich.table import Table
 
 from jobs import redrive, scheduler
 from jobs.broker import connect_redis, producer_app, require_broker_url
+from jobs.consumers import ConsumerWatch, consumed_queues
 from jobs.embedded import EmbeddedState, Interrupted, LocalWorker, state_root, stopped_by_signals
-from jobs.manifest import ValidatedJob, validate_job
+from jobs.manifest import ValidatedJob, stage_problems, validate_job
 from jobs.metrics import BrokerCollector
 from jobs.producer import prepared, send_chunks, sender
 from jobs.producer import submit as submit_job
@@ -34,7 +35,15 @@ from jobs.registry import Registry
 from jobs.sources import write_listing_job
 from jobstate import keys
 from jobstate.store import JobStore
-from schemas.errors import ConfigError, ImgjobsError, SpecError, StorageRefusedError, UnknownJobError
+from schemas.errors import (
+    BrokerUnavailableError,
+    ConfigError,
+    ImgjobsError,
+    Problem,
+    SpecError,
+    StorageRefusedError,
+    UnknownJobError,
+)
 from schemas.messages import JOB_END_QUEUE, WORKER_MODEL_ENV, WorkerModel
 from schemas.progress import JobState, JobStatus
 from schemas.registry import ResolvedModel
@@ -63,13 +72,17 @@ ModelsOption = Annotated[
 JobArgument = Annotated[Path, typer.Argument(help="job spec, YAML or JSON", show_default=False)]
 
 
-def _registry(models: Path | None, settings: Settings) -> Registry:
-    return Registry.load(models or settings.models)
+def _registry(models: Path | None, settings: Settings, check_sources: bool = False) -> Registry:
+    """The registry; with check_sources, on a machine that loads its models (or validates for one),
+    a local source that cannot load is an error as the job resolves it."""
+    registry = Registry.load(models or settings.models)
+    registry.check_sources = check_sources
+    return registry
 
 
 def _validated(job_path: Path, models: Path | None, settings: Settings) -> tuple[ValidatedJob, Registry]:
-    registry = _registry(models, settings)
-    return validate_job(job_path, registry), registry
+    registry = _registry(models, settings, check_sources=True)
+    return validate_job(job_path, registry, check_local=True), registry
 
 
 @app.command()
@@ -120,7 +133,7 @@ def submit(
             )
             # A local output is relative to where the command runs, not to the generated job's folder.
             where = output if "://" in output else str(Path(output).resolve())
-            stage_spec = {"type": stage, "model": model, **_parameters(param or [])}
+            stage_spec = _listing_stage(stage, model, param or [])
             spec = {"version": 1, "name": name, "output": where, "stages": [stage_spec], "dataset": dataset}
             if size is not None:
                 spec["defaults"] = {"size": size}
@@ -133,6 +146,21 @@ def submit(
     if submission.already_submitted:
         err.print(f"job {submission.job_id} was already submitted; see `imgjobs status {submission.job_id}`")
     print(submission.job_id)
+
+
+def _listing_stage(stage: str, model: str, pairs: list[str]) -> dict[str, object]:
+    """The stage --stage, --model and --param make. A parameter it refuses is named by its flag:
+    the job file validation would otherwise name is a temporary one, gone when the command ends."""
+    parameters = _parameters(pairs)
+    spec = {"type": stage, "model": model, **parameters}
+    problems = [
+        Problem(f"--param {field}" if field in parameters else "--param", None, None, message)
+        for field, message in stage_problems(spec)
+        if field in parameters or (field is None and parameters)
+    ]
+    if problems:
+        raise SpecError(problems)
+    return spec
 
 
 def _parameters(pairs: list[str]) -> dict[str, object]:
@@ -170,7 +198,17 @@ def _rate(status: JobStatus, done: int | None = None) -> float:
     return done / max((status.finished_at or time.time()) - status.started_at, 1e-6)
 
 
-def _watch(store: JobStore, job_id: str, workers: list[LocalWorker] | None = None) -> JobStatus:
+def _consumer_watch(settings: Settings, broker_url: str, store: JobStore, job_id: str) -> ConsumerWatch:
+    app = producer_app(settings, broker_url)
+    return ConsumerWatch(store.meta(job_id), lambda: consumed_queues(app))
+
+
+def _watch(
+    store: JobStore,
+    job_id: str,
+    workers: list[LocalWorker] | None = None,
+    consumers: ConsumerWatch | None = None,
+) -> JobStatus:
     """Progress bars until the job finishes: the job's, and one per stage when it has several."""
     with _progress_bar() as progress:
         status = store.status(job_id)
@@ -195,6 +233,8 @@ def _watch(store: JobStore, job_id: str, workers: list[LocalWorker] | None = Non
                     )
             if status.finished:
                 return status
+            for warning in consumers.warnings(status) if consumers else []:
+                progress.console.print(warning, markup=False)
             if workers is not None and not any(worker.alive() for worker in workers):
                 tails = "\n".join(w.log_tail() for w in workers)
                 raise ImgjobsError(
@@ -259,10 +299,16 @@ def _local_workers(
     ]
 
 
-def _follow(store: JobStore, job_id: str, workers: list[LocalWorker] | None, again: str) -> JobStatus:
+def _follow(
+    store: JobStore,
+    job_id: str,
+    workers: list[LocalWorker] | None,
+    consumers: ConsumerWatch | None,
+    again: str,
+) -> JobStatus:
     """_watch, saying how far the job got when a signal stops it."""
     try:
-        return _watch(store, job_id, workers)
+        return _watch(store, job_id, workers, consumers)
     except (KeyboardInterrupt, Interrupted) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         try:
@@ -282,7 +328,8 @@ def run(
     """Run a job to the end. With no IMGJOBS_BROKER_URL, start an embedded Redis and local workers,
     keeping their state so that running the job again resumes it."""
     settings = Settings.from_env()
-    registry = _registry(models, settings)
+    # Embedded, the models load here. A missing input still fails its item alone, as distributed.
+    registry = _registry(models, settings, check_sources=not settings.broker_url)
     logs: Path | None = None
     with stopped_by_signals(), ExitStack() as stack:
         validated = stack.enter_context(prepared(job, registry, settings))
@@ -312,11 +359,13 @@ def run(
             )
             err.print(f"embedded mode: state in {state.folder}, {len(workers)} local worker(s)")
         err.print(f"job {submission.job_id}: {submission.total} item(s)")
+        consumers: ConsumerWatch | None = None
         if state is not None:
             again = f"run `imgjobs run {job}` again to resume"
         else:  # the broker's workers go on with it
             again = f"the job goes on; follow it with `imgjobs status {submission.job_id} --watch`"
-        status = _follow(store, submission.job_id, workers, again)
+            consumers = _consumer_watch(settings, broker_url, store, submission.job_id)
+        status = _follow(store, submission.job_id, workers, consumers, again)
     _print_summary(status)
     if logs is not None:
         err.print(f"worker logs: {logs}")
@@ -353,22 +402,32 @@ def status(
         bool, typer.Option("--json", help="print one JSON object (one per poll with --watch)")
     ] = False,
 ) -> None:
-    """Show a job's state and counts."""
-    with _job_broker(Settings.from_env(), job_id) as broker:
+    """Show a job's state and counts. With --watch, exit as `run` does once the job finishes: 0 if
+    every item succeeded, 1 otherwise."""
+    settings = Settings.from_env()
+    with _job_broker(settings, job_id) as broker:
         store = JobStore(connect_redis(broker.url))
         if broker.idle is not None and watch and not store.status(job_id).finished:
             # An embedded job no `imgjobs run` runs now: watching it would wait for ever.
             err.print(f"job {job_id}: nothing runs it now; `imgjobs run` of its spec resumes it")
             watch = False
-        if watch and not as_json:
-            _print_summary(
-                _follow(store, job_id, None, f"`imgjobs status {job_id} --watch` follows it again")
-            )
+        if not watch:
+            _status_lines(store, job_id, None, as_json)
             return
-        _status_lines(store, job_id, watch, as_json)
+        # An embedded run's own workers are its `imgjobs run`'s to watch.
+        consumers = _consumer_watch(settings, broker.url, store, job_id) if settings.broker_url else None
+        if as_json:
+            final = _status_lines(store, job_id, consumers, as_json, watch=True)
+        else:
+            again = f"`imgjobs status {job_id} --watch` follows it again"
+            final = _follow(store, job_id, None, consumers, again)
+            _print_summary(final)
+    raise typer.Exit(0 if final.state == JobState.SUCCEEDED else EXIT_FAILED)
 
 
-def _status_lines(store: JobStore, job_id: str, watch: bool, as_json: bool) -> None:
+def _status_lines(
+    store: JobStore, job_id: str, consumers: ConsumerWatch | None, as_json: bool, watch: bool = False
+) -> JobStatus:
     while True:
         current = store.status(job_id)
         if as_json:
@@ -383,7 +442,9 @@ def _status_lines(store: JobStore, job_id: str, watch: bool, as_json: bool) -> N
             if current.error:
                 out.print(f"error: {current.error}", markup=False)
         if not watch or current.finished:
-            return
+            return current
+        for warning in consumers.warnings(current) if consumers else []:
+            err.print(warning, markup=False)
         time.sleep(POLL_S)
 
 
@@ -442,7 +503,7 @@ def retry(
         count = _retry(store, settings, broker_url, job_id, reason)
         err.print(f"job {job_id}: {count} failed item(s) run again, by {len(workers)} local worker(s)")
         status = (
-            _follow(store, job_id, workers, f"`imgjobs retry {job_id}` goes on")
+            _follow(store, job_id, workers, None, f"`imgjobs retry {job_id}` goes on")
             if count
             else store.status(job_id)
         )
@@ -477,7 +538,7 @@ def cancel(job_id: Annotated[str, typer.Argument(show_default=False)]) -> None:
             registry = Registry.load(broker.idle.registry())
             cpu = [registry.resolve("cpu")]
             workers = _local_workers(stack, cpu, registry.path, broker.url, broker.idle.logs, settings)
-            status = _follow(store, job_id, workers, f"`imgjobs cancel {job_id}` again writes its end")
+            status = _follow(store, job_id, workers, None, f"`imgjobs cancel {job_id}` again writes its end")
     if verdict == "finished":
         err.print(f"job {job_id}: already finished ({status.state.value}); nothing to cancel")
         return
@@ -526,7 +587,7 @@ def worker(
     """Start a Celery worker that loads MODEL once and consumes only that model's queue."""
     settings = Settings.from_env()
     broker_url = require_broker_url(settings)
-    resolved = _registry(models, settings).resolve(model, base_dir=Path.cwd())
+    resolved = _registry(models, settings, check_sources=True).resolve(model, base_dir=Path.cwd())
     connect_redis(broker_url)  # fail here, in one line, rather than in Celery's retry loop
     queue = resolved.queue
     # The CPU workers also write jobs' ends, so that no GPU waits on them.
@@ -696,7 +757,7 @@ def main() -> None:
         for problem in exc.problems:
             err.print(f"error: {problem}", markup=False)
         sys.exit(EXIT_INVALID)
-    except (ConfigError, UnknownJobError, StorageRefusedError) as exc:
+    except (ConfigError, UnknownJobError, StorageRefusedError, BrokerUnavailableError) as exc:
         # A refused write is the job's output: a path through a file, no permission, a bad bucket.
         err.print(f"error: {exc}", markup=False)
         sys.exit(EXIT_INVALID)

@@ -11,20 +11,21 @@ import csv
 import hashlib
 import io
 import json
+import os
 import time
 from array import array
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
-from jobs.plan import PartWriter
+from jobs.plan import PartWriter, absolute_path
 from jobs.recipe import plan_recipe
-from jobs.registry import Registry
+from jobs.registry import Location, Registry, error_message, yaml_child, yaml_line
 from jobstate.meta import JobMeta, chunk_size_for
 from schemas.errors import Problem, SpecError
 from schemas.job import Item, JobSpec, ResolvedParams, StageSpec, overrides_of, resolve_params
@@ -38,7 +39,7 @@ MAX_ITEMS = 10_000_000
 ITEM_FORMATS = (".jsonl", ".csv", ".parquet")
 PARQUET_BATCH = 4096
 STAGE_TYPES = ("img2img", "text2img", "upscale", "resize")
-Located = tuple[int | None, tuple[int | str, ...]]
+Located = tuple[int | None, Location]
 
 
 @dataclass(frozen=True)
@@ -73,16 +74,7 @@ class ValidatedJob:
         return list({plan.model.name: plan.model for plan in self.recipe}.values())
 
 
-def _child(node: yaml.Node | None, key: int | str) -> yaml.Node | None:
-    if isinstance(node, yaml.MappingNode):
-        return next((value for name, value in node.value if getattr(name, "value", None) == key), None)
-    if isinstance(node, yaml.SequenceNode) and isinstance(key, int) and 0 <= key < len(node.value):
-        item: yaml.Node = node.value[key]
-        return item
-    return None
-
-
-def _locate(root: yaml.Node | None, loc: tuple[int | str, ...]) -> Located:
+def locate(root: yaml.Node | None, loc: Location) -> Located:
     """The 1-based line of the YAML node a pydantic error location points at, and the location
     without the stage type that pydantic inserts for a tagged union."""
     node, kept = root, list[int | str]()
@@ -90,7 +82,7 @@ def _locate(root: yaml.Node | None, loc: tuple[int | str, ...]) -> Located:
         tag_place = position >= 2 and loc[position - 2] == "stages" and isinstance(loc[position - 1], int)
         if tag_place and key in STAGE_TYPES:
             continue  # pydantic's tag of the stage union, which a stage field may share a name with (resize)
-        child = _child(node, key)
+        child = yaml_child(node, key)
         if child is None:
             kept.extend(loc[position:])
             break
@@ -100,19 +92,45 @@ def _locate(root: yaml.Node | None, loc: tuple[int | str, ...]) -> Located:
 
 
 def _problems_from(
-    exc: ValidationError, file: str, locate: Callable[[tuple[int | str, ...]], Located]
+    exc: ValidationError, file: str, locate: Callable[[Location], Located], root: Any
 ) -> list[Problem]:
+    """Pydantic's errors as Problems; `root` is what was validated (a model or an annotation)."""
     problems = []
     for err in exc.errors():
         line, loc = locate(tuple(err["loc"]))
         field = ".".join(str(part) for part in loc) or None
-        problems.append(
-            Problem(file=file, line=line, field=field, message=err["msg"].removeprefix("Value error, "))
-        )
+        problems.append(Problem(file=file, line=line, field=field, message=error_message(err, root)))
     return problems
 
 
+_STAGE = TypeAdapter[StageSpec](StageSpec)
+
+
+def stage_problems(stage: dict[str, Any]) -> list[tuple[str | None, str]]:
+    """(field, message) for each problem of one stage given on its own (not in a spec file), in
+    the words validate uses; the field is None for a problem of the stage as a whole."""
+    try:
+        _STAGE.validate_python(stage)
+    except ValidationError as exc:
+        return [(_stage_field(tuple(err["loc"])), error_message(err, StageSpec)) for err in exc.errors()]
+    return []
+
+
+def _stage_field(loc: Location) -> str | None:
+    # A location starts with the stage's type, pydantic's tag of the stage union; an empty one is
+    # about the tag itself.
+    if not loc:
+        return "type"
+    return str(loc[1]) if len(loc) > 1 else None
+
+
 def load_spec(spec_path: Path) -> JobSpec:
+    """The spec, or a SpecError with every problem of it located by line and field."""
+    return _read_spec(spec_path)[0]
+
+
+def _read_spec(spec_path: Path) -> tuple[JobSpec, yaml.Node | None]:
+    """The spec, and its YAML nodes, which know the line of every field."""
     file = str(spec_path)
     try:
         if spec_path.stat().st_size > MAX_SPEC_BYTES:
@@ -139,9 +157,24 @@ def load_spec(spec_path: Path) -> JobSpec:
             [Problem(file, 1, None, "the spec must be a mapping of version, name, output, items, stages")]
         )
     try:
-        return JobSpec.model_validate(data)
+        return JobSpec.model_validate(data), root
     except ValidationError as exc:
-        raise SpecError(_problems_from(exc, file, lambda loc: _locate(root, loc))) from None
+        raise SpecError(_problems_from(exc, file, lambda loc: locate(root, loc), JobSpec)) from None
+
+
+def _on_spec_lines(problems: list[Problem], file: str, root: yaml.Node | None) -> list[Problem]:
+    """The spec's problems found after parsing (models, handovers, the items file) on the line of
+    their field, as parse errors are."""
+    return [
+        replace(problem, line=yaml_line(root, _keys_of(problem.field)))
+        if problem.file == file and problem.line is None and problem.field
+        else problem
+        for problem in problems
+    ]
+
+
+def _keys_of(field: str) -> Location:
+    return tuple(int(part) if part.isdigit() else part for part in field.split("."))
 
 
 def _bounded_lines(raw: Any) -> Iterator[bytes | None]:
@@ -191,17 +224,42 @@ def _raw_rows(items_path: Path, digest: Any) -> Iterator[tuple[int, Row]]:
                 if line.strip():
                     yield number, line
         else:
-            text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
-            reader = csv.DictReader(text)
-            try:
-                for row in reader:
-                    if None in row:
-                        yield reader.line_num, "more values than header columns"
-                        continue
-                    digest.update(json.dumps(row, sort_keys=True).encode())
-                    yield reader.line_num, {k: v for k, v in row.items() if k and v not in (None, "")}
-            except (csv.Error, UnicodeDecodeError) as exc:
-                yield reader.line_num, f"not valid CSV: {exc}"
+            yield from _csv_rows(raw, digest)
+
+
+def _csv_rows(raw: Any, digest: Any) -> Iterator[tuple[int, Row]]:
+    """(line, row) of a CSV file with a header row: a row's last line (a quoted field may span
+    several), or for an error the line after the last row read, where the broken row begins. An
+    error ends the file, since what follows it cannot be split into rows reliably."""
+    # utf-8-sig: the byte-order mark Excel writes would otherwise be part of the first column's name.
+    text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+    # strict: without it, a quote never closed makes one field of the rest of the file, silently.
+    reader = csv.DictReader(text, strict=True)
+    read = 0  # the last line of the header or of the last row
+    try:
+        if reader.fieldnames is None:
+            return  # an empty file
+        read = reader.line_num
+        for row in reader:
+            read = reader.line_num
+            if None in row:
+                yield read, "more values than header columns"
+                continue
+            digest.update(json.dumps(row, sort_keys=True).encode())
+            yield read, {k: v for k, v in row.items() if k and v not in (None, "")}
+    except csv.Error as exc:
+        yield read + 1, f"not valid CSV: {_csv_reason(exc)}"
+    except UnicodeDecodeError as exc:
+        yield read + 1, f"not valid CSV: {exc}"
+
+
+def _csv_reason(exc: csv.Error) -> str:
+    """The csv module's error in words that point at the usual cause, a quote never closed."""
+    if str(exc) == "unexpected end of data":
+        return "a quoted field begun on this row is never closed (it runs to the end of the file)"
+    if "field larger than field limit" in str(exc):
+        return f"{exc}; a quote begun on this row may never be closed"
+    return str(exc)
 
 
 StageParams = ResolvedParams | list[str]  # a stage's parameters, or why the item's values are refused
@@ -249,13 +307,21 @@ def _json_row(line: bytes) -> dict[str, Any] | str:
     """A JSONL line as a mapping, or why it is not one."""
     try:
         row = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        # The line number is the caller's; JSON's own would be a second one ("line 1 column 9").
-        where = f" (column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
-        return f"not valid JSON: {exc.msg if isinstance(exc, json.JSONDecodeError) else exc}{where}"
+    except json.JSONDecodeError as exc:
+        return f"not valid JSON: {exc.msg} {_json_place(exc)}"
+    except UnicodeDecodeError as exc:
+        return f"not valid JSON: {exc}"
     except RecursionError:
         return "not valid JSON: nested too deeply"
     return row if isinstance(row, dict) else "each line must be a JSON object"
+
+
+def _json_place(exc: json.JSONDecodeError) -> str:
+    """Where on its manifest line JSON's parser stopped. The line number is the caller's: JSON's own
+    counts from the line's start and passes 1 at its final newline, a second, misleading one."""
+    if not exc.doc[exc.pos :].strip():
+        return "at the end of the line"
+    return f"at column {exc.pos + 1}"
 
 
 def _parsed(row: dict[str, Any] | bytes, file: str, line: int) -> tuple[Item | None, list[Problem]]:
@@ -272,7 +338,7 @@ def _parsed(row: dict[str, Any] | bytes, file: str, line: int) -> tuple[Item | N
     try:
         return Item.model_validate(row), []
     except ValidationError as exc:
-        return None, _problems_from(exc, file, lambda loc: (line, loc))
+        return None, _problems_from(exc, file, lambda loc: (line, loc), Item)
 
 
 def _check_item(
@@ -354,29 +420,76 @@ def output_of(spec: JobSpec, spec_path: Path) -> str:
     return str(local if local.is_absolute() else (spec_path.parent / local).resolve())
 
 
-def validate_job(
-    spec_path: Path, registry: Registry, parts_to: Path | None = None, chunk_size: int | None = None
-) -> ValidatedJob:
-    """Every problem of the spec and all its items, raised together as one SpecError. With
-    `parts_to`, the items are also written there as parts of the job's chunk size (`chunk_size`
-    overrides the models'), in the same pass: what `imgjobs submit` publishes."""
-    spec = load_spec(spec_path)
-    recipe, problems = plan_recipe(spec, registry, spec_path.parent, str(spec_path))
-
-    items_path = items_path_of(spec, spec_path)
+def _unusable_items_file(items_path: Path) -> str | None:
+    """Why the items file cannot be read, if it cannot."""
     if items_path.suffix.lower() not in ITEM_FORMATS:
-        problems.append(Problem(str(spec_path), None, "items", f"items file must be one of {ITEM_FORMATS}"))
-        raise SpecError(problems)
+        return f"items file must be one of {ITEM_FORMATS}"
     if not items_path.is_file():
-        problems.append(Problem(str(spec_path), None, "items", f"no such file: {items_path}"))
-        raise SpecError(problems)
+        return f"no such file: {items_path}"
     try:
         items_path.open("rb").close()
     except OSError as exc:
-        problems.append(Problem(str(spec_path), None, "items", f"cannot read {items_path}: {exc.strerror}"))
-        raise SpecError(problems) from None
+        return f"cannot read {items_path}: {exc.strerror}"
+    return None
+
+
+def local_input_problems(item: Item, items_dir: Path) -> list[tuple[str, str]]:
+    """(field, message) for each local input of the item that is missing or is a folder, as this
+    machine sees it: only where the workers share its files (validate, an embedded run)."""
+    problems = []
+    for field, uri in (("image", item.image), ("control_image", item.control_image)):
+        path = absolute_path(uri, items_dir)
+        if path is None:
+            continue
+        if not os.path.exists(path):
+            problems.append((field, f"no such file: {path}"))
+        elif os.path.isdir(path):
+            problems.append((field, f"{path} is a folder, not an image"))
+    return problems
+
+
+def output_problem(output: str) -> str | None:
+    """Why a local output folder can never be written (a file on its path, no permission); None for
+    S3, which only a write can tell."""
+    if output.startswith("s3://"):
+        return None
+    existing = Path(output)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"cannot be written: {existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot be written: no permission to write in {existing}"
+    return None
+
+
+def validate_job(
+    spec_path: Path,
+    registry: Registry,
+    parts_to: Path | None = None,
+    chunk_size: int | None = None,
+    check_local: bool = False,
+) -> ValidatedJob:
+    """Every problem of the spec and all its items, raised together as one SpecError. With
+    `parts_to`, the items are also written there as parts of the job's chunk size (`chunk_size`
+    overrides the models'), in the same pass: what `imgjobs submit` publishes. With `check_local`,
+    local inputs must exist and a local output must be writable, as seen from this machine."""
+    spec, root = _read_spec(spec_path)
+    recipe, problems = plan_recipe(spec, registry, spec_path.parent, str(spec_path))
+    items_path = items_path_of(spec, spec_path)
+    unusable = _unusable_items_file(items_path)
+    if unusable is not None:
+        problems.append(Problem(str(spec_path), None, "items", unusable))
+    problems = _on_spec_lines(problems, str(spec_path), root)
+    if unusable is not None:
+        raise SpecError(problems)
 
     output = output_of(spec, spec_path)
+    unwritable = output_problem(output) if check_local else None
+    if unwritable is not None:
+        problems.extend(
+            _on_spec_lines([Problem(str(spec_path), None, "output", unwritable)], str(spec_path), root)
+        )
     # The id covers what the job will run: the spec, the resolved models, where relative paths point
     # and where outputs go, then every item.
     digest = hashlib.sha256(spec.model_dump_json().encode())
@@ -396,6 +509,11 @@ def validate_job(
             continue
         item, found = _check_item(resolver, file, line, row)
         item_problems.extend(found)
+        if check_local and item is not None:
+            item_dir = items_path.parent
+            item_problems.extend(
+                Problem(file, line, field, message) for field, message in local_input_problems(item, item_dir)
+            )
         if item is not None:
             duplicates.add(item.id)
             if writer is not None and not item_problems:

@@ -15,6 +15,15 @@ from jobstate.parts import JobParts
 from schemas.job import IMAGE_URI_SCHEMES, Item
 
 
+def absolute_path(uri: str | None, items_dir: Path) -> str | None:
+    """A local input's absolute path; None for remote inputs and no input."""
+    if uri is not None and uri.startswith("file://"):
+        return uri.removeprefix("file://")
+    if uri is None or uri.startswith(IMAGE_URI_SCHEMES):
+        return None
+    return _absolute(uri, items_dir)
+
+
 def _absolute(uri: str | None, items_dir: Path) -> str | None:
     if uri is None or uri.startswith(IMAGE_URI_SCHEMES):
         return uri

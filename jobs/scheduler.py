@@ -7,6 +7,10 @@ a firing that dies before remembering them submits the same items again next tim
 the same job id, so nothing runs twice (unless the job was pruned meanwhile). With
 `keep_finished_jobs_for` in the file, beat also prunes finished jobs, hourly.
 
+The file is checked whole each time it is read (cron fields, sources, outputs, stages, models), so
+that `schedule list` and beat's start fail on what a firing would fail on. A firing writes its job
+(spec and items) into the state dir, in a folder only its user can read.
+
     imgjobs schedule beat      Celery beat with RedBeat
     imgjobs schedule worker    runs the firings (a small producer-side Celery worker, no torch)
 """
@@ -16,24 +20,36 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import tempfile
+import os
+import shutil
 import time
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import yaml
 from celery import Celery
-from celery.schedules import crontab
 from pydantic import ValidationError
 
 from jobs.broker import connect_redis, require_broker_url
+from jobs.embedded import state_root
+from jobs.manifest import ParamsResolver, locate
 from jobs.producer import prepared, submit
-from jobs.registry import Registry
-from jobs.sources import item_id_for, list_versions
+from jobs.recipe import plan_recipe
+from jobs.registry import Location, Registry, error_message
+from jobs.sources import (
+    WILDCARDS,
+    check_pattern,
+    item_id_for,
+    list_versions,
+    matches_in_new_folders,
+    split_pattern,
+)
 from jobstate import keys
 from jobstate.store import JobStore
 from schemas.errors import ConfigError
+from schemas.job import Item, JobSpec
 from schemas.schedule import ScheduleEntry, SchedulesFile
 from schemas.settings import Settings, celery_config
 
@@ -45,24 +61,162 @@ SCHEDULE_QUEUE = "imgjobs.schedules"
 # Not a valid schedule name (those have no ':'), so it never shadows an entry of the file.
 PRUNE_ENTRY = "imgjobs:prune"
 PRUNE_EVERY = timedelta(hours=1)
+MODEL_FIELDS = ("model", "controlnet", "depth_model")
+# The image of the item whose parameters stand for every firing's items at load; any URI will do.
+SAMPLE_IMAGE = "s3://bucket/sample.png"
+
+
+class _SchedulesYaml:
+    """The file as read, to name the line and the schedule an error is about."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not UTF-8 text") from None
+        try:
+            self.data: Any = yaml.safe_load(text) or {}
+            self.root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+
+    def error(self, loc: Location, message: str) -> ConfigError:
+        """One line: the file and line, the schedule by name, the field, the message."""
+        line, kept = locate(self.root, loc)
+        where = str(self.path) if line is None else f"{self.path}:{line}"
+        if len(kept) >= 2 and kept[0] == "schedules" and isinstance(kept[1], int):
+            where += f": schedule {self._name(kept[1])}"
+            kept = kept[2:]
+        field = ".".join(str(part) for part in kept)
+        return ConfigError(f"{where}: {field}: {message}" if field else f"{where}: {message}")
+
+    def _name(self, index: int) -> str:
+        entries = self.data.get("schedules") if isinstance(self.data, dict) else None
+        entry = entries[index] if isinstance(entries, list) and index < len(entries) else None
+        name = entry.get("name") if isinstance(entry, dict) else None
+        return repr(name) if isinstance(name, str) else f"#{index + 1}"
 
 
 def load_schedules(settings: Settings) -> SchedulesFile:
+    """The schedules file with every entry checked as its firing would check it (cron, source,
+    output, stages, models), so that a mistake fails `schedule list` and beat's start rather than
+    a firing. Relative local paths are made absolute against the file's folder."""
     if settings.schedules is None:
         raise ConfigError("no schedules file: set IMGJOBS_SCHEDULES=/path/to/schedules.yaml")
+    read = _SchedulesYaml(settings.schedules)
     try:
-        raw = yaml.safe_load(settings.schedules.read_text(encoding="utf-8")) or {}
-        return SchedulesFile.model_validate(raw)
-    except OSError as exc:
-        raise ConfigError(f"cannot read {settings.schedules}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{settings.schedules} is not UTF-8 text") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{settings.schedules} is not valid YAML: {exc}") from None
+        schedules = SchedulesFile.model_validate(read.data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(part) for part in err["loc"])
-        raise ConfigError(f"{settings.schedules}: {where}: {err['msg']}") from None
+        err = _first_error(exc)
+        raise read.error(tuple(err["loc"]), error_message(err, SchedulesFile)) from None
+    registry = Registry.load(settings.models)
+    base_dir = settings.schedules.resolve().parent
+    checked = [
+        _checked(entry, ("schedules", index), read, registry, base_dir)
+        for index, entry in enumerate(schedules.schedules)
+    ]
+    return schedules.model_copy(update={"schedules": checked})
+
+
+def _first_error(exc: ValidationError) -> Mapping[str, Any]:
+    # A misspelt field is also a missing one: the name it was meant to have says more.
+    return min(exc.errors(), key=lambda err: err["type"] != "extra_forbidden")
+
+
+def _checked(
+    entry: ScheduleEntry, loc: Location, read: _SchedulesYaml, registry: Registry, base_dir: Path
+) -> ScheduleEntry:
+    try:
+        check_pattern(entry.source)
+    except ConfigError as exc:
+        raise read.error((*loc, "source"), str(exc)) from None
+    entry = entry.model_copy(
+        update={
+            "source": _absolute_pattern(entry.source, base_dir),
+            "output": _absolute_output(entry, base_dir),
+        }
+    )
+    if _outputs_listed(entry):
+        raise read.error(
+            (*loc, "output"),
+            f"{entry.output} lies inside the source {entry.source}, which would list the jobs' "
+            "outputs as new images; write them elsewhere",
+        )
+    try:
+        spec = JobSpec.model_validate({**entry.job_spec(), "items": "items.jsonl"})
+    except ValidationError as exc:
+        err = _first_error(exc)
+        raise read.error((*loc, *err["loc"]), error_message(err, JobSpec)) from None
+    _recipe, problems = plan_recipe(spec, registry, base_dir, str(read.path))
+    found = [(problem.field or "", problem.message) for problem in problems] + _item_problems(spec, entry)
+    if found:
+        field, message = found[0]
+        raise read.error((*loc, *_loc_of(field)), message)
+    return entry.model_copy(
+        update={"stages": [_with_model_folders(stage, registry, base_dir) for stage in entry.stages]}
+    )
+
+
+def _absolute_pattern(source: str, base_dir: Path) -> str:
+    """A local pattern made absolute, its leading levels without wildcards resolved as the output
+    is, so that the two compare."""
+    if source.startswith("s3://"):
+        return source
+    levels = os.path.normpath(base_dir / os.path.expanduser(source)).split("/")
+    literal = next((i for i, level in enumerate(levels) if any(c in level for c in WILDCARDS)), len(levels))
+    return str(Path(Path("/".join(levels[:literal]) or "/").resolve(), *levels[literal:]))
+
+
+def _absolute_output(entry: ScheduleEntry, base_dir: Path) -> str:
+    if "://" in entry.output and not entry.output.startswith("file://"):
+        return entry.output  # not local; JobSpec names what is wrong with it
+    return str((base_dir / Path(entry.output.removeprefix("file://")).expanduser()).resolve())
+
+
+def _outputs_listed(entry: ScheduleEntry) -> bool:
+    """Whether the source could list what the entry's jobs write under its output."""
+    if entry.source.startswith("s3://") != entry.output.startswith("s3://"):
+        return False
+    if not entry.source.startswith("s3://"):
+        return matches_in_new_folders(entry.source, entry.output)
+    bucket, key_pattern = split_pattern(entry.source)
+    out_bucket, _, out_prefix = entry.output.removeprefix("s3://").partition("/")
+    return bucket == out_bucket and matches_in_new_folders(key_pattern, out_prefix.strip("/"))
+
+
+def _item_problems(spec: JobSpec, entry: ScheduleEntry) -> list[tuple[str, str]]:
+    """What the stages would refuse in every item of a firing: each is an image with the prompt."""
+    if spec.stages[0].type == "text2img":
+        return [
+            (
+                "stages.0.type",
+                "text2img takes no image, and a schedule's items are images: it cannot be first",
+            )
+        ]
+    resolved = ParamsResolver(spec).resolve(Item(id="sample", image=SAMPLE_IMAGE, prompt=entry.prompt))
+    return [
+        (f"stages.{index}", messages[0])
+        for index, messages in enumerate(resolved)
+        if isinstance(messages, list)
+    ]
+
+
+def _loc_of(field: str) -> Location:
+    return tuple(int(part) if part.isdigit() else part for part in field.split(".") if part)
+
+
+def _with_model_folders(stage: dict[str, Any], registry: Registry, base_dir: Path) -> dict[str, Any]:
+    """The stage with a model given as a folder, relative to the schedules file, made absolute: a
+    firing's job is written elsewhere, and would look for the folder beside itself."""
+    folders = {
+        field: registry.resolve(value, base_dir=base_dir).name
+        for field in MODEL_FIELDS
+        if isinstance(value := stage.get(field), str) and value not in registry.entries
+    }
+    return {**stage, **folders}
 
 
 def entry_named(schedules: SchedulesFile, name: str) -> ScheduleEntry:
@@ -71,6 +225,20 @@ def entry_named(schedules: SchedulesFile, name: str) -> ScheduleEntry:
             return entry
     known = ", ".join(entry.name for entry in schedules.schedules) or "none"
     raise ConfigError(f"no schedule {name!r}; known: {known}")
+
+
+def firing_folder(settings: Settings, name: str, digest: str) -> Path:
+    """A firing's job spec and items, under the state dir and readable by this user alone: a folder
+    in a shared temporary directory could be made in advance, or read, by anyone."""
+    schedules = state_root(settings.state_dir) / "schedules"
+    folder = schedules / name / digest
+    try:
+        schedules.mkdir(parents=True, exist_ok=True, mode=0o700)
+        schedules.chmod(0o700)  # mkdir's mode applies only to a folder it makes
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot make {folder} (IMGJOBS_STATE_DIR): {exc.strerror}") from None
+    return folder
 
 
 def fire(entry: ScheduleEntry, settings: Settings) -> str | None:
@@ -86,8 +254,7 @@ def fire(entry: ScheduleEntry, settings: Settings) -> str | None:
         return None
     # A folder named by the new objects: the same objects give the same job id, run after run.
     digest = hashlib.sha256("\n".join(marker for _, marker in fresh).encode()).hexdigest()[:16]
-    folder = Path(tempfile.gettempdir()) / "imgjobs-schedules" / entry.name / digest
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = firing_folder(settings, entry.name, digest)
     taken: set[str] = set()
     rows: list[dict[str, Any]] = []
     for uri, _marker in fresh:
@@ -102,22 +269,10 @@ def fire(entry: ScheduleEntry, settings: Settings) -> str | None:
     with prepared(folder / "job.json", Registry.load(settings.models), settings) as job:
         submission = submit(job, settings, broker_url)
     client.sadd(keys.schedule_seen(entry.name), *(marker for _, marker in fresh))
+    # Kept when the submit fails, for the error that names its files; the next firing writes it again.
+    shutil.rmtree(folder, ignore_errors=True)
     log.info("schedule %s: job %s with %d new item(s)", entry.name, submission.job_id, len(fresh))
     return submission.job_id
-
-
-def _cadence(entry: ScheduleEntry) -> crontab | timedelta:
-    if entry.every_s is not None:
-        return timedelta(seconds=entry.every_s)
-    assert entry.cron is not None
-    minute, hour, day_of_month, month_of_year, day_of_week = entry.cron.split()
-    return crontab(
-        minute=minute,
-        hour=hour,
-        day_of_month=day_of_month,
-        month_of_year=month_of_year,
-        day_of_week=day_of_week,
-    )
 
 
 def prune_finished(settings: Settings) -> int:
@@ -136,7 +291,7 @@ def make_app(settings: Settings) -> Celery:
     beat_schedule: dict[str, dict[str, Any]] = {
         entry.name: {
             "task": FIRE_TASK,
-            "schedule": _cadence(entry),
+            "schedule": entry.cadence(),
             "args": [entry.name],
             "options": {"queue": SCHEDULE_QUEUE},
         }

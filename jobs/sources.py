@@ -1,9 +1,14 @@
 """Jobs from a listing: `imgjobs submit --from 's3://bucket/in/*.png'` or a local glob, one item per
-matching image, written out as an ordinary job (spec + items.jsonl) and submitted the usual way."""
+matching image, written out as an ordinary job (spec + items.jsonl) and submitted the usual way.
+
+A pattern means the same on S3 as on local files, as glob reads it: `*`, `?` and `[...]` match
+within one level of the path, never across `/`; `**`, a whole level, matches any number of levels;
+wildcards skip names that start with a dot. S3 keys are split into levels at `/`."""
 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import glob
 import hashlib
 import json
@@ -12,17 +17,89 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError
+
+from jobstate.storage import s3_client
 from schemas.errors import ConfigError, StorageError
 from schemas.job import RESERVED_ITEM_IDS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+WILDCARDS = "*?["
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _DOTS = re.compile(r"\.{2,}")  # ".." is refused in item ids
 
 
 def _wildcard_free_prefix(pattern: str) -> str:
-    cut = min((pattern.find(c) for c in "*?[" if c in pattern), default=len(pattern))
+    """The listing's S3 prefix: what every matching key starts with."""
+    cut = min((pattern.find(c) for c in WILDCARDS if c in pattern), default=len(pattern))
     return pattern[:cut]
+
+
+def check_pattern(pattern: str) -> None:
+    """A ConfigError unless the pattern is an s3:// pattern with a bucket or a local glob, with `**`
+    only as a whole level (elsewhere glob would quietly read it as `*`)."""
+    if "://" in pattern and not pattern.startswith("s3://"):
+        raise ConfigError(f"{pattern!r}: a listing is s3://bucket/prefix/*.png or a local glob")
+    if pattern.startswith("s3://") and not split_pattern(pattern)[0]:
+        raise ConfigError(f"{pattern!r}: an s3:// listing needs a bucket, as in s3://bucket/in/*.png")
+    if any("**" in level and level != "**" for level in pattern.split("/")):
+        raise ConfigError(f"{pattern!r}: `**` must be a whole path level, as in in/**/*.png")
+
+
+def split_pattern(pattern: str) -> tuple[str, str]:
+    """(bucket, key pattern) of an s3:// pattern; a bucket alone means all of it."""
+    bucket, _, key_pattern = pattern.removeprefix("s3://").partition("/")
+    return bucket, key_pattern or "**"
+
+
+def _is_literal(level: str) -> bool:
+    return not any(c in level for c in WILDCARDS)
+
+
+def _level_matches(pattern: str, name: str) -> bool:
+    if _is_literal(pattern):
+        return pattern == name
+    # As in the shell and glob: a wildcard does not match a hidden name's leading dot.
+    return (pattern.startswith(".") or not name.startswith(".")) and fnmatch.fnmatchcase(name, pattern)
+
+
+@functools.lru_cache(maxsize=4096)
+def _levels_match(patterns: tuple[str, ...], names: tuple[str, ...]) -> bool:
+    if not patterns:
+        return not names
+    head, rest = patterns[0], patterns[1:]
+    if head == "**":  # zero or more levels, none of them hidden
+        return _levels_match(rest, names) or (
+            bool(names) and not names[0].startswith(".") and _levels_match(patterns, names[1:])
+        )
+    return bool(names) and _level_matches(head, names[0]) and _levels_match(rest, names[1:])
+
+
+def matches(pattern: str, path: str) -> bool:
+    """Whether a key or path matches the pattern, the same way for S3 and local files: `*`, `?` and
+    `[...]` match within one level (never `/`), `**` matches any number of levels."""
+    return _levels_match(tuple(pattern.split("/")), tuple(path.split("/")))
+
+
+def matches_in_new_folders(pattern: str, folder: str) -> bool:
+    """Whether the pattern could match files in folders yet to be made inside `folder` (a path or
+    key prefix without wildcards, "" for a bucket's root), such as the job folders of an output.
+    A literal level names an existing folder, never one to come."""
+    names = tuple(folder.rstrip("/").split("/")) if folder else ()
+    return _matches_below(tuple(pattern.split("/")), names)
+
+
+def _matches_below(patterns: tuple[str, ...], names: tuple[str, ...]) -> bool:
+    if not names:
+        return bool(patterns) and not _is_literal(patterns[0])
+    if not patterns:
+        return False
+    head, rest = patterns[0], patterns[1:]
+    if head == "**":
+        return _matches_below(rest, names) or (
+            not names[0].startswith(".") and _matches_below(patterns, names[1:])
+        )
+    return _level_matches(head, names[0]) and _matches_below(rest, names[1:])
 
 
 def list_images(pattern: str) -> Iterator[str]:
@@ -34,31 +111,32 @@ def list_images(pattern: str) -> Iterator[str]:
 def list_versions(pattern: str) -> Iterator[tuple[str, str]]:
     """(URI, version) of each matching image: the ETag on S3, a content hash for local files, so a
     rewritten image counts as new."""
+    check_pattern(pattern)
     if pattern.startswith("s3://"):
-        bucket, _, key_pattern = pattern.removeprefix("s3://").partition("/")
-        if not bucket:
-            raise ConfigError(f"--from {pattern!r}: an s3:// listing needs a bucket")
-        # Imported here: only s3:// listings need boto3, and every CLI command would pay its import.
-        import boto3
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            pages = (
-                boto3.client("s3")
-                .get_paginator("list_objects_v2")
-                .paginate(Bucket=bucket, Prefix=_wildcard_free_prefix(key_pattern))
-            )
-            for page in pages:
-                for entry in page.get("Contents", []):
-                    key = entry["Key"]
-                    if fnmatch.fnmatchcase(key, key_pattern or "*") and key.lower().endswith(IMAGE_SUFFIXES):
-                        yield f"s3://{bucket}/{key}", str(entry.get("ETag", "")).strip('"')
-        except (BotoCoreError, ClientError) as exc:  # no credentials, no such bucket, endpoint down
-            raise StorageError(f"cannot list {pattern}: {exc}") from None
+        yield from _s3_versions(pattern)
         return
     for path in sorted(glob.glob(pattern, recursive=True)):
-        if Path(path).is_file() and path.lower().endswith(IMAGE_SUFFIXES):
+        if matches(pattern, path) and Path(path).is_file() and path.lower().endswith(IMAGE_SUFFIXES):
             yield str(Path(path).resolve()), hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _s3_versions(pattern: str) -> Iterator[tuple[str, str]]:
+    bucket, key_pattern = split_pattern(pattern)
+    # The client storage uses: standard retries, timeouts and the checksum settings S3-compatible
+    # stores need.
+    try:
+        pages = (
+            s3_client()
+            .get_paginator("list_objects_v2")
+            .paginate(Bucket=bucket, Prefix=_wildcard_free_prefix(key_pattern))
+        )
+        for page in pages:
+            for entry in page.get("Contents", []):
+                key = entry["Key"]
+                if key.lower().endswith(IMAGE_SUFFIXES) and matches(key_pattern, key):
+                    yield f"s3://{bucket}/{key}", str(entry.get("ETag", "")).strip('"')
+    except (BotoCoreError, ClientError) as exc:  # no credentials, no such bucket, endpoint down
+        raise StorageError(f"cannot list {pattern}: {exc}") from None
 
 
 def item_id_for(uri: str, taken: set[str]) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import boto3
+import botocore.session
 from boto3.exceptions import S3UploadFailedError
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
@@ -173,16 +174,23 @@ def s3_client() -> S3Client:
     """One client per process (two threads asking first at once may each build one, which is
     harmless). Retries and timeouts are boto3's own; checksums are only sent when required because
     some S3-compatible stores reject the new default CRC headers (boto3#4392)."""
+    # A session of its own: boto3's default session is not safe to create clients from on several
+    # threads at once, and the chunk runner's I/O threads may be the first to ask.
+    core = botocore.session.Session()
+    # A count in the client's config would override the operator's (AWS_MAX_ATTEMPTS, ~/.aws/config).
+    configured = core.get_config_variable("max_attempts")
     config = Config(
-        retries={"mode": "standard", "max_attempts": 8},
+        retries=(
+            {"mode": "standard", "total_max_attempts": int(configured)}
+            if configured
+            else {"mode": "standard", "max_attempts": 8}
+        ),
         connect_timeout=10,
         read_timeout=60,
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
-    # A session of its own: boto3's default session is not safe to create clients from on several
-    # threads at once, and the chunk runner's I/O threads may be the first to ask.
-    return boto3.session.Session().client("s3", config=config)
+    return boto3.session.Session(botocore_session=core).client("s3", config=config)
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:

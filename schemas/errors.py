@@ -12,6 +12,7 @@
         ├── InputImageError       missing, unreadable, oversized or undecodable input image
         ├── StageError            the pipeline rejected or failed on the item's inputs
         ├── TimeLimitError        the item's chunk ran past its time limit before the item finished
+        ├── NsfwFlaggedError      the safety checker flagged the output, and the model fails such items
         ├── JobCancelledError     the job was cancelled before the item ran
         └── PoisonChunkError      the item's chunk was delivered too often: its worker died each time
 
@@ -85,6 +86,10 @@ class StageError(ItemError):
 
 
 class TimeLimitError(ItemError):
+    pass
+
+
+class NsfwFlaggedError(ItemError):
     pass
 
 

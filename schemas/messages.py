@@ -71,6 +71,7 @@ class StageRecord(_Message):
     model: str
     params: ResolvedParams
     timings: dict[str, float] = Field(default_factory=dict, description="seconds per phase")
+    nsfw: bool = Field(False, description="the safety checker flagged this stage's output (made black)")
 
 
 class ChunkItem(_Message):
@@ -153,6 +154,7 @@ class ItemResult(_Message):
     timings: dict[str, float] = Field(default_factory=dict, description="seconds per phase, all stages")
     error: ErrorInfo | None = None
     failed_stage: str | None = None
+    nsfw: bool = Field(False, description="a stage's safety checker flagged the item's output")
 
 
 class WorkerModel(_Message):
@@ -186,6 +188,7 @@ def item_result(
         timings=summed_timings(records),
         error=ErrorInfo(type=type(error).__name__, message=str(error)) if error else None,
         failed_stage=plan.name if error else None,
+        nsfw=any(record.nsfw for record in records),
     )
 
 

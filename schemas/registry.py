@@ -86,6 +86,11 @@ class ModelEntry(BaseModel):
         description="(width, height) of the warm-up inputs; default: the model's native size "
         "(the denoiser's sample size times the VAE's scale factor; the x4 upscaler's input size)",
     )
+    on_nsfw: Literal["keep", "fail"] = Field(
+        "keep",
+        description="an item the safety checker flags: keep its (black) output, flagged in results "
+        "and report, or fail it with NsfwFlaggedError",
+    )
 
     @model_validator(mode="after")
     def _check_speedups(self) -> ModelEntry:

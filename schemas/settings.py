@@ -6,6 +6,8 @@ URL, S3 keys in boto3's own chain (AWS_* variables, ~/.aws, instance roles). We 
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from schemas.errors import ConfigError
 
 ENV_PREFIX = "IMGJOBS_"
+CELERY_BROKER_ENV = "CELERY_BROKER_URL"
 
 
 class Settings(BaseSettings):
@@ -78,6 +81,24 @@ class Settings(BaseSettings):
             raise ConfigError(f"invalid environment: {problems}") from None
 
 
+def worker_broker_url(settings: Settings, environ: Mapping[str, str] | None = None) -> str:
+    """The broker of the workers' Celery app: IMGJOBS_BROKER_URL, else CELERY_BROKER_URL, the variable of
+    Celery's own tools (which `celery --broker` sets), so that `celery -A workers.app inspect ...` works
+    with either.
+
+    Only the worker app falls back to it. For the `imgjobs` commands an unset IMGJOBS_BROKER_URL means
+    an embedded run, and a CELERY_BROKER_URL left in a shell for another project must not send a job
+    to that project's broker."""
+    env = os.environ if environ is None else environ
+    url = settings.broker_url or env.get(CELERY_BROKER_ENV)
+    if not url:
+        raise ConfigError(
+            f"no broker configured: set {ENV_PREFIX}BROKER_URL (or {CELERY_BROKER_ENV}) to the workers' "
+            "redis:// URL; start workers with `imgjobs worker --model NAME`"
+        )
+    return url
+
+
 def redact_url(url: str) -> str:
     """The URL with any password replaced, fit for logs and error messages. Not urlsplit: it finds no
     password in "redis://:pa/ss@host" (an unencoded '/', '?' or '#' ends its netloc early), so here
@@ -95,6 +116,11 @@ def celery_config(settings: Settings, broker_url: str) -> dict[str, Any]:
     """One Celery configuration for the producer and the workers, so both ends agree."""
     return {
         "broker_url": broker_url,
+        # Celery prefers a CELERY_BROKER_URL in the environment (which `celery --broker` also sets) to
+        # broker_url, but not to these two, which every connection it opens reads: so the URL given
+        # here wins, and the state in Redis and the chunks on the queues stay on one broker.
+        "broker_read_url": broker_url,
+        "broker_write_url": broker_url,
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],

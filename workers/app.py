@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 from typing import Any
 
 from celery import Celery
@@ -19,20 +20,27 @@ from celery.worker import state as worker_state
 
 from schemas.errors import ConfigError
 from schemas.messages import END_JOB_TASK, RUN_CHUNK_TASK, Chunk, JobEnd
-from schemas.settings import Settings, celery_config
+from schemas.settings import Settings, celery_config, worker_broker_url
 from workers import events
 from workers.observability import Observability, configure_logging, serve_metrics
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger("imgjobs.worker")
 MODEL_LOAD_FAILED = signal.SIGUSR2
+_model_load_failed = False  # in the main process, once a pool process said so
 
-settings = Settings.from_env()
-if not settings.broker_url:
-    raise ConfigError("IMGJOBS_BROKER_URL is not set; start workers with `imgjobs worker --model NAME`")
+try:
+    settings = Settings.from_env()
+    broker_url = worker_broker_url(settings)
+    settings = settings.model_copy(update={"broker_url": broker_url})
+except ConfigError as exc:
+    # Celery shows any error raised while importing `-A workers.app` as a traceback; a setting that is
+    # missing or wrong gets one line and exit 2 instead, as from the imgjobs commands.
+    print(f"error: {exc}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 app = Celery("imgjobs-worker")
-app.conf.update(celery_config(settings, settings.broker_url))
+app.conf.update(celery_config(settings, broker_url))
 app.conf.include = ["workers.tasks"]
 
 
@@ -62,6 +70,9 @@ def _stop_failed_on_request(**_: Any) -> None:
     code on the way out."""
 
     def stop_failed(*_: object) -> None:
+        global _model_load_failed
+        # Pool processes forked from here on see it, and exit instead of loading the model again.
+        _model_load_failed = True
         worker_state.should_stop = EX_FAILURE  # what Celery's own shutdown handlers set, with our code
 
     signal.signal(MODEL_LOAD_FAILED, stop_failed)
@@ -69,6 +80,10 @@ def _stop_failed_on_request(**_: Any) -> None:
 
 @worker_process_init.connect
 def _load_model(**_: Any) -> None:
+    if _model_load_failed:
+        # The pool replaces the process that failed before the worker has stopped: once is enough to
+        # fail (a 13 GB model takes minutes to fail again).
+        os._exit(1)
     try:
         WorkerRuntime.start(settings, send_chunk, send_end)
         events.subscribe(Observability())

@@ -33,7 +33,7 @@ from safetensors.torch import save as save_safetensors
 
 from jobstate.parts import CarriedItem
 from jobstate.storage import Storage
-from schemas.errors import ImgjobsError, InputImageError, StageError
+from schemas.errors import ImgjobsError, InputImageError, NsfwFlaggedError, StageError
 from schemas.job import (
     Defaults,
     Img2ImgStage,
@@ -111,6 +111,7 @@ class _Prepared:
     control: Image.Image | None = None
     timings: dict[str, float] = field(default_factory=dict)
     written: dict[str, str] = field(default_factory=dict)
+    nsfw: bool = False
 
 
 class _InLine:
@@ -216,12 +217,13 @@ class StageEngine:
 
     # -- results
 
-    def _record(self, timings: dict[str, float], params: ResolvedParams) -> StageRecord:
+    def _record(self, timings: dict[str, float], params: ResolvedParams, nsfw: bool = False) -> StageRecord:
         return StageRecord(
             name=self.plan.name,
             model=self.plan.model.name,
             params=params,
             timings={phase: round(seconds, 4) for phase, seconds in timings.items()},
+            nsfw=nsfw,
         )
 
     def result(
@@ -236,9 +238,13 @@ class StageEngine:
         )
 
     def failed(
-        self, work: WorkItem, error: ImgjobsError, timings: dict[str, float] | None = None
+        self,
+        work: WorkItem,
+        error: ImgjobsError,
+        timings: dict[str, float] | None = None,
+        nsfw: bool = False,
     ) -> ItemResult:
-        records = [*work.member.stages, self._record(timings or {}, work.params)]
+        records = [*work.member.stages, self._record(timings or {}, work.params, nsfw)]
         return self.result(work, records, dict(work.member.outputs), error)
 
     # -- inputs
@@ -359,6 +365,7 @@ class StageEngine:
         """On an I/O thread: encode and write one call's outputs."""
         for index, prepared in enumerate(ready):
             started = time.perf_counter()
+            prepared.nsfw = bool(output.nsfw and output.nsfw[index])
             prepared.written = self._write(prepared.work.member.item.id, output, index)
             prepared.timings["write_s"] = time.perf_counter() - started
         return ready
@@ -385,7 +392,11 @@ class StageEngine:
         onward: list[tuple[WorkItem, CarriedItem]] = []
         for prepared in written:
             work = prepared.work
-            records = [*work.member.stages, self._record(prepared.timings, work.params)]
+            if prepared.nsfw and self.model.entry.on_nsfw == "fail":
+                flagged = NsfwFlaggedError(f"{self.plan.name}: the safety checker flagged the output")
+                finished.append((work, self.failed(work, flagged, prepared.timings, nsfw=True)))
+                continue
+            records = [*work.member.stages, self._record(prepared.timings, work.params, prepared.nsfw)]
             outputs = dict(work.member.outputs)
             outputs.update({output_name(self.plan, kind): prepared.written[kind] for kind in self.plan.save})
             if self.is_last:

@@ -227,16 +227,33 @@ def decode_image(data: bytes, uri: str, settings: Settings) -> Image.Image:
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
                 # 16/32-bit grey: scale to 8 bits rather than let convert() clip everything to white.
                 image = image.point(lambda v: v / 256).convert("L")
-            return image.convert("RGB")
+            return _flattened(image)
     except InputImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except UnidentifiedImageError:
+        # Pillow's message names the in-memory buffer it was given, not the input.
+        formats = f"{', '.join(ALLOWED_FORMATS[:-1])} or {ALLOWED_FORMATS[-1]}"
+        what = f"not a recognized image ({formats})" if data else "empty file, not an image"
+        raise InputImageError(f"{uri}: {what}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InputImageError(f"{uri}: {exc}") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise InputImageError(f"{uri}: cannot decode: {exc}") from None
 
 
 PAD_COLOR = (0, 0, 0)
+# Where an input is transparent, what shows through: its hidden colour channels often hold whatever
+# the editor left there, which dropping alpha would bring out.
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
+def _flattened(image: Image.Image) -> Image.Image:
+    """RGB, a transparent image composited on ALPHA_BACKGROUND."""
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def fit_image(image: Image.Image, size: tuple[int, int], policy: ResizePolicy) -> Image.Image:

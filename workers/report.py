@@ -27,6 +27,7 @@ h2 { font-size: 1rem; margin: 0 0 .4rem; }
 figure { margin: 0; text-align: center; font-size: .75rem; }
 img { display: block; width: 160px; height: 160px; object-fit: contain; background: #eee; }
 .params { font: .75rem monospace; color: #555; white-space: pre-wrap; }
+.nsfw { color: #8a5a00; font-weight: bold; }
 """
 
 
@@ -68,9 +69,13 @@ def render_report(job_id: str, results: Iterable[ItemResult], total: int, settin
             if result.error
             else ""
         )
+        flagged = (
+            '<p class="nsfw">flagged by the safety checker: its output is black</p>' if result.nsfw else ""
+        )
         sections.append(
-            f'<section class="item {result.status}"><h2>{html.escape(result.id)}: {result.status}</h2>'
-            f'<p>{html.escape(result.prompt)}</p>{error}<div class="row">{"".join(figures)}</div>'
+            f'<section class="item {result.status}{" flagged" if result.nsfw else ""}">'
+            f"<h2>{html.escape(result.id)}: {result.status}{' (nsfw)' if result.nsfw else ''}</h2>"
+            f'<p>{html.escape(result.prompt)}</p>{error}{flagged}<div class="row">{"".join(figures)}</div>'
             f'<p class="params">{html.escape(details)}</p></section>'
         )
     shown = min(total, MAX_ITEMS)

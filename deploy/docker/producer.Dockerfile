@@ -5,12 +5,13 @@
 #   docker build -f deploy/docker/producer.Dockerfile -t imgjobs-producer .   # from the repository root
 #   docker run --rm -e IMGJOBS_BROKER_URL=... -v "$PWD/job:/work:ro" imgjobs-producer submit job.yaml
 #   docker run --rm -e IMGJOBS_BROKER_URL=... imgjobs-producer status JOB_ID --watch
-#   docker run --rm -p 127.0.0.1:5555:5555 -e CELERY_BROKER_URL=... --entrypoint celery \
-#     imgjobs-producer flower --port=5555
+#   docker run --rm -p 127.0.0.1:5555:5555 -e CELERY_BROKER_URL=... -e FLOWER_BASIC_AUTH=admin:... \
+#     --entrypoint celery imgjobs-producer flower --port=5555
 #
 # Flower and `celery inspect` use Celery's default app, configured from CELERY_BROKER_URL; no project
-# code is needed for them. Scheduled pipelines and the hourly prune run from this image too:
-# `imgjobs schedule beat` and `imgjobs schedule worker` (compose's beat and scheduler services).
+# code is needed for them. Flower answers its API only with a login (FLOWER_BASIC_AUTH=user:password).
+# Scheduled pipelines and the hourly prune run from this image too: `imgjobs schedule beat` and
+# `imgjobs schedule worker` (compose's beat and scheduler services).
 #
 # `imgjobs run` and `imgjobs demo` need local workers and torch: they belong to the worker image.
 

@@ -11,13 +11,16 @@
 # BASE_IMAGE=python:3.11-slim-bookworm gives a smaller image that runs the same way where the
 # host's driver is recent enough for the wheel's CUDA.
 #
-# Build arguments:
-#   BASE_IMAGE       default nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
-#   TORCH_SPEC       the torch requirement (default: the newest torch, whose Linux wheel is a CUDA build)
-#   TORCH_INDEX_URL  an index of torch wheels for another CUDA version, e.g. PyTorch's cu126 index for
-#                    hosts whose driver is too old for the default build; empty means pip's default
+# Build arguments, three that go together: the base image's CUDA is the one torch's wheel is built
+# for, so that the NVIDIA container toolkit's check of the host driver (NVIDIA_REQUIRE_CUDA, set by the
+# base image) refuses a host whose driver cannot run that torch, rather than torch failing later.
+#   BASE_IMAGE       default nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04 (CUDA 13.0: driver 580 or newer)
+#   TORCH_SPEC       default torch==2.13.0, the release the CPU CI tests (Makefile's TORCH_SPEC)
+#   TORCH_INDEX_URL  default PyTorch's cu130 index, torch's CUDA 13.0 build; for an older driver or GPU,
+#                    another CUDA's index (cu126 ...) together with a base image of that CUDA, if the
+#                    pinned release has a build for it
 
-ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+ARG BASE_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
 
 FROM ${BASE_IMAGE} AS base
 # Python and venv from the distribution (the CUDA images have none); a no-op on python: images.
@@ -27,8 +30,8 @@ RUN if ! command -v python3 >/dev/null || ! python3 -m venv --help >/dev/null 2>
     fi
 
 FROM base AS build
-ARG TORCH_SPEC=torch
-ARG TORCH_INDEX_URL=
+ARG TORCH_SPEC=torch==2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import redis
 
 from jobs.embedded import EmbeddedRedis, free_port
-from tests.conftest import imgjobs
-from tests.helpers import write_job
+from jobs.registry import Registry
+from tests.conftest import Workers, imgjobs
+from tests.helpers import write_image, write_job
 
 
 def one_error_line(stderr: str) -> str:
@@ -25,6 +31,8 @@ def test_validate_reports_every_problem_and_exits_2(tmp_path: Path) -> None:
         {"id": "a", "image": "b.png"},
         {"id": "c", "image": "c.png", "seed": -1},
     ]
+    for name in ("a.png", "b.png", "c.png"):
+        write_image(tmp_path / name, size=(8, 8))
     spec = write_job(tmp_path, rows, model="sd15")
     checked = imgjobs("validate", str(spec))
     assert checked.returncode == 2
@@ -36,6 +44,7 @@ def test_validate_reports_every_problem_and_exits_2(tmp_path: Path) -> None:
 
 
 def test_validate_ok(tmp_path: Path) -> None:
+    write_image(tmp_path / "a.png", size=(8, 8))
     spec = write_job(tmp_path, [{"id": "a", "image": "a.png"}], model="sd15")
     checked = imgjobs("validate", str(spec))
     assert checked.returncode == 0 and checked.stdout.startswith("ok: 1 item(s), job id test-job-"), (
@@ -59,7 +68,7 @@ def test_missing_and_unreachable_broker(tmp_path: Path) -> None:
     unreachable = imgjobs("status", "some-job", env={"IMGJOBS_BROKER_URL": url})
     line = one_error_line(unreachable.stderr)
     assert "cannot reach the broker at redis://:***@127.0.0.1" in line and "hunter2" not in line
-    assert unreachable.returncode == 1
+    assert unreachable.returncode == 2
 
 
 def test_unknown_model_and_unknown_job(tmp_path: Path) -> None:
@@ -103,7 +112,8 @@ def test_worker_whose_model_cannot_load_stops(tmp_path: Path) -> None:
         worker = imgjobs(
             "worker", "--model", str(broken), env={"IMGJOBS_BROKER_URL": server.url}, timeout=120
         )
-    assert "cannot load the model; stopping the worker" in worker.stderr
+    # Once: the pool process that replaces the failed one must not load the model again.
+    assert worker.stderr.count("cannot load the model; stopping the worker") == 1, worker.stderr
     assert worker.returncode != 0, "a supervisor must see that the worker failed"
 
 
@@ -165,3 +175,60 @@ def test_an_s3_listing_that_fails_is_one_error_line(tmp_path: Path) -> None:
     listed = imgjobs("submit", "--from", "s3://bucket/in/*.png", "--model", "sd15", "--output", "o", env=env)
     assert "cannot list s3://bucket/in/*.png" in one_error_line(listed.stderr), listed.stderr
     assert listed.returncode == 1
+
+
+def test_watching_a_job_no_worker_takes_says_so_then_exits_as_run_does(
+    tmp_path: Path, workers: Workers
+) -> None:
+    image = write_image(tmp_path / "a.png", size=(24, 24))
+    (tmp_path / "b.png").write_text("not an image")
+    rows = [{"id": "a", "image": str(image)}, {"id": "b", "image": str(tmp_path / "b.png")}]
+    spec = write_job(tmp_path, rows, stage={"type": "resize", "model": "cpu"}, defaults={"size": [16, 16]})
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        env = {"IMGJOBS_BROKER_URL": server.url}
+        submitted = imgjobs("submit", str(spec), env=env)
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = submitted.stdout.split()[-1]
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "jobs", "status", job_id, "--watch"],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env=os.environ | env,
+        )
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(watch.stderr or []), daemon=True)
+        reader.start()
+        try:
+            deadline = time.monotonic() + 30
+            while not any("waiting: no worker is consuming imgjobs.cpu" in line for line in lines):
+                assert watch.poll() is None and time.monotonic() < deadline, "".join(lines)
+                time.sleep(0.2)
+            workers.start("cpu", server.url, Registry.load(None))
+            assert watch.wait(timeout=120) == 1, "".join(lines)  # b failed, as `run` exits
+        finally:
+            if watch.poll() is None:
+                watch.kill()
+                watch.wait()
+
+
+def test_validate_finds_missing_inputs_folders_and_an_output_that_cannot_be_written(tmp_path: Path) -> None:
+    write_image(tmp_path / "there.png", size=(8, 8))
+    (tmp_path / "afolder").mkdir()
+    (tmp_path / "afile").write_text("a file where the output folder should be")
+    rows = [
+        {"id": "ok", "image": "there.png"},
+        {"id": "gone", "image": "missing.png"},
+        {"id": "dir", "image": "afolder"},
+    ]
+    spec = write_job(
+        tmp_path, rows, stage={"type": "resize", "model": "cpu"}, output=str(tmp_path / "afile" / "out")
+    )
+    checked = imgjobs("validate", str(spec))
+    assert checked.returncode == 2
+    items = tmp_path / "items.jsonl"
+    assert checked.stderr.splitlines() == [
+        f"error: {spec}:4: output: cannot be written: {tmp_path / 'afile'} is a file, not a folder",
+        f"error: {items}:2: image: no such file: {tmp_path / 'missing.png'}",
+        f"error: {items}:3: image: {tmp_path / 'afolder'} is a folder, not an image",
+    ]

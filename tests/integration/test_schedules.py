@@ -69,6 +69,22 @@ def test_run_now_submits_only_new_or_changed_images(tmp_path: Path) -> None:
         )
 
 
+def test_a_cron_beat_would_refuse_stops_list_and_beat_in_one_line(tmp_path: Path) -> None:
+    """`schedule list` used to pass it, and beat died with a traceback when it read the schedule."""
+    path = schedules_file(tmp_path)
+    path.write_text(path.read_text().replace('"0 2 * * *"', '"0 25 * * *"'))
+    expected = (
+        f"error: {path}:3: schedule 'nightly': cron: hour '25' of '0 25 * * *' is not valid (0-23): "
+        "Invalid end range: 25 > 23."
+    )
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        env = {"IMGJOBS_BROKER_URL": server.url, "IMGJOBS_SCHEDULES": str(path)}
+        for command in ("list", "beat"):
+            result = imgjobs("schedule", command, env=env, timeout=60)
+            lines = [line for line in result.stderr.splitlines() if line.strip()]
+            assert (result.returncode, lines) == (2, [expected]), result.stderr
+
+
 def test_beat_fires_and_a_restart_repeats_nothing(tmp_path: Path) -> None:
     write_image(tmp_path / "incoming" / "a.png")
     with EmbeddedRedis(tmp_path / "redis") as server:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
+import torch
 from PIL import Image
 
 from jobs.embedded import EmbeddedRedis
@@ -253,3 +254,46 @@ def test_the_chunk_fits_inputs_by_the_items_resize_policy(
     output = Image.open(tmp_path / "out" / "job" / "wide" / "s0-resize.png").convert("RGB")
     assert output.size == (16, 16)
     assert output.getpixel((8, 0)) == top_row and output.getpixel((8, 8)) == (200, 40, 90)
+
+
+@pytest.mark.parametrize("on_nsfw", ["keep", "fail"])
+def test_an_output_the_safety_checker_flags_is_recorded_and_kept_or_failed(
+    on_nsfw: str,
+    tiny_sd_dir: Path,
+    redis_server: EmbeddedRedis,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    model_ref = local_model("tiny-sd", tiny_sd_dir, on_nsfw=on_nsfw)
+    plan = stage_plan({"type": "img2img", "strength": 0.5, "steps": 2}, model_ref)
+    rows = [
+        Item(id=item_id, image=str(write_image(tmp_path / "in" / f"{item_id}.png", (32, 32))))
+        for item_id in "abc"
+    ]
+    loaded = LoadedModel("tiny-sd", model_ref.entry)
+
+    def flag_the_second(image: Any, device: Any, dtype: Any) -> tuple[Any, list[bool]]:
+        # As diffusers' checker does: a flagged image comes back black.
+        flags = [row == 1 for row in range(len(image))]
+        return torch.where(torch.tensor(flags).view(-1, 1, 1, 1), torch.zeros_like(image), image), flags
+
+    monkeypatch.setattr(loaded.img2img(None), "run_safety_checker", flag_the_second)
+    job = harness(
+        client, rows, tmp_path / "out", recipe=[plan], model=loaded, defaults=Defaults(size=(32, 32))
+    )
+    job.run_all()
+    results = job.results()
+    assert [results[item_id].nsfw for item_id in "abc"] == [False, True, False]
+    assert [results[item_id].status for item_id in "ac"] == ["succeeded", "succeeded"]
+    report = (job.job_dir / "report.html").read_text()
+    assert report.count("flagged by the safety checker") == 1
+    flagged = results["b"]
+    if on_nsfw == "keep":
+        assert flagged.status == "succeeded" and flagged.stages[-1].nsfw
+        output = np.asarray(Image.open(job.job_dir / "b" / "s0-img2img.png"))
+        assert output.max() == 0, "kept as the pipeline made it: black"
+    else:
+        assert flagged.status == "failed" and flagged.error is not None
+        assert flagged.error.type == "NsfwFlaggedError" and not flagged.outputs
+        assert job.store.status("job").failed == 1

@@ -6,17 +6,21 @@ Redis keeps its data, and no credentials are committed."""
 from __future__ import annotations
 
 import ast
+import base64
 import json
 import os
 import re
 import runpy
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points, packages_distributions
 from pathlib import Path
 from typing import Any
@@ -24,13 +28,16 @@ from typing import Any
 import pytest
 import typer
 import yaml
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 from typer.testing import CliRunner
 
 from jobs import cli
+from jobs.embedded import EmbeddedRedis, free_port
 from schemas.messages import JOB_END_QUEUE
 from schemas.registry import BUILTIN_MODELS, MODEL_NAME_PATTERN, ModelEntry, RegistryFile, queue_for
 from schemas.schedule import parse_duration
-from schemas.settings import ENV_PREFIX, Settings
+from schemas.settings import ENV_PREFIX, Settings, celery_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -40,6 +47,7 @@ COMPOSE = DEPLOY / "docker-compose.yml"
 REGISTRY = DEPLOY / "models.example.yaml"
 HEALTHCHECK = DOCKER / "worker-healthcheck.sh"
 HEALTHCHECK_IN_IMAGE = "imgjobs-worker-healthcheck"
+MAKEFILE = ROOT / "Makefile"
 OPERATIONS = ROOT / "docs" / "operations.md"
 GUIDE_MODELS = {"sd15", "sdxl-refiner", "kandinsky22", "sd-x4-upscaler"}
 
@@ -133,6 +141,59 @@ def compose_duration_s(value: str) -> float:
     parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", value)
     assert parts and "".join(n + u for n, u in parts) == value, f"not a compose duration: {value!r}"
     return sum(float(n) * units[u] for n, u in parts)
+
+
+COMPOSE_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def compose_interpolate(text: str, env: Mapping[str, str]) -> str:
+    """`text` as compose fills it in from `env`: ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}
+    and ${VAR?error}, with variables inside defaults, and `$$` for a `$`. A required variable that is
+    missing fails the test."""
+
+    def parse(i: int, in_braces: bool) -> tuple[str, int]:
+        out: list[str] = []
+        while i < len(text):
+            if in_braces and text[i] == "}":
+                return "".join(out), i
+            if text.startswith("$$", i):
+                out.append("$")
+                i += 2
+            elif text.startswith("${", i):
+                name = COMPOSE_VARIABLE.match(text, i + 2)
+                assert name, f"not a compose variable at {text[i:]!r}"
+                i = name.end()
+                operator = next((op for op in (":-", ":?", "-", "?") if text.startswith(op, i)), "")
+                i += len(operator)
+                argument, i = parse(i, True) if operator else ("", i)
+                assert text[i : i + 1] == "}", f"unclosed ${{ in {text!r}"
+                i += 1
+                value = env.get(name.group())
+                unset = value is None or (operator.startswith(":") and value == "")
+                assert not (unset and operator.endswith("?")), f"{name.group()} is required: {argument}"
+                out.append(argument if unset else value or "")
+            else:
+                out.append(text[i])
+                i += 1
+        assert not in_braces, f"unclosed ${{ in {text!r}"
+        return "".join(out), i
+
+    return parse(0, False)[0]
+
+
+def env_example_values() -> dict[str, str]:
+    """deploy/env.example as an operator fills it in: each REPLACE_ME becomes a fresh secret."""
+    values = {}
+    for line in (DEPLOY / "env.example").read_text(encoding="utf-8").splitlines():
+        name, equals, value = line.partition("=")
+        if equals and not line.startswith("#"):
+            values[name] = secrets.token_hex(12) if value == "REPLACE_ME" else value
+    return values
+
+
+def clean_environ() -> dict[str, str]:
+    """This process's environment without any broker or Flower settings of its own."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("IMGJOBS_", "CELERY_", "FLOWER_"))}
 
 
 # --- the files parse and the registry is valid -------------------------------------------------------
@@ -279,6 +340,101 @@ def test_the_celery_commands_used_exist(monkeypatch: pytest.MonkeyPatch) -> None
     assert any("pip install" in run and '"flower>=' in run for run in runs)
     monkeypatch.setenv("CELERY_BROKER_URL", "redis://:placeholder@example.invalid:6379/0")
     assert Celery().conf.broker_url == "redis://:placeholder@example.invalid:6379/0"
+
+
+def celery_on_the_worker_app(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "celery", "-A", "workers.app", *args]
+    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+
+
+def test_celery_inspect_on_the_worker_app_takes_celerys_broker_variable(redis_server: Any) -> None:
+    done = celery_on_the_worker_app(
+        clean_environ() | {"CELERY_BROKER_URL": redis_server.url}, "inspect", "ping", "--timeout", "1"
+    )
+    assert "Traceback" not in done.stderr, done.stderr
+    # It reached the broker and asked; no worker runs here to answer.
+    assert "No nodes replied" in done.stdout + done.stderr, done.stdout + done.stderr
+
+
+def test_the_worker_app_without_a_broker_says_so_in_one_line() -> None:
+    done = celery_on_the_worker_app(clean_environ(), "inspect", "ping", "--timeout", "1")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "IMGJOBS_BROKER_URL" in errors[0] and "CELERY_BROKER_URL" in errors[0]
+
+
+# --- Flower ------------------------------------------------------------------------------------------
+
+
+def get(url: str, login: tuple[str, str] | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url)
+    if login:
+        token = base64.b64encode(":".join(login).encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_flower_as_compose_runs_it_serves_its_api_to_the_login_of_the_env_file(tmp_path: Path) -> None:
+    service = compose()["services"]["flower"]
+    values = env_example_values()
+    login = (values.get("FLOWER_USER", "admin"), values.get("FLOWER_PASSWORD", ""))
+    command = [*service["entrypoint"], *service["command"]]
+    assert command[0] == "celery" and "--port=5555" in command
+    assert "127.0.0.1:5555:5555" in service["ports"]
+    port = free_port()
+    argv = [arg if not arg.startswith("--port=") else f"--port={port}" for arg in command[1:]]
+    with EmbeddedRedis(tmp_path / "redis", password=values["REDIS_PASSWORD"]) as server:
+        # Flower on this host: the broker through env.example's override for services elsewhere.
+        values["IMGJOBS_BROKER_URL"] = server.url
+        env = clean_environ() | {
+            k: compose_interpolate(str(v), values) for k, v in service["environment"].items()
+        }
+        flower = subprocess.Popen(
+            [sys.executable, "-m", "celery", *argv, "--address=127.0.0.1"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if get(f"{base}/healthcheck") == (200, b"OK"):
+                        break
+                except OSError:
+                    pass
+                assert flower.poll() is None, flower.stderr.read().decode() if flower.stderr else ""
+                assert time.monotonic() < deadline, "flower did not answer"
+                time.sleep(0.3)
+            assert get(f"{base}/api/workers")[0] == 401
+            assert get(f"{base}/api/workers", (login[0], "wrong"))[0] == 401
+            status, body = get(f"{base}/api/workers", login)
+            assert status == 200, body
+            assert json.loads(body) == {}  # no worker runs here
+        finally:
+            flower.terminate()
+            flower.wait(10)
+    # The password comes from the env file, never from the compose file, and nothing opens the API
+    # without one.
+    assert "${FLOWER_PASSWORD:?" in service["environment"]["FLOWER_BASIC_AUTH"]
+    assert "FLOWER_UNAUTHENTICATED_API" not in service["environment"]
+
+
+def test_task_events_are_left_to_flower_and_documented() -> None:
+    # Off in the workers' configuration (Celery's default) ...
+    config = celery_config(Settings(), "redis://h/0")
+    assert not config.get("worker_send_task_events") and not config.get("task_send_sent_event")
+    # ... and Flower, as compose runs it, keeps turning them on.
+    flower = compose()["services"]["flower"]
+    assert not any("enable_events" in str(arg) for arg in flower["command"])
+    assert not any("ENABLE_EVENTS" in name for name in flower["environment"])
+    doc = OPERATIONS.read_text(encoding="utf-8")
+    assert "`worker_send_task_events`" in doc and "`enable_events`" in doc
 
 
 # --- the health check --------------------------------------------------------------------------------
@@ -583,3 +739,27 @@ def test_the_worker_image_keeps_compiled_code_on_the_model_volume() -> None:
         else [instruction(stage, "VOLUME")]
     )
     assert any(cache.group(1).startswith(path.rstrip("/") + "/") for path in volume), (cache.group(1), volume)
+
+
+def test_the_worker_image_pins_the_cuda_build_of_the_torch_release_ci_tests() -> None:
+    instructions = dockerfile("worker.Dockerfile")
+    args = dict(arg.partition("=")[::2] for kw, arg in instructions if kw == "ARG")
+    spec = args["TORCH_SPEC"]
+    # One release, not whatever is newest on the day of the build.
+    pinned = re.fullmatch(r"torch==(\d+\.\d+\.\d+)", spec)
+    assert pinned, f"TORCH_SPEC={spec!r} is not a pinned release"
+    makefile = re.search(r"^TORCH_SPEC \?= (\S+)$", MAKEFILE.read_text(encoding="utf-8"), re.M)
+    assert makefile and makefile.group(1) == spec, "the image runs another torch than CI tests"
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        torch_requirement = next(
+            d for d in tomllib.load(f)["project"]["dependencies"] if re.match(r"torch\b", d)
+        )
+    assert Version(pinned.group(1)) in SpecifierSet(torch_requirement.removeprefix("torch"))
+    # The wheel's CUDA is the base image's: the container toolkit then checks the driver it needs.
+    index = re.fullmatch(r"https://download\.pytorch\.org/whl/cu(\d+)(\d)", args["TORCH_INDEX_URL"])
+    assert index, f"TORCH_INDEX_URL={args['TORCH_INDEX_URL']!r} is not a CUDA wheel index"
+    base = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-[a-z-]*runtime-ubuntu[\d.]+", args["BASE_IMAGE"])
+    assert base, f"BASE_IMAGE={args['BASE_IMAGE']!r} is not a CUDA runtime image"
+    assert index.groups() == base.groups(), (args["TORCH_INDEX_URL"], args["BASE_IMAGE"])
+    installs = [arg for kw, arg in instructions if kw == "RUN" and '"$TORCH_SPEC"' in arg]
+    assert len(installs) == 1 and '--index-url "$TORCH_INDEX_URL"' in installs[0]

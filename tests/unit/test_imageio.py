@@ -40,9 +40,12 @@ def bomb_png(width: int, height: int) -> bytes:
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (b"", "cannot identify image file"),
-        (b"GIF89a-but-not-really" * 3, "cannot"),
-        (b"\x00\x01\x02 wrong magic", "cannot identify image file"),
+        (b"", "^mem://x: empty file, not an image$"),
+        (b"GIF89a-but-not-really" * 3, "not a recognized image|cannot decode"),
+        (
+            b"\x00\x01\x02 wrong magic",
+            r"^mem://x: not a recognized image \(PNG, JPEG, WEBP, BMP, TIFF or GIF\)$",
+        ),
         (png_bytes(Image.new("RGB", (64, 64)))[:60], "cannot decode"),
         (bomb_png(20_000, 20_000), "pixel"),
     ],
@@ -56,7 +59,7 @@ def test_bad_images_are_input_errors(data: bytes, message: str) -> None:
 def test_format_outside_the_allow_list_is_refused() -> None:
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buffer, format="PPM")
-    with pytest.raises(InputImageError, match="cannot identify image file"):
+    with pytest.raises(InputImageError, match=r"^mem://x\.ppm: not a recognized image \("):
         decode_image(buffer.getvalue(), "mem://x.ppm", SETTINGS)
 
 
@@ -173,3 +176,22 @@ def test_an_s3_uri_s3_can_never_accept_fails_the_item_without_retries() -> None:
     # A StorageError (retryable) before: five chunk retries, then the whole chunk failed.
     with pytest.raises(InputImageError, match="Invalid bucket name"):
         fetch_bytes("s3://bad_bucket!/x.png", Settings())
+
+
+def test_a_transparent_input_is_composited_on_white_not_stripped_of_alpha() -> None:
+    rgba = Image.new("RGBA", (4, 1), (255, 0, 0, 0))  # hidden red under full transparency
+    rgba.putpixel((1, 0), (0, 0, 0, 128))  # half-transparent black
+    rgba.putpixel((2, 0), (10, 200, 30, 255))  # opaque
+    decoded = decode_image(png_bytes(rgba), "rgba.png", SETTINGS)
+    assert decoded.mode == "RGB"
+    assert decoded.getpixel((0, 0)) == (255, 255, 255)
+    grey = decoded.getpixel((1, 0))
+    assert isinstance(grey, tuple) and all(abs(channel - 127) <= 1 for channel in grey)
+    assert decoded.getpixel((2, 0)) == (10, 200, 30)
+    palette = Image.new("P", (2, 1), 0)
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    palette.putpixel((1, 0), 1)
+    buffer = io.BytesIO()
+    palette.save(buffer, format="PNG", transparency=0)  # palette entry 0 (red) is transparent
+    decoded = decode_image(buffer.getvalue(), "palette.png", SETTINGS)
+    assert [decoded.getpixel((x, 0)) for x in range(2)] == [(255, 255, 255), (0, 0, 255)]

@@ -81,7 +81,7 @@ def test_every_item_problem_is_reported_with_its_line(tmp_path: Path) -> None:
         f"{where}:6: image: unsupported scheme",
         f"{where}:7: strength: Input should be less than or equal to 1",
         f"{where}:8: seed: Input should be a valid integer",
-        f"{where}:9: colour: Extra inputs are not permitted",
+        f"{where}:9: colour: unknown field; the fields are id, image,",
         f"{where}:10: image: required unless the first stage is text2img",
         f"{where}:11: size: width and height must be multiples of 8",
         f"{where}:12: stages.0: steps x strength must give at least one denoising step",
@@ -107,7 +107,7 @@ def test_spec_problems_name_the_yaml_line_and_field(tmp_path: Path) -> None:
     found = problems_of(spec)
     assert found == [
         f"{spec}:2: name: must be 1-63 lowercase letters, digits or '-', starting with a letter or digit",
-        f"{spec}:8: stages.0.strenght: Extra inputs are not permitted",
+        f"{spec}:8: stages.0.strenght: unknown field; did you mean 'strength'?",
     ]
 
 
@@ -182,7 +182,7 @@ def test_missing_items_file(tmp_path: Path) -> None:
     spec = write_job(tmp_path, [], model="sd15")
     (tmp_path / "items.jsonl").unlink()
     found = problems_of(spec)
-    assert found == [f"{spec}: items: no such file: {tmp_path / 'items.jsonl'}"]
+    assert found == [f"{spec}:5: items: no such file: {tmp_path / 'items.jsonl'}"]
 
 
 def test_parameter_precedence_item_then_stage_then_defaults(tmp_path: Path) -> None:

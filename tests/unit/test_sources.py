@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from jobs.manifest import validate_job
 from jobs.registry import Registry
 from jobs.sources import item_id_for, list_images, write_listing_job
+from jobstate.storage import s3_client
 from schemas.errors import ConfigError, SpecError
 from tests.helpers import validated_parts, write_image, write_job
 
@@ -95,3 +98,84 @@ def test_listed_file_names_always_give_valid_item_ids(tmp_path: Path) -> None:
     _job, parts = validated_parts(path, REGISTRY)  # a SpecError for the first four names before
     ids = sorted(item.id for part in parts for item in part)
     assert (count, ids) == (6, sorted(["DSC0001", "photo.final", "dataset-2", "results.jsonl-2", "x", "a"]))
+
+
+TREE = ("a.png", "b.jpg", "notes.txt", ".hidden.png", "sub/deep.png", "sub/x/y.png", ".cache/c.png")
+
+
+def put_tree(bucket: str, root: Path) -> None:
+    """The same files in the bucket under in/ and on disk under root/in/ (listing reads no pixels)."""
+    s3 = boto3.client("s3")
+    for name in TREE:
+        (root / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "in" / name).write_bytes(name.encode())
+        s3.put_object(Bucket=bucket, Key=f"in/{name}", Body=name.encode())
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        ("in/*.png", ["a.png"]),
+        ("in/*", ["a.png", "b.jpg"]),
+        ("in/*/*.png", ["sub/deep.png"]),
+        ("in/**/*.png", ["a.png", "sub/deep.png", "sub/x/y.png"]),
+        ("in/**", ["a.png", "b.jpg", "sub/deep.png", "sub/x/y.png"]),
+        ("in/s?b/**/y.png", ["sub/x/y.png"]),
+        ("in/[ab].*", ["a.png", "b.jpg"]),
+        ("in/.*.png", [".hidden.png"]),
+        ("in/.cache/*.png", [".cache/c.png"]),
+    ],
+)
+def test_a_pattern_means_the_same_on_s3_and_local_files(
+    tmp_path: Path, s3_bucket: str, pattern: str, expected: list[str]
+) -> None:
+    """`*` stays within one level on S3 as it does in a local glob; `**` crosses levels."""
+    put_tree(s3_bucket, tmp_path)
+    on_s3 = list(list_images(f"s3://{s3_bucket}/{pattern}"))
+    local = list(list_images(f"{tmp_path}/{pattern}"))
+    assert on_s3 == [f"s3://{s3_bucket}/in/{name}" for name in expected]
+    assert local == [str(tmp_path.resolve() / "in" / name) for name in expected]
+
+
+@pytest.fixture
+def fresh_s3_client() -> Iterator[None]:
+    """storage's client built anew for the test, and again after it, as the environment changes."""
+    s3_client.cache_clear()
+    yield
+    s3_client.cache_clear()
+
+
+def test_s3_listings_use_the_storage_client(s3_bucket: str, fresh_s3_client: None) -> None:
+    """Its standard retries, timeouts and checksum settings, not a plain client's legacy retries."""
+    boto3.client("s3").put_object(Bucket=s3_bucket, Key="in/a.png", Body=b"x")
+    assert list(list_images(f"s3://{s3_bucket}/in/*.png")) == [f"s3://{s3_bucket}/in/a.png"]
+    assert s3_client.cache_info().currsize == 1
+
+
+@pytest.mark.parametrize(
+    ("pattern", "message"),
+    [
+        ("s3:///in/*.png", "needs a bucket"),
+        ("file:///in/*.png", "a listing is s3://bucket/prefix/"),
+        ("in/a**/*.png", r"`\*\*` must be a whole path level"),
+    ],
+)
+def test_a_bad_listing_pattern_is_one_error(tmp_path: Path, pattern: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        write_listing_job(tmp_path / "job", pattern, {}, None)
+
+
+def test_the_storage_client_retries_in_standard_mode_as_often_as_the_operator_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_s3_client: None
+) -> None:
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+    assert retries() == {"mode": "standard", "total_max_attempts": 9}
+    s3_client.cache_clear()
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    assert retries() == {"mode": "standard", "total_max_attempts": 2}
+
+
+def retries() -> object:
+    """The retry settings botocore computed for storage's client (not in the Config stubs)."""
+    return vars(s3_client().meta.config)["retries"]

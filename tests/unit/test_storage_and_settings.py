@@ -1,17 +1,36 @@
-"""Local storage, key containment, and settings from the environment."""
+"""Local storage, key containment, settings from the environment, and the dependency floors that the
+storage and broker code need."""
 
 from __future__ import annotations
 
 import os
 import stat
+import tomllib
 from pathlib import Path
+from typing import Any
 
+import botocore
 import pytest
+from celery import Celery
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from jobs.broker import connect_redis
+from jobstate import storage
 from jobstate.storage import LocalStorage, S3Storage, check_key, open_storage
 from schemas.errors import ConfigError, StorageError, StorageRefusedError
 from schemas.settings import Settings, celery_config, redact_url
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# What the code relies on, and the first release that has it, each checked against that release's own
+# code: a floor in pyproject.toml below one of these installs a library that fails at run time.
+NEEDED_RELEASES = [
+    ("botocore", "1.36.0", "Config(request_checksum_calculation=, response_checksum_validation=) in storage"),
+    ("boto3", "1.36.0", "the boto3 release that requires botocore 1.36"),
+    ("boto3", "1.28.0", "AWS_ENDPOINT_URL read from the environment (the deployments set it)"),
+]
 
 
 def test_local_storage_round_trip(tmp_path: Path) -> None:
@@ -98,3 +117,54 @@ def test_celery_config_is_json_only_and_at_least_once() -> None:
     assert config["task_acks_late"] and config["task_reject_on_worker_lost"]
     assert config["worker_prefetch_multiplier"] == 1
     assert config["broker_transport_options"]["visibility_timeout"] > config["task_time_limit"]
+
+
+def test_a_stray_celery_broker_url_does_not_redirect_our_connections(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Celery's own broker_url prefers the environment's CELERY_BROKER_URL to the configuration.
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://theirs.invalid:6379/0")
+    app = Celery("test")
+    app.conf.update(celery_config(Settings(), "redis://ours.invalid:6379/0"))
+    for connection in (app.connection_for_write(), app.connection_for_read(), app.connection()):
+        assert connection.hostname == "ours.invalid", connection.as_uri()
+
+
+def test_the_worker_app_falls_back_to_celerys_broker_variable_and_ours_wins(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from schemas.settings import worker_broker_url
+
+    ours, theirs = "redis://ours.invalid:6379/0", "redis://theirs.invalid:6379/0"
+    assert worker_broker_url(Settings(broker_url=None), {"CELERY_BROKER_URL": theirs}) == theirs
+    assert worker_broker_url(Settings(broker_url=ours), {"CELERY_BROKER_URL": theirs}) == ours
+    assert worker_broker_url(Settings(broker_url=ours), {}) == ours
+    with pytest.raises(ConfigError, match=r"IMGJOBS_BROKER_URL .*CELERY_BROKER_URL"):
+        worker_broker_url(Settings(broker_url=None), {})
+    # The imgjobs commands read only their own variable, whose absence means an embedded run.
+    monkeypatch.delenv("IMGJOBS_BROKER_URL", raising=False)
+    monkeypatch.setenv("CELERY_BROKER_URL", theirs)
+    assert Settings.from_env().broker_url is None
+
+
+def declared_floors() -> dict[str, Version]:
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        dependencies = tomllib.load(f)["project"]["dependencies"]
+    floors: dict[str, Version] = {}
+    for dependency in dependencies:
+        requirement = Requirement(dependency)
+        lows = [Version(s.version) for s in requirement.specifier if s.operator in {">=", "==", "~="}]
+        if lows:
+            floors[canonicalize_name(requirement.name)] = max(lows)
+    return floors
+
+
+def test_dependency_floors_cover_what_the_code_uses() -> None:
+    floors = declared_floors()
+    for distribution, needed, feature in NEEDED_RELEASES:
+        floor = floors[distribution]
+        assert floor >= Version(needed), f"{distribution}>={floor}, but {feature} needs {needed}"
+    # The botocore installed here accepts the client configuration that storage builds (uncached).
+    # Any: botocore-stubs know these two only as arguments of Config, not as its attributes.
+    config: Any = storage.s3_client.__wrapped__().meta.config
+    assert config.request_checksum_calculation == "when_required"
+    assert config.response_checksum_validation == "when_required"
+    assert Version(botocore.__version__) >= floors["botocore"]

@@ -36,6 +36,7 @@ class StageBatch:
 class StageOutput:
     images: np.ndarray | None = None  # (batch, height, width, 3): float in [0, 1], or uint8 from CPU stages
     latents: torch.Tensor | None = None  # (batch, channels, height, width), scaled as the pipeline uses them
+    nsfw: list[bool] | None = None  # per row, where a safety checker ran: flagged (and made black)
 
 
 def check_batch(batch: StageBatch, *, needs_input: bool) -> None:
@@ -98,6 +99,7 @@ def slice_output(output: StageOutput, count: int) -> StageOutput:
         output,
         images=output.images[:count] if output.images is not None else None,
         latents=output.latents[:count] if output.latents is not None else None,
+        nsfw=output.nsfw[:count] if output.nsfw is not None else None,
     )
 
 
@@ -106,9 +108,11 @@ def concat_outputs(outputs: list[StageOutput]) -> StageOutput:
         return outputs[0]
     images = [out.images for out in outputs if out.images is not None]
     latents = [out.latents for out in outputs if out.latents is not None]
+    flags = [out.nsfw for out in outputs if out.nsfw is not None]
     return StageOutput(
         images=np.concatenate(images) if len(images) == len(outputs) else None,
         latents=torch.cat(latents) if len(latents) == len(outputs) else None,
+        nsfw=[flag for piece in flags for flag in piece] if len(flags) == len(outputs) else None,
     )
 
 
@@ -179,11 +183,16 @@ def batch_input(batch: StageBatch) -> Any:
 
 
 def decode_latents(pipeline: Any, latents: torch.Tensor) -> np.ndarray:
+    """decode_checked's images."""
+    return decode_checked(pipeline, latents)[0]
+
+
+def decode_checked(pipeline: Any, latents: torch.Tensor) -> tuple[np.ndarray, list[bool] | None]:
     """What the pipeline's own output_type="np" would give for these latents: decoded in float32 where
     the pipeline upcasts a float16 VAE that asks for it (SDXL's and the x4 upscaler's pipelines; SDXL's
     VAE overflows in float16), denormalized by the VAE's latents mean and std where it has them,
     watermarked where the pipeline watermarks, and through its safety checker where it has one
-    (flagged images come back black, as from the pipeline)."""
+    (flagged images come back black, as from the pipeline), with the checker's flags."""
     vae = getattr(pipeline, "vae", None)
     if vae is None:
         raise StageError(f"{type(pipeline).__name__} has no VAE to decode latents with; save images instead")
@@ -217,7 +226,7 @@ def decode_latents(pipeline: Any, latents: torch.Tensor) -> np.ndarray:
     images: np.ndarray = pipeline.image_processor.postprocess(
         decoded, output_type="np", do_denormalize=denormalize
     )
-    return images
+    return images, None if flagged is None else [bool(nsfw) for nsfw in flagged]
 
 
 def call_pipeline(
@@ -225,11 +234,19 @@ def call_pipeline(
 ) -> StageOutput:
     with torch.inference_mode():
         if not want_latents:
-            return StageOutput(images=pipeline(**kwargs, output_type="np").images)
+            result = pipeline(**kwargs, output_type="np")
+            return StageOutput(images=result.images, nsfw=_flags(result))
         latents = pipeline(**kwargs, output_type="latent").images
-    return StageOutput(
-        images=decode_latents(pipeline, latents) if want_images else None, latents=latents.cpu()
-    )
+    if not want_images:
+        return StageOutput(latents=latents.cpu())
+    images, flags = decode_checked(pipeline, latents)
+    return StageOutput(images=images, latents=latents.cpu(), nsfw=flags)
+
+
+def _flags(result: Any) -> list[bool] | None:
+    """The safety checker's flags in a pipeline's output, where it ran (None where it has none)."""
+    flags = getattr(result, "nsfw_content_detected", None)
+    return None if flags is None else [bool(flag) for flag in flags]
 
 
 def to_pil(image: np.ndarray) -> Image.Image:
