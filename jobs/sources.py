@@ -20,7 +20,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from jobstate.storage import s3_client
-from schemas.errors import ConfigError, StorageError
+from schemas.errors import ConfigError
 from schemas.job import RESERVED_ITEM_IDS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -136,7 +136,9 @@ def _s3_versions(pattern: str) -> Iterator[tuple[str, str]]:
                 if key.lower().endswith(IMAGE_SUFFIXES) and matches(key_pattern, key):
                     yield f"s3://{bucket}/{key}", str(entry.get("ETag", "")).strip('"')
     except (BotoCoreError, ClientError) as exc:  # no credentials, no such bucket, endpoint down
-        raise StorageError(f"cannot list {pattern}: {exc}") from None
+        # After boto3's own retries: the source, its credentials or its endpoint need fixing, and
+        # nothing was submitted.
+        raise ConfigError(f"cannot list {pattern}: {exc}") from None
 
 
 def item_id_for(uri: str, taken: set[str]) -> str:

@@ -142,6 +142,7 @@ def test_malformed_inputs_are_one_error_line(tmp_path: Path) -> None:
 
     deep = tmp_path / "deep"
     spec = write_job(deep, [{"id": "a", "image": "a.png"}], model="sd15")
+    write_image(deep / "a.png", size=(8, 8))
     with (deep / "items.jsonl").open("a") as items:
         items.write("[" * 100_000 + "]" * 100_000 + "\n")
     nested = imgjobs("validate", str(spec))
@@ -174,7 +175,7 @@ def test_an_s3_listing_that_fails_is_one_error_line(tmp_path: Path) -> None:
     }
     listed = imgjobs("submit", "--from", "s3://bucket/in/*.png", "--model", "sd15", "--output", "o", env=env)
     assert "cannot list s3://bucket/in/*.png" in one_error_line(listed.stderr), listed.stderr
-    assert listed.returncode == 1
+    assert listed.returncode == 2
 
 
 def test_watching_a_job_no_worker_takes_says_so_then_exits_as_run_does(

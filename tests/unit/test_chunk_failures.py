@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from jobs.embedded import EmbeddedRedis
 from jobstate import keys
 from jobstate.bits import unmask
-from jobstate.storage import LocalStorage
+from jobstate.storage import LocalStorage, s3_client
 from schemas.errors import StorageError
 from schemas.job import Item, ResolvedParams
 from schemas.messages import StagePlan
@@ -165,19 +166,23 @@ def test_an_input_url_urllib_cannot_parse_fails_its_item_alone(
     assert (tmp_path / "out" / "job" / "report.html").exists()
 
 
-def without_aws_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No credentials anywhere boto3 looks, and no instance metadata service to ask."""
+@pytest.fixture
+def without_aws_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """No credentials anywhere boto3 looks, and no instance metadata service to ask; storage's
+    process-wide client is built anew for the test, and again after it."""
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3_client.cache_clear()
+    yield
+    s3_client.cache_clear()
 
 
 def test_an_input_that_cannot_be_read_for_now_leaves_the_others_running_then_fails_alone(
-    tmp_path: Path, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, redis_server: EmbeddedRedis, without_aws_credentials: None
 ) -> None:
-    without_aws_credentials(monkeypatch, tmp_path)
     job = setup(tmp_path, redis_server, stages=1, bad_uri="s3://bucket/x.png")
     (chunk,) = job.chunks
     with pytest.raises(RetryChunk, match=r"s3://bucket/x\.png"):  # retries remain: c stays open
