@@ -27,7 +27,7 @@ from jobs import redrive, scheduler
 from jobs.broker import connect_redis, producer_app, require_broker_url
 from jobs.consumers import ConsumerWatch, consumed_queues
 from jobs.embedded import EmbeddedState, Interrupted, LocalWorker, state_root, stopped_by_signals
-from jobs.manifest import ValidatedJob, stage_problems, validate_job
+from jobs.manifest import ValidatedJob, validate_job
 from jobs.metrics import BrokerCollector
 from jobs.producer import prepared, send_chunks, sender
 from jobs.producer import submit as submit_job
@@ -133,7 +133,8 @@ def submit(
             )
             # A local output is relative to where the command runs, not to the generated job's folder.
             where = output if "://" in output else str(Path(output).resolve())
-            stage_spec = _listing_stage(stage, model, param or [])
+            parameters = _parameters(param or [])
+            stage_spec = {"type": stage, "model": model, **parameters}
             spec = {"version": 1, "name": name, "output": where, "stages": [stage_spec], "dataset": dataset}
             if size is not None:
                 spec["defaults"] = {"size": size}
@@ -141,26 +142,46 @@ def submit(
             err.print(f"--from {from_}: {count} image(s)")
         elif job is None:
             raise ConfigError("give a job spec, or --from with --model and --output")
-        validated = stack.enter_context(prepared(job, _registry(models, settings), settings))
+        try:
+            validated = stack.enter_context(prepared(job, _registry(models, settings), settings))
+        except SpecError as exc:
+            raise _named_by_flags(exc, job, parameters) if from_ is not None else exc from None
         submission = submit_job(validated, settings, broker_url)
     if submission.already_submitted:
         err.print(f"job {submission.job_id} was already submitted; see `imgjobs status {submission.job_id}`")
     print(submission.job_id)
 
 
-def _listing_stage(stage: str, model: str, pairs: list[str]) -> dict[str, object]:
-    """The stage --stage, --model and --param make. A parameter it refuses is named by its flag:
-    the job file validation would otherwise name is a temporary one, gone when the command ends."""
-    parameters = _parameters(pairs)
-    spec = {"type": stage, "model": model, **parameters}
-    problems = [
-        Problem(f"--param {field}" if field in parameters else "--param", None, None, message)
-        for field, message in stage_problems(spec)
-        if field in parameters or (field is None and parameters)
+# The fields of the job `submit --from` generates, by the flag that set them.
+LISTING_FLAGS = {
+    "name": "--name",
+    "output": "--output",
+    "dataset": "--dataset",
+    "defaults.size": "--size",
+    "stages.0.type": "--stage",
+    "stages.0.model": "--model",
+}
+
+
+def _named_by_flags(exc: SpecError, spec_file: Path, parameters: dict[str, object]) -> SpecError:
+    """The problems of the job `submit --from` generated, each named by the flag behind its field:
+    the job file validation names is a temporary one, gone when the command ends."""
+
+    def flag_of(field: str | None) -> str:
+        key = (field or "").removeprefix("stages.0.")
+        if field and field.startswith("stages.0.") and key in parameters:
+            return f"--param {key}"
+        if field == "stages.0":  # the stage as a whole: what its parameters make of it, or its type
+            return "--param" if parameters else "--stage"
+        return LISTING_FLAGS.get(field or "", "--from")
+
+    renamed = [
+        Problem(flag_of(problem.field), None, None, problem.message)
+        if problem.file == str(spec_file)
+        else problem
+        for problem in exc.problems
     ]
-    if problems:
-        raise SpecError(problems)
-    return spec
+    return SpecError(renamed)
 
 
 def _parameters(pairs: list[str]) -> dict[str, object]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import yaml
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from jobs.plan import PartWriter, absolute_path
 from jobs.recipe import plan_recipe
@@ -101,27 +101,6 @@ def _problems_from(
         field = ".".join(str(part) for part in loc) or None
         problems.append(Problem(file=file, line=line, field=field, message=error_message(err, root)))
     return problems
-
-
-_STAGE = TypeAdapter[StageSpec](StageSpec)
-
-
-def stage_problems(stage: dict[str, Any]) -> list[tuple[str | None, str]]:
-    """(field, message) for each problem of one stage given on its own (not in a spec file), in
-    the words validate uses; the field is None for a problem of the stage as a whole."""
-    try:
-        _STAGE.validate_python(stage)
-    except ValidationError as exc:
-        return [(_stage_field(tuple(err["loc"])), error_message(err, StageSpec)) for err in exc.errors()]
-    return []
-
-
-def _stage_field(loc: Location) -> str | None:
-    # A location starts with the stage's type, pydantic's tag of the stage union; an empty one is
-    # about the tag itself.
-    if not loc:
-        return "type"
-    return str(loc[1]) if len(loc) > 1 else None
 
 
 def load_spec(spec_path: Path) -> JobSpec:

@@ -116,6 +116,15 @@ def test_a_bad_param_flag_is_named_by_the_flag(tmp_path: Path, monkeypatch: pyte
     assert [str(problem) for problem in caught.value.problems] == [
         "--param: upscalers take plain prompts; prompt_syntax: compel is for img2img and text2img"
     ]
+    with pytest.raises(SpecError) as caught:
+        app([*flags, "--size", "51x", "--model", "no-such-model"], standalone_mode=False)
+    assert [str(problem) for problem in caught.value.problems] == [
+        "--size: size must look like 512x512 or [512, 512], got '51x'"
+    ]
+    with pytest.raises(SpecError) as caught:
+        app([*flags[:-4], "--model", "no-such-model", "--output", "out"], standalone_mode=False)
+    (problem,) = caught.value.problems
+    assert str(problem).startswith("--model: unknown model 'no-such-model'"), problem
 
 
 def test_an_unknown_stage_field_suggests_the_near_one_on_its_line(tmp_path: Path) -> None:
