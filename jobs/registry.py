@@ -126,8 +126,7 @@ def _meant_as_folder(source: str, base: Path) -> bool:
     head = source.split("/", 1)[0]
     if "/" in source:
         return (base / head).is_dir()
-    siblings = [child.name for child in base.iterdir() if child.is_dir()] if base.is_dir() else []
-    return did_you_mean(source, siblings) is not None
+    return did_you_mean(source, _folders_in(base)) is not None
 
 
 def source_problem(entry: ModelEntry) -> str | None:
