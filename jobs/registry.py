@@ -161,13 +161,18 @@ def _registry_place(path: Path, text: str, keys: Location) -> str:
     return f"{path}:{line}" if line is not None else str(path)
 
 
+def first_error(exc: ValidationError) -> Mapping[str, Any]:
+    """The error to report of a file that is reported one error at a time. A misspelt field comes
+    first, since it is what makes the field it was meant to be look missing."""
+    return min(exc.errors(), key=lambda err: err["type"] != "extra_forbidden")
+
+
 def _registry_error(path: Path, text: str, exc: ValidationError) -> ConfigError:
-    """The registry's first problem, as one line. A misspelt field comes first, since it is what
-    makes the field it was meant to be look missing."""
-    errors = sorted(exc.errors(), key=lambda err: err["type"] != "extra_forbidden")
-    loc = tuple(errors[0]["loc"])
+    """The registry's first problem, as one line."""
+    err = first_error(exc)
+    loc = tuple(err["loc"])
     where, field = _registry_place(path, text, loc), ".".join(str(part) for part in loc)
-    return ConfigError(f"model registry {where}: {field}: {error_message(errors[0], RegistryFile)}")
+    return ConfigError(f"model registry {where}: {field}: {error_message(err, RegistryFile)}")
 
 
 class Registry:

@@ -23,7 +23,6 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from jobs.embedded import state_root
 from jobs.manifest import ParamsResolver, locate
 from jobs.producer import prepared, submit
 from jobs.recipe import plan_recipe
-from jobs.registry import Location, Registry, error_message
+from jobs.registry import Location, Registry, error_message, first_error
 from jobs.sources import (
     WILDCARDS,
     check_pattern,
@@ -110,7 +109,7 @@ def load_schedules(settings: Settings) -> SchedulesFile:
     try:
         schedules = SchedulesFile.model_validate(read.data)
     except ValidationError as exc:
-        err = _first_error(exc)
+        err = first_error(exc)
         raise read.error(tuple(err["loc"]), error_message(err, SchedulesFile)) from None
     registry = Registry.load(settings.models)
     base_dir = settings.schedules.resolve().parent
@@ -119,11 +118,6 @@ def load_schedules(settings: Settings) -> SchedulesFile:
         for index, entry in enumerate(schedules.schedules)
     ]
     return schedules.model_copy(update={"schedules": checked})
-
-
-def _first_error(exc: ValidationError) -> Mapping[str, Any]:
-    # A misspelt field is also a missing one: the name it was meant to have says more.
-    return min(exc.errors(), key=lambda err: err["type"] != "extra_forbidden")
 
 
 def _checked(
@@ -148,7 +142,7 @@ def _checked(
     try:
         spec = JobSpec.model_validate({**entry.job_spec(), "items": "items.jsonl"})
     except ValidationError as exc:
-        err = _first_error(exc)
+        err = first_error(exc)
         raise read.error((*loc, *err["loc"]), error_message(err, JobSpec)) from None
     _recipe, problems = plan_recipe(spec, registry, base_dir, str(read.path))
     found = [(problem.field or "", problem.message) for problem in problems] + _item_problems(spec, entry)
