@@ -522,8 +522,9 @@ class Bench:
             )
             store = JobStore(client)
             ends: list[JobEnd] = []
+            settings = Settings(local_input_roots=str(folder_job))  # the bench's own inputs
             ctx = ChunkContext(
-                model=model, settings=Settings(), store=store, send_chunk=no_next_stage, send_end=ends.append
+                model=model, settings=settings, store=store, send_chunk=no_next_stage, send_end=ends.append
             )
             chunk_s = []
             timer = UnetTimer(model.pipeline.unet, self.cuda)
@@ -537,7 +538,7 @@ class Bench:
             # The job's end (results.jsonl, report.html with 200 thumbnails), once per job, as the CPU
             # worker writes it.
             for end in ends:
-                end_job(end, EndContext(store=store, settings=Settings()), token="bench")
+                end_job(end, EndContext(store=store, settings=settings), token="bench")
             status = store.status(job.meta.job_id)
         once = sum(timings.ends)
         seconds = sum(chunk_s) + once

@@ -178,7 +178,13 @@ def main() -> None:
         with EmbeddedRedis(root / "redis") as server:
             cpu = Registry.load(None).resolve("cpu")
             chunk_size = args.chunk_size or cpu.entry.items_per_chunk
-            with LocalWorker(cpu, server.url, None, root / "worker.log", env={"IMGJOBS_TORCH_THREADS": "1"}):
+            with LocalWorker(
+                cpu,
+                server.url,
+                None,
+                root / "worker.log",
+                env={"IMGJOBS_TORCH_THREADS": "1", "IMGJOBS_LOCAL_INPUT_ROOTS": str(root)},
+            ):
                 write_job(root / "engine", rows[:8], "warm-up")  # the worker starts and loads before timing
                 run_job(root / "engine", server, args.chunk_size)
                 work_before = stage_work_ms(root / "engine", rows, "before")

@@ -134,7 +134,7 @@ def with_worker(root: Path, server: EmbeddedRedis, name: str) -> LocalWorker:
         server.url,
         None,
         root / f"{name}-worker.log",
-        {"IMGJOBS_TORCH_THREADS": "1"},
+        {"IMGJOBS_TORCH_THREADS": "1", "IMGJOBS_LOCAL_INPUT_ROOTS": str(root)},
     )
     deadline = time.monotonic() + 120
     while " ready." not in worker.log_tail(200):

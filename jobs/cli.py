@@ -297,11 +297,12 @@ def _local_workers(
     models: list[ResolvedModel],
     registry: Path | None,
     broker_url: str,
-    logs: Path,
+    state: EmbeddedState,
     settings: Settings,
     per_model: int = 1,
 ) -> list[LocalWorker]:
     count = len(models) * per_model
+    env = {"IMGJOBS_LOCAL_INPUT_ROOTS": state.input_roots() or settings.local_input_roots or ""}
     # Local workers share this machine's cores; more torch threads than cores only spin.
     threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // count)
     return [
@@ -310,14 +311,21 @@ def _local_workers(
                 model,
                 broker_url,
                 registry,
-                logs / f"worker-{model.queue.removeprefix('imgjobs.')}-{index}.log",
-                env={"IMGJOBS_TORCH_THREADS": str(threads)},
+                state.logs / f"worker-{model.queue.removeprefix('imgjobs.')}-{index}.log",
+                env=env | {"IMGJOBS_TORCH_THREADS": str(threads)},
                 die_with_parent=True,
             )
         )
         for model in models
         for index in range(per_model)
     ]
+
+
+def _embedded_input_roots(settings: Settings, job: ValidatedJob) -> str:
+    """What an embedded run's workers may read local inputs from: the job's own folders (the spec's
+    and the manifest's, which relative paths start from) and any the operator set."""
+    folders = [settings.local_input_roots or "", str(job.spec_path.parent), str(job.items_path.parent)]
+    return os.pathsep.join(dict.fromkeys(folder for folder in folders if folder))
 
 
 def _follow(
@@ -369,12 +377,13 @@ def run(
         elif submission.resumed:
             err.print(f"job {submission.job_id}: resumed")
         if state is not None and not store.status(submission.job_id).finished:
+            state.remember_input_roots(_embedded_input_roots(settings, validated))
             workers = _local_workers(
                 stack,
                 _job_models(validated.models, registry),
                 registry.path,
                 broker_url,
-                state.logs,
+                state,
                 settings,
                 workers_per_model,
             )
@@ -519,7 +528,7 @@ def retry(
         meta = store.meta(job_id)
         job_models = list({plan.model.name: plan.model for plan in meta.recipe}.values())
         workers = _local_workers(
-            stack, _job_models(job_models, registry), registry.path, broker_url, state.logs, settings
+            stack, _job_models(job_models, registry), registry.path, broker_url, state, settings
         )
         count = _retry(store, settings, broker_url, job_id, reason)
         err.print(f"job {job_id}: {count} failed item(s) run again, by {len(workers)} local worker(s)")
@@ -558,7 +567,7 @@ def cancel(job_id: Annotated[str, typer.Argument(show_default=False)]) -> None:
             # An embedded job no run runs now: its end is written here, by a cpu worker of its own.
             registry = Registry.load(broker.idle.registry())
             cpu = [registry.resolve("cpu")]
-            workers = _local_workers(stack, cpu, registry.path, broker.url, broker.idle.logs, settings)
+            workers = _local_workers(stack, cpu, registry.path, broker.url, broker.idle, settings)
             status = _follow(store, job_id, workers, None, f"`imgjobs cancel {job_id}` again writes its end")
     if verdict == "finished":
         err.print(f"job {job_id}: already finished ({status.state.value}); nothing to cancel")

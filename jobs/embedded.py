@@ -10,7 +10,7 @@ resumes it, and `imgjobs status`, `failures` and `retry` work on it afterwards:
       jobs/<job id>/logs/       worker-<model>-<n>.log
       jobs/<job id>/lock        held by the process that runs the job's broker
       jobs/<job id>/broker.json where that broker listens while it runs (mode 0600)
-      jobs/<job id>/run.json    the models.yaml the run used, for a later `imgjobs retry`
+      jobs/<job id>/run.json    the models.yaml and input folders the run used, for a later `imgjobs retry`
 """
 
 from __future__ import annotations
@@ -298,7 +298,7 @@ class EmbeddedState:
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.logs.mkdir(exist_ok=True)
         if registry is not None:
-            (self.folder / "run.json").write_text(json.dumps({"models": str(registry)}), encoding="utf-8")
+            self._remember(models=str(registry))
         _wait_for_exit(self.folder / "redis" / PID_FILE)  # the server of a run killed a moment ago
         server = EmbeddedRedis(
             self.folder / "redis", appendonly=True, password=secrets.token_hex(16), die_with_parent=True
@@ -318,11 +318,26 @@ class EmbeddedState:
 
     def registry(self) -> Path | None:
         """The models.yaml the job's run used, if any."""
+        models = self._remembered().get("models")
+        return Path(models) if isinstance(models, str) else None
+
+    def remember_input_roots(self, roots: str) -> None:
+        """The folders the run's workers may read local inputs from, for a later retry's workers."""
+        self._remember(input_roots=roots)
+
+    def input_roots(self) -> str | None:
+        roots = self._remembered().get("input_roots")
+        return roots if isinstance(roots, str) else None
+
+    def _remembered(self) -> dict[str, object]:
         try:
-            models = json.loads((self.folder / "run.json").read_text(encoding="utf-8")).get("models")
+            found = json.loads((self.folder / "run.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return None
-        return Path(models) if models else None
+            return {}
+        return found if isinstance(found, dict) else {}
+
+    def _remember(self, **values: str) -> None:
+        (self.folder / "run.json").write_text(json.dumps(self._remembered() | values), encoding="utf-8")
 
     def _try_lock(self, wait_s: float) -> bool:
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)

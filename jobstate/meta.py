@@ -4,6 +4,7 @@ job's meta hash (jobstate/keys.py), plus the times and marks that its life adds.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,6 +55,11 @@ class JobMeta(BaseModel):
 
     def part_of(self, position: int) -> int:
         return position // self.chunk_size
+
+    @property
+    def local_folder(self) -> str | None:
+        """{output}/{job_id} where the output is a local folder; None for S3."""
+        return None if self.output.startswith("s3://") else os.path.join(self.output, self.job_id)
 
     def positions(self, part: int) -> range:
         """The manifest positions of the items in `part`."""

@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     http_allow_private: bool = Field(
         False, description="let http(s) inputs reach private, loopback and link-local addresses"
     )
+    local_input_roots: str | None = Field(
+        None,
+        description="folders (separated by ':') under which workers read local input paths; unset: "
+        "none, so a job can read no local file of a worker's host (an embedded run allows its job's folder)",
+    )
     max_deliveries: int = Field(
         3, ge=1, le=100, description="deliveries of one chunk before it is dead-lettered as poison"
     )
@@ -63,6 +68,13 @@ class Settings(BaseSettings):
         "json", description="worker logs: one JSON object per line, or text"
     )
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per worker; unset lets torch pick")
+
+    @property
+    def input_roots(self) -> tuple[str, ...]:
+        """IMGJOBS_LOCAL_INPUT_ROOTS as real paths (symbolic links resolved, as inputs are)."""
+        return tuple(
+            os.path.realpath(root) for root in (self.local_input_roots or "").split(os.pathsep) if root
+        )
 
     @property
     def visibility_timeout_s(self) -> int:

@@ -36,6 +36,15 @@ def private_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return state
 
 
+@pytest.fixture(autouse=True)
+def local_inputs_of_the_test(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers, in this process and in worker processes, read local inputs under this session's
+    temporary folders, as an operator's IMGJOBS_LOCAL_INPUT_ROOTS would allow a shared volume."""
+    monkeypatch.setenv("IMGJOBS_LOCAL_INPUT_ROOTS", str(tmp_path_factory.getbasetemp()))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread() -> None:
     """Two cores shared by the test process and worker processes: torch's spinning thread pool makes
@@ -108,7 +117,9 @@ class Workers:
                 shared = {key: value for key, value in (env or {}).items() if key != "IMGJOBS_METRICS_PORT"}
                 self.start("cpu", broker_url, registry, shared)
         log_path = self.tmp_path / f"worker-{len(self.started)}.log"
-        env = {"IMGJOBS_TORCH_THREADS": "1", **(env or {})}
+        # Outside pytest (bench/faults.py) no fixture sets the folders workers may read from.
+        roots = os.environ.get("IMGJOBS_LOCAL_INPUT_ROOTS") or str(self.tmp_path)
+        env = {"IMGJOBS_TORCH_THREADS": "1", "IMGJOBS_LOCAL_INPUT_ROOTS": roots, **(env or {})}
         worker = LocalWorker(registry.resolve(model), broker_url, registry.path, log_path, env=env)
         self.started.append(worker)
         return worker

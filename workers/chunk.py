@@ -153,7 +153,9 @@ def process_chunk(chunk: Chunk, ctx: ChunkContext, retries: int = 0, may_retry: 
     parts = JobParts(storage, meta.run_id)
     attempt = Attempt(chunk.round, chunk.stage_index, retries, start.delivery)
     recorder = ChunkRecorder(ctx.store, parts, storage, meta, chunk, attempt, info, ctx.send_chunk)
-    job = StageJob(recipe=meta.recipe, defaults=meta.spec.defaults, dataset=meta.spec.dataset)
+    job = StageJob(
+        recipe=meta.recipe, defaults=meta.spec.defaults, dataset=meta.spec.dataset, folder=meta.local_folder
+    )
     engine = StageEngine(
         ctx.model, ctx.settings, storage, job, chunk.stage_index, info, retry_inputs=may_retry
     )

@@ -46,7 +46,7 @@ from schemas.job import (
 from schemas.messages import ChunkItem, ItemResult, StageInput, StagePlan, StageRecord, item_result
 from schemas.settings import Settings
 from workers.events import ChunkInfo, emit
-from workers.imageio import encode_image, fetch_bytes, load_input
+from workers.imageio import LocalRoots, encode_image, fetch_bytes, load_input
 from workers.models import LoadedModel
 from workers.stages.common import SplitOutput, StageBatch, StageOutput, run_splitting, to_pil
 from workers.stages.img2img import run_img2img
@@ -82,6 +82,7 @@ class StageJob:
     recipe: tuple[StagePlan, ...]
     defaults: Defaults
     dataset: bool
+    folder: str | None = None  # the job's own output folder, when local: later stages read from it
 
 
 class Sink(Protocol):
@@ -160,6 +161,7 @@ class StageEngine:
         self.is_last = stage_index == len(job.recipe) - 1
         self.info = info
         self.retry_inputs = retry_inputs
+        self.roots = LocalRoots.of(settings, job.folder)
         self.busy_s = 0.0
         self.input_error: ImgjobsError | None = None  # the first input read that may pass on retry
 
@@ -257,10 +259,11 @@ class StageEngine:
         if source.kind == "image" and source.uri:
             # The first stage fits inputs to the job's size; later stages take what the previous made.
             size = work.params.size if self.stage_index == 0 else None
-            prepared.image = load_input(source.uri, size, self.settings, work.params.resize)
+            prepared.image = load_input(source.uri, size, self.settings, work.params.resize, self.roots)
         elif source.kind == "latent" and source.uri:
             try:
-                prepared.latent = load_safetensors(fetch_bytes(source.uri, self.settings))[LATENT_TENSOR]
+                data = fetch_bytes(source.uri, self.settings, self.roots)
+                prepared.latent = load_safetensors(data)[LATENT_TENSOR]
             except (KeyError, ValueError, RuntimeError, SafetensorError) as exc:
                 raise InputImageError(f"{source.uri}: not a latent file: {exc}") from None
         spec = self.plan.spec
@@ -273,7 +276,8 @@ class StageEngine:
         if image is None:
             raise InputImageError("a ControlNet stage needs an input image")
         if work.member.item.control_image:
-            return load_input(work.member.item.control_image, image.size, self.settings, work.params.resize)
+            control = work.member.item.control_image
+            return load_input(control, image.size, self.settings, work.params.resize, self.roots)
         if self.plan.depth_model is None:
             raise InputImageError("this stage needs a control_image for each item (or control: depth)")
         depth = self.model.estimate_depth(self.plan.depth_model, image)

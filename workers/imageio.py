@@ -6,12 +6,14 @@ from __future__ import annotations
 import http.client
 import io
 import ipaddress
+import os
 import socket
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +162,29 @@ class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def fetch_bytes(uri: str, settings: Settings) -> bytes:
+@dataclass(frozen=True)
+class LocalRoots:
+    """The folders a worker may read local inputs from: the operator's (IMGJOBS_LOCAL_INPUT_ROOTS) and
+    the job's own output folder, where earlier stages leave what the next one reads. Anyone who may
+    submit a job could otherwise copy any image of a worker's disk into an output bucket."""
+
+    folders: tuple[str, ...]
+
+    @classmethod
+    def of(cls, settings: Settings, job_folder: str | None = None) -> LocalRoots:
+        own = (os.path.realpath(job_folder),) if job_folder else ()
+        return cls(settings.input_roots + own)
+
+    def check(self, uri: str, path: Path) -> None:
+        real = os.path.realpath(path)  # a symbolic link inside a root may point anywhere
+        if not any(real == folder or real.startswith(folder.rstrip("/") + "/") for folder in self.folders):
+            raise InputImageError(
+                f"{uri}: not under a folder workers may read local inputs from (IMGJOBS_LOCAL_INPUT_ROOTS)"
+            )
+
+
+def fetch_bytes(uri: str, settings: Settings, roots: LocalRoots | None = None) -> bytes:
+    """The input's bytes. A local path is read only under `roots`, where given (the worker's path)."""
     limit = settings.max_image_bytes
     if uri.startswith("s3://"):
         bucket, key = split_s3_uri(uri)
@@ -200,6 +224,8 @@ def fetch_bytes(uri: str, settings: Settings) -> bytes:
         except ValueError as exc:  # a URL urllib cannot parse: "http://[::1/x", "http://h:port/x"
             raise InputImageError(f"{uri}: not a usable URL: {exc}") from None
     path = Path(uri.removeprefix("file://"))
+    if roots is not None:
+        roots.check(uri, path)
     try:
         if path.stat().st_size > limit:
             raise InputImageError(f"{uri}: larger than the {limit}-byte limit")
@@ -272,10 +298,14 @@ def fit_image(image: Image.Image, size: tuple[int, int], policy: ResizePolicy) -
 
 
 def load_input(
-    uri: str, size: tuple[int, int] | None, settings: Settings, policy: ResizePolicy = "crop"
+    uri: str,
+    size: tuple[int, int] | None,
+    settings: Settings,
+    policy: ResizePolicy = "crop",
+    roots: LocalRoots | None = None,
 ) -> Image.Image:
     """Fetch, decode and, with a size=(width, height), bring to it as `policy` says."""
-    image = decode_image(fetch_bytes(uri, settings), uri, settings)
+    image = decode_image(fetch_bytes(uri, settings, roots), uri, settings)
     return image if size is None else fit_image(image, size, policy)
 
 

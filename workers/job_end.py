@@ -28,6 +28,7 @@ from schemas.messages import ItemResult, JobEnd
 from schemas.settings import Settings
 from workers.engine import DATASET_DIR
 from workers.events import emit
+from workers.imageio import LocalRoots
 from workers.report import MAX_ITEMS as REPORT_MAX_ITEMS
 from workers.report import render_report
 
@@ -136,7 +137,9 @@ def write_end(meta: JobMeta, ctx: EndContext) -> tuple[str, str]:
         results_uri = storage.put_file(RESULTS_KEY, results_path, "application/x-ndjson")
         if meta.spec.dataset:
             storage.put_file(f"{DATASET_DIR}/metadata.jsonl", dataset_path, "application/x-ndjson")
-    report = render_report(meta.job_id, shown, meta.total, ctx.settings)
+    report = render_report(
+        meta.job_id, shown, meta.total, ctx.settings, LocalRoots.of(ctx.settings, meta.local_folder)
+    )
     report_uri = storage.put(REPORT_KEY, report.encode(), "text/html; charset=utf-8")
     return results_uri, report_uri
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from schemas.messages import ItemResult
 from schemas.settings import Settings
-from workers.imageio import decode_image, fetch_bytes
+from workers.imageio import LocalRoots, decode_image, fetch_bytes
 
 THUMBNAIL_SIDE = 160
 MAX_ITEMS = 200
@@ -31,9 +31,9 @@ img { display: block; width: 160px; height: 160px; object-fit: contain; backgrou
 """
 
 
-def _thumbnail(uri: str, settings: Settings) -> str | None:
+def _thumbnail(uri: str, settings: Settings, roots: LocalRoots) -> str | None:
     try:
-        image = decode_image(fetch_bytes(uri, settings), uri, settings)
+        image = decode_image(fetch_bytes(uri, settings, roots), uri, settings)
     except Exception:  # a thumbnail is decoration: whatever stops it, the report shows none
         return None
     image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
@@ -42,20 +42,24 @@ def _thumbnail(uri: str, settings: Settings) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _figure(label: str, uri: str | None, settings: Settings) -> str:
-    source = _thumbnail(uri, settings) if uri else None
+def _figure(label: str, uri: str | None, settings: Settings, roots: LocalRoots) -> str:
+    source = _thumbnail(uri, settings, roots) if uri else None
     picture = f'<img src="{source}" alt="{html.escape(label)}">' if source else "<img alt='not available'>"
     return f"<figure>{picture}<figcaption>{html.escape(label)}</figcaption></figure>"
 
 
-def render_report(job_id: str, results: Iterable[ItemResult], total: int, settings: Settings) -> str:
+def render_report(
+    job_id: str, results: Iterable[ItemResult], total: int, settings: Settings, roots: LocalRoots
+) -> str:
     sections = []
     for count, result in enumerate(results):
         if count >= MAX_ITEMS:
             break
-        figures = [_figure("input", result.image, settings)] if result.image else []
+        figures = [_figure("input", result.image, settings, roots)] if result.image else []
         figures += [
-            _figure(name, uri, settings) for name, uri in result.outputs.items() if uri.endswith(".png")
+            _figure(name, uri, settings, roots)
+            for name, uri in result.outputs.items()
+            if uri.endswith(".png")
         ]
         stages = [
             {"stage": s.name, "model": s.model, **s.params.model_dump(exclude_none=True)}

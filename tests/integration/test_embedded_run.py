@@ -129,3 +129,21 @@ def test_resize_stage_runs_on_the_cpu_worker_and_feeds_the_next_stage(
     resized = Image.open(result["outputs"]["s0-resize"])
     assert (resized.format, resized.size) == ("JPEG", (48, 48))
     assert Image.open(result["outputs"]["s1-img2img"]).size == (48, 48)
+
+
+def test_an_embedded_run_reads_the_local_inputs_of_its_own_folder_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("IMGJOBS_LOCAL_INPUT_ROOTS", raising=False)  # no folder of the operator's
+    folder = tmp_path / "job"
+    write_image(folder / "in" / "a.png", size=(24, 24))
+    outside = write_image(tmp_path / "elsewhere" / "b.png", size=(24, 24))
+    rows = [{"id": "a", "image": "in/a.png"}, {"id": "b", "image": str(outside)}]
+    spec = write_job(folder, rows, stage={"type": "resize", "model": "cpu"}, defaults={"size": [16, 16]})
+    ran = imgjobs("run", str(spec))
+    assert ran.returncode == 1, ran.stderr  # b failed
+    (results_file,) = (folder / "out").glob("*/results.jsonl")
+    results = {row["id"]: row for row in map(json.loads, results_file.read_text().splitlines())}
+    assert results["a"]["status"] == "succeeded"
+    assert results["b"]["status"] == "failed"
+    assert "IMGJOBS_LOCAL_INPUT_ROOTS" in results["b"]["error"]["message"]

@@ -23,7 +23,7 @@ from schemas.errors import StorageError
 from schemas.job import Defaults, Item
 from schemas.registry import BUILTIN_MODELS, ModelEntry
 from schemas.settings import Settings
-from tests.chunkkit import Harness, harness
+from tests.chunkkit import Harness, harness, resize_recipe
 from tests.helpers import local_model, stage_plan, write_image
 from workers import engine as engine_module
 from workers.chunk import RetryChunk
@@ -297,3 +297,39 @@ def test_an_output_the_safety_checker_flags_is_recorded_and_kept_or_failed(
         assert flagged.status == "failed" and flagged.error is not None
         assert flagged.error.type == "NsfwFlaggedError" and not flagged.outputs
         assert job.store.status("job").failed == 1
+
+
+def test_local_inputs_are_read_only_under_the_allowed_folders_and_the_jobs_own(
+    redis_server: EmbeddedRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    allowed, elsewhere = tmp_path / "allowed", tmp_path / "elsewhere"
+    inside = write_image(allowed / "a.png", size=(24, 24))
+    outside = write_image(elsewhere / "b.png", size=(24, 24))
+    (allowed / "link.png").symlink_to(outside)  # inside by its name, outside by what it is
+    rows = [
+        Item(id="a", image=str(inside)),
+        Item(id="b", image=str(outside)),
+        Item(id="c", image=f"file://{outside}"),
+        Item(id="d", image=str(allowed / "link.png")),
+    ]
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    # Two stages: the second reads the first's output from the job's own folder, which is always allowed.
+    job = harness(
+        client,
+        rows,
+        tmp_path / "out",
+        recipe=resize_recipe(stages=2),
+        settings=Settings(local_input_roots=f"{tmp_path / 'nowhere'}:{allowed}"),
+    )
+    job.run_all()
+    results = job.results()
+    assert results["a"].status == "succeeded" and len(results["a"].stages) == 2
+    for item_id in "bcd":
+        error = results[item_id].error
+        assert error is not None and error.type == "InputImageError", item_id
+        assert "IMGJOBS_LOCAL_INPUT_ROOTS" in error.message, error.message
+    nothing = harness(
+        client, rows[:1], tmp_path / "none", job_id="unset", settings=Settings(local_input_roots=None)
+    )
+    nothing.run_all()
+    assert nothing.results()["a"].status == "failed", "unset: no local input at all"
