@@ -1,6 +1,8 @@
 # Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
-# Each creates .venv when missing and installs into it, torch first: TORCH_SPEC pins the CPU build
-# that this project's CI uses; on a CUDA host, set TORCH_SPEC=torch to keep pip's default build.
+# Each creates .venv when missing and installs into it, torch first: TORCH_SPEC pins the torch release
+# CI tests with. Which build pip takes depends on the index: CI's serves the CPU one, PyPI's Linux
+# wheel is the CUDA 13 build. For the CPU build elsewhere: TORCH_SPEC=torch==2.13.0+cpu with
+# PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu.
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 VENV := .venv

@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 from jobs.embedded import EmbeddedRedis, LocalWorker  # noqa: E402
 from jobs.registry import Registry  # noqa: E402
 from jobstate.store import JobStore  # noqa: E402
+from schemas.messages import priority_lists  # noqa: E402
 from schemas.progress import JobStatus  # noqa: E402
 
 SIZE = 32
@@ -105,7 +106,8 @@ def submit_scale(root: Path, count: int) -> dict[str, Any]:
         empty = used_memory(server)
         done, seconds, rss = cli(["submit", str(spec)], server)
         job_id = done.stdout.strip()
-        queued = int(redis.Redis.from_url(server.url).llen("imgjobs.cpu"))
+        client = redis.Redis.from_url(server.url)
+        queued = sum(int(client.llen(name)) for name in priority_lists("imgjobs.cpu"))
         per_item = (used_memory(server) - empty) / count
     shutil.rmtree(spec.parent)
     return {

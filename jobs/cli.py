@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import os
 import signal
@@ -13,12 +14,14 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Annotated
+from typing import IO, Annotated
 
 import redis
 import typer
 import yaml
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -27,13 +30,25 @@ from jobs import redrive, scheduler
 from jobs.broker import connect_redis, producer_app, require_broker_url
 from jobs.consumers import ConsumerWatch, consumed_queues
 from jobs.embedded import EmbeddedState, Interrupted, LocalWorker, state_root, stopped_by_signals
+from jobs.estimate import estimate
 from jobs.manifest import ValidatedJob, validate_job
 from jobs.metrics import BrokerCollector
 from jobs.producer import prepared, send_chunks, sender
 from jobs.producer import submit as submit_job
-from jobs.registry import Registry
+from jobs.registry import Registry, did_you_mean
 from jobs.sources import write_listing_job
-from jobstate import keys
+from jobs.views import (
+    FailureGroup,
+    JobFilter,
+    RateMeter,
+    average_rate,
+    failures_by_reason,
+    log_lines_naming,
+    newest_first,
+    parse_since,
+    status_document,
+)
+from jobstate.rates import RateBook
 from jobstate.store import JobStore
 from schemas.errors import (
     BrokerUnavailableError,
@@ -44,6 +59,7 @@ from schemas.errors import (
     StorageRefusedError,
     UnknownJobError,
 )
+from schemas.job import RETRY_SETTABLE, Item, Priority
 from schemas.messages import JOB_END_QUEUE, WORKER_MODEL_ENV, WorkerModel
 from schemas.progress import JobState, JobStatus
 from schemas.registry import ResolvedModel
@@ -56,7 +72,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console(highlight=False, soft_wrap=True)
+# Piped or redirected, tables keep their full width: a script's columns are not cut at 80 characters.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 100_000)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_FAILED = 1
@@ -65,9 +82,30 @@ EXIT_SIGNAL = 128  # + the signal's number, as shells report a command a signal 
 POLL_S = 0.5
 DEFAULT_METRICS_PORT = 9108
 
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        print(f"imgjobs {package_version('imgjobs')}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="print the version and exit", callback=_print_version, is_eager=True),
+    ] = False,
+) -> None:
+    """Batch image-to-image jobs with diffusers on Celery workers."""
+
+
 ModelsOption = Annotated[
     Path | None,
     typer.Option("--models", help="models.yaml registry (default: $IMGJOBS_MODELS)", show_default=False),
+]
+DryRunOption = Annotated[
+    bool,
+    typer.Option("--dry-run", help="validate, plan and estimate the job; send and write nothing"),
 ]
 JobArgument = Annotated[Path, typer.Argument(help="job spec, YAML or JSON", show_default=False)]
 
@@ -80,17 +118,58 @@ def _registry(models: Path | None, settings: Settings, check_sources: bool = Fal
     return registry
 
 
-def _validated(job_path: Path, models: Path | None, settings: Settings) -> tuple[ValidatedJob, Registry]:
-    registry = _registry(models, settings, check_sources=True)
-    return validate_job(job_path, registry, check_local=True), registry
-
-
 @app.command()
-def validate(job: JobArgument, models: ModelsOption = None) -> None:
-    """Check the job spec and every item; print every problem with file, line and field."""
+def validate(
+    job: JobArgument,
+    models: ModelsOption = None,
+    check_inputs: Annotated[
+        bool,
+        typer.Option("--check-inputs", help="also decode every local input, as workers will (slower)"),
+    ] = False,
+) -> None:
+    """Check the job spec and every item; print every problem with file, line and field. Local
+    inputs must exist (with --check-inputs, decode), a local output must be writable, and every
+    model's source must load."""
     settings = Settings.from_env()
-    validated, _ = _validated(job, models, settings)
+    registry = _registry(models, settings, check_sources=True)
+    if not check_inputs:
+        validated = validate_job(job, registry, check_local=True)
+    else:
+        with tempfile.TemporaryFile("w+", encoding="utf-8") as local_inputs:
+            problems: list[Problem] = []
+            try:
+                validated = validate_job(job, registry, check_local=True, local_inputs=local_inputs)
+            except SpecError as exc:
+                problems = list(exc.problems)
+            local_inputs.seek(0)
+            problems += _undecodable_inputs(local_inputs)
+        if problems:
+            # The spec's problems first, then the manifest's by line, as validation alone orders them.
+            raise SpecError(
+                sorted(problems, key=lambda problem: (problem.file != str(job), problem.line or 0))
+            )
     out.print(f"ok: {validated.total} item(s), job id {validated.job_id}")
+
+
+def _undecodable_inputs(local_inputs: IO[str]) -> list[Problem]:
+    """The local inputs workers could not decode, each a problem of its manifest line. Decoded by
+    workers/check_inputs.py, in its own interpreter: the producer never imports the workers' code."""
+    if importlib.util.find_spec("workers") is None:
+        raise ConfigError(
+            "--check-inputs decodes with the workers' code, which this installation lacks (the producer "
+            "image); run it where imgjobs's workers are installed"
+        )
+    checked = subprocess.run(
+        [sys.executable, "-m", "workers.check_inputs"],
+        stdin=local_inputs,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if checked.returncode != 0:
+        raise ImgjobsError(f"--check-inputs: decoding the inputs failed:\n{checked.stderr[-2000:]}")
+    failed = [json.loads(line) for line in checked.stdout.splitlines()]
+    return [Problem(entry["file"], entry["line"], entry["field"], entry["error"]) for entry in failed]
 
 
 @app.command()
@@ -118,10 +197,16 @@ def submit(
         Path | None,
         typer.Option("--save-to", help="with --from: keep the generated job.json and items.jsonl here"),
     ] = None,
+    priority: Annotated[
+        Priority | None,
+        typer.Option(help="workers take high jobs' chunks first, low last; default: the spec's, else normal"),
+    ] = None,
+    dry_run: DryRunOption = False,
 ) -> None:
-    """Validate, then enqueue the job on IMGJOBS_BROKER_URL; prints the job id."""
+    """Validate, then enqueue the job on IMGJOBS_BROKER_URL; prints the job id. With --dry-run,
+    validate and plan it, and estimate its time from the rates workers have recorded."""
     settings = Settings.from_env()
-    broker_url = require_broker_url(settings)
+    broker_url = require_broker_url(settings) if settings.broker_url or not dry_run else None
     with ExitStack() as stack:
         if from_ is not None:
             if job is not None:
@@ -143,13 +228,60 @@ def submit(
         elif job is None:
             raise ConfigError("give a job spec, or --from with --model and --output")
         try:
-            validated = stack.enter_context(prepared(job, _registry(models, settings), settings))
+            validated = stack.enter_context(prepared(job, _registry(models, settings), settings, priority))
         except SpecError as exc:
             raise _named_by_flags(exc, job, parameters) if from_ is not None else exc from None
+        if dry_run:
+            _print_estimate(validated, broker_url)
+            return
+        assert broker_url is not None
         submission = submit_job(validated, settings, broker_url)
     if submission.already_submitted:
         err.print(f"job {submission.job_id} was already submitted; see `imgjobs status {submission.job_id}`")
     print(submission.job_id)
+
+
+def _print_estimate(job: ValidatedJob, broker_url: str | None) -> None:
+    """The dry run's plan and estimate, with rates read from `broker_url` (none without one)."""
+    book = RateBook(connect_redis(broker_url)) if broker_url else None
+    stages = estimate(job, book.rates if book else lambda _model: {})
+    out.print(f"dry run: job {job.job_id}, {job.total} item(s); nothing was sent or written")
+    table = Table("stage", "model", "chunks", "pipeline calls", "denoising steps", "expected", "from")
+    for stage in stages:
+        expected = f"{stage.seconds:.1f}s" if stage.seconds is not None else "unknown"
+        table.add_row(
+            stage.stage,
+            stage.model,
+            str(stage.chunks),
+            str(stage.calls),
+            str(stage.steps),
+            expected,
+            stage.source,
+        )
+    out.print(table)
+    by_model: dict[str, float | None] = {}
+    for stage in stages:
+        known = by_model.get(stage.model, 0.0)
+        by_model[stage.model] = None if known is None or stage.seconds is None else known + stage.seconds
+    for model, seconds in by_model.items():
+        out.print(f"{model}: " + (f"{seconds:.1f} worker-seconds" if seconds is not None else "time unknown"))
+    gpu = [stage.seconds for stage in stages if stage.on_gpu]
+    if gpu:
+        total = "unknown" if None in gpu else f"{sum(s for s in gpu if s is not None):.1f}"
+        out.print(f"GPU-seconds (every model not on the cpu): {total}")
+    if book is None:
+        err.print("no broker (IMGJOBS_BROKER_URL): no recorded rates to estimate time from")
+
+
+def _dry_run_embedded(job: ValidatedJob, settings: Settings) -> None:
+    """An embedded run's rates are those its own workers recorded, kept in its state: a job run before
+    (or stopped part-way) is estimated from them, a new one has none."""
+    state = EmbeddedState(state_root(settings.state_dir), job.job_id)
+    if not state.exists():
+        _print_estimate(job, None)
+        return
+    with state.broker() as url:
+        _print_estimate(job, url)
 
 
 # The fields of the job `submit --from` generates, by the flag that set them.
@@ -184,19 +316,17 @@ def _named_by_flags(exc: SpecError, spec_file: Path, parameters: dict[str, objec
     return SpecError(renamed)
 
 
-def _parameters(pairs: list[str]) -> dict[str, object]:
+def _parameters(pairs: list[str], flag: str = "--param") -> dict[str, object]:
     """KEY=VALUE pairs, each value read as a YAML scalar (4 -> int, 0.5 -> float, text -> str)."""
     parsed: dict[str, object] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--param {pair!r}: expected KEY=VALUE")
+            raise ConfigError(f"{flag} {pair!r}: expected KEY=VALUE")
         try:
             parsed[key] = yaml.safe_load(value)
         except yaml.YAMLError as exc:
-            raise ConfigError(
-                f"--param {pair!r}: not a valid value: {getattr(exc, 'problem', exc)}"
-            ) from None
+            raise ConfigError(f"{flag} {pair!r}: not a valid value: {getattr(exc, 'problem', exc)}") from None
     return parsed
 
 
@@ -210,13 +340,6 @@ def _progress_bar() -> Progress:
         TimeRemainingColumn(),
         console=err,
     )
-
-
-def _rate(status: JobStatus, done: int | None = None) -> float:
-    done = status.done if done is None else done
-    if not status.started_at or not done:
-        return 0.0
-    return done / max((status.finished_at or time.time()) - status.started_at, 1e-6)
 
 
 def _consumer_watch(settings: Settings, broker_url: str, store: JobStore, job_id: str) -> ConsumerWatch:
@@ -245,17 +368,23 @@ def _watch(
         while True:
             status = store.status(job_id)
             progress.update(
-                job_bar, completed=status.done, rate=_rate(status), failed=f"failed {status.failed}"
+                job_bar, completed=status.done, rate=average_rate(status), failed=f"failed {status.failed}"
             )
             for stage in status.stages:
                 if stage.name in stage_bars:
                     progress.update(
-                        stage_bars[stage.name], completed=stage.done, rate=_rate(status, stage.done)
+                        stage_bars[stage.name], completed=stage.done, rate=average_rate(status, stage.done)
                     )
             if status.finished:
                 return status
             for warning in consumers.warnings(status) if consumers else []:
                 progress.console.print(warning, markup=False)
+            # A model that cannot load stops the run at once: its stage would wait for ever.
+            reasons = [worker.failure() for worker in workers or [] if not worker.alive()]
+            if any(reasons):
+                logs = (workers or [])[0].log_path.parent
+                said = "; ".join(dict.fromkeys(reason for reason in reasons if reason))
+                raise ConfigError(f"{said} (worker logs: {logs})")
             if workers is not None and not any(worker.alive() for worker in workers):
                 tails = "\n".join(w.log_tail() for w in workers)
                 raise ImgjobsError(
@@ -264,7 +393,11 @@ def _watch(
             time.sleep(POLL_S)
 
 
-def _print_summary(status: JobStatus) -> None:
+def _failure_groups(store: JobStore, status: JobStatus) -> list[FailureGroup]:
+    return failures_by_reason(redrive.failures(store, status.job_id)) if status.failed else []
+
+
+def _print_summary(status: JobStatus, groups: list[FailureGroup] | None = None) -> None:
     table = Table(title=f"job {status.job_id}: {status.state.value}", show_header=False)
     table.add_row("items", str(status.total))
     table.add_row("succeeded", str(status.succeeded))
@@ -272,12 +405,15 @@ def _print_summary(status: JobStatus) -> None:
     if status.cancelled:
         table.add_row("of them cancelled", str(status.cancelled))
     if status.started_at and status.finished_at:
-        table.add_row("time", f"{status.finished_at - status.started_at:.1f}s ({_rate(status):.2f} items/s)")
+        table.add_row(
+            "time", f"{status.finished_at - status.started_at:.1f}s ({average_rate(status):.2f} items/s)"
+        )
     if status.error:
         table.add_row("error", status.error)
     else:
         table.add_row("results", f"{status.output.rstrip('/')}/{status.job_id}/results.jsonl")
     out.print(table)
+    _print_failure_groups(groups or [])
 
 
 class RunInterrupted(ImgjobsError):
@@ -353,15 +489,27 @@ def run(
     job: JobArgument,
     models: ModelsOption = None,
     workers_per_model: Annotated[int, typer.Option(min=1, max=16, help="local workers for each model")] = 1,
+    priority: Annotated[
+        Priority | None,
+        typer.Option(help="workers take high jobs' chunks first, low last; default: the spec's, else normal"),
+    ] = None,
+    dry_run: DryRunOption = False,
 ) -> None:
     """Run a job to the end. With no IMGJOBS_BROKER_URL, start an embedded Redis and local workers,
-    keeping their state so that running the job again resumes it."""
+    keeping their state so that running the job again resumes it. With --dry-run, validate, plan
+    and estimate it as `submit --dry-run` does."""
     settings = Settings.from_env()
     # Embedded, the models load here. A missing input still fails its item alone, as distributed.
     registry = _registry(models, settings, check_sources=not settings.broker_url)
     logs: Path | None = None
     with stopped_by_signals(), ExitStack() as stack:
-        validated = stack.enter_context(prepared(job, registry, settings))
+        validated = stack.enter_context(prepared(job, registry, settings, priority))
+        if dry_run:
+            if settings.broker_url:
+                _print_estimate(validated, require_broker_url(settings))
+            else:
+                _dry_run_embedded(validated, settings)
+            return
         workers: list[LocalWorker] | None = None
         state: EmbeddedState | None = None
         if settings.broker_url:
@@ -396,7 +544,8 @@ def run(
             again = f"the job goes on; follow it with `imgjobs status {submission.job_id} --watch`"
             consumers = _consumer_watch(settings, broker_url, store, submission.job_id)
         status = _follow(store, submission.job_id, workers, consumers, again)
-    _print_summary(status)
+        groups = _failure_groups(store, status)
+    _print_summary(status, groups)
     if logs is not None:
         err.print(f"worker logs: {logs}")
     raise typer.Exit(0 if status.state == JobState.SUCCEEDED else EXIT_FAILED)
@@ -458,10 +607,11 @@ def status(
 def _status_lines(
     store: JobStore, job_id: str, consumers: ConsumerWatch | None, as_json: bool, watch: bool = False
 ) -> JobStatus:
+    meter = RateMeter()
     while True:
         current = store.status(job_id)
         if as_json:
-            print(json.dumps(current.model_dump(mode="json")), flush=True)
+            print(json.dumps(status_document(current, meter.rate(current))), flush=True)
         else:
             cancelled = f" (cancelled {current.cancelled})" if current.cancelled else ""
             out.print(
@@ -476,6 +626,79 @@ def _status_lines(
         for warning in consumers.warnings(current) if consumers else []:
             err.print(warning, markup=False)
         time.sleep(POLL_S)
+
+
+@app.command("jobs")
+def list_jobs(
+    state: Annotated[JobState | None, typer.Option(help="only jobs in this state")] = None,
+    name: Annotated[str | None, typer.Option(help="only jobs whose name matches, e.g. 'nightly-*'")] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(help="only jobs submitted since: a duration back (12h, 7d) or an ISO date or time"),
+    ] = None,
+    limit: Annotated[int, typer.Option(min=0, help="at most this many, newest first; 0: all")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="print a JSON list of job objects")] = False,
+) -> None:
+    """List jobs, newest first: IMGJOBS_BROKER_URL's, else the embedded runs in IMGJOBS_STATE_DIR."""
+    try:
+        since_time = parse_since(since) if since is not None else None
+    except ValueError as exc:
+        raise ConfigError(f"--since: {exc}") from None
+    settings = Settings.from_env()
+    chosen = JobFilter(state=state, name=name, since=since_time)
+    if settings.broker_url:
+        statuses = list(JobStore(connect_redis(require_broker_url(settings))).statuses())
+    else:
+        statuses = list(_embedded_statuses(settings))
+    listed = newest_first(statuses, chosen, limit)
+    if as_json:
+        print(json.dumps([status_document(status, average_rate(status)) for status in listed]))
+        return
+    table = Table(
+        "job",
+        "name",
+        "state",
+        "total",
+        "succeeded",
+        "failed",
+        "pending",
+        "running",
+        "submitted",
+        "finished",
+        "schedule",
+        title=f"{len(listed)} of {len(statuses)} job(s)",
+    )
+    for status in listed:
+        table.add_row(
+            status.job_id,
+            status.name,
+            status.state.value,
+            *(str(count) for count in (status.total, status.succeeded, status.failed)),
+            *(str(count) for count in (status.pending, status.running)),
+            _local_time(status.submitted_at),
+            _local_time(status.finished_at),
+            status.schedule or "",
+        )
+    out.print(table)
+
+
+def _local_time(timestamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else ""
+
+
+def _embedded_statuses(settings: Settings) -> Iterator[JobStatus]:
+    """The job of each embedded run kept in the state folder, read from its own broker (which this
+    starts when no `imgjobs run` of it runs now)."""
+    folder = state_root(settings.state_dir) / "jobs"
+    for job_folder in sorted(folder.iterdir()) if folder.is_dir() else []:
+        state = EmbeddedState(folder.parent, job_folder.name)
+        if not state.exists():
+            continue
+        try:
+            with state.broker() as url:
+                yield JobStore(connect_redis(url)).status(job_folder.name)
+        except (ConfigError, UnknownJobError) as exc:
+            err.print(f"warning: embedded run {job_folder}: {exc}", markup=False)
 
 
 @app.command()
@@ -502,18 +725,74 @@ def failures(
 
 
 @app.command()
+def logs(
+    job_id: Annotated[str, typer.Argument(show_default=False)],
+    lines: Annotated[int, typer.Option(min=0, help="worker log lines to show, the last ones")] = 40,
+    log_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--log-dir", help="worker logs to search as well: a folder of *.log files you collected"
+        ),
+    ] = None,
+) -> None:
+    """A job's failures grouped by reason, each with a count and an example item, then the worker log
+    lines that name the job: an embedded run's own, and those under --log-dir."""
+    settings = Settings.from_env()
+    with _job_broker(settings, job_id) as broker:
+        store = JobStore(connect_redis(broker.url))
+        status = store.status(job_id)
+        groups = failures_by_reason(redrive.failures(store, job_id))
+    out.print(f"job {job_id}: {status.state.value}, {status.succeeded} succeeded, {status.failed} failed")
+    _print_failure_groups(groups)
+    folders = [folder for folder in (_embedded_logs(settings, job_id), log_dir) if folder is not None]
+    if not folders:
+        err.print(
+            "worker logs: where the workers write them (`docker compose logs`, `kubectl logs`); "
+            "--log-dir searches a folder of logs collected from them"
+        )
+        return
+    found = list(log_lines_naming(job_id, folders))
+    out.print(f"{len(found)} worker log line(s) name the job" + (f"; the last {lines}:" if found else ""))
+    for path, line in found[-lines:] if lines else []:
+        out.print(f"{path.name}: {line}", markup=False)
+
+
+def _embedded_logs(settings: Settings, job_id: str) -> Path | None:
+    state = EmbeddedState(state_root(settings.state_dir), job_id)
+    return state.logs if not settings.broker_url and state.logs.is_dir() else None
+
+
+def _print_failure_groups(groups: list[FailureGroup]) -> None:
+    if not groups:
+        return
+    table = Table("reason", "items", "example item", "its error", title="failures by reason")
+    for group in groups:
+        table.add_row(group.reason, str(group.count), group.example_id, group.example_message)
+    out.print(table)
+
+
+@app.command()
 def retry(
     job_id: Annotated[str, typer.Argument(show_default=False)],
     reason: Annotated[
         str | None, typer.Option(help="only failures of this error type, e.g. InputImageError")
     ] = None,
+    ids: Annotated[str | None, typer.Option(help="only these failed items: A,B,C")] = None,
+    ids_from: Annotated[
+        Path | None, typer.Option("--ids-from", help="only the failed items listed in FILE, an id a line")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="run with this item field changed, KEY=VALUE (repeatable), e.g. steps=30"),
+    ] = None,
 ) -> None:
     """Run a job's failed items again, from the first stage; succeeded items are left as they are.
     A job run embedded (no IMGJOBS_BROKER_URL) is run again here, to its end."""
     settings = Settings.from_env()
+    chosen = RetryChoice(reason, _retry_ids(ids, ids_from), _retry_overrides(set_ or []))
     if settings.broker_url:
         broker_url = require_broker_url(settings)
-        count = _retry(JobStore(connect_redis(broker_url)), settings, broker_url, job_id, reason)
+        count = _retry(JobStore(connect_redis(broker_url)), settings, broker_url, job_id, chosen)
         err.print(f"job {job_id}: {count} failed item(s) enqueued again")
         return
     state = EmbeddedState(state_root(settings.state_dir), job_id)
@@ -530,26 +809,67 @@ def retry(
         workers = _local_workers(
             stack, _job_models(job_models, registry), registry.path, broker_url, state, settings
         )
-        count = _retry(store, settings, broker_url, job_id, reason)
+        count = _retry(store, settings, broker_url, job_id, chosen)
         err.print(f"job {job_id}: {count} failed item(s) run again, by {len(workers)} local worker(s)")
         status = (
             _follow(store, job_id, workers, None, f"`imgjobs retry {job_id}` goes on")
             if count
             else store.status(job_id)
         )
-    _print_summary(status)
+        groups = _failure_groups(store, status)
+    _print_summary(status, groups)
     err.print(f"worker logs: {state.logs}")
     raise typer.Exit(0 if status.state == JobState.SUCCEEDED else EXIT_FAILED)
 
 
-def _retry(store: JobStore, settings: Settings, broker_url: str, job_id: str, reason: str | None) -> int:
+@dataclass(frozen=True)
+class RetryChoice:
+    reason: str | None
+    ids: frozenset[str] | None
+    overrides: dict[str, object]
+
+
+def _retry_ids(ids: str | None, ids_from: Path | None) -> frozenset[str] | None:
+    """--ids and --ids-from together: the items to retry, or None for every failed item."""
+    if ids is None and ids_from is None:
+        return None
+    chosen = {part.strip() for part in (ids or "").split(",") if part.strip()}
+    if ids_from is not None:
+        try:
+            text = ids_from.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--ids-from {ids_from}: {getattr(exc, 'strerror', None) or exc}") from None
+        chosen |= {line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")}
+    if not chosen:
+        raise ConfigError("--ids/--ids-from: no item id given")
+    return frozenset(chosen)
+
+
+def _retry_overrides(pairs: list[str]) -> dict[str, object]:
+    """--set KEY=VALUE pairs as item fields (JSON values), each checked as a manifest row's field is."""
+    overrides: dict[str, object] = {}
+    for key, value in _parameters(pairs, flag="--set").items():
+        if key not in RETRY_SETTABLE:
+            hint = did_you_mean(key, RETRY_SETTABLE) or f"it can change {', '.join(RETRY_SETTABLE)}"
+            raise ConfigError(f"--set {key}: not a field retry can change; {hint}")
+        try:
+            checked = Item.model_validate({"id": "retry", key: value})
+        except ValidationError as exc:
+            raise ConfigError(f"--set {key}={value}: {exc.errors()[0]['msg']}") from None
+        overrides[key] = checked.model_dump(mode="json")[key]
+    return overrides
+
+
+def _retry(store: JobStore, settings: Settings, broker_url: str, job_id: str, chosen: RetryChoice) -> int:
     app_ = producer_app(settings, broker_url)
     return redrive.retry(
         store,
         job_id,
-        reason,
+        chosen.reason,
         lambda meta, chunks: send_chunks(app_, meta, chunks),
         sender(settings, broker_url),
+        ids=chosen.ids,
+        overrides=chosen.overrides,
     )
 
 
@@ -712,17 +1032,28 @@ app.add_typer(schedule_app, name="schedule")
 
 @schedule_app.command("list")
 def schedule_list() -> None:
-    """The schedules, their cadence and source, and how many objects each has submitted."""
+    """The schedules: cadence, source and output; last and next firing, last job, objects seen."""
     settings = Settings.from_env()
     schedules = scheduler.load_schedules(settings).schedules
-    seen: list[int] = []
-    if settings.broker_url:
-        client = connect_redis(require_broker_url(settings))
-        seen = [int(client.scard(keys.schedule_seen(entry.name))) for entry in schedules]
-    table = Table("name", "when", "source", "output", "submitted so far")
-    for index, entry in enumerate(schedules):
-        when = f"cron {entry.cron}" if entry.cron else f"every {entry.every_s}s"
-        table.add_row(entry.name, when, entry.source, entry.output, str(seen[index]) if seen else "?")
+    client = connect_redis(require_broker_url(settings)) if settings.broker_url else None
+    table = Table("name", "when", "source", "output", "last fired", "next firing", "last job", "seen")
+    for entry in schedules:
+        when = f"cron {entry.cron} (UTC)" if entry.cron else f"every {entry.every_s}s"
+        if client is None:  # no broker: the file alone
+            table.add_row(entry.name, when, entry.source, entry.output, "?", "?", "?", "?")
+            continue
+        standing = scheduler.standing(client, entry)
+        next_firing = _local_time(standing.next_firing_at) if standing.next_firing_at else "when beat starts"
+        table.add_row(
+            entry.name,
+            when,
+            entry.source,
+            entry.output,
+            _local_time(standing.last_fired_at) or "never",
+            next_firing,
+            standing.last_job_id or "",
+            str(standing.seen),
+        )
     out.print(table)
 
 

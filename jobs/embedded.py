@@ -197,7 +197,16 @@ class LocalWorker:
     ) -> None:
         self.model = model
         self.log_path = log_path
-        env = os.environ | (env or {}) | {"IMGJOBS_BROKER_URL": broker_url}
+        self.failure_path = log_path.with_suffix(".failed")
+        self.failure_path.unlink(missing_ok=True)
+        env = (
+            os.environ
+            | (env or {})
+            | {
+                "IMGJOBS_BROKER_URL": broker_url,
+                "IMGJOBS_WORKER_FAILURE_FILE": str(self.failure_path),
+            }
+        )
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("ab")
         self.process = subprocess.Popen(
@@ -211,6 +220,13 @@ class LocalWorker:
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    def failure(self) -> str | None:
+        """Why the worker could not start, as it said in one line; None if it said nothing."""
+        try:
+            return self.failure_path.read_text(encoding="utf-8").strip() or None
+        except OSError:
+            return None
 
     def log_tail(self, lines: int = 20) -> str:
         try:

@@ -15,9 +15,9 @@ import os
 import time
 from array import array
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import yaml
@@ -53,6 +53,7 @@ class ValidatedJob:
     recipe: tuple[StagePlan, ...]
     chunk_size: int
     parts: PartWriter | None = None  # the items, written as parts, when validation was asked to
+    schedule: str | None = None  # the schedule whose firing submits the job
 
     def meta(self, run_id: str) -> JobMeta:
         """The job as the state owner records it at submit."""
@@ -66,6 +67,7 @@ class ValidatedJob:
             spec=self.spec,
             recipe=self.recipe,
             submitted_at=time.time(),
+            schedule=self.schedule,
         )
 
     @property
@@ -412,6 +414,19 @@ def _unusable_items_file(items_path: Path) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class LocalInput:
+    """A local input of a manifest line, for `validate --check-inputs` to decode (workers/check_inputs.py)."""
+
+    file: str
+    line: int | None
+    field: str
+    path: str
+
+    def to_line(self) -> str:
+        return json.dumps(asdict(self)) + "\n"
+
+
 def local_input_problems(item: Item, items_dir: Path) -> list[tuple[str, str]]:
     """(field, message) for each local input of the item that is missing or is a folder, as this
     machine sees it: only where the workers share its files (validate, an embedded run)."""
@@ -448,11 +463,14 @@ def validate_job(
     parts_to: Path | None = None,
     chunk_size: int | None = None,
     check_local: bool = False,
+    local_inputs: TextIO | None = None,
 ) -> ValidatedJob:
     """Every problem of the spec and all its items, raised together as one SpecError. With
     `parts_to`, the items are also written there as parts of the job's chunk size (`chunk_size`
     overrides the models'), in the same pass: what `imgjobs submit` publishes. With `check_local`,
-    local inputs must exist and a local output must be writable, as seen from this machine."""
+    local inputs must exist and a local output must be writable, as seen from this machine; each
+    local input that exists is then also written to `local_inputs`, where given, as a LocalInput JSON
+    line, for `validate --check-inputs` to decode."""
     spec, root = _read_spec(spec_path)
     recipe, problems = plan_recipe(spec, registry, spec_path.parent, str(spec_path))
     items_path = items_path_of(spec, spec_path)
@@ -470,8 +488,9 @@ def validate_job(
             _on_spec_lines([Problem(str(spec_path), None, "output", unwritable)], str(spec_path), root)
         )
     # The id covers what the job will run: the spec, the resolved models, where relative paths point
-    # and where outputs go, then every item.
-    digest = hashlib.sha256(spec.model_dump_json().encode())
+    # and where outputs go, then every item. Not the priority: the same work sent at another priority is
+    # the same job.
+    digest = hashlib.sha256(spec.model_dump_json(exclude={"priority"}).encode())
     digest.update(json.dumps([plan.model_dump(mode="json") for plan in recipe]).encode())
     digest.update(f"{items_path.parent}\n{output}\n".encode())
     duplicates = _DuplicateIds()
@@ -490,9 +509,13 @@ def validate_job(
         item_problems.extend(found)
         if check_local and item is not None:
             item_dir = items_path.parent
-            item_problems.extend(
-                Problem(file, line, field, message) for field, message in local_input_problems(item, item_dir)
-            )
+            missing = local_input_problems(item, item_dir)
+            item_problems.extend(Problem(file, line, field, message) for field, message in missing)
+            if local_inputs is not None:
+                for field, uri in (("image", item.image), ("control_image", item.control_image)):
+                    path = absolute_path(uri, item_dir)
+                    if path is not None and field not in {name for name, _ in missing}:
+                        local_inputs.write(LocalInput(file=file, line=line, field=field, path=path).to_line())
         if item is not None:
             duplicates.add(item.id)
             if writer is not None and not item_problems:

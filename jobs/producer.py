@@ -7,7 +7,7 @@ import secrets
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from celery import Celery
@@ -20,6 +20,7 @@ from jobstate.parts import JobParts
 from jobstate.storage import open_storage
 from jobstate.store import JobStore
 from schemas.errors import ConfigError
+from schemas.job import JobSpec, Priority
 from schemas.messages import END_JOB_TASK, RUN_CHUNK_TASK, Chunk, JobEnd
 from schemas.settings import Settings
 
@@ -36,10 +37,17 @@ class Submission:
 
 
 @contextmanager
-def prepared(job_path: Path, registry: Registry, settings: Settings) -> Iterator[ValidatedJob]:
-    """The job validated, its items written as parts into a temporary folder for `submit`."""
+def prepared(
+    job_path: Path, registry: Registry, settings: Settings, priority: Priority | None = None
+) -> Iterator[ValidatedJob]:
+    """The job validated, its items written as parts into a temporary folder for `submit`; with
+    `priority`, at that priority instead of its spec's (the job id stays the same)."""
     with tempfile.TemporaryDirectory(prefix="imgjobs-parts-") as folder:
-        yield validate_job(job_path, registry, Path(folder), settings.chunk_size)
+        job = validate_job(job_path, registry, Path(folder), settings.chunk_size)
+        if priority is not None and priority != job.spec.priority:
+            spec = JobSpec.model_validate({**job.spec.model_dump(), "priority": priority})
+            job = replace(job, spec=spec)
+        yield job
 
 
 def submit(job: ValidatedJob, settings: Settings, broker_url: str) -> Submission:
@@ -88,12 +96,14 @@ def _batches(parts: range) -> list[range]:
 
 
 def send_chunks(app: Celery, meta: JobMeta, chunks: Sequence[Chunk]) -> None:
-    """Send chunks by task name to their stage's model queue, in one Redis pipeline (kombu's
-    publish batch)."""
+    """Send chunks by task name to their stage's model queue at the job's priority, in one Redis
+    pipeline (kombu's publish batch)."""
+    priority = meta.spec.priority
     with app.producer_or_acquire() as producer, producer.batch(max_size=len(chunks)):
         for chunk in chunks:
             queue = meta.recipe[chunk.stage_index].model.queue
-            app.send_task(RUN_CHUNK_TASK, **chunk.send_options(queue), producer=producer)
+            stamped = chunk if chunk.priority == priority else chunk.model_copy(update={"priority": priority})
+            app.send_task(RUN_CHUNK_TASK, **stamped.send_options(queue), producer=producer)
 
 
 def sender(settings: Settings, broker_url: str) -> Callable[[JobEnd], None]:

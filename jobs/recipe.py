@@ -61,6 +61,7 @@ def plan_recipe(
 ) -> tuple[list[StagePlan], list[Problem]]:
     problems: list[Problem] = []
     models: list[ResolvedModel | None] = []
+    stages: list[StageSpec] = []
     extras: list[tuple[ResolvedModel | None, ResolvedModel | None]] = []
     for index, stage in enumerate(spec.stages):
         where = f"stages.{index}"
@@ -79,6 +80,12 @@ def plan_recipe(
         model = resolve(stage.model, "model")
         if model is not None and (problem := _model_problem(stage, model)):
             problems.append(Problem(file, None, f"{where}.model", problem))
+        if model is not None and not isinstance(stage, ResizeStage) and stage.loras:
+            # The stage's adapters as workers load them: local paths relative to the job's folder.
+            loras, found = registry.stage_loras(stage.loras, model, base_dir)
+            stage = stage.model_copy(update={"loras": loras})
+            problems.extend(Problem(file, None, f"{where}.{field}", message) for field, message in found)
+        stages.append(stage)
         models.append(model)
         if isinstance(stage, Img2ImgStage):
             extras.append(
@@ -89,7 +96,7 @@ def plan_recipe(
 
     recipe: list[StagePlan] = []
     last = len(spec.stages) - 1
-    for index, (stage, model) in enumerate(zip(spec.stages, models, strict=True)):
+    for index, (stage, model) in enumerate(zip(stages, models, strict=True)):
         following = models[index + 1] if index < last else None
         handover: str = "none"
         if index < last:

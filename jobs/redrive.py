@@ -4,8 +4,8 @@ through the job-state owner (jobstate.store); failures are read from the job's r
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
-from typing import Literal
+from collections.abc import Callable, Collection, Iterator
+from typing import Any, Literal
 
 from jobstate.bits import mask, ones, zeros
 from jobstate.meta import JobMeta
@@ -50,11 +50,19 @@ def cancel(store: JobStore, job_id: str, send_end: Callable[[JobEnd], None]) -> 
 
 
 def retry(
-    store: JobStore, job_id: str, reason: str | None, send: Sender, send_end: Callable[[JobEnd], None]
+    store: JobStore,
+    job_id: str,
+    reason: str | None,
+    send: Sender,
+    send_end: Callable[[JobEnd], None],
+    ids: Collection[str] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> int:
-    """Run failed items (of type `reason`, or all) again from the first stage; those of a cancelled
-    job that has ended include the cancelled ones. Items that succeeded stay as they are. Returns how
-    many items were sent again.
+    """Run failed items (of type `reason`, or all; only those named in `ids` when given) again from
+    the first stage; those of a cancelled job that has ended include the cancelled ones. Items that
+    succeeded stay as they are. With `overrides` (item fields, as `with_overrides` takes them), the
+    items run with those fields changed, and their results rows say so. Returns how many items were
+    sent again; an id in `ids` that names no such item is an error, before anything changes.
 
     Everything is read before anything changes. Items move, and the job reopens, in one script per
     MOVE_BATCH items, so `imgjobs prune` either deletes the job before or keeps it. Should anything
@@ -75,6 +83,8 @@ def retry(
         )
     bits = store.bits(meta)
     targets = list(_targets(meta, bits, reason, cancelled))
+    if ids is not None:
+        targets = _named(meta, targets, set(ids), reason)
     if not targets:
         return 0
     kinds = dict(targets)
@@ -102,6 +112,8 @@ def retry(
                 stage_index=0,
                 epoch=meta.epoch,
                 round=round_,
+                overrides=overrides or None,
+                priority=meta.spec.priority,
                 slots=mask([p - meta.positions(part).start for p in group], len(meta.positions(part))),
             )
             for part, group in by_part
@@ -121,6 +133,27 @@ def retry(
             ) from exc
         raise
     return len(moved)
+
+
+def _named(
+    meta: JobMeta, targets: list[tuple[int, Literal["f", "c"]]], ids: set[str], reason: str | None
+) -> list[tuple[int, Literal["f", "c"]]]:
+    """The targets whose items have one of `ids`; every id must name one."""
+    parts = _parts(meta)
+    kept, found = [], set()
+    for part, group in itertools.groupby(sorted(targets), key=lambda target: meta.part_of(target[0])):
+        items = parts.items(part)
+        first = meta.positions(part).start
+        for position, kind in group:
+            if items[position - first].id in ids:
+                kept.append((position, kind))
+                found.add(items[position - first].id)
+    missing = sorted(ids - found)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        which = f"failed items of type {reason}" if reason else "failed items"
+        raise ConfigError(f"--ids: {shown}: not among job {meta.job_id}'s {which}; nothing was retried")
+    return kept
 
 
 def _targets(

@@ -14,7 +14,19 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from schemas.errors import ConfigError, UnknownModelError
-from schemas.registry import BUILTIN_MODELS, MODEL_NAME_PATTERN, ModelEntry, RegistryFile, ResolvedModel
+from schemas.registry import (
+    BUILTIN_MODELS,
+    MODEL_NAME_PATTERN,
+    LoraRef,
+    ModelEntry,
+    RegistryFile,
+    ResolvedModel,
+    is_s3,
+    is_single_file,
+    lora_weights_file,
+    s3_location,
+    takes_no_lora,
+)
 
 Location = tuple[int | str, ...]
 
@@ -106,8 +118,12 @@ def yaml_line(root: yaml.Node | None, keys: Iterable[int | str]) -> int | None:
 
 
 def _with_local_pipeline(entry: ModelEntry) -> ModelEntry:
-    """Fill in the pipeline class from a local folder's model_index.json, when the entry has none."""
-    index = Path(entry.source) / "model_index.json"
+    """Fill in the pipeline class from a local folder's model_index.json (a single file's: its config's),
+    when the entry has none."""
+    folder = entry.config if is_single_file(entry.source) else entry.source
+    if folder is None or not Path(folder).is_absolute():
+        return entry  # a hub id or an s3:// prefix: its class is read where it loads
+    index = Path(folder) / "model_index.json"
     if entry.pipeline or not index.is_file():
         return entry
     try:
@@ -129,12 +145,62 @@ def _meant_as_folder(source: str, base: Path) -> bool:
     return did_you_mean(source, _folders_in(base)) is not None
 
 
+def placed(source: str, base: Path) -> str:
+    """A source as workers load it: an s3:// URI or a hub id as written, a local path (one that exists
+    beside `base`, names a checkpoint file, or is meant as a folder) made absolute."""
+    if is_s3(source) or source.startswith("imgjobs:"):
+        return source
+    local = base / Path(source).expanduser()
+    if local.exists() or is_single_file(source) or _meant_as_folder(source, base):
+        return str(local.resolve())
+    return source
+
+
+def _placed_entry(entry: ModelEntry, base: Path) -> ModelEntry:
+    """The entry's sources (checkpoint, config, VAE, adapters) placed relative to models.yaml; a
+    replaced VAE gives the entry its latent family, so that only models decoding with the same VAE
+    hand latents to each other."""
+    update: dict[str, Any] = {"source": placed(entry.source, base)}
+    if entry.config is not None:
+        update["config"] = placed(entry.config, base)
+    if entry.vae is not None:
+        update["vae"] = vae = placed(entry.vae, base)
+        update["vae_family"] = f"vae:{vae}"
+    if entry.loras:
+        update["loras"] = tuple(
+            lora.model_copy(update={"source": placed(lora.source, base)}) for lora in entry.loras
+        )
+    return _with_local_pipeline(entry.model_copy(update=update))
+
+
 def source_problem(entry: ModelEntry) -> str | None:
-    """Why a registry entry's local source cannot load, checked without loading it: a folder that is
-    missing, is no diffusers folder, or lacks the weights of its `variant`. None for hub ids."""
+    """Why a registry entry cannot load, checked without loading it: a local checkpoint, config, VAE or
+    adapter that is missing or of the wrong kind, weights of its `variant` that are not there, an s3://
+    source with no objects, an adapter that does not fit the model. Hub ids are left to the worker."""
+    if entry.source.startswith("imgjobs:"):
+        return None  # built in
+    problem = _checkpoint_problem(entry)
+    if problem is None and entry.config is not None:
+        problem = _folder_problem("config", entry.config, ("model_index.json",))
+    if problem is None and entry.vae is not None:
+        problem = _folder_problem("vae", entry.vae, ("config.json", "vae/config.json"))
+    for index, lora in enumerate(entry.loras):
+        problem = problem or lora_problem(lora, entry, f"loras[{index}]")
+    return problem
+
+
+def _checkpoint_problem(entry: ModelEntry) -> str | None:
+    if is_s3(entry.source):
+        problem = s3_problem(entry.source)
+        return f"source {entry.source}: {problem}" if problem else None
     source = Path(entry.source)
-    if entry.source.startswith("imgjobs:") or not source.is_absolute():
-        return None  # built in, or a hub id
+    if not source.is_absolute():
+        return None  # a hub id
+    if is_single_file(entry.source):
+        if source.is_file():
+            return None
+        hint = did_you_mean(source.name, _files_in(source.parent))
+        return f"source {entry.source}: no such file" + (f"; {hint}" if hint else "")
     if not source.is_dir():
         hint = did_you_mean(source.name, _folders_in(source.parent))
         return f"source {entry.source}: no such folder" + (f"; {hint}" if hint else "")
@@ -143,6 +209,163 @@ def source_problem(entry: ModelEntry) -> str | None:
     if entry.variant and not any(source.glob(f"**/*.{entry.variant}.*")):
         return f"variant {entry.variant!r}: no *.{entry.variant}.* weights under {entry.source}"
     return None
+
+
+def _folder_problem(field: str, value: str, markers: tuple[str, ...]) -> str | None:
+    """Why a config or VAE folder cannot load: missing, or holding none of `markers`."""
+    if is_s3(value):
+        problem = s3_problem(value)
+        return f"{field} {value}: {problem}" if problem else None
+    folder = Path(value)
+    if not folder.is_absolute():
+        return None  # a hub id
+    if not folder.is_dir():
+        return f"{field} {value}: no such folder"
+    if not any((folder / marker).is_file() for marker in markers):
+        return f"{field} {value}: not a diffusers folder (no {' or '.join(markers)})"
+    return None
+
+
+def lora_problem(lora: LoraRef, entry: ModelEntry, where: str) -> str | None:
+    """Why an adapter cannot load on the entry's model: its model takes none, its local file is missing
+    or holds no weights, its s3:// source has no objects, or its weights do not fit the model's layers."""
+    if takes_no_lora(entry.pipeline):
+        return f"{where}: {entry.pipeline} takes no LoRA adapters"
+    if is_s3(lora.source):
+        problem = s3_problem(lora.source)
+    elif not Path(lora.source).is_absolute():
+        return None  # a hub id
+    else:
+        try:
+            problem = lora_fit_problem(lora_weights_file(Path(lora.source)), entry)
+        except ValueError as exc:
+            problem = str(exc)
+    return f"{where}.source: {lora.source}: {problem}" if problem else None
+
+
+LORA_PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up.weight"))
+LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer")
+MAX_HEADER_BYTES = 100 * 2**20
+
+
+def lora_fit_problem(weights: Path, entry: ModelEntry) -> str | None:
+    """Whether an adapter in diffusers' own format (what save_lora_weights writes: keys named after the
+    component and module they adapt) fits a local diffusers folder: every module it adapts exists, with
+    the input and output sizes of the adapter's down and up weights. Read from the safetensors headers,
+    so nothing is loaded. Other key formats (kohya, A1111) and other sources are left to diffusers,
+    which converts and checks them when a worker loads the adapter."""
+    model = Path(entry.source)
+    if weights.suffix != ".safetensors" or is_s3(entry.source) or not model.is_dir():
+        return None
+    try:
+        adapted = _adapted_modules(safetensors_shapes(weights))
+    except ValueError as exc:
+        return f"not a safetensors file: {exc}"
+    if adapted is None:
+        return None
+    if not adapted:
+        return "no LoRA weights in it (no lora_A/lora_B or lora.down/lora.up keys)"
+    for component, modules in sorted(adapted.items()):
+        if not (model / component).is_dir():
+            return f"it adapts {component}, which the model has not: made for another model?"
+        layers = _component_shapes(model / component)
+        if layers is None:
+            continue  # .bin weights: their shapes are only known once loaded
+        for module, (fan_in, fan_out) in sorted(modules.items()):
+            # transformers 5 names a CLIP text encoder's weights without the text_model. they had.
+            names = (module, module.removeprefix("text_model."), f"text_model.{module}")
+            shape = next((layers[f"{name}.weight"] for name in names if f"{name}.weight" in layers), None)
+            if shape is None:
+                return f"it adapts {component}.{module}, which the model has not: made for another model?"
+            if len(shape) < 2 or (shape[1], shape[0]) != (fan_in, fan_out):
+                sizes = f"{shape[1]} and {shape[0]}" if len(shape) > 1 else f"a tensor of shape {shape}"
+                return (
+                    f"{component}.{module} takes {fan_in} and gives {fan_out} in the adapter, but {sizes} "
+                    "in the model: made for another model?"
+                )
+    return None
+
+
+def _adapted_modules(shapes: dict[str, list[int]]) -> dict[str, dict[str, tuple[int, int]]] | None:
+    """{component: {module: (in features, out features)}} of a LoRA in diffusers' key format; None
+    when its keys are in another format."""
+    if not all(key.split(".", 1)[0] in LORA_COMPONENTS for key in shapes):
+        return None
+    adapted: dict[str, dict[str, tuple[int, int]]] = {}
+    for key, down in shapes.items():
+        for down_suffix, up_suffix in LORA_PAIRS:
+            if not key.endswith(down_suffix):
+                continue
+            stem = key.removesuffix(down_suffix)
+            up = shapes.get(stem + up_suffix)
+            if up is None or len(down) < 2 or not up:
+                raise ValueError(f"{key} has no matching {up_suffix.lstrip('.')}")
+            component, _, module = stem.partition(".")
+            adapted.setdefault(component, {})[module] = (down[1], up[0])
+    return adapted
+
+
+def _component_shapes(folder: Path) -> dict[str, list[int]] | None:
+    """The weight shapes of a component folder from its safetensors headers (every variant and shard:
+    variants differ in dtype, not shape); None when it has no safetensors weights."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    shapes: dict[str, list[int]] = {}
+    for file in files:
+        try:
+            shapes.update(safetensors_shapes(file))
+        except ValueError:
+            return None
+    return shapes
+
+
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape from a safetensors file's header (8 bytes of little-endian length, then
+    that much JSON), without loading its tensors or needing the safetensors library."""
+    try:
+        with path.open("rb") as file:
+            size = int.from_bytes(file.read(8), "little")
+            if not 0 < size <= MAX_HEADER_BYTES:
+                raise ValueError("no safetensors header")
+            header = json.loads(file.read(size))
+    except OSError as exc:
+        raise ValueError(exc.strerror or str(exc)) from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError("no safetensors header") from None
+    if not isinstance(header, dict):
+        raise ValueError("no safetensors header")
+    return {
+        key: list(info["shape"])
+        for key, info in header.items()
+        if key != "__metadata__" and isinstance(info, dict) and isinstance(info.get("shape"), list)
+    }
+
+
+def s3_problem(uri: str) -> str | None:
+    """Why an s3:// source cannot be downloaded: it names no bucket and key, or holds no object."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from jobstate.storage import s3_client
+
+    try:
+        bucket, key = s3_location(uri)
+    except ValueError as exc:
+        return str(exc)
+    try:
+        listed = s3_client().list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
+    except (BotoCoreError, ClientError) as exc:
+        return f"cannot list it: {exc}"
+    if not listed.get("KeyCount"):
+        return "no such object or prefix"
+    return None
+
+
+def _files_in(folder: Path) -> list[str]:
+    try:
+        return [child.name for child in folder.iterdir() if child.is_file()]
+    except OSError:
+        return []
 
 
 def _folders_in(folder: Path) -> list[str]:
@@ -208,13 +431,31 @@ class Registry:
                 raise ConfigError(
                     f"model registry {where}: model name {name!r} must be letters, digits, '.', '_', '-'"
                 )
-            # A source that exists as a folder beside models.yaml is local, and so is one that is meant
-            # to (checked when a job uses it); anything else is a hub id.
-            local = path.parent / Path(entry.source).expanduser()
-            if local.is_dir() or _meant_as_folder(entry.source, path.parent):
-                entry = _with_local_pipeline(entry.model_copy(update={"source": str(local.resolve())}))
-            entries[name] = entry
+            if entry.vae is not None and entry.vae_family is not None:
+                where = _registry_place(path, text, ("models", name, "vae_family"))
+                raise ConfigError(
+                    f"model registry {where}: models.{name}.vae_family: the latent family follows `vae` "
+                    "(models with the same vae share latents); leave vae_family out"
+                )
+            # A source that exists beside models.yaml is local, and so is one that is meant to (checked
+            # when a job uses it); s3:// is downloaded by the worker; anything else is a hub id.
+            entries[name] = _placed_entry(entry, path.parent)
         return cls(entries, path.resolve())
+
+    def stage_loras(
+        self, loras: tuple[LoraRef, ...], model: ResolvedModel, base_dir: Path
+    ) -> tuple[tuple[LoraRef, ...], list[tuple[str, str]]]:
+        """A stage's own adapters as workers load them (local paths relative to the job's folder made
+        absolute), and (field, message) for each that cannot load on `model`, where this registry checks
+        sources (as for the model's own)."""
+        adapters = tuple(lora.model_copy(update={"source": placed(lora.source, base_dir)}) for lora in loras)
+        problems = []
+        for index, lora in enumerate(adapters if self.check_sources else ()):
+            problem = lora_problem(lora, model.entry, f"loras.{index}")
+            if problem is not None:
+                field, _, message = problem.partition(": ")
+                problems.append((field, message))
+        return adapters, problems
 
     def resolve(self, name: str, base_dir: Path | None = None) -> ResolvedModel:
         """A registry name, or a diffusers folder (relative to `base_dir`) named directly."""

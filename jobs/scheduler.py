@@ -17,18 +17,22 @@ that `schedule list` and beat's start fail on what a firing would fail on. A fir
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import redis
 import yaml
 from celery import Celery
+from celery.schedules import crontab
 from pydantic import ValidationError
 
 from jobs.broker import connect_redis, require_broker_url
@@ -243,6 +247,7 @@ def fire(entry: ScheduleEntry, settings: Settings) -> str | None:
     markers = [f"{uri}|{version}" for uri, version in listed]
     known = client.smismember(keys.schedule_seen(entry.name), markers) if markers else []
     fresh = [(uri, marker) for (uri, _), marker, seen in zip(listed, markers, known, strict=True) if not seen]
+    client.hset(keys.schedule_last(entry.name), "fired_at", repr(time.time()))
     if not fresh:
         log.info("schedule %s: nothing new in %s", entry.name, entry.source)
         return None
@@ -261,12 +266,51 @@ def fire(entry: ScheduleEntry, settings: Settings) -> str | None:
         json.dumps({**entry.job_spec(), "items": "items.jsonl"}), encoding="utf-8"
     )
     with prepared(folder / "job.json", Registry.load(settings.models), settings) as job:
-        submission = submit(job, settings, broker_url)
+        submission = submit(dataclasses.replace(job, schedule=entry.name), settings, broker_url)
     client.sadd(keys.schedule_seen(entry.name), *(marker for _, marker in fresh))
+    client.hset(keys.schedule_last(entry.name), "job_id", submission.job_id)
     # Kept when the submit fails, for the error that names its files; the next firing writes it again.
     shutil.rmtree(folder, ignore_errors=True)
     log.info("schedule %s: job %s with %d new item(s)", entry.name, submission.job_id, len(fresh))
     return submission.job_id
+
+
+@dataclass(frozen=True)
+class ScheduleStanding:
+    """What `imgjobs schedule list` shows of a schedule beside its file entry."""
+
+    last_fired_at: float | None
+    next_firing_at: float | None  # None: at the start of `imgjobs schedule beat` (an interval never fired)
+    last_job_id: str | None
+    seen: int  # source objects submitted so far
+
+
+def standing(client: redis.Redis, entry: ScheduleEntry, now: float | None = None) -> ScheduleStanding:
+    now = time.time() if now is None else now
+    last = {_text(key): _text(value) for key, value in client.hgetall(keys.schedule_last(entry.name)).items()}
+    fired_at = float(last["fired_at"]) if "fired_at" in last else None
+    return ScheduleStanding(
+        last_fired_at=fired_at,
+        next_firing_at=next_firing(entry, fired_at, now),
+        last_job_id=last.get("job_id"),
+        seen=int(client.scard(keys.schedule_seen(entry.name))),
+    )
+
+
+def next_firing(entry: ScheduleEntry, last_fired_at: float | None, now: float) -> float | None:
+    """When beat fires the entry next (cron fields in UTC, beat's time zone)."""
+    if entry.every_s is not None:
+        return None if last_fired_at is None else max(last_fired_at + entry.every_s, now)
+    cadence = entry.cadence()
+    assert isinstance(cadence, crontab)
+    cadence.nowfun = lambda: datetime.fromtimestamp(now, UTC)
+    since = datetime.fromtimestamp(last_fired_at if last_fired_at is not None else now, UTC)
+    remaining: timedelta = cadence.remaining_estimate(since)
+    return now + max(remaining.total_seconds(), 0.0)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def prune_finished(settings: Settings) -> int:

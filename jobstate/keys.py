@@ -13,8 +13,13 @@ Per job, Redis holds what is in flight; what is done lives in the job's storage 
     imgjobs:job:<id>:inflight         hash    chunk id -> items it is running now
     imgjobs:job:<id>:deliveries       hash    chunk id + retry number -> deliveries, while it runs
 
+    imgjobs:rates:<model>             hash    "<shape>|items", "|steps", "|seconds": what the model's
+                                              pipeline calls took by shape (owned by jobstate/rates.py)
+
     imgjobs:schedule:<name>:seen      set     "<uri>|<etag or content hash>" of every source object a
                                               schedule has submitted (owned by jobs/scheduler.py)
+    imgjobs:schedule:<name>:last      hash    fired_at and, once a firing submitted one, job_id: the
+                                              schedule's last firing (owned by jobs/scheduler.py)
     imgjobs:redbeat:*                         RedBeat's schedule state
 
 A bitmap costs one bit per item; the hashes hold a field per chunk in flight, not per item.
@@ -71,5 +76,13 @@ def job_keys(job_id: str) -> list[str]:
     ]
 
 
+def model_rates(model: str) -> str:
+    return f"{PREFIX}:rates:{model}"
+
+
 def schedule_seen(name: str) -> str:
     return f"{PREFIX}:schedule:{name}:seen"
+
+
+def schedule_last(name: str) -> str:
+    return f"{PREFIX}:schedule:{name}:last"

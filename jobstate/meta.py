@@ -38,6 +38,7 @@ class JobMeta(BaseModel):
     spec: JobSpec
     recipe: tuple[StagePlan, ...]
     submitted_at: float
+    schedule: str | None = Field(None, description="the schedule whose firing submitted the job")
     parts_sent: int = Field(0, description="first-stage chunks sent so far, in part order")
     enqueued_at: float | None = Field(None, description="when every first-stage chunk was sent")
     started_at: float | None = None

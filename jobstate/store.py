@@ -341,11 +341,20 @@ class JobStore:
             started_at=meta.started_at,
             finished_at=meta.finished_at,
             error=meta.end_error,
+            schedule=meta.schedule,
             stages=[
                 StageProgress(name=plan.name, done=counts.get(stage_field(plan.name), 0))
                 for plan in meta.recipe
             ],
         )
+
+    def statuses(self) -> Iterator[JobStatus]:
+        """Every job on this broker, in no particular order; one pruned meanwhile is left out."""
+        for job_id in self.job_ids():
+            try:
+                yield self.status(job_id)
+            except UnknownJobError:
+                continue
 
     def in_flight(self, job_id: str) -> dict[str, int]:
         """The chunks of the job running now (by chunk id), with the items each still runs."""

@@ -9,9 +9,12 @@ from __future__ import annotations
 import operator
 import re
 import string
-from typing import Annotated, Literal, TypeVar
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from schemas.registry import LoraRef, duplicate_source
 
 # Item ids become storage key segments, so they are restricted to a portable, traversal-free
 # alphabet rather than escaped: what the user sees in results.jsonl is the key they get.
@@ -138,6 +141,18 @@ class _Stage(_Strict):
     handover: Literal["auto", "image", "latent"] = Field(
         "auto", description="how the output reaches the next stage; auto: latents when the models share a VAE"
     )
+    loras: tuple[LoraRef, ...] = Field(
+        (),
+        description="LoRA adapters for this stage, added to its model's (a source the model lists too "
+        "takes this weight)",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_loras(self) -> _Stage:
+        repeated = duplicate_source(self.loras)
+        if repeated is not None:
+            raise ValueError(f"loras: {repeated} is listed twice")
+        return self
 
 
 class Img2ImgStage(_Stage):
@@ -221,6 +236,8 @@ def _check_output(value: str) -> str:
 
 MAX_STAGES = 8
 
+Priority = Literal["low", "normal", "high"]
+
 
 class JobSpec(_Strict):
     version: Literal[1]
@@ -232,6 +249,9 @@ class JobSpec(_Strict):
     dataset: bool = Field(
         False,
         description="also write dataset/{id}.png and dataset/metadata.jsonl: a Hugging Face imagefolder",
+    )
+    priority: Priority = Field(
+        "normal", description="workers of a model take a high job's chunks before normal, normal before low"
     )
 
 
@@ -294,6 +314,25 @@ BUILTIN_UPSCALE_GUIDANCE_SCALE = 9.0
 BUILTIN_NOISE_LEVEL = 20
 
 
+# The item fields `imgjobs retry --set` may change: what a stage runs with, not what it reads.
+RETRY_SETTABLE = (
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "size",
+    "strength",
+    "guidance_scale",
+    "steps",
+    "noise_level",
+    "resize",
+)
+
+
+def with_overrides(item: Item, overrides: Mapping[str, Any]) -> Item:
+    """The item with fields `retry --set` changed, validated as a manifest row is."""
+    return Item.model_validate({**item.model_dump(mode="json", exclude_none=True), **overrides})
+
+
 def resolve_params(item: Item, stage: StageSpec, defaults: Defaults) -> ResolvedParams:
     """Item, then stage, then job defaults, then built-in defaults; an item's override applies to
     every stage that takes the parameter. Only resize stages have their own `size` and `resize`."""
@@ -347,6 +386,16 @@ def resolve_negative_prompt(item: Item, stage: StageSpec, defaults: Defaults) ->
 
 def resolve_seed(item: Item, defaults: Defaults) -> int:
     return _first(item.seed, defaults.seed, fallback=0)
+
+
+def denoising_steps(params: ResolvedParams) -> int:
+    """The denoising steps a pipeline runs for an item: an img2img stage skips the first
+    (1 - strength) of its schedule, as diffusers does; a resize stage runs none."""
+    if params.steps is None:
+        return 0
+    if params.strength is None:
+        return params.steps
+    return min(int(params.steps * params.strength), params.steps)
 
 
 def stage_name(index: int, stage: StageSpec) -> str:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from schemas.job import (
     Defaults,
     Item,
+    Priority,
     ResizeStage,
     ResolvedParams,
     SaveKind,
@@ -18,7 +19,7 @@ from schemas.job import (
     resolve_negative_prompt,
     resolve_seed,
 )
-from schemas.registry import ModelEntry, ResolvedModel
+from schemas.registry import LoraRef, ModelEntry, ResolvedModel, merged_loras
 
 RUN_CHUNK_TASK = "imgjobs.run_chunk"
 END_JOB_TASK = "imgjobs.end_job"
@@ -26,6 +27,27 @@ END_JOB_TASK = "imgjobs.end_job"
 JOB_END_QUEUE = "imgjobs.end"
 # Set by `imgjobs worker` for the Celery worker it starts: the resolved model, as WorkerModel JSON.
 WORKER_MODEL_ENV = "IMGJOBS_WORKER_MODEL"
+
+# A job's priority as Celery's message priority. Celery's Redis transport (kombu) emulates priorities
+# with one Redis list per step of its `priority_steps` (celery_config sets these three), and a worker
+# takes from the lowest number first. A message sent without a priority counts as 0, in the list
+# named after the queue itself, so 0 has to be high: normal and low are lists of their own.
+PRIORITY_STEPS: dict[Priority, int] = {"high": 0, "normal": 3, "low": 6}
+# What kombu's Redis transport puts between a queue's name and its step (kombu.transport.redis.Channel.sep).
+PRIORITY_SEPARATOR = "\x06\x16"
+
+
+def priority_lists(queue: str) -> tuple[str, ...]:
+    """The Redis lists that hold a Celery queue's waiting messages, one per priority, in the order
+    workers take from them: what a queue's length is the sum of."""
+    return tuple(
+        f"{queue}{PRIORITY_SEPARATOR}{step}" if step else queue for step in sorted(PRIORITY_STEPS.values())
+    )
+
+
+def queue_of_list(name: str) -> str:
+    """The Celery queue whose messages of some priority the Redis list `name` holds."""
+    return name.split(PRIORITY_SEPARATOR, 1)[0]
 
 
 class _Message(BaseModel):
@@ -49,6 +71,12 @@ class StagePlan(_Message):
     @property
     def prompt_syntax(self) -> str:
         return "plain" if isinstance(self.spec, ResizeStage) else self.spec.prompt_syntax
+
+    @property
+    def loras(self) -> tuple[LoraRef, ...]:
+        """The adapters this stage runs with: its model's, then its own."""
+        own = () if isinstance(self.spec, ResizeStage) else self.spec.loras
+        return merged_loras(self.model.entry.loras, own)
 
     @property
     def image_format(self) -> str:
@@ -81,6 +109,7 @@ class ChunkItem(_Message):
     input: StageInput
     outputs: dict[str, str] = Field(default_factory=dict, description="outputs of the stages before this one")
     stages: list[StageRecord] = Field(default_factory=list, description="the stages before this one")
+    overrides: dict[str, Any] | None = Field(None, description="what `retry --set` changed in `item`")
 
 
 class Chunk(_Message):
@@ -99,6 +128,12 @@ class Chunk(_Message):
         None, description="the part's slots this chunk runs, as a base64 bitmap; all if unset"
     )
     carry: str | None = Field(None, description="the carry part's key, for a stage after the first")
+    # Not an argument: set from the job's spec by whoever sends the chunk, it travels as the message's
+    # priority, which a worker that takes the chunk neither reads nor needs (it has the job's meta).
+    priority: Priority = Field("normal", exclude=True, description="the job's, as the chunk is sent")
+    overrides: dict[str, Any] | None = Field(
+        None, description="item fields `imgjobs retry --set` changed for its items' run (JSON values)"
+    )
 
     def task_args(self) -> list[dict[str, Any]]:
         """The task's arguments, as JSON; unset fields are left out (each defaults to None)."""
@@ -109,13 +144,15 @@ class Chunk(_Message):
         return f"<{self.chunk_id}>"
 
     def send_options(self, queue: str) -> dict[str, Any]:
-        """Celery's send_task options for this chunk: by task name to its stage's model queue, with
-        the chunk id as the task id (deterministic, so logs and redeliveries name it)."""
+        """Celery's send_task options for this chunk: by task name to its stage's model queue at its
+        job's priority, with the chunk id as the task id (deterministic, so logs and redeliveries
+        name it)."""
         return {
             "args": self.task_args(),
             "argsrepr": self.task_repr(),
             "task_id": self.chunk_id,
             "queue": queue,
+            "priority": PRIORITY_STEPS[self.priority],
         }
 
 
@@ -155,6 +192,9 @@ class ItemResult(_Message):
     error: ErrorInfo | None = None
     failed_stage: str | None = None
     nsfw: bool = Field(False, description="a stage's safety checker flagged the item's output")
+    overrides: dict[str, Any] | None = Field(
+        None, description="item fields `imgjobs retry --set` changed for this run of the item"
+    )
 
 
 class WorkerModel(_Message):
@@ -172,6 +212,7 @@ def item_result(
     records: list[StageRecord],
     outputs: dict[str, str],
     error: Exception | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> ItemResult:
     """The results line of an item that ended at stage `plan` with these parameters."""
     return ItemResult(
@@ -189,6 +230,7 @@ def item_result(
         error=ErrorInfo(type=type(error).__name__, message=str(error)) if error else None,
         failed_stage=plan.name if error else None,
         nsfw=any(record.nsfw for record in records),
+        overrides=overrides,
     )
 
 

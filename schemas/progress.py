@@ -43,6 +43,7 @@ class JobStatus(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     error: str | None = Field(None, description="why the job's end could not be written")
+    schedule: str | None = Field(None, description="the schedule whose firing submitted the job")
     stages: list[StageProgress] = []
 
     @property

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -19,12 +20,124 @@ X4_UPSCALER = "StableDiffusionUpscalePipeline"
 DEFAULT_MAX_BATCH = 8
 DEFAULT_CHUNK_SIZE = 64
 UPSCALER_PIPELINES = (X2_LATENT_UPSCALER, X4_UPSCALER)
+S3_SCHEME = "s3://"
+# A checkpoint in one file, as model-sharing sites publish them; diffusers' from_single_file loads it.
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+WEIGHT_FILE_SUFFIXES = (*SINGLE_FILE_SUFFIXES, ".bin", ".pt", ".pth")
+LORA_WEIGHT_LIMIT = 10.0
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
+
+
+def is_s3(source: str) -> bool:
+    return source.startswith(S3_SCHEME)
+
+
+def is_single_file(source: str) -> bool:
+    return source.lower().endswith(SINGLE_FILE_SUFFIXES)
+
+
+class LoraRef(BaseModel):
+    """One LoRA adapter and the scale it runs at."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(
+        min_length=1,
+        description="a LoRA weights file or a folder holding one (relative to models.yaml in the registry), "
+        "a hub id, or s3://bucket/key.safetensors (or s3://bucket/prefix/)",
+    )
+    weight: float = Field(
+        1.0,
+        ge=-LORA_WEIGHT_LIMIT,
+        le=LORA_WEIGHT_LIMIT,
+        description="the adapter's scale (set_adapters' adapter_weights); 0 turns it off",
+    )
+
+    @property
+    def adapter_name(self) -> str:
+        """The name it is loaded under: one per source, so an adapter is loaded once whatever weights
+        the stages give it."""
+        return "lora_" + hashlib.sha256(self.source.encode()).hexdigest()[:16]
+
+
+def merged_loras(model: tuple[LoraRef, ...], stage: tuple[LoraRef, ...]) -> tuple[LoraRef, ...]:
+    """A stage's adapters: the model's, then the stage's own; a stage's adapter of the same source as
+    one of the model's sets that one's weight instead of adding it twice."""
+    own = {lora.source: lora for lora in stage}
+    kept = tuple(own.pop(lora.source, lora) for lora in model)
+    return (*kept, *own.values())
+
+
+def lora_weights_file(path: Path) -> Path:
+    """The weights file of a local LoRA source: the file itself, or in a folder the file diffusers'
+    save_lora_weights writes, else the folder's only .safetensors (or .bin) file. ValueError says why
+    there is none."""
+    if not path.is_dir():
+        if not path.is_file():
+            raise ValueError("no such file or folder")
+        return path
+    if (path / LORA_WEIGHT_NAME).is_file():
+        return path / LORA_WEIGHT_NAME
+    for suffix in (".safetensors", ".bin"):
+        found = sorted(child for child in path.glob(f"*{suffix}") if child.is_file())
+        if len(found) == 1:
+            return found[0]
+        if found:
+            names = ", ".join(child.name for child in found)
+            raise ValueError(f"several {suffix} files ({names}); name the one to load")
+    raise ValueError(f"no LoRA weights in the folder ({LORA_WEIGHT_NAME} or one .safetensors file)")
+
+
+def takes_no_lora(pipeline: str | None) -> bool:
+    """Pipelines without diffusers' LoRA loader: the x2 latent upscaler, Kandinsky, the CPU stages."""
+    return pipeline in (X2_LATENT_UPSCALER, RESIZE_PIPELINE) or (pipeline or "").startswith("Kandinsky")
+
+
+def s3_location(uri: str) -> tuple[str, str]:
+    """(bucket, key) of an s3:// source: one object when its name has a weights suffix (a single-file
+    checkpoint, a LoRA file), otherwise a prefix, which always ends in '/' so that `models/sd` never
+    takes in `models/sd-style/`. ValueError if it names no bucket and key."""
+    bucket, _, key = uri.removeprefix(S3_SCHEME).partition("/")
+    if not bucket or not key.strip("/"):
+        raise ValueError("an s3:// source needs a bucket and a key or prefix")
+    if key.lower().endswith(WEIGHT_FILE_SUFFIXES):
+        return bucket, key
+    return bucket, key if key.endswith("/") else key + "/"
+
+
+def duplicate_source(loras: tuple[LoraRef, ...]) -> str | None:
+    seen: set[str] = set()
+    for lora in loras:
+        if lora.source in seen:
+            return lora.source
+        seen.add(lora.source)
+    return None
 
 
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    source: str = Field(min_length=1, description="hub id or local diffusers folder")
+    source: str = Field(
+        min_length=1,
+        description="hub id, local diffusers folder, single-file checkpoint (.safetensors or .ckpt) or "
+        "s3://bucket/prefix/ (downloaded once into IMGJOBS_MODEL_CACHE)",
+    )
+    config: str | None = Field(
+        None,
+        description="single-file sources: the diffusers folder (or hub id, or s3:// prefix) whose configs, "
+        "tokenizer and scheduler the checkpoint loads with; a local one needs no hub",
+    )
+    vae: str | None = Field(
+        None,
+        description="an AutoencoderKL (diffusers folder, hub id or s3:// prefix) that replaces the "
+        "checkpoint's VAE; the latent family follows it",
+    )
+    safety_checker: bool = Field(
+        True, description="false: load the checkpoint without its safety checker (nothing is flagged)"
+    )
+    loras: tuple[LoraRef, ...] = Field(
+        (), description="LoRA adapters applied to every stage on this model; a stage may add its own"
+    )
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     variant: str | None = Field(None, description="weights variant on the hub, e.g. fp16")
     device: str = Field("auto", description="'auto' picks cuda when available, else cpu")
@@ -101,6 +214,21 @@ class ModelEntry(BaseModel):
         sides = self.warmup_size or ()
         if any(side % 8 or not 8 <= side <= 4096 for side in sides):
             raise ValueError("warmup_size: width and height must be multiples of 8 between 8 and 4096")
+        if self.config is not None and not is_single_file(self.source):
+            raise ValueError("config is for single-file sources (.safetensors or .ckpt)")
+        if self.config is None and is_single_file(self.source):
+            # Without it diffusers guesses the architecture and fetches its configs from the hub.
+            raise ValueError(
+                "a single-file source needs config: the diffusers folder or hub id of its pipeline"
+            )
+        if self.vae is not None and is_single_file(self.vae):
+            raise ValueError("vae: a diffusers AutoencoderKL folder, hub id or s3:// prefix, not one file")
+        if self.loras and self.fuse_qkv:
+            # The fused projection replaces the q/k/v layers that the adapters are attached to.
+            raise ValueError("fuse_qkv bypasses the q/k/v layers that LoRA adapters patch; leave one out")
+        repeated = duplicate_source(self.loras)
+        if repeated is not None:
+            raise ValueError(f"loras: {repeated} is listed twice")
         return self
 
     @property

@@ -10,6 +10,8 @@ from typing import Any
 from celery.schedules import crontab
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from schemas.job import Priority
+
 SCHEDULE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")  # \Z: $ allows a final newline
 
 # Hand-written rather than pydantic's timedelta, which takes seconds or ISO 8601 ("P30D") but not the
@@ -72,6 +74,7 @@ class ScheduleEntry(BaseModel):
     defaults: dict[str, Any] = Field(default_factory=dict, description="the job spec's defaults")
     stages: list[dict[str, Any]] = Field(min_length=1, description="the job spec's stages")
     dataset: bool = False
+    priority: Priority = Field("normal", description="the priority of the jobs it submits")
 
     @field_validator("name")
     @classmethod
@@ -109,6 +112,7 @@ class ScheduleEntry(BaseModel):
             "defaults": self.defaults,
             "stages": self.stages,
             "dataset": self.dataset,
+            "priority": self.priority,
         }
 
 

@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.errors import ConfigError
+from schemas.messages import PRIORITY_STEPS
 
 ENV_PREFIX = "IMGJOBS_"
 CELERY_BROKER_ENV = "CELERY_BROKER_URL"
@@ -68,6 +69,16 @@ class Settings(BaseSettings):
         "json", description="worker logs: one JSON object per line, or text"
     )
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per worker; unset lets torch pick")
+    worker_failure_file: Path | None = Field(
+        None,
+        description="where a worker whose model cannot load writes why, in one line, before it exits; "
+        "`imgjobs run` sets it for its local workers to report that line",
+    )
+    model_cache: Path | None = Field(
+        None,
+        description="where workers keep the models (and adapters) they download from s3:// sources; "
+        "unset: $XDG_CACHE_HOME/imgjobs/models, else ~/.cache/imgjobs/models",
+    )
 
     @property
     def input_roots(self) -> tuple[str, ...]:
@@ -153,6 +164,9 @@ def celery_config(settings: Settings, broker_url: str) -> dict[str, Any]:
             # kombu looks for messages of vanished workers every 10 s but by default scans Redis only on
             # every 10th look, so a lost chunk came back up to 100 s after its visibility timeout.
             "unacked_restore_throttle": 1,
+            # One list per job priority (schemas.messages.PRIORITY_STEPS), and no others for workers
+            # to poll; kombu's default, [0, 3, 6, 9], would add a fourth that nothing sends to.
+            "priority_steps": sorted(PRIORITY_STEPS.values()),
         },
         # Keep a chunk running through a broker reconnect (Celery 6 flips this default to True, which
         # would kill the pool process and its loaded model); it is redelivered and skipped if need be.

@@ -45,7 +45,7 @@ from jobs.registry import Registry
 from jobstate.bits import bit, ones
 from jobstate.results import JobBits
 from jobstate.store import JobStore
-from schemas.messages import ItemResult
+from schemas.messages import ItemResult, priority_lists
 from tests.conftest import ROOT, Workers, imgjobs
 from tests.faultproxy import FaultProxy
 from tests.helpers import write_image, write_job
@@ -841,7 +841,7 @@ def duplicate_submission(lab: Lab, items: int = 6) -> FaultRow:
         acc = account(job_id, ids, server.url, outputs, watcher)
         starts = log_matches(worker, CHUNK_START)
         client = redis.Redis.from_url(server.url)
-        queued = int(client.llen("imgjobs.tiny-sd"))
+        queued = sum(int(client.llen(name)) for name in priority_lists("imgjobs.tiny-sd"))
     computed = sum(int(m.group(2)) for m in starts)
     assert (computed, len(starts), queued) == (items, items // 2, 0), (computed, len(starts), queued)
     return row(

@@ -18,11 +18,13 @@ from celery.platforms import EX_FAILURE
 from celery.signals import setup_logging, worker_init, worker_process_init
 from celery.worker import state as worker_state
 
+from jobstate.rates import RateBook
 from schemas.errors import ConfigError
-from schemas.messages import END_JOB_TASK, RUN_CHUNK_TASK, Chunk, JobEnd
+from schemas.messages import END_JOB_TASK, RUN_CHUNK_TASK, WORKER_MODEL_ENV, Chunk, JobEnd, WorkerModel
 from schemas.settings import Settings, celery_config, worker_broker_url
 from workers import events
 from workers.observability import Observability, configure_logging, serve_metrics
+from workers.rate_recorder import RateRecorder
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger("imgjobs.worker")
@@ -45,7 +47,7 @@ app.conf.include = ["workers.tasks"]
 
 
 def send_chunk(chunk: Chunk, queue: str) -> None:
-    """Queue a chunk (the next stage's) on its model's queue."""
+    """Queue a chunk (the next stage's) on its model's queue, at the priority the chunk carries."""
     app.send_task(RUN_CHUNK_TASK, **chunk.send_options(queue))
 
 
@@ -78,6 +80,21 @@ def _stop_failed_on_request(**_: Any) -> None:
     signal.signal(MODEL_LOAD_FAILED, stop_failed)
 
 
+def _tell_why(exc: Exception) -> None:
+    """One line for whoever started the worker (`imgjobs run`), where it asked for one."""
+    if settings.worker_failure_file is None:
+        return
+    model = os.environ.get(WORKER_MODEL_ENV, "")
+    name = WorkerModel.model_validate_json(model).name if model else "?"
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    try:
+        settings.worker_failure_file.write_text(
+            f"model {name} cannot load: {type(exc).__name__}: {first_line}\n", encoding="utf-8"
+        )
+    except OSError:
+        log.warning("cannot write %s", settings.worker_failure_file)
+
+
 @worker_process_init.connect
 def _load_model(**_: Any) -> None:
     if _model_load_failed:
@@ -85,12 +102,14 @@ def _load_model(**_: Any) -> None:
         # fail (a 13 GB model takes minutes to fail again).
         os._exit(1)
     try:
-        WorkerRuntime.start(settings, send_chunk, send_end)
+        ctx = WorkerRuntime.start(settings, send_chunk, send_end)
         events.subscribe(Observability())
+        events.subscribe(RateRecorder(RateBook(ctx.store.client)))
         if settings.metrics_port:
             serve_metrics(settings.metrics_port)
-    except Exception:
+    except Exception as exc:
         log.exception("cannot load the model; stopping the worker")
+        _tell_why(exc)
         # A worker without its model would take chunks only to fail them. Stop the parent too, or it
         # would start another pool process that fails the same way, forever.
         os.kill(os.getppid(), MODEL_LOAD_FAILED)

@@ -28,7 +28,7 @@ from jobstate.parts import Attempt, JobParts
 from jobstate.storage import Storage, open_storage
 from jobstate.store import JobStore
 from schemas.errors import ImgjobsError, PoisonChunkError, StageError, TimeLimitError, UnknownJobError
-from schemas.job import Item, ResolvedParams, overrides_of, resolve_params
+from schemas.job import Item, ResolvedParams, overrides_of, resolve_params, with_overrides
 from schemas.messages import Chunk, ChunkItem, JobEnd, StageInput
 from schemas.settings import Settings
 from workers.engine import StageEngine, StageJob, WorkItem
@@ -91,6 +91,11 @@ def work_items(parts: JobParts, meta: JobMeta, chunk: Chunk, slots: tuple[int, .
     plan = meta.recipe[chunk.stage_index]
     defaults = meta.spec.defaults
     items = parts.items(chunk.part)
+    if chunk.overrides:
+        items = [
+            with_overrides(item, chunk.overrides) if slot in slots else item
+            for slot, item in enumerate(items)
+        ]
     if chunk.stage_index == 0:
         members = {
             slot: ChunkItem(
@@ -98,6 +103,7 @@ def work_items(parts: JobParts, meta: JobMeta, chunk: Chunk, slots: tuple[int, .
                 input=StageInput(kind="image", uri=items[slot].image)
                 if items[slot].image
                 else StageInput(kind="none"),
+                overrides=chunk.overrides,
             )
             for slot in slots
         }
@@ -109,6 +115,7 @@ def work_items(parts: JobParts, meta: JobMeta, chunk: Chunk, slots: tuple[int, .
                 input=carried[slot].input,
                 outputs=carried[slot].outputs,
                 stages=carried[slot].stages,
+                overrides=chunk.overrides,
             )
             for slot in slots
             if slot in carried
@@ -152,7 +159,13 @@ def process_chunk(chunk: Chunk, ctx: ChunkContext, retries: int = 0, may_retry: 
     storage = ctx.open_storage(meta.output, meta.job_id)
     parts = JobParts(storage, meta.run_id)
     attempt = Attempt(chunk.round, chunk.stage_index, retries, start.delivery)
-    recorder = ChunkRecorder(ctx.store, parts, storage, meta, chunk, attempt, info, ctx.send_chunk)
+    priority = meta.spec.priority
+
+    def send_onward(follower: Chunk, queue: str) -> None:
+        # The next stage's chunk goes at its job's priority, whatever the chunk in hand was sent with.
+        ctx.send_chunk(follower.model_copy(update={"priority": priority}), queue)
+
+    recorder = ChunkRecorder(ctx.store, parts, storage, meta, chunk, attempt, info, send_onward)
     job = StageJob(
         recipe=meta.recipe, defaults=meta.spec.defaults, dataset=meta.spec.dataset, folder=meta.local_folder
     )

@@ -235,8 +235,9 @@ class StageEngine:
         outputs: dict[str, str],
         error: ImgjobsError | None = None,
     ) -> ItemResult:
+        member = work.member
         return item_result(
-            work.member.item, self.job.defaults, self.plan, work.params, records, outputs, error
+            member.item, self.job.defaults, self.plan, work.params, records, outputs, error, member.overrides
         )
 
     def failed(

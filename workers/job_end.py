@@ -29,13 +29,10 @@ from schemas.settings import Settings
 from workers.engine import DATASET_DIR
 from workers.events import emit
 from workers.imageio import LocalRoots
-from workers.report import MAX_ITEMS as REPORT_MAX_ITEMS
-from workers.report import render_report
+from workers.report import RESULTS_KEY, write_report
 
 log = logging.getLogger(__name__)
 
-RESULTS_KEY = "results.jsonl"
-REPORT_KEY = "report.html"
 STALE_WAIT_S = 120.0  # how long an end that found itself stale waits for a newer one being written
 
 
@@ -117,7 +114,6 @@ def write_end(meta: JobMeta, ctx: EndContext) -> tuple[str, str]:
     storage = ctx.open_storage(meta.output, meta.job_id)
     parts = JobParts(storage, meta.run_id)
     bits = ctx.store.bits(meta)
-    shown: list[ItemResult] = []
     last = meta.recipe[-1]
     with tempfile.TemporaryDirectory(prefix="imgjobs-end-") as tmp:
         results_path, dataset_path = Path(tmp) / RESULTS_KEY, Path(tmp) / "metadata.jsonl"
@@ -128,19 +124,16 @@ def write_end(meta: JobMeta, ctx: EndContext) -> tuple[str, str]:
             for part in range(meta.parts):
                 for line in part_results(meta, parts, bits, part):
                     out.write(line.line + "\n")
-                    needed = len(shown) < REPORT_MAX_ITEMS or (meta.spec.dataset and not line.failed)
+                    needed = meta.spec.dataset and not line.failed
                     result = ItemResult.model_validate_json(line.line) if needed else None
-                    if result is not None and len(shown) < REPORT_MAX_ITEMS:
-                        shown.append(result)
-                    if result is not None and meta.spec.dataset and result.status == "succeeded":
+                    if result is not None and result.status == "succeeded":
                         rows.write(json.dumps(_dataset_row(result, last.image_format)) + "\n")
         results_uri = storage.put_file(RESULTS_KEY, results_path, "application/x-ndjson")
         if meta.spec.dataset:
             storage.put_file(f"{DATASET_DIR}/metadata.jsonl", dataset_path, "application/x-ndjson")
-    report = render_report(
-        meta.job_id, shown, meta.total, ctx.settings, LocalRoots.of(ctx.settings, meta.local_folder)
-    )
-    report_uri = storage.put(REPORT_KEY, report.encode(), "text/html; charset=utf-8")
+        # From the results file just written, so the report reads the parts no second time.
+        roots = LocalRoots.of(ctx.settings, meta.local_folder)
+        report_uri = write_report(meta, results_path, storage, ctx.settings, roots)
     return results_uri, report_uri
 
 

@@ -2,21 +2,27 @@
 
 Derived pipelines (text2img from an img2img checkpoint, ControlNet img2img with an attached
 ControlNetModel) come from `from_pipe`, which shares the loaded components instead of loading
-them again; attachments (a ControlNet, a depth estimator) are loaded on first use and kept.
+them again; attachments (a ControlNet, a depth estimator) are loaded on first use and kept. So are
+LoRA adapters, loaded into the shared modules and switched per chunk (use_adapters). s3:// sources
+load from their copy in the model cache (workers/model_cache.py).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 from diffusers import (
+    AutoencoderKL,
     AutoPipelineForImage2Image,
     AutoPipelineForText2Image,
     ControlNetModel,
@@ -25,7 +31,7 @@ from diffusers import (
 from diffusers.models.attention_processor import AttnProcessor
 from PIL import Image
 
-from schemas.errors import StageError
+from schemas.errors import ConfigError, StageError
 from schemas.job import (
     BUILTIN_GUIDANCE_SCALE,
     BUILTIN_NOISE_LEVEL,
@@ -39,9 +45,15 @@ from schemas.registry import (
     UPSCALER_PIPELINES,
     X2_LATENT_UPSCALER,
     X4_UPSCALER,
+    LoraRef,
     ModelEntry,
     ResolvedModel,
+    is_s3,
+    is_single_file,
+    lora_weights_file,
 )
+from schemas.settings import Settings
+from workers.model_cache import local_copy
 
 log = logging.getLogger(__name__)
 
@@ -65,28 +77,61 @@ def resolve_dtype(entry: ModelEntry, device: str) -> torch.dtype:
     return dtype
 
 
-def pipeline_class_of(entry: ModelEntry) -> str:
-    """The class in the checkpoint's model_index.json (a hub id's is fetched, a folder's read)."""
+def pipeline_class_of(entry: ModelEntry, folder: str | None = None) -> str:
+    """The class in the checkpoint's model_index.json (a hub id's is fetched, a folder's read): that of
+    `folder` when given (the checkpoint's local copy, or a single file's config), else the source's."""
     if entry.pipeline:
         return entry.pipeline
-    config = DiffusionPipeline.load_config(entry.source)
+    config = DiffusionPipeline.load_config(folder or entry.config or entry.source)
     return str(config["_class_name"])
 
 
-def load_pipeline(entry: ModelEntry) -> Any:
-    """from_pretrained on a hub id or a local folder. Image-to-image checkpoints load through
-    AutoPipelineForImage2Image, which maps text2img checkpoints (SD 1.5) to their img2img class;
-    the upscalers, which it does not know, load as their own class."""
+Fetch = Callable[[str], str]
+
+
+def load_checkpoint(entry: ModelEntry, fetch: Fetch) -> Any:
+    """from_pretrained on a hub id or a local folder, from_single_file (with its `config`) on a
+    .safetensors or .ckpt file; `fetch` gives each source's local path (an s3:// source's copy in the
+    model cache). Image-to-image checkpoints load through AutoPipelineForImage2Image, which maps
+    text2img checkpoints (SD 1.5) to their img2img class; the upscalers, which it does not know, load
+    as their own class. `vae` replaces the checkpoint's VAE; `safety_checker: false` leaves the
+    checker out (its weights are not even loaded)."""
     device = resolve_device(entry.device)
-    kwargs: dict[str, Any] = {"torch_dtype": resolve_dtype(entry, device)}
-    if entry.variant:
-        kwargs["variant"] = entry.variant
-    loader = (
-        DiffusionPipeline if pipeline_class_of(entry) in UPSCALER_PIPELINES else AutoPipelineForImage2Image
-    )
-    pipeline = loader.from_pretrained(entry.source, **kwargs)
+    dtype = resolve_dtype(entry, device)
+    source = fetch(entry.source)
+    config = fetch(entry.config) if entry.config is not None else None
+    class_name = pipeline_class_of(entry, config or source)
+    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    if entry.vae is not None:
+        kwargs["vae"] = load_vae(fetch(entry.vae), dtype)
+    checkpoint_class = getattr(diffusers, class_name, None)
+    takes = inspect.signature(checkpoint_class.__init__).parameters if checkpoint_class else {}
+    if not entry.safety_checker and "safety_checker" in takes:
+        kwargs["safety_checker"] = None
+        if "requires_safety_checker" in takes:
+            kwargs["requires_safety_checker"] = False  # or diffusers warns that it was left out
+    if is_single_file(entry.source):
+        if checkpoint_class is None or not hasattr(checkpoint_class, "from_single_file"):
+            raise ConfigError(f"{class_name} cannot load a single-file checkpoint")
+        pipeline = checkpoint_class.from_single_file(source, config=config, **kwargs)
+        if class_name not in UPSCALER_PIPELINES:
+            pipeline = AutoPipelineForImage2Image.from_pipe(pipeline)
+    else:
+        if entry.variant:
+            kwargs["variant"] = entry.variant
+        loader = DiffusionPipeline if class_name in UPSCALER_PIPELINES else AutoPipelineForImage2Image
+        pipeline = loader.from_pretrained(source, **kwargs)
     pipeline.set_progress_bar_config(disable=True)
-    return apply_speedups(pipeline, entry, device)
+    return pipeline
+
+
+def load_vae(source: str, dtype: torch.dtype) -> Any:
+    """An AutoencoderKL from its own folder (or hub id), or from a pipeline folder's `vae/`."""
+    folder = Path(source)
+    whole_pipeline = not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file()
+    return AutoencoderKL.from_pretrained(
+        source, subfolder="vae" if whole_pipeline else None, torch_dtype=dtype
+    )
 
 
 def compile_cache_dir() -> Path:
@@ -195,18 +240,108 @@ def apply_speedups(pipeline: Any, entry: ModelEntry, device: str) -> Any:
 
 
 class LoadedModel:
-    def __init__(self, name: str, entry: ModelEntry) -> None:
+    def __init__(self, name: str, entry: ModelEntry, model_cache: Path | None = None) -> None:
+        """`model_cache`: where s3:// sources are downloaded to; unset, IMGJOBS_MODEL_CACHE's folder."""
         self.name = name
         self.entry = entry
         self.device = resolve_device(entry.device)
         self.dtype = resolve_dtype(entry, self.device)
-        # CPU stages (resize) have no pipeline to load.
-        self.pipeline: Any = None if entry.pipeline == RESIZE_PIPELINE else load_pipeline(entry)
+        self._model_cache = model_cache
         self._derived: dict[str, Any] = {}
         self._depth_lock = threading.Lock()
+        # LoRA adapters: those loaded (by adapter name), and the (name, weight) set now active; None
+        # when unknown (a load that failed part-way may have changed it), so the next set is applied.
+        self._adapters: dict[str, LoraRef] = {}
+        self._active: tuple[tuple[str, float], ...] | None = ()
+        self._adapters_fixed = False
+        self.adapter_switches = 0
         self.warmup_s: float | None = None
-        if entry.warmup and self.pipeline is not None:
+        # CPU stages (resize) have no pipeline to load.
+        self.pipeline: Any = None
+        if entry.pipeline == RESIZE_PIPELINE:
+            return
+        self.pipeline = load_checkpoint(entry, self.fetch)
+        # The model's own adapters go in before compiling, which fixes them (see use_adapters).
+        self.use_adapters(entry.loras)
+        self.pipeline = apply_speedups(self.pipeline, entry, self.device)
+        self._adapters_fixed = entry.compile or entry.fuse_qkv
+        if entry.warmup:
             self.warmup_s = self.warm_up()
+
+    def fetch(self, source: str) -> str:
+        """A source's local path: an s3:// one's copy in the model cache (downloaded if it is not
+        there or its objects changed); others (folders, files, hub ids) as they are."""
+        if not is_s3(source):
+            return source
+        cache = self._model_cache if self._model_cache is not None else Settings.from_env().model_cache
+        return str(local_copy(source, cache))
+
+    def use_adapters(self, loras: tuple[LoraRef, ...]) -> None:
+        """Make `loras`, at their weights, the active adapters of the resident pipeline (and of those
+        derived from it, which share its modules). Each adapter is loaded once, under its name
+        (load_lora_weights with adapter_name), and kept; a set is switched to with set_adapters; the base
+        model is never loaded again. Asking for the active set costs nothing, so a worker switches only
+        when a chunk's set differs from the last one's. A compiled (or q/k/v-fused) model keeps the
+        adapters of its entry: compiled code would not see a switch, and fused projections bypass them."""
+        wanted = tuple((lora.adapter_name, lora.weight) for lora in loras)
+        if wanted == self._active:
+            return
+        if self._adapters_fixed:
+            option = "compile" if self.entry.compile else "fuse_qkv"
+            raise StageError(
+                f"model {self.name} has {option}: it runs with the adapters of its registry entry only, "
+                "not a stage's own loras"
+            )
+        pipeline = self.pipeline
+        if not hasattr(pipeline, "load_lora_weights"):
+            raise StageError(f"model {self.name} ({self.class_name}) takes no LoRA adapters")
+        started = time.perf_counter()
+        for lora in loras:
+            if lora.adapter_name not in self._adapters:
+                self._load_adapter(lora)
+        if wanted:
+            if not self._active:
+                # After disable_lora, set_adapters alone would leave the adapters off.
+                pipeline.enable_lora()
+            pipeline.set_adapters([name for name, _ in wanted], adapter_weights=[w for _, w in wanted])
+        else:
+            pipeline.disable_lora()
+        self._active = wanted
+        self.adapter_switches += 1
+        shown = ", ".join(f"{lora.source} at {lora.weight:g}" for lora in loras) or "none"
+        log.info("model %s: adapters %s (%.3fs)", self.name, shown, time.perf_counter() - started)
+
+    def _load_adapter(self, lora: LoraRef) -> None:
+        name = lora.adapter_name
+        started = time.perf_counter()
+        try:
+            source = self.fetch(lora.source)
+            path = Path(source)
+            if path.is_absolute():
+                weights = lora_weights_file(path)
+                self.pipeline.load_lora_weights(
+                    str(weights.parent), weight_name=weights.name, adapter_name=name
+                )
+            elif is_single_file(source) or source.startswith((".", "~")):
+                raise ValueError("a relative path, which a worker cannot place: give an absolute path")
+            else:
+                self.pipeline.load_lora_weights(source, adapter_name=name)  # a hub id
+        except (ConfigError, OSError, ValueError, TypeError, RuntimeError, KeyError) as exc:
+            # It may be in some modules already, and active there.
+            self._active = None
+            self._drop_adapter(name)
+            raise StageError(f"model {self.name}: cannot load LoRA {lora.source}: {exc}") from None
+        self._adapters[name] = lora
+        log.info("model %s: loaded LoRA %s in %.2fs", self.name, lora.source, time.perf_counter() - started)
+
+    def _drop_adapter(self, name: str) -> None:
+        """Best effort: what a failed load put in place, so that no set can include it."""
+        try:
+            listed = self.pipeline.get_list_adapters()
+            if any(name in adapters for adapters in listed.values()):
+                self.pipeline.delete_adapters(name)
+        except (ValueError, KeyError, RuntimeError, AttributeError):
+            log.warning("model %s: could not remove the adapter %s", self.name, name, exc_info=True)
 
     @property
     def class_name(self) -> str:
@@ -312,7 +447,7 @@ class LoadedModel:
         if model.entry.variant:
             kwargs["variant"] = model.entry.variant
         log.info("loading controlnet %s for %s", model.name, self.name)
-        return ControlNetModel.from_pretrained(model.entry.source, **kwargs).to(self.device)
+        return ControlNetModel.from_pretrained(self.fetch(model.entry.source), **kwargs).to(self.device)
 
     def estimate_depth(self, model: ResolvedModel, image: Image.Image) -> Image.Image:
         """The depth map of image, from the transformers depth-estimation model, loaded on first use.
@@ -325,7 +460,10 @@ class LoadedModel:
 
                 log.info("loading depth estimator %s for %s", model.name, self.name)
                 self._derived[key] = transformers_pipeline(
-                    "depth-estimation", model=model.entry.source, device=self.device, dtype=torch.float32
+                    "depth-estimation",
+                    model=self.fetch(model.entry.source),
+                    device=self.device,
+                    dtype=torch.float32,
                 )
             depth: Image.Image = self._derived[key](image)["depth"]
         return depth

@@ -1,5 +1,22 @@
-"""report.html: a self-contained contact sheet per item (input, then each saved stage output, with
-prompt and parameters), thumbnails inlined so the file opens anywhere."""
+"""report.html and its pages: a static HTML report of a job, written at the job's end.
+
+Every page opens with the job's header (name, id, the spec's stages with their models and key
+parameters, the items' counts by state and the failures' counts by reason) and links to the other
+pages. report.html is the contact sheet of items 1-200 (input, each saved stage output, prompt and
+parameters), _report/items-N.html of the next 200 each, and _report/failed-N.html lists the failed
+items (id, stage, error type and message). The pages link to each other and to the outputs by
+relative links inside the job's prefix, so the report works the same from a local folder, an S3
+website or a copy of the prefix. `_report` is never an item's folder: item ids start with a letter
+or a digit.
+
+Thumbnails are small JPEGs inlined as data URIs: each page is one object that opens anywhere, with
+no thumbnail objects to fetch, permit or keep in step with the outputs. Pages are rendered and
+written one at a time from the results file, so memory holds one page whatever the job's size. The
+contact sheet stops after CONTACT_PAGES pages: fetching every output of a million-item job would
+outlast the end task's time limit, and thousands of pages would cost a storage write each. Later
+items are in results.jsonl; the failed view lists every failed item. Only the lines those pages
+show are parsed: the counts come from a scan of the raw lines.
+"""
 
 from __future__ import annotations
 
@@ -7,88 +24,484 @@ import base64
 import html
 import io
 import json
-from collections.abc import Iterable
+import urllib.parse
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from PIL import Image
 
-from schemas.messages import ItemResult
+from jobstate.meta import JobMeta
+from jobstate.storage import Storage, check_key
+from schemas.errors import JobCancelledError, StorageRefusedError
+from schemas.messages import ItemResult, StagePlan
 from schemas.settings import Settings
 from workers.imageio import LocalRoots, decode_image, fetch_bytes
 
+REPORT_KEY = "report.html"
+RESULTS_KEY = "results.jsonl"  # written beside it by the job's end
+PAGES_FOLDER = "_report"
+ITEMS_PER_PAGE = 200
+FAILED_PER_PAGE = 1000  # rows of text only, so more to a page than the contact sheet's
+CONTACT_PAGES = 50  # 10,000 items: a few minutes of fetching and decoding at most
 THUMBNAIL_SIDE = 160
-MAX_ITEMS = 200
+THUMBNAIL_QUALITY = 80
+THUMBNAIL_THREADS = 8  # fetching is mostly waiting on storage; Pillow decodes without the GIL
+MESSAGE_CHARS = 2000  # of an error message shown: a page stays small whatever a pipeline raised
+NAV_SPREAD = 3  # page links shown either side of the current one
+HTML_TYPE = "text/html; charset=utf-8"
+CANCELLED = JobCancelledError.__name__
+LATENT_SUFFIX = ".safetensors"
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }
+header h1 { margin: 0; } .job-id { font: .9rem monospace; color: #555; margin: .2rem 0 .8rem; }
+table { border-collapse: collapse; margin: .4rem 0 .8rem; font-size: .85rem; }
+th, td { border: 1px solid #ccc; padding: .2rem .5rem; text-align: left; vertical-align: top; }
+td.count { text-align: right; }
+.tallies { display: flex; gap: 1.5rem; align-items: flex-start; }
+.stages td, .failures td { font-family: monospace; }
+.failures td.message { white-space: pre-wrap; max-width: 60rem; }
+nav { margin: .6rem 0; } nav a, nav strong { margin-right: .35rem; }
 .item { border-top: 1px solid #ccc; padding: .8rem 0; }
 .item.failed h2 { color: #b00020; }
 h2 { font-size: 1rem; margin: 0 0 .4rem; }
 .row { display: flex; gap: .8rem; flex-wrap: wrap; }
 figure { margin: 0; text-align: center; font-size: .75rem; }
-img { display: block; width: 160px; height: 160px; object-fit: contain; background: #eee; }
+img, .placeholder { display: block; width: 160px; height: 160px; object-fit: contain; background: #eee; }
+.placeholder { display: flex; align-items: center; justify-content: center; color: #777; }
 .params { font: .75rem monospace; color: #555; white-space: pre-wrap; }
 .nsfw { color: #8a5a00; font-weight: bold; }
 """
 
+# uris -> their thumbnails as data URIs (None where there is none)
+Thumbnails = Callable[[Sequence[str]], Mapping[str, str | None]]
 
-def _thumbnail(uri: str, settings: Settings, roots: LocalRoots) -> str | None:
+
+@dataclass
+class Summary:
+    """The counts every page's header shows, from one pass over the results."""
+
+    items: int = 0
+    succeeded: int = 0
+    failed: int = 0  # those cancelled are counted apart
+    cancelled: int = 0
+    flagged: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+
+    def add(self, line: str) -> None:
+        """Count one results line, parsing it only when it failed (for its reason)."""
+        self.items += 1
+        self.flagged += NSFW_MARK in line
+        result = parsed_if_failed(line)
+        if result is None:
+            self.succeeded += 1
+            return
+        reason = _reason(result)
+        self.reasons[reason] += 1
+        if reason == CANCELLED:
+            self.cancelled += 1
+        else:
+            self.failed += 1
+
+    @property
+    def item_pages(self) -> int:
+        return min(max(1, -(-self.items // ITEMS_PER_PAGE)), CONTACT_PAGES)
+
+    @property
+    def beyond_contact_sheet(self) -> int:
+        return max(self.items - CONTACT_PAGES * ITEMS_PER_PAGE, 0)
+
+    @property
+    def failed_pages(self) -> int:
+        return max(1, -(-(self.failed + self.cancelled) // FAILED_PER_PAGE))
+
+
+def summarize(lines: Iterable[str]) -> Summary:
+    summary = Summary()
+    for line in lines:
+        summary.add(line)
+    return summary
+
+
+# ItemResult's JSON (pydantic's, without spaces) has these only as its own keys: a quote inside a
+# string value is escaped.
+FAILED_MARK = '"status":"failed"'
+NSFW_MARK = '"nsfw":true'
+
+
+def parsed_if_failed(line: str) -> ItemResult | None:
+    if FAILED_MARK not in line:
+        return None
+    result = ItemResult.model_validate_json(line)
+    return result if result.status == "failed" else None
+
+
+@dataclass(frozen=True)
+class FailedRow:
+    """What the failures view shows of a failed item; not the whole result, so a page of them is small."""
+
+    position: int
+    id: str
+    stage: str
+    reason: str
+    message: str
+
+    @classmethod
+    def of(cls, result: ItemResult, position: int) -> FailedRow:
+        message = _clipped(result.error.message) if result.error else ""
+        return cls(position, result.id, result.failed_stage or "", _reason(result), message)
+
+
+def _reason(result: ItemResult) -> str:
+    return result.error.type if result.error else "unknown"
+
+
+def _clipped(message: str) -> str:
+    return message if len(message) <= MESSAGE_CHARS else message[:MESSAGE_CHARS] + "…"
+
+
+# -- keys and links
+
+
+def items_page_key(page: int) -> str:
+    return REPORT_KEY if page == 1 else f"{PAGES_FOLDER}/items-{page}.html"
+
+
+def failed_page_key(page: int) -> str:
+    return f"{PAGES_FOLDER}/failed-{page}.html"
+
+
+@dataclass(frozen=True)
+class Place:
+    """The page being rendered: its number in its list of pages (items or failed items)."""
+
+    key_of: Callable[[int], str]
+    page: int
+
+    @property
+    def key(self) -> str:
+        return self.key_of(self.page)
+
+
+def relative_link(from_key: str, to_key: str) -> str:
+    """to_key as a link from the page at from_key, both keys in the job's prefix: the link climbs no
+    higher than the prefix, so it works wherever the prefix is served or copied."""
+    here, there = from_key.split("/")[:-1], to_key.split("/")
+    common = 0
+    while common < len(here) and common < len(there) - 1 and here[common] == there[common]:
+        common += 1
+    return "/".join([".."] * (len(here) - common) + there[common:])
+
+
+def _href(from_key: str, to_key: str, fragment: str = "") -> str:
+    link = urllib.parse.quote(relative_link(from_key, to_key))
+    return html.escape(link + (f"#{urllib.parse.quote(fragment)}" if fragment else ""))
+
+
+def key_in_prefix(uri: str, root: str) -> str | None:
+    """The key of `uri` under the job's storage root, or None when it lies elsewhere (an input, an
+    output of another job): only files of the job's own prefix are linked."""
+    prefix = root.rstrip("/") + "/"
+    if not uri.startswith(prefix):
+        return None
+    try:
+        return check_key(uri[len(prefix) :])
+    except StorageRefusedError:
+        return None
+
+
+# -- thumbnails
+
+
+def thumbnail(uri: str, settings: Settings, roots: LocalRoots) -> str | None:
+    """A JPEG data URI of the image at uri, fetched and decoded within the settings' byte and pixel
+    limits; None when there is none to show."""
     try:
         image = decode_image(fetch_bytes(uri, settings, roots), uri, settings)
     except Exception:  # a thumbnail is decoration: whatever stops it, the report shows none
         return None
     image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=85)
+    image.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _figure(label: str, uri: str | None, settings: Settings, roots: LocalRoots) -> str:
-    source = _thumbnail(uri, settings, roots) if uri else None
-    picture = f'<img src="{source}" alt="{html.escape(label)}">' if source else "<img alt='not available'>"
-    return f"<figure>{picture}<figcaption>{html.escape(label)}</figcaption></figure>"
+@dataclass(frozen=True)
+class Thumbnailer:
+    """Thumbnails of one page's images, made on a pool's threads."""
+
+    settings: Settings
+    roots: LocalRoots
+    pool: Executor
+
+    def __call__(self, uris: Sequence[str]) -> dict[str, str | None]:
+        unique = list(dict.fromkeys(uris))
+        return dict(zip(unique, self.pool.map(self._one, unique), strict=True))
+
+    def _one(self, uri: str) -> str | None:
+        return thumbnail(uri, self.settings, self.roots)
 
 
-def render_report(
-    job_id: str, results: Iterable[ItemResult], total: int, settings: Settings, roots: LocalRoots
-) -> str:
-    sections = []
-    for count, result in enumerate(results):
-        if count >= MAX_ITEMS:
-            break
-        figures = [_figure("input", result.image, settings, roots)] if result.image else []
-        figures += [
-            _figure(name, uri, settings, roots)
-            for name, uri in result.outputs.items()
-            if uri.endswith(".png")
-        ]
-        stages = [
-            {"stage": s.name, "model": s.model, **s.params.model_dump(exclude_none=True)}
-            for s in result.stages
-        ]
-        details = json.dumps(
-            {"seed": result.seed, "negative_prompt": result.negative_prompt, "stages": stages}
-        )
-        error = (
-            f"<p>{html.escape(result.error.type)}: {html.escape(result.error.message)}</p>"
-            if result.error
-            else ""
-        )
-        flagged = (
-            '<p class="nsfw">flagged by the safety checker: its output is black</p>' if result.nsfw else ""
-        )
-        sections.append(
-            f'<section class="item {result.status}{" flagged" if result.nsfw else ""}">'
-            f"<h2>{html.escape(result.id)}: {result.status}{' (nsfw)' if result.nsfw else ''}</h2>"
-            f'<p>{html.escape(result.prompt)}</p>{error}{flagged}<div class="row">{"".join(figures)}</div>'
-            f'<p class="params">{html.escape(details)}</p></section>'
-        )
-    shown = min(total, MAX_ITEMS)
-    note = (
-        f"<p>Showing the first {shown} of {total} items; results.jsonl lists all.</p>"
-        if total > shown
+def is_latent(uri: str) -> bool:
+    return uri.endswith(LATENT_SUFFIX)
+
+
+def pictured(result: ItemResult) -> list[str]:
+    """The images of an item that get a thumbnail: its input and every image output, whatever its
+    format (png, jpeg, webp); latents are linked, not pictured."""
+    images = [result.image] if result.image else []
+    return images + [uri for uri in result.outputs.values() if not is_latent(uri)]
+
+
+# -- the header and the navigation
+
+
+def _plain(value: object) -> str:
+    """A spec's value as the spec file would say it: text bare, anything else as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _stage_row(plan: StagePlan) -> str:
+    params = plan.spec.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+    for shown_apart in ("type", "model", "save", "handover"):
+        params.pop(shown_apart, None)
+    shown = ", ".join(f"{name}={_plain(value)}" for name, value in params.items())
+    cells = (plan.name, plan.spec.type, plan.model.name, shown, ", ".join(plan.save), plan.handover)
+    return "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells) + "</tr>"
+
+
+def _count_rows(counts: Sequence[tuple[str, int]]) -> str:
+    return "".join(
+        f'<tr><th>{html.escape(label)}</th><td class="count">{count}</td></tr>' for label, count in counts
+    )
+
+
+def render_header(meta: JobMeta, summary: Summary, place: Place) -> str:
+    spec = meta.spec
+    options = spec.model_dump(
+        mode="json", exclude_defaults=True, exclude={"version", "name", "output", "items", "stages"}
+    )
+    states = [
+        ("items", summary.items),
+        ("succeeded", summary.succeeded),
+        ("failed", summary.failed),
+        ("cancelled", summary.cancelled),
+    ]
+    if summary.flagged:
+        states.append(("flagged nsfw", summary.flagged))
+    reasons = sorted(summary.reasons.items(), key=lambda pair: (-pair[1], pair[0]))
+    reasons_table = (
+        f'<table class="reasons"><tr><th>failure reason</th><th>items</th></tr>{_count_rows(reasons)}</table>'
+        if reasons
         else ""
     )
     return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>imgjobs {html.escape(job_id)}</title>"
-        f"<style>{_STYLE}</style></head><body><h1>{html.escape(job_id)}</h1>{note}{''.join(sections)}</body></html>"
+        f"<header><h1>{html.escape(meta.name)}</h1>"
+        f'<p class="job-id">{html.escape(meta.job_id)}</p>'
+        f"<p>output {html.escape(meta.output)}"
+        f"{''.join(f'; {html.escape(k)} {html.escape(_plain(v))}' for k, v in options.items())}</p>"
+        '<table class="stages"><tr><th>stage</th><th>type</th><th>model</th><th>parameters</th>'
+        f"<th>saves</th><th>hands over</th></tr>{''.join(_stage_row(plan) for plan in meta.recipe)}</table>"
+        f'<div class="tallies"><table class="counts">{_count_rows(states)}</table>{reasons_table}</div>'
+        f"{_nav(summary, place)}</header>"
     )
+
+
+def _page_links(label: str, pages: int, key_of: Callable[[int], str], place: Place) -> str:
+    """Links to the first, the last and the pages near the current one: a few, however many pages."""
+    current = place.page if place.key_of is key_of else None
+    near = current or 1
+    shown = sorted({1, pages, *range(max(1, near - NAV_SPREAD), min(pages, near + NAV_SPREAD) + 1)})
+    links, previous = [], 0
+    for page in shown:
+        if page > previous + 1:
+            links.append("<span>…</span>")
+        links.append(
+            f"<strong>{page}</strong>"
+            if page == current
+            else f'<a href="{_href(place.key, key_of(page))}">{page}</a>'
+        )
+        previous = page
+    return f"<p>{html.escape(label)}: {''.join(links)}</p>"
+
+
+def _nav(summary: Summary, place: Place) -> str:
+    failed = summary.failed + summary.cancelled
+    return (
+        '<nav class="pages">'
+        + _page_links(f"items ({summary.items})", summary.item_pages, items_page_key, place)
+        + _page_links(f"failed items ({failed})", summary.failed_pages, failed_page_key, place)
+        + "</nav>"
+    )
+
+
+def _document(meta: JobMeta, title: str, header: str, body: str) -> str:
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>imgjobs {html.escape(meta.job_id)}: {html.escape(title)}</title>"
+        f"<style>{_STYLE}</style></head><body>{header}<main>{body}</main></body></html>"
+    )
+
+
+# -- the pages
+
+
+def _figure(label: str, source: str | None, link: str | None, missing: str) -> str:
+    caption = html.escape(label)
+    picture = (
+        f'<img src="{source}" alt="{caption}">'
+        if source
+        else f'<span class="placeholder">{html.escape(missing)}</span>'
+    )
+    if link:
+        picture = f'<a href="{link}">{picture}</a>'
+    return f"<figure>{picture}<figcaption>{caption}</figcaption></figure>"
+
+
+def _item_section(
+    result: ItemResult, thumbnails: Mapping[str, str | None], here: str, root: str, missing: str
+) -> str:
+    def link(uri: str) -> str | None:
+        key = key_in_prefix(uri, root)
+        return _href(here, key) if key else None
+
+    figures = [_figure("input", thumbnails.get(result.image), None, missing)] if result.image else []
+    for name, uri in result.outputs.items():
+        shown = "latent" if is_latent(uri) else missing
+        figures.append(_figure(name, None if is_latent(uri) else thumbnails.get(uri), link(uri), shown))
+    stages = [
+        {"stage": s.name, "model": s.model, **s.params.model_dump(exclude_none=True)} for s in result.stages
+    ]
+    details = json.dumps({"seed": result.seed, "negative_prompt": result.negative_prompt, "stages": stages})
+    error = (
+        f"<p>{html.escape(result.error.type)}: {html.escape(_clipped(result.error.message))}</p>"
+        if result.error
+        else ""
+    )
+    flagged = '<p class="nsfw">flagged by the safety checker: its output is black</p>' if result.nsfw else ""
+    return (
+        f'<section class="item {result.status}{" flagged" if result.nsfw else ""}" '
+        f'id="item-{html.escape(result.id)}">'
+        f"<h2>{html.escape(result.id)}: {result.status}{' (nsfw)' if result.nsfw else ''}</h2>"
+        f'<p>{html.escape(result.prompt)}</p>{error}{flagged}<div class="row">{"".join(figures)}</div>'
+        f'<p class="params">{html.escape(details)}</p></section>'
+    )
+
+
+def render_items_page(
+    meta: JobMeta,
+    summary: Summary,
+    page: int,
+    results: Sequence[ItemResult],
+    thumbnails: Thumbnails,
+    root: str,
+) -> str:
+    """One page of the contact sheet; the last one says where the items after the sheet are."""
+    place = Place(items_page_key, page)
+    here = place.key
+    first = (page - 1) * ITEMS_PER_PAGE + 1
+    title = f"items {first}-{first + len(results) - 1} of {summary.items}"
+    shown = thumbnails([uri for result in results for uri in pictured(result)])
+    missing = "not available"
+    note = (
+        f"<p>The contact sheet shows the first {CONTACT_PAGES * ITEMS_PER_PAGE} items; the other "
+        f'{summary.beyond_contact_sheet} are in <a href="{_href(here, RESULTS_KEY)}">results.jsonl</a>, '
+        "and the failed ones among them in the failed items' pages.</p>"
+        if page == CONTACT_PAGES and summary.beyond_contact_sheet
+        else ""
+    )
+    sections = "".join(_item_section(result, shown, here, root, missing) for result in results)
+    body = f"<h2>{html.escape(title)}</h2>{note}{sections}" if results else "<p>The job has no items.</p>"
+    return _document(meta, title, render_header(meta, summary, place), body)
+
+
+def _failed_line(row: FailedRow, here: str) -> str:
+    """The failed item's row, its id linked to its section in the contact sheet."""
+    page = row.position // ITEMS_PER_PAGE + 1
+    shown_id = html.escape(row.id)
+    if page <= CONTACT_PAGES:
+        shown_id = f'<a href="{_href(here, items_page_key(page), f"item-{row.id}")}">{shown_id}</a>'
+    return (
+        f"<tr><td>{shown_id}</td><td>{html.escape(row.stage)}</td>"
+        f"<td>{html.escape(row.reason)}</td>"
+        f'<td class="message">{html.escape(row.message)}</td></tr>'
+    )
+
+
+def render_failed_page(meta: JobMeta, summary: Summary, page: int, rows: Sequence[FailedRow]) -> str:
+    place = Place(failed_page_key, page)
+    first = (page - 1) * FAILED_PER_PAGE + 1
+    title = f"failed items {first}-{first + len(rows) - 1} of {summary.failed + summary.cancelled}"
+    lines = "".join(_failed_line(row, place.key) for row in rows)
+    body = (
+        f'<h2>{html.escape(title)}</h2><table class="failures"><tr><th>id</th><th>stage</th>'
+        f"<th>error</th><th>message</th></tr>{lines}</table>"
+        if rows
+        else "<p>No item failed.</p>"
+    )
+    return _document(meta, title if rows else "failed items", render_header(meta, summary, place), body)
+
+
+def render_pages(
+    meta: JobMeta, summary: Summary, lines: Iterable[str], thumbnails: Thumbnails, root: str
+) -> Iterator[tuple[str, str]]:
+    """(key, HTML) of every page, in one pass over results.jsonl's `lines` (manifest order), holding
+    one page of items and one of failures at a time; a line past the contact sheet is parsed only
+    when it failed."""
+    items: list[ItemResult] = []
+    failed: list[FailedRow] = []
+    item_page = failed_page = 1
+    contact_items = CONTACT_PAGES * ITEMS_PER_PAGE
+
+    def items_page() -> str:
+        return render_items_page(meta, summary, item_page, items, thumbnails, root)
+
+    for position, line in enumerate(lines):
+        if position < contact_items:
+            result: ItemResult | None = ItemResult.model_validate_json(line)
+            assert result is not None
+            items.append(result)
+            if result.status != "failed":
+                result = None
+        else:
+            result = parsed_if_failed(line)
+        if result is not None:
+            failed.append(FailedRow.of(result, position))
+        if len(items) == ITEMS_PER_PAGE:
+            yield items_page_key(item_page), items_page()
+            item_page, items = item_page + 1, []
+        if len(failed) == FAILED_PER_PAGE:
+            yield failed_page_key(failed_page), render_failed_page(meta, summary, failed_page, failed)
+            failed_page, failed = failed_page + 1, []
+    if items or item_page == 1:
+        yield items_page_key(item_page), items_page()
+    if failed or failed_page == 1:
+        yield failed_page_key(failed_page), render_failed_page(meta, summary, failed_page, failed)
+
+
+def read_lines(path: Path) -> Iterator[str]:
+    with path.open(encoding="utf-8") as lines:
+        yield from lines
+
+
+def write_report(
+    meta: JobMeta, results_path: Path, storage: Storage, settings: Settings, roots: LocalRoots
+) -> str:
+    """Every page of the report, from results.jsonl as written at `results_path` (read twice: the
+    counts first, since every page's header shows them); returns report.html's URI."""
+    summary = summarize(read_lines(results_path))
+    first_page = ""
+    with ThreadPoolExecutor(THUMBNAIL_THREADS, thread_name_prefix="imgjobs-thumbnail") as pool:
+        pages = render_pages(
+            meta, summary, read_lines(results_path), Thumbnailer(settings, roots, pool), storage.root
+        )
+        for key, page in pages:
+            if key == REPORT_KEY:
+                first_page = page
+            else:
+                storage.put(key, page.encode(), HTML_TYPE)
+    # Last, so that once report.html is there, the pages it links to are too.
+    return storage.put(REPORT_KEY, first_page.encode(), HTML_TYPE)

@@ -44,7 +44,7 @@ class WorkerRuntime:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         started = time.perf_counter()
-        loaded = LoadedModel(model.name, model.entry)
+        loaded = LoadedModel(model.name, model.entry, settings.model_cache)
         log.info(
             "model %s loaded from %s in %.1fs", model.name, model.entry.source, time.perf_counter() - started
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -32,7 +33,9 @@ from diffusers import (
     UNet2DConditionModel,
     VQModel,
 )
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from transformers import (
+    CLIPConfig,
     CLIPImageProcessorPil,
     CLIPTextConfig,
     CLIPTextModel,
@@ -434,6 +437,210 @@ def write_tiny_depth_estimator(folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     DPTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
+
+
+def write_tiny_sd_with_safety_checker(folder: Path, seed: int = 0) -> Path:
+    """`tiny-sd`'s layout with a safety checker (SD 1.5's CLIP-based one, tiny) that flags every image:
+    its concept thresholds are below any cosine similarity, so each output comes back black and
+    flagged, as a real checker's flagged ones do."""
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=TEXT_DIM,
+        projection_dim=TEXT_DIM,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        image_size=32,
+        patch_size=16,
+    )
+    checker = StableDiffusionSafetyChecker(
+        CLIPConfig(
+            text_config=tiny_clip_text_config(scratch_clip_tokenizer()).to_dict(),
+            vision_config=vision.to_dict(),
+            projection_dim=TEXT_DIM,
+        )
+    )
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(-2.0)  # cosine similarity - (-2) > 0: every concept matches
+    tokenizer = scratch_clip_tokenizer()
+    pipeline = StableDiffusionImg2ImgPipeline(
+        vae=tiny_sd_vae(),
+        text_encoder=tiny_clip_text_encoder(tokenizer),
+        tokenizer=tokenizer,
+        unet=tiny_sd_unet(),
+        scheduler=sd_scheduler(),
+        safety_checker=checker,
+        feature_extractor=CLIPImageProcessorPil(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        ),
+        requires_safety_checker=True,
+    )
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+def write_tiny_vae(folder: Path, seed: int = 5) -> Path:
+    """A VAE of its own (tiny-sd's shape, other weights), as sd-vae-ft-mse is to SD 1.5's: for `vae:`."""
+    torch.manual_seed(seed)
+    tiny_sd_vae().save_pretrained(folder)
+    return folder
+
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def write_tiny_lora(
+    folder: Path, model: Path, seed: int = 0, rank: int = 4, text_encoder: bool = False
+) -> Path:
+    """A LoRA for the SD 1.x folder `model` (its UNet's attention, and with `text_encoder` its text
+    encoder's too), made with peft and written with diffusers' save_lora_weights as a trained one is
+    (`pytorch_lora_weights.safetensors`). Its up weights are random too (peft would start them at
+    zero), so it changes what the model makes."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    layers: dict[str, Any] = {}
+    unet = UNet2DConditionModel.from_pretrained(model / "unet")
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, target_modules=list(LORA_TARGETS), init_lora_weights=False)
+    )
+    layers["unet_lora_layers"] = get_peft_model_state_dict(unet)
+    if text_encoder:
+        encoder = CLIPTextModel.from_pretrained(model / "text_encoder")
+        # peft's own injection: transformers' add_adapter asks for a newer peft than is released.
+        config = LoraConfig(
+            r=rank, lora_alpha=rank, target_modules=list(TEXT_LORA_TARGETS), init_lora_weights=False
+        )
+        inject_adapter_in_model(config, encoder)
+        layers["text_encoder_lora_layers"] = get_peft_model_state_dict(encoder)
+    StableDiffusionImg2ImgPipeline.save_lora_weights(folder, **layers)
+    return folder
+
+
+def _renamed(key: str, prefixes: list[tuple[str, str]]) -> str | None:
+    for old, new in prefixes:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return None
+
+
+def _ldm_unet(weights: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A diffusers UNet's weights under the original Stable Diffusion (LDM) names that single-file
+    checkpoints use: the inverse of diffusers' convert_ldm_unet_checkpoint for SD 1.x's block layout
+    (each down block: layers_per_block resnets (+ attentions) then a downsampler; each up block: one
+    more, then an upsampler)."""
+    per_block = config["layers_per_block"] + 1
+    prefixes = [
+        ("time_embedding.linear_1.", "time_embed.0."),
+        ("time_embedding.linear_2.", "time_embed.2."),
+        ("conv_in.", "input_blocks.0.0."),
+        ("conv_norm_out.", "out.0."),
+        ("conv_out.", "out.2."),
+        ("mid_block.resnets.0.", "middle_block.0."),
+        ("mid_block.attentions.0.", "middle_block.1."),
+        ("mid_block.resnets.1.", "middle_block.2."),
+    ]
+    for block, kind in enumerate(config["up_block_types"]):
+        for layer in range(per_block - 1):
+            ldm = f"input_blocks.{per_block * block + layer + 1}"
+            prefixes += [(f"down_blocks.{block}.resnets.{layer}.", f"{ldm}.0.")]
+            prefixes += [(f"down_blocks.{block}.attentions.{layer}.", f"{ldm}.1.")]
+        prefixes += [
+            (f"down_blocks.{block}.downsamplers.0.conv.", f"input_blocks.{per_block * (block + 1)}.0.op.")
+        ]
+        for layer in range(per_block):
+            ldm = f"output_blocks.{per_block * block + layer}"
+            prefixes += [(f"up_blocks.{block}.resnets.{layer}.", f"{ldm}.0.")]
+            prefixes += [(f"up_blocks.{block}.attentions.{layer}.", f"{ldm}.1.")]
+        upsampler = f"output_blocks.{per_block * block + per_block - 1}.{2 if 'CrossAttn' in kind else 1}."
+        prefixes += [(f"up_blocks.{block}.upsamplers.0.", upsampler)]
+    resnet_names = [
+        ("norm1", "in_layers.0"),
+        ("conv1", "in_layers.2"),
+        ("norm2", "out_layers.0"),
+        ("conv2", "out_layers.3"),
+        ("time_emb_proj", "emb_layers.1"),
+        ("conv_shortcut", "skip_connection"),
+    ]
+    converted = {}
+    for key, tensor in weights.items():
+        name = _renamed(key, prefixes)
+        if name is None:
+            raise ValueError(f"no LDM name for the UNet's {key}")
+        if ".resnets." in key:
+            for diffusers_name, ldm_name in resnet_names:
+                name = name.replace(f".{diffusers_name}.", f".{ldm_name}.")
+        converted[f"model.diffusion_model.{name}"] = tensor
+    return converted
+
+
+def _ldm_vae(weights: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A diffusers AutoencoderKL's weights under the LDM names (the inverse of diffusers'
+    convert_ldm_vae_checkpoint): decoder blocks count up from the bottom in LDM, attention q/k/v/out
+    are 1x1 convolutions."""
+    blocks, per_block = len(config["down_block_types"]), config["layers_per_block"]
+    prefixes = []
+    for block in range(blocks):
+        for layer in range(per_block):
+            prefixes += [
+                (f"encoder.down_blocks.{block}.resnets.{layer}.", f"encoder.down.{block}.block.{layer}.")
+            ]
+        prefixes += [(f"encoder.down_blocks.{block}.downsamplers.0.", f"encoder.down.{block}.downsample.")]
+        up = blocks - 1 - block
+        for layer in range(per_block + 1):
+            prefixes += [(f"decoder.up_blocks.{block}.resnets.{layer}.", f"decoder.up.{up}.block.{layer}.")]
+        prefixes += [(f"decoder.up_blocks.{block}.upsamplers.0.", f"decoder.up.{up}.upsample.")]
+    for part in ("encoder", "decoder"):
+        prefixes += [
+            (f"{part}.mid_block.resnets.0.", f"{part}.mid.block_1."),
+            (f"{part}.mid_block.resnets.1.", f"{part}.mid.block_2."),
+            (f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1."),
+            (f"{part}.conv_norm_out.", f"{part}.norm_out."),
+        ]
+    attention_names = [
+        ("group_norm.", "norm."),
+        ("to_q.", "q."),
+        ("to_k.", "k."),
+        ("to_v.", "v."),
+        ("to_out.0.", "proj_out."),
+    ]
+    converted = {}
+    for key, tensor in weights.items():
+        name = _renamed(key, prefixes) or key  # conv_in, conv_out, quant_conv, post_quant_conv keep theirs
+        if ".attentions." in key:
+            head, _, tail = name.partition(".attn_1.")
+            tail = _renamed(tail, attention_names) or tail
+            name = f"{head}.attn_1.{tail}"
+            if tensor.ndim == 2:
+                tensor = tensor[:, :, None, None]
+        converted[f"first_stage_model.{name.replace('conv_shortcut', 'nin_shortcut')}"] = tensor
+    return converted
+
+
+def write_tiny_single_file(model: Path, path: Path) -> Path:
+    """The SD 1.x folder `model` as one checkpoint file, laid out as those on model-sharing sites are
+    (UNet, VAE and CLIP text encoder under their original LDM names): `.safetensors`, or a `.ckpt`
+    (a pickled {"state_dict": ...}). diffusers' from_single_file, given `model` as its config, loads
+    back the same weights."""
+    from safetensors.torch import load_file, save_file
+
+    checkpoint: dict[str, torch.Tensor] = {}
+    for component, convert in (("unet", _ldm_unet), ("vae", _ldm_vae)):
+        config = json.loads((model / component / "config.json").read_text(encoding="utf-8"))
+        checkpoint |= convert(load_file(model / component / "diffusion_pytorch_model.safetensors"), config)
+    for key, tensor in load_file(model / "text_encoder" / "model.safetensors").items():
+        # transformers 5 saves CLIPTextModel's weights without the text_model. prefix they have in SD.
+        inner = key if key.startswith("text_model.") else f"text_model.{key}"
+        checkpoint[f"cond_stage_model.transformer.{inner}"] = tensor
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {key: tensor.contiguous() for key, tensor in checkpoint.items()}
+    if path.suffix == ".ckpt":
+        torch.save({"state_dict": tensors}, path)
+    else:
+        save_file(tensors, path)
+    return path
 
 
 def write_all_tiny_models(root: Path) -> dict[str, Path]:

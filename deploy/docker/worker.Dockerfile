@@ -50,6 +50,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/models \
     IMGJOBS_COMPILE_CACHE_DIR=/models/inductor \
+    IMGJOBS_MODEL_CACHE=/models/s3 \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 RUN groupadd --gid 10001 imgjobs \
     && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin imgjobs \
@@ -57,8 +58,9 @@ RUN groupadd --gid 10001 imgjobs \
     && chown 10001:10001 /models
 COPY --from=build /opt/venv /opt/venv
 COPY --chmod=0755 deploy/docker/worker-healthcheck.sh /usr/local/bin/imgjobs-worker-healthcheck
-# Downloaded checkpoints (GBs each), and compiled code for models that set `compile`: keep them on a
-# volume so a new container neither fetches nor compiles them again.
+# Downloaded checkpoints (GBs each: the hub's in HF_HOME, those of s3:// sources in IMGJOBS_MODEL_CACHE),
+# and compiled code for models that set `compile`: keep them on a volume so a new container neither
+# fetches nor compiles them again.
 VOLUME /models
 # Numeric, so Kubernetes' runAsNonRoot can verify it without a runAsUser of its own.
 USER 10001:10001

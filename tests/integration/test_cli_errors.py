@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -233,3 +234,50 @@ def test_validate_finds_missing_inputs_folders_and_an_output_that_cannot_be_writ
         f"error: {items}:2: image: no such file: {tmp_path / 'missing.png'}",
         f"error: {items}:3: image: {tmp_path / 'afolder'} is a folder, not an image",
     ]
+
+
+def test_validate_check_inputs_decodes_local_inputs_as_workers_do(tmp_path: Path) -> None:
+    write_image(tmp_path / "there.png", size=(8, 8))
+    (tmp_path / "notes.png").write_text("a text file with an image's name")
+    write_image(tmp_path / "huge.png", size=(120, 120))
+    rows = [
+        {"id": "ok", "image": "there.png"},
+        {"id": "text", "image": "notes.png"},
+        {"id": "bomb", "image": "huge.png"},
+        {"id": "gone", "image": "missing.png"},
+    ]
+    spec = write_job(tmp_path, rows, stage={"type": "resize", "model": "cpu"}, output=str(tmp_path / "out"))
+    assert imgjobs("validate", str(spec)).returncode == 2, "a missing input is found without decoding"
+    checked = imgjobs("validate", str(spec), "--check-inputs", env={"IMGJOBS_MAX_IMAGE_PIXELS": "10000"})
+    assert checked.returncode == 2
+    items = tmp_path / "items.jsonl"
+    text, bomb, gone = checked.stderr.splitlines()
+    assert text == (
+        f"error: {items}:2: image: {tmp_path / 'notes.png'}: not a recognized image (PNG, JPEG, WEBP, BMP, "
+        "TIFF or GIF)"
+    )
+    assert bomb.startswith(f"error: {items}:3: image: {tmp_path / 'huge.png'}: ") and "14400 pixels" in bomb
+    assert gone == f"error: {items}:4: image: no such file: {tmp_path / 'missing.png'}"
+    (tmp_path / "missing.png").unlink(missing_ok=True)
+    good = write_job(tmp_path / "good", [{"id": "ok", "image": "../there.png"}], stage={"type": "resize"})
+    assert imgjobs("validate", str(good), "--check-inputs").returncode == 0
+
+
+def test_a_run_whose_model_passes_the_checks_but_cannot_load_stops_in_one_error_line(
+    tmp_path: Path, tiny_sd_dir: Path
+) -> None:
+    broken = tmp_path / "models" / "broken-sd"
+    shutil.copytree(tiny_sd_dir, broken)
+    for weights in (broken / "unet").glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors at all")  # present, so validation takes the folder
+    models = tmp_path / "models" / "models.yaml"
+    models.write_text("models:\n  broken-sd:\n    source: broken-sd\n    dtype: float32\n")
+    write_image(tmp_path / "in" / "a.png")
+    spec = write_job(tmp_path, [{"id": "a", "image": "in/a.png"}], model="broken-sd")
+    started = time.monotonic()
+    ran = imgjobs("run", str(spec), "--models", str(models), timeout=240)
+    assert ran.returncode == 2, ran.stderr
+    errors = [line for line in ran.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: model broken-sd cannot load: "), ran.stderr
+    assert "Traceback" not in ran.stderr and "worker logs: " in errors[0]
+    assert time.monotonic() - started < 120, "the run stops once the worker has failed, not at a timeout"

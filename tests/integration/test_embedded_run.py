@@ -4,6 +4,7 @@ outputs equal to diffusers called directly on each item."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,7 @@ def test_run_exits_1_when_an_item_fails_and_records_it(tmp_path: Path, models_ya
     ran = imgjobs("run", str(spec), "--models", str(models_yaml))
     assert ran.returncode == 1, ran.stderr
     assert "failed" in ran.stdout
+    assert re.search(r"InputImageError\s*│\s*2\s*│\s*empty", ran.stdout), "the summary groups failures"
     (results_file,) = (tmp_path / "out").glob("*/results.jsonl")
     results = {r["id"]: r for r in map(json.loads, results_file.read_text().splitlines())}
     assert results["a"]["status"] == "succeeded"
@@ -98,6 +100,11 @@ def test_run_exits_1_when_an_item_fails_and_records_it(tmp_path: Path, models_ya
     job_id = results_file.parent.name
     failed = [json.loads(line)["id"] for line in imgjobs("failures", job_id, "--json").stdout.splitlines()]
     assert sorted(failed) == ["empty", "gone"]
+    (listed,) = json.loads(imgjobs("jobs", "--json").stdout)  # the embedded runs of the state folder
+    assert (listed["job_id"], listed["state"], listed["failed"]) == (job_id, "failed", 2)
+    logged = imgjobs("logs", job_id)
+    assert logged.returncode == 0 and "InputImageError" in logged.stdout, logged.stderr
+    assert "worker log line(s) name the job" in logged.stdout and "worker-tiny-sd-0.log: " in logged.stdout
     kept = Path(results["a"]["outputs"]["s0-img2img"]).stat().st_mtime_ns
     write_image(tmp_path / "in" / "gone.png")  # the missing input arrives
     retried = imgjobs("retry", job_id, "--reason", "InputImageError")

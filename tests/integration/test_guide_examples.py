@@ -21,6 +21,7 @@ from jobs.embedded import EmbeddedRedis
 from jobs.registry import Registry
 from jobstate.store import JobStore
 from tests.conftest import Workers, imgjobs
+from tests.reportkit import Page
 from workers.demo import write_demo
 
 pytestmark = pytest.mark.slow
@@ -112,6 +113,18 @@ def test_sd15_img2img_and_its_report_in_a_browser(guide: Guide, tmp_path: Path) 
     assert guide.keys(job_id, "0000") == ["s0-img2img.png"]
     report = guide.s3.get_object(Bucket=guide.bucket, Key=f"out/{job_id}/report.html")["Body"].read().decode()
     assert report.count('<section class="item') == 12 and report.count("data:image/jpeg;base64,") == 24
+    header = Page(report)
+    assert header.counts() == {"items": "12", "succeeded": "12", "failed": "0", "cancelled": "0"}
+    assert header.tables["stages"][1] == [
+        "s0-img2img",
+        "img2img",
+        "tiny-sd",
+        "steps=8, strength=0.8",
+        "image",
+        "none",
+    ]
+    failed_view = guide.s3.get_object(Bucket=guide.bucket, Key=f"out/{job_id}/_report/failed-1.html")
+    assert "No item failed." in Page(failed_view["Body"].read().decode()).text
 
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
@@ -126,7 +139,7 @@ def test_sd15_img2img_and_its_report_in_a_browser(guide: Guide, tmp_path: Path) 
             "--disable-gpu",
             "--hide-scrollbars",
             f"--screenshot={shot}",
-            "--window-size=1000,800",
+            "--window-size=1000,1200",
             (tmp_path / "report.html").as_uri(),
         ],
         capture_output=True,
@@ -134,7 +147,7 @@ def test_sd15_img2img_and_its_report_in_a_browser(guide: Guide, tmp_path: Path) 
         check=True,
     )
     screenshot = Image.open(shot).convert("RGB")
-    assert screenshot.size == (1000, 800)
+    assert screenshot.size == (1000, 1200)
     # The inlined thumbnails render: the page holds far more than the few colours of text on white.
     assert len(set(screenshot.getdata())) > 500
 

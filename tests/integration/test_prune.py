@@ -19,6 +19,7 @@ from jobstate import keys
 from jobstate.meta import JobMeta
 from jobstate.store import JobStore
 from schemas.errors import ConfigError
+from schemas.messages import priority_lists
 from schemas.registry import QUEUE_PREFIX
 from schemas.settings import Settings
 from tests.conftest import Workers, imgjobs
@@ -40,7 +41,7 @@ def submitted(folder: Path, name: str, server: EmbeddedRedis) -> str:
 def drained(client: redis.Redis, timeout: float = 60) -> None:
     """Every chunk sent was taken and acknowledged by a worker."""
     deadline = time.monotonic() + timeout
-    while client.llen(f"{QUEUE_PREFIX}cpu") or client.hlen("unacked"):
+    while sum(client.llen(name) for name in priority_lists(f"{QUEUE_PREFIX}cpu")) or client.hlen("unacked"):
         assert time.monotonic() < deadline, "the worker did not take the chunk"
         time.sleep(0.05)
 
@@ -55,7 +56,7 @@ def test_prune_deletes_only_jobs_finished_before_the_cutoff(tmp_path: Path, work
         store = JobStore(client)
         # Submitted before any worker runs: it stays unfinished, however old.
         waiting = submitted(tmp_path / "waiting", "waiting", server)
-        client.delete(f"{QUEUE_PREFIX}cpu")  # its queued chunk: this job never finishes
+        client.delete(*priority_lists(f"{QUEUE_PREFIX}cpu"))  # its queued chunk: this job never finishes
         workers.start("cpu", server.url, Registry.load(None))
         old = submitted(tmp_path / "old", "old", server)
         wait_finished(server, old, workers)

@@ -3,7 +3,9 @@ fires them, and restarting beat repeats nothing."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -63,7 +65,14 @@ def test_run_now_submits_only_new_or_changed_images(tmp_path: Path) -> None:
         assert len(job_ids(server)) == 2
 
         listed = imgjobs("schedule", "list", env=env)
-        assert "nightly" in listed.stdout and "cron 0 2 * * *" in listed.stdout
+        (row,) = [line for line in listed.stdout.splitlines() if "nightly" in line]
+        # Piped, nothing is cut at 80 columns: the whole source path, the last job, the objects seen.
+        assert f"{tmp_path / 'incoming'}/*.png" in row and "cron 0 2 * * * (UTC)" in row
+        assert third.stdout.strip() in row and re.search(r"│\s*5\s*│$", row), row  # a, b, c, d, a again
+        fired, upcoming = re.findall(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", row)
+        assert fired.startswith(time.strftime("%Y-%m-%d")) and fired < upcoming, "last and next firing"
+        jobs = json.loads(imgjobs("jobs", "--json", env=env).stdout)
+        assert {job["schedule"] for job in jobs} == {"nightly"}, "each job names the schedule that made it"
         assert imgjobs("schedule", "run-now", "weekly", env=env).stderr.startswith(
             "error: no schedule 'weekly'"
         )

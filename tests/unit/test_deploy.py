@@ -34,7 +34,7 @@ from typer.testing import CliRunner
 
 from jobs import cli
 from jobs.embedded import EmbeddedRedis, free_port
-from schemas.messages import JOB_END_QUEUE
+from schemas.messages import JOB_END_QUEUE, priority_lists, queue_of_list
 from schemas.registry import BUILTIN_MODELS, MODEL_NAME_PATTERN, ModelEntry, RegistryFile, queue_for
 from schemas.schedule import parse_duration
 from schemas.settings import ENV_PREFIX, Settings, celery_config
@@ -255,7 +255,16 @@ def test_keda_watches_the_queue_each_deployment_consumes() -> None:
     for scaled in k8s_objects("ScaledObject"):
         model = by_name[scaled["spec"]["scaleTargetRef"]["name"]]
         triggers = scaled["spec"]["triggers"]
-        assert [trigger["metadata"]["listName"] for trigger in triggers] == worker_queues(model)
+        # Every priority's list of every queue the worker consumes, not only the lists named after them.
+        expected = [name for queue in worker_queues(model) for name in priority_lists(queue)]
+        assert [trigger["metadata"]["listName"] for trigger in triggers] == expected, model
+        # KEDA scales to the largest of several triggers; the formula makes it scale on their sum.
+        modifiers = scaled["spec"]["advanced"]["scalingModifiers"]
+        terms = [term.strip() for term in modifiers["formula"].split("+")]
+        assert sorted(terms) == sorted(trigger["name"] for trigger in triggers), model
+        assert all(re.fullmatch(r"[a-z_]+", term) for term in terms), modifiers["formula"]
+        assert modifiers["metricType"] == "AverageValue" and float(modifiers["target"]) > 0, model
+        assert modifiers["activationTarget"] == "0", model  # any waiting chunk starts a worker
         assert scaled["spec"]["minReplicaCount"] == 0
         for trigger in triggers:
             assert trigger["type"] == "redis"
@@ -292,7 +301,8 @@ def test_the_worker_command_consumes_the_queue_keda_watches(worker_argv: WorkerA
     for deployment in deployments().values():
         (container,) = deployment["spec"]["template"]["spec"]["containers"]
         argv = worker_argv(container["args"])  # exactly what the pod passes to `imgjobs worker`
-        assert option_value(argv, "--queues").split(",") == list_names[deployment["metadata"]["name"]]
+        watched = list(dict.fromkeys(map(queue_of_list, list_names[deployment["metadata"]["name"]])))
+        assert option_value(argv, "--queues").split(",") == watched
         assert option_value(argv, "--concurrency") == "1"
     for model, service in worker_services().items():
         assert option_value(worker_argv(service["command"]), "--queues").split(",") == worker_queues(model)
@@ -739,6 +749,38 @@ def test_the_worker_image_keeps_compiled_code_on_the_model_volume() -> None:
         else [instruction(stage, "VOLUME")]
     )
     assert any(cache.group(1).startswith(path.rstrip("/") + "/") for path in volume), (cache.group(1), volume)
+
+
+def test_workers_keep_models_from_s3_on_the_model_volume() -> None:
+    """IMGJOBS_MODEL_CACHE lies on a volume that outlives the worker process: a named volume in
+    compose, the pod's model-cache volume in Kubernetes; and the image, compose and the Deployments
+    agree on where."""
+    setting = f"{ENV_PREFIX}MODEL_CACHE"
+    assert "model_cache" in Settings.model_fields
+    stage = final_stage(dockerfile("worker.Dockerfile"))
+    image = re.search(rf"{setting}=(\S+)", " ".join(args for kw, args in stage if kw == "ENV"))
+    assert image is not None, f"the worker image sets no {setting}"
+    cache = image.group(1)
+    named_volumes = set(compose().get("volumes") or {})
+    for model, service in worker_services().items():
+        assert service["environment"][setting] == cache, model
+        mounts = [str(volume).split(":") for volume in service["volumes"]]
+        under = [(source, target) for source, target, *_ in mounts if (cache + "/").startswith(target + "/")]
+        assert under, f"{model}: {cache} is on no volume"
+        source, _target = max(under, key=lambda mount: len(mount[1]))  # the innermost mount holds it
+        assert source in named_volumes, f"{model}: {cache} is on {source}, not a named volume"
+    for model, deployment in deployments().items():
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env[setting] == cache, model
+        holding = [m for m in container["volumeMounts"] if (cache + "/").startswith(m["mountPath"] + "/")]
+        assert holding, f"{model}: {cache} is on no volume"
+        mount = max(holding, key=lambda m: len(m["mountPath"]))
+        assert not mount.get("readOnly"), model
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        # Not the container's own filesystem: a volume of the pod keeps the downloads across restarts.
+        assert "emptyDir" in volume or "persistentVolumeClaim" in volume, (model, volume)
 
 
 def test_the_worker_image_pins_the_cuda_build_of_the_torch_release_ci_tests() -> None:

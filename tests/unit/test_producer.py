@@ -26,13 +26,14 @@ from jobstate.storage import open_storage
 from jobstate.store import JobStore
 from schemas.errors import BrokerUnavailableError, SpecError
 from schemas.job import PARAM_OVERRIDES, Defaults, Item, StageSpec, resolve_params
-from schemas.messages import Chunk, StagePlan, WorkerModel
+from schemas.messages import Chunk, StagePlan, WorkerModel, priority_lists
 from schemas.registry import BUILTIN_MODELS, ModelEntry, ResolvedModel
 from schemas.settings import Settings
 from tests.helpers import local_model, stage_plan, write_job
 
 REGISTRY = Registry.load(None)
 QUEUE = "imgjobs.cpu"
+NORMAL = priority_lists(QUEUE)[1]  # where a job of the default priority queues its chunks
 
 
 def resize_job(folder: Path, count: int, chunk_size: int | None = 4) -> ValidatedJob:
@@ -43,7 +44,7 @@ def resize_job(folder: Path, count: int, chunk_size: int | None = 4) -> Validate
 
 def queued(client: redis.Redis) -> list[dict[str, Any]]:
     """The task arguments of every chunk waiting on the cpu queue, from kombu's Redis envelope."""
-    bodies = [json.loads(base64.b64decode(json.loads(raw)["body"])) for raw in client.lrange(QUEUE, 0, -1)]
+    bodies = [json.loads(base64.b64decode(json.loads(raw)["body"])) for raw in client.lrange(NORMAL, 0, -1)]
     return [body[0][0] for body in bodies]
 
 
@@ -65,11 +66,11 @@ def test_submit_publishes_the_parts_and_queues_one_small_chunk_each(
     chunks = [Chunk.model_validate(args) for args in reversed(queued(client))]  # kombu pushes on the left
     assert [chunk.part for chunk in chunks] == list(range(13))  # taken in part order
     assert all(chunk.chunk_id == f"{job.job_id}:s0:c{chunk.part}" for chunk in chunks)
-    assert max(len(raw) for raw in client.lrange(QUEUE, 0, -1)) < 1500  # a name, never the items
+    assert max(len(raw) for raw in client.lrange(NORMAL, 0, -1)) < 1500  # a name, never the items
     meta = JobStore(client).meta(job.job_id)
     assert (meta.parts_sent, meta.enqueued_at is not None, meta.total) == (13, True, 50)
     again = producer.submit(job, Settings(), redis_server.url)
-    assert again.already_submitted and client.llen(QUEUE) == 13
+    assert again.already_submitted and client.llen(NORMAL) == 13
 
 
 def test_nothing_is_written_for_a_manifest_that_does_not_validate(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from jobstate import keys
 from jobstate.meta import JobMeta
 from jobstate.store import JobStore
 from schemas.errors import BrokerUnavailableError, ConfigError, ImgjobsError
-from schemas.messages import Chunk, ItemResult, JobEnd
+from schemas.messages import Chunk, ItemResult, JobEnd, priority_lists
 from schemas.registry import BUILTIN_MODELS
 from schemas.settings import Settings
 from tests.helpers import write_image, write_job
@@ -89,7 +89,9 @@ def failed_job(tmp_path: Path, server: EmbeddedRedis, count: int = 3, chunk_size
     settings = Settings(chunk_size=chunk_size)
     with prepared(spec, REGISTRY, settings) as validated:
         submit(validated, settings, server.url)
-    client.delete("imgjobs.cpu")  # run here, by the workers' own code, instead of by a worker
+    client.delete(
+        *priority_lists("imgjobs.cpu")
+    )  # run here, by the workers' own code, instead of by a worker
     job = Job(client, JobStore(client), validated)
     job.run([job.meta.first_chunk(part) for part in range(job.meta.parts)])
     job.write_end()
@@ -161,7 +163,7 @@ def test_retry_by_reason_and_of_a_cancelled_job(tmp_path: Path, redis_server: Em
     settings = Settings(chunk_size=2)
     with prepared(spec, REGISTRY, settings) as validated:
         submit(validated, settings, redis_server.url)
-    client.delete("imgjobs.cpu")
+    client.delete(*priority_lists("imgjobs.cpu"))
     job = Job(client, JobStore(client), validated)
     job.run([job.meta.first_chunk(0)])  # i0 fails, i1 succeeds
     assert redrive.cancel(job.store, job.job_id, job.ends.append) == "cancelled"

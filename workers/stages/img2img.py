@@ -42,6 +42,7 @@ def run_img2img(
 ) -> StageOutput:
     spec = check_inputs(plan, params, batch)
     pipeline = model.img2img(plan.controlnet)
+    model.use_adapters(plan.loras)
     seeded = generators(batch.seeds)
     kwargs: dict[str, Any] = {
         "image": batch_input(batch),

@@ -27,6 +27,7 @@ def run_text2img(
     if batch.images is not None or batch.latents is not None:
         raise StageError("text2img takes no input image")
     pipeline = model.text2img()
+    model.use_adapters(plan.loras)
     width, height = params.size
     seeded = generators(batch.seeds)
     kwargs: dict[str, Any] = {

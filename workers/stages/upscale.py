@@ -28,6 +28,7 @@ def run_upscale(
 ) -> StageOutput:
     check_batch(batch, needs_input=True)
     pipeline = model.upscaler()
+    model.use_adapters(plan.loras)
     kwargs: dict[str, Any] = {
         "image": batch_input(batch),
         "guidance_scale": params.guidance_scale,
