@@ -102,8 +102,8 @@ def _load_model(**_: Any) -> None:
         # fail (a 13 GB model takes minutes to fail again).
         os._exit(1)
     try:
+        events.subscribe(Observability())  # first: loading the model raises events too (its adapters)
         ctx = WorkerRuntime.start(settings, send_chunk, send_end)
-        events.subscribe(Observability())
         events.subscribe(RateRecorder(RateBook(ctx.store.client)))
         if settings.metrics_port:
             serve_metrics(settings.metrics_port)

@@ -59,6 +59,12 @@ class EngineEvents:
     def job_ended(self, job_id: str, seconds: float, error: str | None) -> None:
         """The job's end (results.jsonl, the report) was written, or failed for good with `error`."""
 
+    def adapter_loaded(self, model: str, source: str, seconds: float) -> None:
+        """The model loaded the LoRA adapter at `source`, once, in `seconds`."""
+
+    def adapters_switched(self, model: str, active: Sequence[str], seconds: float) -> None:
+        """The model switched to the adapter set `active` (their sources; empty: none)."""
+
 
 Listener = TypeVar("Listener", bound=EngineEvents)
 _listeners: list[EngineEvents] = []
@@ -118,6 +124,12 @@ class _Broadcast(EngineEvents):
 
     def job_ended(self, job_id: str, seconds: float, error: str | None) -> None:
         _each(lambda listener: listener.job_ended(job_id, seconds, error))
+
+    def adapter_loaded(self, model: str, source: str, seconds: float) -> None:
+        _each(lambda listener: listener.adapter_loaded(model, source, seconds))
+
+    def adapters_switched(self, model: str, active: Sequence[str], seconds: float) -> None:
+        _each(lambda listener: listener.adapters_switched(model, active, seconds))
 
 
 # What the engine, the recorder, the tasks and the job's end raise their events on.

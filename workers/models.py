@@ -19,16 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import torch
-from diffusers import (
-    AutoencoderKL,
-    AutoPipelineForImage2Image,
-    AutoPipelineForText2Image,
-    ControlNetModel,
-    DiffusionPipeline,
-)
-from diffusers.models.attention_processor import AttnProcessor
 from PIL import Image
 
 from schemas.errors import ConfigError, StageError
@@ -53,6 +44,7 @@ from schemas.registry import (
     lora_weights_file,
 )
 from schemas.settings import Settings
+from workers.events import emit
 from workers.model_cache import local_copy
 
 log = logging.getLogger(__name__)
@@ -82,6 +74,8 @@ def pipeline_class_of(entry: ModelEntry, folder: str | None = None) -> str:
     `folder` when given (the checkpoint's local copy, or a single file's config), else the source's."""
     if entry.pipeline:
         return entry.pipeline
+    from diffusers import DiffusionPipeline
+
     config = DiffusionPipeline.load_config(folder or entry.config or entry.source)
     return str(config["_class_name"])
 
@@ -96,6 +90,11 @@ def load_checkpoint(entry: ModelEntry, fetch: Fetch) -> Any:
     text2img checkpoints (SD 1.5) to their img2img class; the upscalers, which it does not know, load
     as their own class. `vae` replaces the checkpoint's VAE; `safety_checker: false` leaves the
     checker out (its weights are not even loaded)."""
+    # diffusers is imported where a checkpoint loads, not with this module: the cpu model's workers
+    # (resize, jobs' ends) never load one, and importing it costs seconds at every worker start.
+    import diffusers
+    from diffusers import AutoPipelineForImage2Image, DiffusionPipeline
+
     device = resolve_device(entry.device)
     dtype = resolve_dtype(entry, device)
     source = fetch(entry.source)
@@ -127,6 +126,8 @@ def load_checkpoint(entry: ModelEntry, fetch: Fetch) -> Any:
 
 def load_vae(source: str, dtype: torch.dtype) -> Any:
     """An AutoencoderKL from its own folder (or hub id), or from a pipeline folder's `vae/`."""
+    from diffusers import AutoencoderKL
+
     folder = Path(source)
     whole_pipeline = not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file()
     return AutoencoderKL.from_pretrained(
@@ -201,6 +202,8 @@ def apply_speedups(pipeline: Any, entry: ModelEntry, device: str) -> Any:
     denoiser = getattr(pipeline, "unet", None)
     vaes = _vaes(pipeline)
     if entry.attention == "classic" and denoiser is not None:
+        from diffusers.models.attention_processor import AttnProcessor
+
         denoiser.set_attn_processor(AttnProcessor())
     if entry.fuse_qkv:
         _fuse_qkv(entry.source, [module for module in (denoiser, *vaes) if module is not None])
@@ -308,8 +311,8 @@ class LoadedModel:
             pipeline.disable_lora()
         self._active = wanted
         self.adapter_switches += 1
-        shown = ", ".join(f"{lora.source} at {lora.weight:g}" for lora in loras) or "none"
-        log.info("model %s: adapters %s (%.3fs)", self.name, shown, time.perf_counter() - started)
+        shown = [f"{lora.source} at {lora.weight:g}" for lora in loras]
+        emit.adapters_switched(self.name, shown, time.perf_counter() - started)
 
     def _load_adapter(self, lora: LoraRef) -> None:
         name = lora.adapter_name
@@ -332,7 +335,7 @@ class LoadedModel:
             self._drop_adapter(name)
             raise StageError(f"model {self.name}: cannot load LoRA {lora.source}: {exc}") from None
         self._adapters[name] = lora
-        log.info("model %s: loaded LoRA %s in %.2fs", self.name, lora.source, time.perf_counter() - started)
+        emit.adapter_loaded(self.name, lora.source, time.perf_counter() - started)
 
     def _drop_adapter(self, name: str) -> None:
         """Best effort: what a failed load put in place, so that no set can include it."""
@@ -423,6 +426,8 @@ class LoadedModel:
             raise StageError(f"{self.name} is an upscaler ({self.class_name}); use it in an upscale stage")
         if controlnet is None:
             return self.pipeline
+        from diffusers import AutoPipelineForImage2Image
+
         return self._cached(
             f"controlnet:{controlnet.name}",
             lambda: AutoPipelineForImage2Image.from_pipe(
@@ -433,6 +438,8 @@ class LoadedModel:
     def text2img(self) -> Any:
         if self.is_upscaler:
             raise StageError(f"{self.name} is an upscaler ({self.class_name}); it cannot generate from text")
+        from diffusers import AutoPipelineForText2Image
+
         return self._cached("text2img", lambda: AutoPipelineForText2Image.from_pipe(self.pipeline))
 
     def upscaler(self) -> Any:
@@ -443,6 +450,8 @@ class LoadedModel:
         return self.pipeline
 
     def _controlnet(self, model: ResolvedModel) -> Any:
+        from diffusers import ControlNetModel
+
         kwargs: dict[str, Any] = {"torch_dtype": self.dtype}
         if model.entry.variant:
             kwargs["variant"] = model.entry.variant

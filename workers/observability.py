@@ -30,6 +30,12 @@ STAGE_SECONDS = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
 BUSY_SECONDS = Counter("imgjobs_busy_seconds_total", "Seconds spent in pipeline calls", ["model"])
+ADAPTER_LOADS = Counter(
+    "imgjobs_adapter_loads_total", "LoRA adapters loaded (each once per process)", ["model"]
+)
+ADAPTER_SWITCHES = Counter(
+    "imgjobs_adapter_switches_total", "Switches of the active LoRA adapter set", ["model"]
+)
 DUTY_CYCLE = Gauge("imgjobs_duty_cycle", "Fraction of the last minute spent in pipeline calls", ["model"])
 GPU_MEMORY = Gauge("imgjobs_gpu_memory_bytes", "CUDA memory of this worker's process", ["kind"])
 JOB_END_SECONDS = Histogram(
@@ -115,6 +121,14 @@ class Observability(EngineEvents):
 
     def job_ended(self, job_id: str, seconds: float, error: str | None) -> None:
         JOB_END_SECONDS.observe(seconds)
+
+    def adapter_loaded(self, model: str, source: str, seconds: float) -> None:
+        ADAPTER_LOADS.labels(model).inc()
+        log.info("model %s: loaded LoRA %s in %.2fs", model, source, seconds)
+
+    def adapters_switched(self, model: str, active: Sequence[str], seconds: float) -> None:
+        ADAPTER_SWITCHES.labels(model).inc()
+        log.info("model %s: adapters %s (%.3fs)", model, ", ".join(active) or "none", seconds)
 
 
 def record_gpu_memory() -> None:

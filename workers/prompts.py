@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from compel import Compel, CompelForSD, CompelForSDXL, ReturnedEmbeddingsType
-
 from schemas.errors import StageError
 
 
@@ -17,6 +15,9 @@ def prompt_arguments(
     negative = [text or "" for text in negatives]
     if syntax == "plain":
         return {"prompt": prompts, "negative_prompt": negative}
+    # Imported only for weighted prompts: compel pulls in transformers, seconds at every worker start.
+    from compel import Compel, CompelForSD, CompelForSDXL, ReturnedEmbeddingsType
+
     encoder = getattr(pipeline, "text_encoder", None)
     encoder_2 = getattr(pipeline, "text_encoder_2", None)
     if encoder is not None and encoder_2 is not None:

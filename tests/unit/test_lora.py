@@ -6,9 +6,9 @@ changes, the base model is never loaded again, and an adapter that cannot load f
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from schemas.job import ResolvedParams
 from schemas.messages import StagePlan
 from schemas.registry import LoraRef, ResolvedModel
 from tests.helpers import local_model, stage_plan
+from workers.events import EngineEvents, subscribed
 from workers.models import LoadedModel
 from workers.stages.common import StageBatch
 from workers.stages.img2img import run_img2img
@@ -100,8 +101,20 @@ def direct(folder: Path, adapters: list[tuple[Path, float]]) -> np.ndarray:
     return stacked
 
 
+class AdapterEvents(EngineEvents):
+    def __init__(self) -> None:
+        self.loaded: list[str] = []
+        self.switched: list[Sequence[str]] = []
+
+    def adapter_loaded(self, model: str, source: str, seconds: float) -> None:
+        self.loaded.append(source)
+
+    def adapters_switched(self, model: str, active: Sequence[str], seconds: float) -> None:
+        self.switched.append(active)
+
+
 def test_switching_adapter_sets_gives_what_diffusers_gives_and_loads_each_once(
-    tiny_sd_dir: Path, loras: dict[str, Path], caplog: pytest.LogCaptureFixture
+    tiny_sd_dir: Path, loras: dict[str, Path]
 ) -> None:
     model = local_model("tiny-sd", tiny_sd_dir)
     loaded = LoadedModel("tiny-sd", model.entry)
@@ -112,20 +125,19 @@ def test_switching_adapter_sets_gives_what_diffusers_gives_and_loads_each_once(
         [],
         [(loras["a"], 0.7)],
     ]
-    caplog.set_level(logging.INFO, logger="workers.models")
     outputs = []
-    for adapters in sets:
-        outputs.append(ours(loaded, img2img_plan(model, adapters)))
-        np.testing.assert_allclose(outputs[-1], direct(tiny_sd_dir, adapters), atol=ATOL, rtol=0)
+    with subscribed(AdapterEvents()) as seen:
+        for adapters in sets:
+            outputs.append(ours(loaded, img2img_plan(model, adapters)))
+            np.testing.assert_allclose(outputs[-1], direct(tiny_sd_dir, adapters), atol=ATOL, rtol=0)
     assert np.abs(outputs[0] - outputs[2]).max() > 1e-2, (
         "an adapter must change the images for this to mean much"
     )
     assert np.abs(outputs[0] - outputs[1]).max() > 1e-2
     np.testing.assert_array_equal(outputs[0], outputs[3])
     # Two adapters loaded once each, four switches, the same pipeline and UNet throughout.
-    loads = [r for r in caplog.records if "loaded LoRA" in r.getMessage()]
-    assert sorted(r.getMessage().split()[4] for r in loads) == sorted([str(loras["a"]), str(loras["b"])])
-    assert loaded.adapter_switches == 4
+    assert sorted(seen.loaded) == sorted([str(loras["a"]), str(loras["b"])])
+    assert loaded.adapter_switches == len(seen.switched) == 4
     assert loaded.pipeline is pipeline and loaded.pipeline.unet is unet
 
 
