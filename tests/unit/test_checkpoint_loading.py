@@ -6,63 +6,24 @@ diffusers' from_single_file gives; a custom VAE gives what diffusers gives with 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionImg2ImgPipeline
-from PIL import Image
 
-from schemas.job import ResolvedParams
 from schemas.registry import ResolvedModel
 from tests.helpers import local_model, stage_plan
+from tests.img2imgkit import ATOL, run_direct, run_ours
 from workers.models import LoadedModel
-from workers.stages.common import StageBatch, StageOutput
-from workers.stages.img2img import run_img2img
+from workers.stages.common import StageOutput
 from workers.tiny_models import write_tiny_sd_with_safety_checker, write_tiny_single_file, write_tiny_vae
 
 pytestmark = pytest.mark.slow
 
-PARAMS = ResolvedParams(strength=0.75, guidance_scale=7.5, steps=4, size=(32, 32))
-PROMPTS = ["a cat wizard", "astronaut in a jungle"]
-SEEDS = [7, 123]
-ATOL = 1e-4  # a batched call sums in another order than a single one
-
-
-def sample(seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8"))
-
-
-IMAGES = [sample(1), sample(2)]
-
 
 def run(model: ResolvedModel) -> StageOutput:
-    loaded = LoadedModel(model.name, model.entry)
-    batch = StageBatch(prompts=PROMPTS, negative_prompts=[None, "ugly"], seeds=SEEDS, images=IMAGES)
-    return run_img2img(
-        loaded, stage_plan({"type": "img2img"}, model), PARAMS, batch, want_images=True, want_latents=False
-    )
-
-
-def direct(pipeline: Any) -> np.ndarray:
-    pipeline.set_progress_bar_config(disable=True)
-    rows = []
-    for index in range(2):
-        result = pipeline(
-            prompt=PROMPTS[index],
-            negative_prompt=[None, "ugly"][index],
-            image=IMAGES[index],
-            strength=PARAMS.strength,
-            guidance_scale=PARAMS.guidance_scale,
-            num_inference_steps=PARAMS.steps,
-            generator=torch.Generator().manual_seed(SEEDS[index]),
-            output_type="np",
-        )
-        rows.append(result.images[0])
-    stacked: np.ndarray = np.stack(rows)
-    return stacked
+    return run_ours(LoadedModel(model.name, model.entry), stage_plan({"type": "img2img"}, model))
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
@@ -77,7 +38,7 @@ def test_a_single_file_checkpoint_gives_what_its_diffusers_folder_gives(
     reference = StableDiffusionImg2ImgPipeline.from_single_file(
         str(checkpoint), config=str(tiny_sd_dir), torch_dtype=torch.float32
     )
-    np.testing.assert_allclose(single, direct(reference), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(single, run_direct(reference), atol=ATOL, rtol=0)
 
 
 def test_a_custom_vae_gives_what_diffusers_gives_with_that_vae(tiny_sd_dir: Path, tmp_path: Path) -> None:
@@ -90,7 +51,7 @@ def test_a_custom_vae_gives_what_diffusers_gives_with_that_vae(tiny_sd_dir: Path
     reference = StableDiffusionImg2ImgPipeline.from_pretrained(
         tiny_sd_dir, vae=vae, torch_dtype=torch.float32
     )
-    np.testing.assert_allclose(ours, direct(reference), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(ours, run_direct(reference), atol=ATOL, rtol=0)
     # A pipeline folder names its VAE by its vae/ subfolder.
     from_folder = run(local_model("folder-vae", tiny_sd_dir, vae=str(tiny_sd_dir))).images
     np.testing.assert_array_equal(from_folder, plain)
@@ -105,7 +66,7 @@ def test_safety_checker_false_leaves_out_a_checker_that_flags_everything(tmp_pat
     reference = StableDiffusionImg2ImgPipeline.from_pretrained(
         folder, safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32
     )
-    np.testing.assert_allclose(unchecked.images, direct(reference), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(unchecked.images, run_direct(reference), atol=ATOL, rtol=0)
     # Loading without it does not even load its weights.
     entry = local_model("unchecked", folder, safety_checker=False).entry
     assert LoadedModel("unchecked", entry).pipeline.safety_checker is None

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoPipelineForText2Image, StableDiffusionImg2ImgPipeline
-from PIL import Image
 from safetensors.torch import save_file
 
 from schemas.errors import StageError
@@ -24,20 +23,14 @@ from schemas.job import ResolvedParams
 from schemas.messages import StagePlan
 from schemas.registry import LoraRef, ResolvedModel
 from tests.helpers import local_model, stage_plan
+from tests.img2imgkit import ATOL, run_direct, run_ours
 from workers.events import EngineEvents, subscribed
 from workers.models import LoadedModel
 from workers.stages.common import StageBatch
-from workers.stages.img2img import run_img2img
 from workers.stages.text2img import run_text2img
 from workers.tiny_models import write_tiny_lora, write_tiny_sd_x2_latent_upscaler
 
 pytestmark = pytest.mark.slow
-
-PARAMS = ResolvedParams(strength=0.75, guidance_scale=7.5, steps=4, size=(32, 32))
-PROMPTS = ["a cat wizard", "astronaut in a jungle"]
-SEEDS = [7, 123]
-# A batched call sums in another order than a single one: equal up to float rounding.
-ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -50,22 +43,13 @@ def loras(tiny_sd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     }
 
 
-def sample(seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8"))
-
-
-IMAGES = [sample(1), sample(2)]
-
-
 def img2img_plan(model: ResolvedModel, adapters: list[tuple[Path, float]]) -> StagePlan:
     own = [{"source": str(path), "weight": weight} for path, weight in adapters]
     return stage_plan({"type": "img2img", "loras": own}, model)
 
 
 def ours(loaded: LoadedModel, plan: StagePlan) -> np.ndarray:
-    batch = StageBatch(prompts=PROMPTS, negative_prompts=[None, "ugly"], seeds=SEEDS, images=IMAGES)
-    images = run_img2img(loaded, plan, PARAMS, batch, want_images=True, want_latents=False).images
+    images = run_ours(loaded, plan).images
     assert images is not None
     return images
 
@@ -83,22 +67,7 @@ def direct_pipeline(folder: Path, adapters: list[tuple[Path, float]]) -> Any:
 
 
 def direct(folder: Path, adapters: list[tuple[Path, float]]) -> np.ndarray:
-    pipeline = direct_pipeline(folder, adapters)
-    rows = []
-    for index in range(2):
-        result = pipeline(
-            prompt=PROMPTS[index],
-            negative_prompt=[None, "ugly"][index],
-            image=IMAGES[index],
-            strength=PARAMS.strength,
-            guidance_scale=PARAMS.guidance_scale,
-            num_inference_steps=PARAMS.steps,
-            generator=torch.Generator().manual_seed(SEEDS[index]),
-            output_type="np",
-        )
-        rows.append(result.images[0])
-    stacked: np.ndarray = np.stack(rows)
-    return stacked
+    return run_direct(direct_pipeline(folder, adapters))
 
 
 class AdapterEvents(EngineEvents):
