@@ -7,6 +7,7 @@ import json
 import re
 import time
 from datetime import datetime
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ def test_list_status_logs_estimate_and_chosen_retry(
         }
         client = redis.Redis.from_url(server.url, decode_responses=True)
 
+        assert imgjobs("--version").stdout == f"imgjobs {package_version('imgjobs')}\n"
         planned = imgjobs("submit", str(spec), "--dry-run", env=env)
         assert planned.returncode == 0, planned.stderr
         assert "no rate recorded for tiny-sd at img2img:32x32" in planned.stdout
