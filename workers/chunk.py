@@ -92,8 +92,9 @@ def work_items(parts: JobParts, meta: JobMeta, chunk: Chunk, slots: tuple[int, .
     defaults = meta.spec.defaults
     items = parts.items(chunk.part)
     if chunk.overrides:
+        running = set(slots)
         items = [
-            with_overrides(item, chunk.overrides) if slot in slots else item
+            with_overrides(item, chunk.overrides) if slot in running else item
             for slot, item in enumerate(items)
         ]
     if chunk.stage_index == 0:

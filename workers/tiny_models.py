@@ -74,6 +74,19 @@ def scratch_clip_tokenizer() -> CLIPTokenizer:
         return tiny_clip_tokenizer(Path(scratch))
 
 
+def tiny_clip_vision_config() -> CLIPVisionConfig:
+    """The tiny CLIP image encoder: Kandinsky's prior reads images with it, the safety checker too."""
+    return CLIPVisionConfig(
+        hidden_size=TEXT_DIM,
+        projection_dim=TEXT_DIM,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        image_size=32,
+        patch_size=16,
+    )
+
+
 def tiny_clip_text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
@@ -229,17 +242,7 @@ def write_tiny_kandinsky22(folder: Path, seed: int = 0) -> Path:
     )
     with torch.no_grad():
         prior.clip_std.fill_(1.0)
-    image_encoder = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            hidden_size=TEXT_DIM,
-            projection_dim=TEXT_DIM,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            image_size=32,
-            patch_size=16,
-        )
-    )
+    image_encoder = CLIPVisionModelWithProjection(tiny_clip_vision_config())
     unet = UNet2DConditionModel(
         in_channels=4,
         out_channels=8,
@@ -444,15 +447,7 @@ def write_tiny_sd_with_safety_checker(folder: Path, seed: int = 0) -> Path:
     its concept thresholds are below any cosine similarity, so each output comes back black and
     flagged, as a real checker's flagged ones do."""
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(
-        hidden_size=TEXT_DIM,
-        projection_dim=TEXT_DIM,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        image_size=32,
-        patch_size=16,
-    )
+    vision = tiny_clip_vision_config()
     checker = StableDiffusionSafetyChecker(
         CLIPConfig(
             text_config=tiny_clip_text_config(scratch_clip_tokenizer()).to_dict(),
