@@ -176,3 +176,9 @@ class Page(HTMLParser):
     def thumbnails(self) -> list[str]:
         """The alt text of each image shown with an inlined thumbnail."""
         return [str(image["alt"]) for image in self.images if (image.get("src") or "").startswith("data:")]
+
+    def linked_images(self) -> list[str]:
+        """The src of each image shown from a file (not inlined): each loads lazily."""
+        linked = [image for image in self.images if not (image.get("src") or "").startswith("data:")]
+        assert all(image.get("loading") == "lazy" for image in linked), linked
+        return [str(image["src"]) for image in linked]

@@ -9,13 +9,17 @@ relative links inside the job's prefix, so the report works the same from a loca
 website or a copy of the prefix. `_report` is never an item's folder: item ids start with a letter
 or a digit.
 
-Thumbnails are small JPEGs inlined as data URIs: each page is one object that opens anywhere, with
-no thumbnail objects to fetch, permit or keep in step with the outputs. Pages are rendered and
-written one at a time from the results file, so memory holds one page whatever the job's size. The
-contact sheet stops after CONTACT_PAGES pages: fetching every output of a million-item job would
-outlast the end task's time limit, and thousands of pages would cost a storage write each. Later
-items are in results.jsonl; the failed view lists every failed item. Only the lines those pages
-show are parsed: the counts come from a scan of the raw lines.
+report.html's thumbnails are small JPEGs inlined as data URIs, so the page a user opens first is
+one object that opens anywhere, with no thumbnail objects to fetch, permit or keep in step with the
+outputs. The later pages show each output by a relative link to it (the browser scales it down and
+loads it when it scrolls into view), and an input only when it lies in the job's prefix: a
+thumbnail costs the job's end a fetch and a decode, about 6 ms for a 512x512 PNG, so thumbnails for
+the whole contact sheet (20,000 images) would take minutes of the end's time, on every job. Pages
+are rendered and written one at a time from the results file, so memory holds one page whatever
+the job's size. The contact sheet stops after CONTACT_PAGES pages, as thousands of pages would cost
+a storage write each. Later items are in results.jsonl; the failed view lists every failed item.
+Only the lines those pages show are parsed: the counts come from a scan of the raw lines. Pages an
+earlier end of the job wrote (before a retry) and this one did not are deleted.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ RESULTS_KEY = "results.jsonl"  # written beside it by the job's end
 PAGES_FOLDER = "_report"
 ITEMS_PER_PAGE = 200
 FAILED_PER_PAGE = 1000  # rows of text only, so more to a page than the contact sheet's
-CONTACT_PAGES = 50  # 10,000 items: a few minutes of fetching and decoding at most
+CONTACT_PAGES = 50  # 10,000 items
 THUMBNAIL_SIDE = 160
 THUMBNAIL_QUALITY = 80
 THUMBNAIL_THREADS = 8  # fetching is mostly waiting on storage; Pillow decodes without the GIL
@@ -78,6 +82,7 @@ img, .placeholder { display: block; width: 160px; height: 160px; object-fit: con
 
 # uris -> their thumbnails as data URIs (None where there is none)
 Thumbnails = Callable[[Sequence[str]], Mapping[str, str | None]]
+INPUT_NOT_IN_PREFIX = "on the first page only"  # a later page shows only inputs in the job's prefix
 
 
 @dataclass
@@ -351,24 +356,30 @@ def _document(meta: JobMeta, title: str, header: str, body: str) -> str:
 
 def _figure(label: str, source: str | None, link: str | None, missing: str) -> str:
     caption = html.escape(label)
-    picture = (
-        f'<img src="{source}" alt="{caption}">'
-        if source
-        else f'<span class="placeholder">{html.escape(missing)}</span>'
-    )
+    if source is None:
+        picture = f'<span class="placeholder">{html.escape(missing)}</span>'
+    elif source.startswith("data:"):
+        picture = f'<img src="{source}" alt="{caption}">'
+    else:  # the image itself, from the job's prefix: fetched only once it is scrolled to
+        picture = f'<img src="{source}" alt="{caption}" loading="lazy">'
     if link:
         picture = f'<a href="{link}">{picture}</a>'
     return f"<figure>{picture}<figcaption>{caption}</figcaption></figure>"
 
 
 def _item_section(
-    result: ItemResult, thumbnails: Mapping[str, str | None], here: str, root: str, missing: str
+    result: ItemResult,
+    thumbnails: Mapping[str, str | None],
+    here: str,
+    root: str,
+    missing: str,
+    input_missing: str,
 ) -> str:
     def link(uri: str) -> str | None:
         key = key_in_prefix(uri, root)
         return _href(here, key) if key else None
 
-    figures = [_figure("input", thumbnails.get(result.image), None, missing)] if result.image else []
+    figures = [_figure("input", thumbnails.get(result.image), None, input_missing)] if result.image else []
     for name, uri in result.outputs.items():
         shown = "latent" if is_latent(uri) else missing
         figures.append(_figure(name, None if is_latent(uri) else thumbnails.get(uri), link(uri), shown))
@@ -399,13 +410,19 @@ def render_items_page(
     thumbnails: Thumbnails,
     root: str,
 ) -> str:
-    """One page of the contact sheet; the last one says where the items after the sheet are."""
+    """One page of the contact sheet: the first with inlined thumbnails, a later one with links to the
+    images in the job's prefix. The last page says where the items after the sheet are."""
     place = Place(items_page_key, page)
     here = place.key
     first = (page - 1) * ITEMS_PER_PAGE + 1
     title = f"items {first}-{first + len(results) - 1} of {summary.items}"
-    shown = thumbnails([uri for result in results for uri in pictured(result)])
+    uris = [uri for result in results for uri in pictured(result)]
     missing = "not available"
+    if page == 1:
+        shown, input_missing = thumbnails(uris), missing
+    else:
+        shown = {uri: _href(here, key) for uri in uris if (key := key_in_prefix(uri, root))}
+        input_missing = INPUT_NOT_IN_PREFIX
     note = (
         f"<p>The contact sheet shows the first {CONTACT_PAGES * ITEMS_PER_PAGE} items; the other "
         f'{summary.beyond_contact_sheet} are in <a href="{_href(here, RESULTS_KEY)}">results.jsonl</a>, '
@@ -413,7 +430,7 @@ def render_items_page(
         if page == CONTACT_PAGES and summary.beyond_contact_sheet
         else ""
     )
-    sections = "".join(_item_section(result, shown, here, root, missing) for result in results)
+    sections = "".join(_item_section(result, shown, here, root, missing, input_missing) for result in results)
     body = f"<h2>{html.escape(title)}</h2>{note}{sections}" if results else "<p>The job has no items.</p>"
     return _document(meta, title, render_header(meta, summary, place), body)
 
@@ -494,6 +511,7 @@ def write_report(
     counts first, since every page's header shows them); returns report.html's URI."""
     summary = summarize(read_lines(results_path))
     first_page = ""
+    written: set[str] = set()
     with ThreadPoolExecutor(THUMBNAIL_THREADS, thread_name_prefix="imgjobs-thumbnail") as pool:
         pages = render_pages(
             meta, summary, read_lines(results_path), Thumbnailer(settings, roots, pool), storage.root
@@ -503,5 +521,12 @@ def write_report(
                 first_page = page
             else:
                 storage.put(key, page.encode(), HTML_TYPE)
+                written.add(key)
     # Last, so that once report.html is there, the pages it links to are too.
-    return storage.put(REPORT_KEY, first_page.encode(), HTML_TYPE)
+    uri = storage.put(REPORT_KEY, first_page.encode(), HTML_TYPE)
+    # An earlier end's pages that this one has no more of (a retry that left fewer failed items) would
+    # otherwise be found beside the new ones, with counts that no longer hold.
+    for key in storage.list(PAGES_FOLDER):
+        if key not in written:
+            storage.delete(key)
+    return uri

@@ -109,16 +109,23 @@ def test_the_failed_items_view_shows_every_error_as_text(report_url: str, first_
     assert urllib.parse.urljoin(url, to_item) == f"{report_url}#item-i120" and "item-i120" in first_page.ids
 
 
-def test_the_second_page_shows_its_jpeg_and_webp_thumbnails(
+def test_the_second_page_shows_its_jpeg_and_webp_outputs(
     report_url: str, first_page: Page, tmp_path: Path
 ) -> None:
     url = follow(report_url, first_page, "items-2.html")
-    page = Page(path_of(url).read_text(encoding="utf-8"))
+    page = Page(chromium(url, "--dump-dom"))
     assert page.sections == [f"i{n:03d}" for n in range(200, 250)]
-    assert len(page.thumbnails()) == 49  # every output but that of i240, which failed
+    # Every output but that of i240, which failed: linked, not inlined, each to its file.
+    shown = [urllib.parse.urljoin(url, src) for src in page.linked_images()]
+    assert shown == [
+        (path_of(report_url).parent / f"i{n}" / f"s1-resize.{'jpeg' if n % 2 else 'webp'}").as_uri()
+        for n in range(200, 250)
+        if n != 240
+    ]
+    assert all(path_of(image).is_file() for image in shown)
     shot = tmp_path / "page-2.png"
     chromium(url, f"--screenshot={shot}", "--window-size=1000,1400")
     screenshot = Image.open(shot).convert("RGB")
     assert screenshot.size == (1000, 1400)
-    # The thumbnails render: the page holds far more than the few colours of text on white.
+    # The images render: the page holds far more than the few colours of text on white.
     assert len(set(screenshot.getdata())) > 500

@@ -1,6 +1,7 @@
 """report.html and its pages: the header's spec and counts, the failed items' view, paging past 200
-items with relative links that stay in the job's prefix, thumbnails of every output format, escaping;
-and the job's end writing them from a real run."""
+items with relative links that stay in the job's prefix, thumbnails of every output format on the
+first page and linked images on the others, escaping, an earlier end's pages deleted; and the job's
+end writing them from a real run."""
 
 from __future__ import annotations
 
@@ -125,14 +126,19 @@ def test_more_than_200_items_are_paged_and_every_link_stays_in_the_jobs_prefix(t
     shown = [pages[key].sections for key in ("report.html", "_report/items-2.html", "_report/items-3.html")]
     assert [len(ids) for ids in shown] == [200, 200, 50]
     assert list(itertools.chain(*shown)) == [result.id for result in results]
-    assert len(pages["_report/items-3.html"].thumbnails()) == 10  # the webp outputs of i400, i405, ... i445
+    # Past the first page the outputs are linked, not inlined: the webp outputs of i400, i405, ... i445.
+    assert pages["_report/items-3.html"].thumbnails() == []
+    assert [
+        resolve("_report/items-3.html", src)[0] for src in pages["_report/items-3.html"].linked_images()
+    ] == [f"i{n}/s1-resize.webp" for n in range(400, 450, 5)]
+    assert len(pages["report.html"].thumbnails()) == 40 and pages["report.html"].linked_images() == []
 
     assert {"_report/items-2.html", "_report/items-3.html", "_report/failed-1.html"} <= {
         resolve("report.html", link)[0] for link in pages["report.html"].links
     }
     assert "../report.html" in pages["_report/items-3.html"].links
     for key, page in pages.items():
-        for link in page.links:
+        for link in page.links + page.linked_images():
             assert "://" not in link and not link.startswith("/"), link
             target, fragment = resolve(key, link)
             assert not target.startswith(".."), f"{key}: {link} leaves the job's prefix"
@@ -228,11 +234,34 @@ def test_the_jobs_end_writes_the_paged_report_with_webp_thumbnails(
     assert job.store.meta("job").report == str(job.job_dir / "report.html")
     first, second = (Page((job.job_dir / key).read_text()) for key in ("report.html", "_report/items-2.html"))
     assert (len(first.sections), len(second.sections)) == (200, 3)
-    assert first.thumbnails().count("s0-resize") == 199 and second.thumbnails().count("s0-resize") == 3
+    assert (
+        first.thumbnails().count("s0-resize") == 199 and first.thumbnails().count("input") == 199
+    )  # i005 has no input
+    # The second page links its outputs; its inputs lie outside the job's prefix, so it shows none.
+    assert second.thumbnails() == [] and second.linked_images() == [
+        f"../i{n}/s0-resize.webp" for n in range(200, 203)
+    ]
+    assert second.text.count(report.INPUT_NOT_IN_PREFIX) == 3
     assert first.counts() == {"items": "203", "succeeded": "202", "failed": "1", "cancelled": "0"}
     assert first.tables["reasons"] == [["failure reason", "items"], ["InputImageError", "1"]]
     (row,) = Page((job.job_dir / "_report" / "failed-1.html").read_text()).tables["failures"][1:]
     assert row[:3] == ["i005", "s0-resize", "InputImageError"] and "missing.png" in row[3]
+
+
+def test_a_later_end_deletes_the_pages_an_earlier_one_wrote_and_it_did_not(tmp_path: Path) -> None:
+    """A retry that leaves fewer items failed: the earlier end's second failed page would otherwise
+    stay beside the new pages, with counts that no longer hold."""
+    first_end = [failed(f"i{n:04d}", "InputImageError", "missing") for n in range(report.FAILED_PER_PAGE + 1)]
+    pages = write_report_of(tmp_path / "out", first_end)
+    assert {"_report/failed-1.html", "_report/failed-2.html", "_report/items-6.html"} <= set(pages)
+    (tmp_path / "out" / JOB_ID / "_report" / "notes.txt").write_text("not the report's")
+
+    second_end = [succeeded(result.id) for result in first_end[:-1]] + first_end[-1:]
+    pages = write_report_of(tmp_path / "out", second_end)
+    assert sorted(pages) == ["_report/failed-1.html"] + [f"_report/items-{n}.html" for n in range(2, 7)] + [
+        "report.html"
+    ]
+    assert [row[0] for row in Page(pages["_report/failed-1.html"]).tables["failures"][1:]] == ["i1000"]
 
 
 def test_a_long_error_message_is_clipped_on_both_views(tmp_path: Path) -> None:
