@@ -2,18 +2,24 @@
 `submit --dry-run` to estimate a job's time. The one reader and writer of the rates keys.
 
 A shape is "<stage type>:<width>x<height>" of the input a stage fits items to; the steps are the
-denoising steps the pipeline ran (an img2img stage runs int(steps * strength) of them). Counts are
-cumulative, so an estimate is the average of everything the workers of a model have run at a shape.
+denoising steps the pipeline ran (an img2img stage runs int(steps * strength) of them). The sums
+are halved together whenever a shape's items pass WINDOW_ITEMS, so an estimate averages what the
+workers of a model ran at a shape, the most recent work weighing most: the rate follows a change of
+GPU or of settings within a few thousand items, not never.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from importlib import resources
 
 import redis
 
 from jobstate import keys
+
+WINDOW_ITEMS = 5000  # a shape's items past which its sums are halved (add_rate.lua)
+_ADD_RATE = (resources.files("jobstate") / "lua" / "add_rate.lua").read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)
@@ -46,14 +52,18 @@ def shape_of(stage_type: str, size: tuple[int, int]) -> str:
 class RateBook:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
+        self._add_rate = client.register_script(_ADD_RATE)
 
     def add(self, samples: Iterable[RateSample]) -> None:
+        """One round trip for a chunk's samples; each is added atomically, since a model's workers
+        add to the same sums."""
         pipe = self.client.pipeline(transaction=False)
         for sample in samples:
-            key = keys.model_rates(sample.model)
-            pipe.hincrby(key, f"{sample.shape}|items", sample.items)
-            pipe.hincrby(key, f"{sample.shape}|steps", sample.steps)
-            pipe.hincrbyfloat(key, f"{sample.shape}|seconds", sample.seconds)
+            self._add_rate(
+                keys=[keys.model_rates(sample.model)],
+                args=[sample.shape, sample.items, sample.steps, repr(sample.seconds), WINDOW_ITEMS],
+                client=pipe,
+            )
         pipe.execute()
 
     def rates(self, model: str) -> dict[str, Rate]:

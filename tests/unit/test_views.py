@@ -7,13 +7,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import redis
 
+from jobs.embedded import EmbeddedRedis
 from jobs.estimate import estimate
 from jobs.manifest import validate_job
 from jobs.registry import Registry
 from jobs.scheduler import next_firing
 from jobs.views import JobFilter, RateMeter, failures_by_reason, newest_first, parse_since, status_document
-from jobstate.rates import Rate, RateSample
+from jobstate.rates import WINDOW_ITEMS, Rate, RateBook, RateSample
 from schemas.job import Item, ResolvedParams, denoising_steps, with_overrides
 from schemas.messages import ErrorInfo, ItemResult, StageRecord
 from schemas.progress import JobState, JobStatus
@@ -167,6 +169,26 @@ def test_the_recorder_counts_each_item_of_the_chunks_stage_once() -> None:
     recorder.items_finished(chunk, [finished, not_run])
     recorder.chunk_done(chunk, 1.0, 0.75)
     assert book.samples == [RateSample("sd", "img2img:64x32", items=2, steps=4, seconds=0.75)]
+
+
+def test_recorded_rates_follow_a_change_of_hardware_and_keep_their_ratio(redis_server: EmbeddedRedis) -> None:
+    book = RateBook(redis.Redis.from_url(redis_server.url))
+
+    def run(chunks: int, seconds_per_step: float, model: str = "sd") -> None:
+        # Chunks of 64 items of 30 denoising steps each, as workers add them.
+        book.add([RateSample(model, "img2img:512x512", 64, 64 * 30, 64 * 30 * seconds_per_step)] * chunks)
+
+    def seconds_per_step(model: str = "sd") -> float:
+        rate = book.rates(model)["img2img:512x512"]
+        return rate.seconds_for(1, 1)
+
+    run(400, 0.05)  # 25,600 items on the old GPU: the sums were halved, their ratio kept
+    assert book.rates("sd")["img2img:512x512"].items <= WINDOW_ITEMS
+    assert seconds_per_step() == pytest.approx(0.05, rel=1e-4)  # halving an odd count drops half a step
+    run(200, 0.02)  # 12,800 items on a faster one: the old ones weigh a few percent
+    assert seconds_per_step() == pytest.approx(0.02, rel=0.15)
+    run(1, 0.5, model="other")  # another model's rates are its own
+    assert (seconds_per_step(), seconds_per_step("other")) == (pytest.approx(0.02, rel=0.15), 0.5)
 
 
 def test_next_firing_of_cron_and_interval_schedules() -> None:
