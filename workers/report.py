@@ -13,7 +13,7 @@ report.html's thumbnails are small JPEGs inlined as data URIs, so the page a use
 one object that opens anywhere, with no thumbnail objects to fetch, permit or keep in step with the
 outputs. The later pages show each output by a relative link to it (the browser scales it down and
 loads it when it scrolls into view), and an input only when it lies in the job's prefix: a
-thumbnail costs the job's end a fetch and a decode, about 6 ms for a 512x512 PNG, so thumbnails for
+thumbnail costs the job's end a fetch and a decode, about 6.5 ms for a 512x512 PNG, so thumbnails for
 the whole contact sheet (20,000 images) would take minutes of the end's time, on every job. Pages
 are rendered and written one at a time from the results file, so memory holds one page whatever
 the job's size. The contact sheet stops after CONTACT_PAGES pages, as thousands of pages would cost

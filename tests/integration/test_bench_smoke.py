@@ -46,3 +46,18 @@ def test_overhead_benchmark_smoke(tmp_path: Path) -> None:
         assert last[key] > 0, key
     assert isinstance(last["overhead_ms_per_item"], float)
     assert json.loads((tmp_path / "overhead.json").read_text()) == last
+
+
+def test_report_benchmark_smoke(tmp_path: Path) -> None:
+    ran = subprocess.run(
+        [sys.executable, "bench/report.py", "--items", "3", "--work-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    last = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert (last["items"], last["pages"]) == (3, 2) and last["report_s"] > 0 and last["png_bytes"] > 0
+    assert list(tmp_path.iterdir()) == []  # what it wrote is gone
