@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,20 +15,10 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.slow
 
 
-def test_overhead_benchmark_smoke(tmp_path: Path) -> None:
+def bench(script: str, *args: str) -> dict[str, Any]:
+    """The JSON object a benchmark prints last, once it has exited 0."""
     ran = subprocess.run(
-        [
-            sys.executable,
-            "bench/overhead.py",
-            "--items",
-            "40",
-            "--producer-items",
-            "300",
-            "--chunk-size",
-            "8",
-            "--out",
-            str(tmp_path),
-        ],
+        [sys.executable, f"bench/{script}", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -35,7 +26,13 @@ def test_overhead_benchmark_smoke(tmp_path: Path) -> None:
         check=False,
     )
     assert ran.returncode == 0, ran.stderr[-3000:]
-    last = json.loads(ran.stdout.strip().splitlines()[-1])
+    last: dict[str, Any] = json.loads(ran.stdout.strip().splitlines()[-1])
+    return last
+
+
+def test_overhead_benchmark_smoke(tmp_path: Path) -> None:
+    options = ("--items", "40", "--producer-items", "300", "--chunk-size", "8", "--out", str(tmp_path))
+    last = bench("overhead.py", *options)
     for key in (
         "items_per_s",
         "baseline_items_per_s",
@@ -49,15 +46,6 @@ def test_overhead_benchmark_smoke(tmp_path: Path) -> None:
 
 
 def test_report_benchmark_smoke(tmp_path: Path) -> None:
-    ran = subprocess.run(
-        [sys.executable, "bench/report.py", "--items", "3", "--work-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-        check=False,
-    )
-    assert ran.returncode == 0, ran.stderr[-3000:]
-    last = json.loads(ran.stdout.strip().splitlines()[-1])
+    last = bench("report.py", "--items", "3", "--work-dir", str(tmp_path))
     assert (last["items"], last["pages"]) == (3, 2) and last["report_s"] > 0 and last["png_bytes"] > 0
     assert list(tmp_path.iterdir()) == []  # what it wrote is gone
