@@ -22,12 +22,21 @@ import redis
 import typer
 import yaml
 from pydantic import ValidationError
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from jobs import redrive, scheduler
 from jobs.broker import connect_redis, producer_app, require_broker_url
+from jobs.console import (
+    err,
+    local_time,
+    out,
+    print_estimate,
+    print_failure_groups,
+    print_failures,
+    print_jobs,
+    print_summary,
+    progress_bar,
+)
 from jobs.consumers import ConsumerWatch, consumed_queues
 from jobs.embedded import EmbeddedState, Interrupted, LocalWorker, state_root, stopped_by_signals
 from jobs.estimate import estimate
@@ -72,10 +81,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-# Piped or redirected, tables keep their full width: a script's columns are not cut at 80 characters.
-out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 100_000)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-
 EXIT_FAILED = 1
 EXIT_INVALID = 2
 EXIT_SIGNAL = 128  # + the signal's number, as shells report a command a signal stopped
@@ -244,31 +249,7 @@ def submit(
 def _print_estimate(job: ValidatedJob, broker_url: str | None) -> None:
     """The dry run's plan and estimate, with rates read from `broker_url` (none without one)."""
     book = RateBook(connect_redis(broker_url)) if broker_url else None
-    stages = estimate(job, book.rates if book else lambda _model: {})
-    out.print(f"dry run: job {job.job_id}, {job.total} item(s); nothing was sent or written")
-    table = Table("stage", "model", "chunks", "pipeline calls", "denoising steps", "expected", "from")
-    for stage in stages:
-        expected = f"{stage.seconds:.1f}s" if stage.seconds is not None else "unknown"
-        table.add_row(
-            stage.stage,
-            stage.model,
-            str(stage.chunks),
-            str(stage.calls),
-            str(stage.steps),
-            expected,
-            stage.source,
-        )
-    out.print(table)
-    by_model: dict[str, float | None] = {}
-    for stage in stages:
-        known = by_model.get(stage.model, 0.0)
-        by_model[stage.model] = None if known is None or stage.seconds is None else known + stage.seconds
-    for model, seconds in by_model.items():
-        out.print(f"{model}: " + (f"{seconds:.1f} worker-seconds" if seconds is not None else "time unknown"))
-    gpu = [stage.seconds for stage in stages if stage.on_gpu]
-    if gpu:
-        total = "unknown" if None in gpu else f"{sum(s for s in gpu if s is not None):.1f}"
-        out.print(f"GPU-seconds (every model not on the cpu): {total}")
+    print_estimate(job.job_id, job.total, estimate(job, book.rates if book else lambda _model: {}))
     if book is None:
         err.print("no broker (IMGJOBS_BROKER_URL): no recorded rates to estimate time from")
 
@@ -330,18 +311,6 @@ def _parameters(pairs: list[str], flag: str = "--param") -> dict[str, object]:
     return parsed
 
 
-def _progress_bar() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:.2f} items/s"),
-        TextColumn("{task.fields[failed]}"),
-        TimeRemainingColumn(),
-        console=err,
-    )
-
-
 def _consumer_watch(settings: Settings, broker_url: str, store: JobStore, job_id: str) -> ConsumerWatch:
     app = producer_app(settings, broker_url)
     return ConsumerWatch(store.meta(job_id), lambda: consumed_queues(app))
@@ -354,7 +323,7 @@ def _watch(
     consumers: ConsumerWatch | None = None,
 ) -> JobStatus:
     """Progress bars until the job finishes: the job's, and one per stage when it has several."""
-    with _progress_bar() as progress:
+    with progress_bar() as progress:
         status = store.status(job_id)
         job_bar = progress.add_task(status.name, total=status.total, rate=0.0, failed="failed 0")
         stage_bars = (
@@ -395,25 +364,6 @@ def _watch(
 
 def _failure_groups(store: JobStore, status: JobStatus) -> list[FailureGroup]:
     return failures_by_reason(redrive.failures(store, status.job_id)) if status.failed else []
-
-
-def _print_summary(status: JobStatus, groups: list[FailureGroup] | None = None) -> None:
-    table = Table(title=f"job {status.job_id}: {status.state.value}", show_header=False)
-    table.add_row("items", str(status.total))
-    table.add_row("succeeded", str(status.succeeded))
-    table.add_row("failed", str(status.failed))
-    if status.cancelled:
-        table.add_row("of them cancelled", str(status.cancelled))
-    if status.started_at and status.finished_at:
-        table.add_row(
-            "time", f"{status.finished_at - status.started_at:.1f}s ({average_rate(status):.2f} items/s)"
-        )
-    if status.error:
-        table.add_row("error", status.error)
-    else:
-        table.add_row("results", f"{status.output.rstrip('/')}/{status.job_id}/results.jsonl")
-    out.print(table)
-    _print_failure_groups(groups or [])
 
 
 class RunInterrupted(ImgjobsError):
@@ -545,7 +495,7 @@ def run(
             consumers = _consumer_watch(settings, broker_url, store, submission.job_id)
         status = _follow(store, submission.job_id, workers, consumers, again)
         groups = _failure_groups(store, status)
-    _print_summary(status, groups)
+    print_summary(status, groups)
     if logs is not None:
         err.print(f"worker logs: {logs}")
     raise typer.Exit(0 if status.state == JobState.SUCCEEDED else EXIT_FAILED)
@@ -600,7 +550,7 @@ def status(
         else:
             again = f"`imgjobs status {job_id} --watch` follows it again"
             final = _follow(store, job_id, None, consumers, again)
-            _print_summary(final)
+            print_summary(final)
     raise typer.Exit(0 if final.state == JobState.SUCCEEDED else EXIT_FAILED)
 
 
@@ -654,36 +604,7 @@ def list_jobs(
     if as_json:
         print(json.dumps([status_document(status, average_rate(status)) for status in listed]))
         return
-    table = Table(
-        "job",
-        "name",
-        "state",
-        "total",
-        "succeeded",
-        "failed",
-        "pending",
-        "running",
-        "submitted",
-        "finished",
-        "schedule",
-        title=f"{len(listed)} of {len(statuses)} job(s)",
-    )
-    for status in listed:
-        table.add_row(
-            status.job_id,
-            status.name,
-            status.state.value,
-            *(str(count) for count in (status.total, status.succeeded, status.failed)),
-            *(str(count) for count in (status.pending, status.running)),
-            _local_time(status.submitted_at),
-            _local_time(status.finished_at),
-            status.schedule or "",
-        )
-    out.print(table)
-
-
-def _local_time(timestamp: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else ""
+    print_jobs(listed, len(statuses))
 
 
 def _embedded_statuses(settings: Settings) -> Iterator[JobStatus]:
@@ -715,13 +636,7 @@ def failures(
         for result in failed:
             print(result.model_dump_json())
         return
-    table = Table("item", "stage", "reason", "message", title=f"{len(failed)} failed item(s) of {job_id}")
-    for result in failed:
-        error = result.error
-        table.add_row(
-            result.id, result.failed_stage or "", error.type if error else "", error.message if error else ""
-        )
-    out.print(table)
+    print_failures(job_id, failed)
 
 
 @app.command()
@@ -743,7 +658,7 @@ def logs(
         status = store.status(job_id)
         groups = failures_by_reason(redrive.failures(store, job_id))
     out.print(f"job {job_id}: {status.state.value}, {status.succeeded} succeeded, {status.failed} failed")
-    _print_failure_groups(groups)
+    print_failure_groups(groups)
     folders = [folder for folder in (_embedded_logs(settings, job_id), log_dir) if folder is not None]
     if not folders:
         err.print(
@@ -760,15 +675,6 @@ def logs(
 def _embedded_logs(settings: Settings, job_id: str) -> Path | None:
     state = EmbeddedState(state_root(settings.state_dir), job_id)
     return state.logs if not settings.broker_url and state.logs.is_dir() else None
-
-
-def _print_failure_groups(groups: list[FailureGroup]) -> None:
-    if not groups:
-        return
-    table = Table("reason", "items", "example item", "its error", title="failures by reason")
-    for group in groups:
-        table.add_row(group.reason, str(group.count), group.example_id, group.example_message)
-    out.print(table)
 
 
 @app.command()
@@ -817,7 +723,7 @@ def retry(
             else store.status(job_id)
         )
         groups = _failure_groups(store, status)
-    _print_summary(status, groups)
+    print_summary(status, groups)
     err.print(f"worker logs: {state.logs}")
     raise typer.Exit(0 if status.state == JobState.SUCCEEDED else EXIT_FAILED)
 
@@ -1043,13 +949,13 @@ def schedule_list() -> None:
             table.add_row(entry.name, when, entry.source, entry.output, "?", "?", "?", "?")
             continue
         standing = scheduler.standing(client, entry)
-        next_firing = _local_time(standing.next_firing_at) if standing.next_firing_at else "when beat starts"
+        next_firing = local_time(standing.next_firing_at) if standing.next_firing_at else "when beat starts"
         table.add_row(
             entry.name,
             when,
             entry.source,
             entry.output,
-            _local_time(standing.last_fired_at) or "never",
+            local_time(standing.last_fired_at) or "never",
             next_firing,
             standing.last_job_id or "",
             str(standing.seen),

@@ -14,7 +14,8 @@ Per job, Redis holds what is in flight; what is done lives in the job's storage 
     imgjobs:job:<id>:deliveries       hash    chunk id + retry number -> deliveries, while it runs
 
     imgjobs:rates:<model>             hash    "<shape>|items", "|steps", "|seconds": what the model's
-                                              pipeline calls took by shape (owned by jobstate/rates.py)
+                                              pipeline calls took by shape, halved past 5,000 items
+                                              (owned by jobstate/rates.py)
 
     imgjobs:schedule:<name>:seen      set     "<uri>|<etag or content hash>" of every source object a
                                               schedule has submitted (owned by jobs/scheduler.py)
