@@ -82,7 +82,7 @@ img, .placeholder { display: block; width: 160px; height: 160px; object-fit: con
 
 # uris -> their thumbnails as data URIs (None where there is none)
 Thumbnails = Callable[[Sequence[str]], Mapping[str, str | None]]
-INPUT_NOT_IN_PREFIX = "on the first page only"  # a later page shows only inputs in the job's prefix
+INPUT_NOT_IN_PREFIX = "outside the job's folder"  # past report.html, inputs are linked, not fetched
 
 
 @dataclass
