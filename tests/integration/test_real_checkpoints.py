@@ -183,6 +183,15 @@ def assert_matches(ours: np.ndarray, theirs: np.ndarray, what: str) -> None:
     assert difference <= 1, f"{what}: {difference}/255 from diffusers"
 
 
+def assert_outputs_match(shelf: Shelf, folder: Path, pipeline: Any) -> None:
+    """Each item's output in the job's folder is what `pipeline` makes of its input, called directly."""
+    for item in ITEMS:
+        image = Image.open(shelf.root / "inputs" / f"{item['id']}.png").convert("RGB")
+        assert_matches(
+            pixels(folder / item["id"] / "s0-img2img.png"), direct(pipeline, item, image)[0], item["id"]
+        )
+
+
 def stage(model: str, **fields: Any) -> dict[str, Any]:
     return {
         "type": "img2img",
@@ -235,11 +244,7 @@ def test_a_model_s_own_adapters_and_a_stage_s_added_ones(shelf: Shelf) -> None:
         StableDiffusionImg2ImgPipeline.from_pretrained(shelf.sd, torch_dtype=torch.float32),
         [(shelf.lora("a"), 0.8), (shelf.lora("b"), 0.6)],
     )
-    for item in ITEMS:
-        image = Image.open(shelf.root / "inputs" / f"{item['id']}.png").convert("RGB")
-        assert_matches(
-            pixels(folder / item["id"] / "s0-img2img.png"), direct(pipeline, item, image)[0], item["id"]
-        )
+    assert_outputs_match(shelf, folder, pipeline)
 
 
 def test_a_single_file_checkpoint(shelf: Shelf) -> None:
@@ -248,22 +253,14 @@ def test_a_single_file_checkpoint(shelf: Shelf) -> None:
     pipeline = StableDiffusionImg2ImgPipeline.from_single_file(
         checkpoint, config=str(shelf.sd), torch_dtype=torch.float32
     )
-    for item in ITEMS:
-        image = Image.open(shelf.root / "inputs" / f"{item['id']}.png").convert("RGB")
-        assert_matches(
-            pixels(folder / item["id"] / "s0-img2img.png"), direct(pipeline, item, image)[0], item["id"]
-        )
+    assert_outputs_match(shelf, folder, pipeline)
 
 
 def test_a_custom_vae(shelf: Shelf) -> None:
     folder, _ = shelf.run("own-vae", [stage("tiny-sd-vae")])
     vae = AutoencoderKL.from_pretrained(shelf.root / "models" / "tiny-vae", torch_dtype=torch.float32)
     pipeline = StableDiffusionImg2ImgPipeline.from_pretrained(shelf.sd, vae=vae, torch_dtype=torch.float32)
-    for item in ITEMS:
-        image = Image.open(shelf.root / "inputs" / f"{item['id']}.png").convert("RGB")
-        assert_matches(
-            pixels(folder / item["id"] / "s0-img2img.png"), direct(pipeline, item, image)[0], item["id"]
-        )
+    assert_outputs_match(shelf, folder, pipeline)
 
 
 def test_the_safety_checker_flags_and_safety_checker_false_drops_it(shelf: Shelf) -> None:
