@@ -68,7 +68,7 @@ from jobs.manifest import validate_job  # noqa: E402
 from jobs.registry import Registry  # noqa: E402
 from jobstate.seed import seed_job  # noqa: E402
 from jobstate.store import JobStore  # noqa: E402
-from schemas.job import Item  # noqa: E402
+from schemas.job import Item, Priority  # noqa: E402
 from schemas.messages import Chunk, JobEnd  # noqa: E402
 from schemas.settings import Settings  # noqa: E402
 from workers.chunk import ChunkContext, process_chunk  # noqa: E402
@@ -790,7 +790,7 @@ class EngineTimings(EngineEvents):
         return round(sum(busy for _, busy in self.chunks) / sum(wall for wall, _ in self.chunks), 4)
 
 
-def no_next_stage(chunk: Chunk, queue: str) -> None:
+def no_next_stage(chunk: Chunk, queue: str, priority: Priority) -> None:
     raise AssertionError(f"a one-stage job handed chunk {chunk.chunk_id} on")
 
 

@@ -98,12 +98,10 @@ def _batches(parts: range) -> list[range]:
 def send_chunks(app: Celery, meta: JobMeta, chunks: Sequence[Chunk]) -> None:
     """Send chunks by task name to their stage's model queue at the job's priority, in one Redis
     pipeline (kombu's publish batch)."""
-    priority = meta.spec.priority
     with app.producer_or_acquire() as producer, producer.batch(max_size=len(chunks)):
         for chunk in chunks:
-            queue = meta.recipe[chunk.stage_index].model.queue
-            stamped = chunk if chunk.priority == priority else chunk.model_copy(update={"priority": priority})
-            app.send_task(RUN_CHUNK_TASK, **stamped.send_options(queue), producer=producer)
+            options = chunk.send_options(meta.recipe[chunk.stage_index].model.queue, meta.spec.priority)
+            app.send_task(RUN_CHUNK_TASK, **options, producer=producer)
 
 
 def sender(settings: Settings, broker_url: str) -> Callable[[JobEnd], None]:

@@ -113,7 +113,6 @@ def retry(
                 epoch=meta.epoch,
                 round=round_,
                 overrides=overrides or None,
-                priority=meta.spec.priority,
                 slots=mask([p - meta.positions(part).start for p in group], len(meta.positions(part))),
             )
             for part, group in by_part

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -128,9 +129,6 @@ class Chunk(_Message):
         None, description="the part's slots this chunk runs, as a base64 bitmap; all if unset"
     )
     carry: str | None = Field(None, description="the carry part's key, for a stage after the first")
-    # Not an argument: set from the job's spec by whoever sends the chunk, it travels as the message's
-    # priority, which a worker that takes the chunk neither reads nor needs (it has the job's meta).
-    priority: Priority = Field("normal", exclude=True, description="the job's, as the chunk is sent")
     overrides: dict[str, Any] | None = Field(
         None, description="item fields `imgjobs retry --set` changed for its items' run (JSON values)"
     )
@@ -143,17 +141,21 @@ class Chunk(_Message):
         """What Celery shows for the task's arguments in logs and events: a name, never the contents."""
         return f"<{self.chunk_id}>"
 
-    def send_options(self, queue: str) -> dict[str, Any]:
+    def send_options(self, queue: str, priority: Priority) -> dict[str, Any]:
         """Celery's send_task options for this chunk: by task name to its stage's model queue at its
-        job's priority, with the chunk id as the task id (deterministic, so logs and redeliveries
-        name it)."""
+        job's priority (the message's, never an argument: a worker has the job's meta), with the chunk
+        id as the task id (deterministic, so logs and redeliveries name it)."""
         return {
             "args": self.task_args(),
             "argsrepr": self.task_repr(),
             "task_id": self.chunk_id,
             "queue": queue,
-            "priority": PRIORITY_STEPS[self.priority],
+            "priority": PRIORITY_STEPS[priority],
         }
+
+
+# Sends a chunk to its queue at its job's priority: Celery's send_task in a worker, a list in tests.
+ChunkSender = Callable[[Chunk, str, Priority], None]
 
 
 class JobEnd(_Message):

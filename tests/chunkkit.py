@@ -65,7 +65,7 @@ class Harness:
             model=self.model,
             settings=self.settings,
             store=self.store,
-            send_chunk=lambda chunk, _queue: self.sent.append(chunk),
+            send_chunk=lambda chunk, _queue, _priority: self.sent.append(chunk),
             send_end=self._send_end,
             open_storage=self.storage_for,
             time_limits=self.time_limits,

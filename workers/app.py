@@ -20,6 +20,7 @@ from celery.worker import state as worker_state
 
 from jobstate.rates import RateBook
 from schemas.errors import ConfigError
+from schemas.job import Priority
 from schemas.messages import END_JOB_TASK, RUN_CHUNK_TASK, WORKER_MODEL_ENV, Chunk, JobEnd, WorkerModel
 from schemas.settings import Settings, celery_config, worker_broker_url
 from workers import events
@@ -46,9 +47,9 @@ app.conf.update(celery_config(settings, broker_url))
 app.conf.include = ["workers.tasks"]
 
 
-def send_chunk(chunk: Chunk, queue: str) -> None:
-    """Queue a chunk (the next stage's) on its model's queue, at the priority the chunk carries."""
-    app.send_task(RUN_CHUNK_TASK, **chunk.send_options(queue))
+def send_chunk(chunk: Chunk, queue: str, priority: Priority) -> None:
+    """Queue a chunk (the next stage's) on its model's queue, at its job's priority."""
+    app.send_task(RUN_CHUNK_TASK, **chunk.send_options(queue, priority))
 
 
 def send_end(end: JobEnd) -> None:

@@ -29,7 +29,7 @@ from jobstate.storage import Storage, open_storage
 from jobstate.store import JobStore
 from schemas.errors import ImgjobsError, PoisonChunkError, StageError, TimeLimitError, UnknownJobError
 from schemas.job import Item, ResolvedParams, overrides_of, resolve_params, with_overrides
-from schemas.messages import Chunk, ChunkItem, JobEnd, StageInput
+from schemas.messages import Chunk, ChunkItem, ChunkSender, JobEnd, StageInput
 from schemas.settings import Settings
 from workers.engine import StageEngine, StageJob, WorkItem
 from workers.events import ChunkInfo, emit
@@ -48,7 +48,7 @@ class ChunkContext:
     model: LoadedModel
     settings: Settings
     store: JobStore
-    send_chunk: Callable[[Chunk, str], None]  # a chunk and its queue
+    send_chunk: ChunkSender
     send_end: Callable[[JobEnd], None]
     open_storage: Callable[[str, str], Storage] = open_storage
     # What the task runner raises at a chunk's soft time limit (Celery's SoftTimeLimitExceeded); kept
@@ -160,13 +160,7 @@ def process_chunk(chunk: Chunk, ctx: ChunkContext, retries: int = 0, may_retry: 
     storage = ctx.open_storage(meta.output, meta.job_id)
     parts = JobParts(storage, meta.run_id)
     attempt = Attempt(chunk.round, chunk.stage_index, retries, start.delivery)
-    priority = meta.spec.priority
-
-    def send_onward(follower: Chunk, queue: str) -> None:
-        # The next stage's chunk goes at its job's priority, whatever the chunk in hand was sent with.
-        ctx.send_chunk(follower.model_copy(update={"priority": priority}), queue)
-
-    recorder = ChunkRecorder(ctx.store, parts, storage, meta, chunk, attempt, info, send_onward)
+    recorder = ChunkRecorder(ctx.store, parts, storage, meta, chunk, attempt, info, ctx.send_chunk)
     job = StageJob(
         recipe=meta.recipe, defaults=meta.spec.defaults, dataset=meta.spec.dataset, folder=meta.local_folder
     )

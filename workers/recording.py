@@ -19,7 +19,7 @@ from jobstate.parts import Attempt, CarriedItem, JobParts
 from jobstate.storage import Storage
 from jobstate.store import JobStore
 from schemas.errors import StorageError
-from schemas.messages import Chunk, ItemResult
+from schemas.messages import Chunk, ChunkSender, ItemResult
 from workers.engine import WorkItem, output_key
 from workers.events import ChunkInfo, emit
 
@@ -46,7 +46,7 @@ class ChunkRecorder:
         chunk: Chunk,
         attempt: Attempt,
         info: ChunkInfo,
-        send_chunk: Callable[[Chunk, str], None],
+        send_chunk: ChunkSender,
     ) -> None:
         self.store = store
         self.parts = parts
@@ -131,7 +131,7 @@ class ChunkRecorder:
                 "carry": key,
             }
         )
-        self.send_chunk(follower, self.meta.recipe[next_index].model.queue)
+        self.send_chunk(follower, self.meta.recipe[next_index].model.queue, self.meta.spec.priority)
         self.store.hand_over(self.chunk, self.plan.name, [work.position for work, _ in onward])
         for work, _ in onward:
             self.open.pop(work.slot, None)

@@ -15,7 +15,7 @@ from redis.retry import Retry
 
 from jobstate.store import JobStore
 from schemas.errors import ConfigError
-from schemas.messages import WORKER_MODEL_ENV, Chunk, JobEnd, WorkerModel
+from schemas.messages import WORKER_MODEL_ENV, ChunkSender, JobEnd, WorkerModel
 from schemas.settings import Settings
 from workers.chunk import ChunkContext
 from workers.job_end import EndContext
@@ -29,7 +29,7 @@ class WorkerRuntime:
 
     @classmethod
     def start(
-        cls, settings: Settings, send_chunk: Callable[[Chunk, str], None], send_end: Callable[[JobEnd], None]
+        cls, settings: Settings, send_chunk: ChunkSender, send_end: Callable[[JobEnd], None]
     ) -> ChunkContext:
         import torch
 

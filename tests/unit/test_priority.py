@@ -137,7 +137,9 @@ def ctx_sending_to(server: EmbeddedRedis, store: JobStore) -> ChunkContext:
         model=LoadedModel("cpu", BUILTIN_MODELS["cpu"]),
         settings=Settings(),
         store=store,
-        send_chunk=lambda chunk, queue: app.send_task(RUN_CHUNK_TASK, **chunk.send_options(queue)),
+        send_chunk=lambda chunk, queue, priority: app.send_task(
+            RUN_CHUNK_TASK, **chunk.send_options(queue, priority)
+        ),
         send_end=lambda end: None,
     )
 

@@ -57,7 +57,7 @@ class Job:
             model=LoadedModel("cpu", BUILTIN_MODELS["cpu"]),
             settings=Settings(),
             store=self.store,
-            send_chunk=lambda chunk, queue: self.sent.append(chunk),
+            send_chunk=lambda chunk, queue, priority: self.sent.append(chunk),
             send_end=self.ends.append,
         )
 
