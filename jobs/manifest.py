@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import tempfile
 import time
 from array import array
 from collections.abc import Callable, Iterator
@@ -26,9 +27,18 @@ from pydantic import ValidationError
 from jobs.plan import PartWriter, absolute_path
 from jobs.recipe import plan_recipe
 from jobs.registry import Location, Registry, error_message, yaml_child, yaml_line
+from jobs.shards import indexed, is_shard_source, shard_uris, with_shard_error
 from jobstate.meta import JobMeta, chunk_size_for
-from schemas.errors import Problem, SpecError
-from schemas.job import Item, JobSpec, ResolvedParams, StageSpec, overrides_of, resolve_params
+from schemas.errors import ConfigError, Problem, SpecError
+from schemas.job import (
+    DEFAULT_SHARD_SIZE,
+    Item,
+    JobSpec,
+    ResolvedParams,
+    StageSpec,
+    overrides_of,
+    resolve_params,
+)
 from schemas.messages import StagePlan
 from schemas.registry import ResolvedModel
 
@@ -54,6 +64,7 @@ class ValidatedJob:
     chunk_size: int
     parts: PartWriter | None = None  # the items, written as parts, when validation was asked to
     schedule: str | None = None  # the schedule whose firing submits the job
+    notes: tuple[str, ...] = ()  # input shards submitted with a problem: one line each, for the user
 
     def meta(self, run_id: str) -> JobMeta:
         """The job as the state owner records it at submit."""
@@ -336,6 +347,15 @@ def _check_item(
             problems.append(Problem(file, line, "image", "the first stage is text2img, which takes no image"))
         if item.control_image is not None and not resolver.has_controlnet:
             problems.append(Problem(file, line, "control_image", "no stage of this job has a controlnet"))
+    if resolver.spec.output_format == "webdataset" and "." in item.id:
+        problems.append(
+            Problem(
+                file,
+                line,
+                "id",
+                "a WebDataset key ends at its first '.': ids of a webdataset output have none",
+            )
+        )
     if resolver.refused(item):
         for index, params in enumerate(resolver.resolve(item)):
             if isinstance(params, list):
@@ -365,14 +385,19 @@ class _DuplicateIds:
         return repeated
 
     def problems(
-        self, resolver: ParamsResolver, items_path: Path, budget: int, last_line: int | None
+        self,
+        resolver: ParamsResolver,
+        rows: Iterator[tuple[str, int, Row]],
+        budget: int,
+        last_line: int | None,
     ) -> list[Problem]:
-        """At most `budget` duplicates, among the lines up to last_line (where validation stopped)."""
+        """At most `budget` duplicates, among the rows (read again) up to last_line (where validation
+        stopped)."""
         repeated = self._repeated()
         if not repeated or budget <= 0:
             return []
-        file, first_line, problems = str(items_path), dict[str, int](), list[Problem]()
-        for line, row in _raw_rows(items_path, hashlib.sha256()):
+        first_line, problems = dict[str, tuple[str, int]](), list[Problem]()
+        for file, line, row in rows:
             if len(problems) >= budget or (last_line is not None and line > last_line):
                 break
             if isinstance(row, bytes):
@@ -384,10 +409,23 @@ class _DuplicateIds:
             if item is None:
                 continue  # reported already, and not counted as a use of its id
             if item.id in first_line:
-                message = f"duplicate id {item.id!r}, first on line {first_line[item.id]}"
-                problems.append(Problem(file, line, "id", message))
-            first_line.setdefault(item.id, line)
+                first_file, first = first_line[item.id]
+                where = f"line {first}" if first_file == file else f"{first_file}:{first}"
+                problems.append(Problem(file, line, "id", f"duplicate id {item.id!r}, first on {where}"))
+            first_line.setdefault(item.id, (file, line))
         return problems
+
+
+# Spec fields that count toward the job id only where set to other than their default, so that a job
+# written before they existed keeps its id.
+OPTIONAL_IN_ID = ("samples", "output_format", "shard_size")
+
+
+def spec_identity(spec: JobSpec) -> str:
+    """What of the spec the job id covers: all but the priority (the same work sent at another
+    priority is the same job)."""
+    defaults = {name for name in OPTIONAL_IN_ID if getattr(spec, name) == JobSpec.model_fields[name].default}
+    return spec.model_dump_json(exclude={"priority", *defaults})
 
 
 def items_path_of(spec: JobSpec, spec_path: Path) -> Path:
@@ -430,7 +468,9 @@ class LocalInput:
 def local_input_problems(item: Item, items_dir: Path) -> list[tuple[str, str]]:
     """(field, message) for each local input of the item that is missing or is a folder, as this
     machine sees it: only where the workers share its files (validate, an embedded run)."""
-    problems = []
+    problems: list[tuple[str, str]] = []
+    if item.sample is not None:
+        return problems  # its shard was read when it was indexed
     for field, uri in (("image", item.image), ("control_image", item.control_image)):
         path = absolute_path(uri, items_dir)
         if path is None:
@@ -457,6 +497,46 @@ def output_problem(output: str) -> str | None:
     return None
 
 
+class _ShardRows:
+    """The rows of a job's input shards (jobs/shards.py), indexed as they are read; the ids are kept
+    in a temporary file, so that repeated ones are located without reading the shards again."""
+
+    def __init__(self, uris: list[str], spec: JobSpec, strict: bool) -> None:
+        self.uris, self.spec, self.strict = uris, spec, strict
+        self.problems: list[Problem] = []
+        self.notes: list[str] = []
+        self._ids = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115 (closed by close())
+
+    def rows(self, digest: Any) -> Iterator[tuple[str, int, Row]]:
+        for index in indexed(self.uris, self.spec.samples):
+            rows = index.rows
+            if index.error is not None:
+                if self.strict:
+                    self.problems.append(Problem(index.uri, None, None, index.error))
+                    continue
+                rows = with_shard_error(index)
+                fate = (
+                    f"its {len(rows)} sample(s) fail with this reason"
+                    if rows
+                    else "no sample of it is in the job"
+                )
+                self.notes.append(f"{index.uri}: {index.error}; {fate}")
+            digest.update(f"{index.uri}\n".encode())
+            for number, row in enumerate(rows, start=1):
+                digest.update(json.dumps(row, sort_keys=True).encode())
+                self._ids.write(json.dumps([index.uri, number, row["id"]]) + "\n")
+                yield index.uri, number, row
+
+    def ids(self) -> Iterator[tuple[str, int, Row]]:
+        self._ids.seek(0)
+        for line in self._ids:
+            uri, number, item_id = json.loads(line)
+            yield uri, number, {"id": item_id}
+
+    def close(self) -> None:
+        self._ids.close()
+
+
 def validate_job(
     spec_path: Path,
     registry: Registry,
@@ -474,7 +554,15 @@ def validate_job(
     spec, root = _read_spec(spec_path)
     recipe, problems = plan_recipe(spec, registry, spec_path.parent, str(spec_path))
     items_path = items_path_of(spec, spec_path)
-    unusable = _unusable_items_file(items_path)
+    shards: _ShardRows | None = None
+    unusable: str | None = None
+    if is_shard_source(spec.items, spec_path.parent):
+        try:
+            shards = _ShardRows(shard_uris(spec.items, spec_path.parent), spec, strict=check_local)
+        except ConfigError as exc:
+            unusable = str(exc).removeprefix("items: ")
+    else:
+        unusable = _unusable_items_file(items_path)
     if unusable is not None:
         problems.append(Problem(str(spec_path), None, "items", unusable))
     problems = _on_spec_lines(problems, str(spec_path), root)
@@ -490,7 +578,7 @@ def validate_job(
     # The id covers what the job will run: the spec, the resolved models, where relative paths point
     # and where outputs go, then every item. Not the priority: the same work sent at another priority is
     # the same job.
-    digest = hashlib.sha256(spec.model_dump_json(exclude={"priority"}).encode())
+    digest = hashlib.sha256(spec_identity(spec).encode())
     digest.update(json.dumps([plan.model_dump(mode="json") for plan in recipe]).encode())
     digest.update(f"{items_path.parent}\n{output}\n".encode())
     duplicates = _DuplicateIds()
@@ -499,9 +587,17 @@ def validate_job(
     stopped: Problem | None = None
     total = 0
     file = str(items_path)
-    size = chunk_size_for(recipe, chunk_size) if recipe else 1
+    if spec.sharded:  # an output shard is one chunk's items (workers/shard_sink.py)
+        size = spec.shard_size or DEFAULT_SHARD_SIZE
+    else:
+        size = chunk_size_for(recipe, chunk_size) if recipe else 1
     writer = PartWriter(parts_to, size, items_path.parent) if parts_to is not None else None
-    for line, row in _raw_rows(items_path, digest):
+    rows = (
+        shards.rows(digest)
+        if shards is not None
+        else ((file, line, row) for line, row in _raw_rows(items_path, digest))
+    )
+    for file, line, row in rows:
         if isinstance(row, str):
             item_problems.append(Problem(file, line, None, row))
             continue
@@ -528,8 +624,14 @@ def validate_job(
             stopped = Problem(file, line, None, f"stopped after {MAX_PROBLEMS} problems")
             break
     budget = MAX_PROBLEMS - len(item_problems)
-    last_line = stopped.line if stopped is not None else None
-    repeats = duplicates.problems(resolver, items_path, budget, last_line)
+    if shards is not None:
+        item_problems.extend(shards.problems)
+        repeats = duplicates.problems(resolver, shards.ids(), budget, None)
+        shards.close()
+    else:
+        last_line = stopped.line if stopped is not None else None
+        reread = ((str(items_path), line, row) for line, row in _raw_rows(items_path, hashlib.sha256()))
+        repeats = duplicates.problems(resolver, reread, budget, last_line)
     item_problems.extend(repeats)
     if stopped is None and repeats and len(repeats) >= budget:
         stopped = Problem(file, repeats[-1].line, None, f"stopped after {MAX_PROBLEMS} problems")
@@ -552,4 +654,5 @@ def validate_job(
         recipe=tuple(recipe),
         chunk_size=size,
         parts=writer,
+        notes=tuple(shards.notes) if shards is not None else (),
     )

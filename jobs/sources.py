@@ -120,7 +120,19 @@ def list_versions(pattern: str) -> Iterator[tuple[str, str]]:
             yield str(Path(path).resolve()), hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _s3_versions(pattern: str) -> Iterator[tuple[str, str]]:
+def list_files(pattern: str, suffixes: tuple[str, ...]) -> Iterator[str]:
+    """URIs matching a pattern whose names end with one of `suffixes` (input shards), sorted."""
+    check_pattern(pattern)
+    if pattern.startswith("s3://"):
+        for uri, _version in _s3_versions(pattern, suffixes):
+            yield uri
+        return
+    for path in sorted(glob.glob(pattern, recursive=True)):
+        if matches(pattern, path) and Path(path).is_file() and path.lower().endswith(suffixes):
+            yield str(Path(path).resolve())
+
+
+def _s3_versions(pattern: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> Iterator[tuple[str, str]]:
     bucket, key_pattern = split_pattern(pattern)
     # The client storage uses: standard retries, timeouts and the checksum settings S3-compatible
     # stores need.
@@ -133,7 +145,7 @@ def _s3_versions(pattern: str) -> Iterator[tuple[str, str]]:
         for page in pages:
             for entry in page.get("Contents", []):
                 key = entry["Key"]
-                if key.lower().endswith(IMAGE_SUFFIXES) and matches(key_pattern, key):
+                if key.lower().endswith(suffixes) and matches(key_pattern, key):
                     yield f"s3://{bucket}/{key}", str(entry.get("ETag", "")).strip('"')
     except (BotoCoreError, ClientError) as exc:  # no credentials, no such bucket, endpoint down
         # After boto3's own retries: the source, its credentials or its endpoint need fixing, and

@@ -12,6 +12,8 @@ Per job, Redis holds what is in flight; what is done lives in the job's storage 
     imgjobs:job:<id>:handed:<s>       bitmap  bit p: the item was handed past stage s to stage s + 1
     imgjobs:job:<id>:inflight         hash    chunk id -> items it is running now
     imgjobs:job:<id>:deliveries       hash    chunk id + retry number -> deliveries, while it runs
+    imgjobs:job:<id>:shard:<part>     string  the token of the worker writing output shard <part>, with a
+                                              time to live: there only while a shard is written
 
     imgjobs:rates:<model>             hash    "<shape>|items", "|steps", "|seconds": what the model's
                                               pipeline calls took by shape, halved past 5,000 items
@@ -64,8 +66,13 @@ def job_deliveries(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:deliveries"
 
 
+def job_shard_lease(job_id: str, part: int) -> str:
+    return f"{PREFIX}:job:{job_id}:shard:{part}"
+
+
 def job_keys(job_id: str) -> list[str]:
-    """Every key of one job (not its id in JOBS): what `imgjobs prune` deletes."""
+    """Every key of one job (not its id in JOBS): what `imgjobs prune` deletes. A shard's lease is
+    not among them: it expires on its own, and is there only while a worker writes the shard."""
     return [
         job_meta(job_id),
         job_counts(job_id),

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import errno
 import functools
+import io
 import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import boto3
 import botocore.session
@@ -25,7 +26,7 @@ from boto3.exceptions import S3UploadFailedError
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
-from schemas.errors import StorageError, StorageRefusedError
+from schemas.errors import InputShardError, StorageError, StorageRefusedError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -56,6 +57,9 @@ class Storage(Protocol):
     def put_file(self, key: str, path: Path, content_type: str) -> str: ...
 
     def get(self, key: str) -> bytes: ...
+
+    def get_file(self, key: str, path: Path) -> bool:
+        """Copy key into the local file `path`; False (and nothing written) when there is no such key."""
 
     def exists(self, key: str) -> bool: ...
 
@@ -124,6 +128,15 @@ class LocalStorage:
             return self._path(key).read_bytes()
         except OSError as exc:
             raise _local_error("read", self._path(key), exc) from None
+
+    def get_file(self, key: str, path: Path) -> bool:
+        try:
+            shutil.copyfile(self._path(key), path)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise _local_error("read", self._path(key), exc) from None
+        return True
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -251,6 +264,17 @@ class S3Storage:
             raise _s3_error("read", self.uri(key), exc) from None
         return body
 
+    def get_file(self, key: str, path: Path) -> bool:
+        try:
+            s3_client().download_file(self.bucket, self._key(key), str(path))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise _s3_error("read", self.uri(key), exc) from None
+        except BotoCoreError as exc:
+            raise _s3_error("read", self.uri(key), exc) from None
+        return True
+
     def list(self, prefix: str) -> list[str]:
         folder = f"{self._key(prefix)}/"
         names: list[str] = []
@@ -290,3 +314,137 @@ def open_storage(output: str, job_id: str) -> Storage:
         bucket, prefix = split_s3_uri(output)
         return S3Storage(bucket, f"{prefix.strip('/')}/{job_id}".strip("/"))
     return LocalStorage(Path(output.removeprefix("file://")) / job_id)
+
+
+# -- input shards: whole streams at submit, byte ranges on workers (jobs/shards.py, workers/samples.py)
+
+SHARD_GONE_S3_ERRORS = frozenset({"NoSuchKey", "404", "NoSuchBucket", "NotFound"})
+SHARD_CHANGED = "the shard changed since it was indexed at submit; submit the job again"
+
+
+def local_version(path: Path) -> str:
+    """A local file's version: its size and modification time, which any rewrite changes."""
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _shard_error(uri: str, exc: ClientError) -> StorageError | InputShardError:
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    if code in SHARD_GONE_S3_ERRORS:
+        return InputShardError(f"{uri}: no such shard")
+    if code in ("412", "PreconditionFailed"):
+        return InputShardError(f"{uri}: {SHARD_CHANGED}")
+    if code in ("416", "InvalidRange"):
+        return InputShardError(f"{uri}: the shard is shorter than its index says (truncated since submit?)")
+    if code in PERMANENT_S3_ERRORS:
+        return InputShardError(f"{uri}: {code}")
+    return StorageError(f"{uri}: {exc}")
+
+
+def open_shard(uri: str) -> tuple[BinaryIO, str, int]:
+    """A shard as a stream read from its start, with its version and size: the ETag on S3, size and
+    mtime for a local file. InputShardError where it cannot be opened for good."""
+    if uri.startswith("s3://"):
+        bucket, key = split_s3_uri(uri)
+        try:
+            obj = s3_client().get_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            raise _shard_error(uri, exc) from None
+        except ParamValidationError as exc:
+            raise InputShardError(f"{uri}: {exc}") from None
+        except BotoCoreError as exc:
+            raise StorageError(f"{uri}: {exc}") from None
+        return obj["Body"], str(obj.get("ETag", "")), int(obj.get("ContentLength", 0))
+    path = Path(uri)
+    try:
+        handle = path.open("rb")
+        return handle, local_version(path), path.stat().st_size
+    except OSError as exc:
+        raise InputShardError(f"{uri}: {exc.strerror or exc}") from None
+
+
+def read_range(uri: str, start: int, stop: int, version: str | None) -> bytes:
+    """Bytes [start, stop) of a shard, as it was when indexed (`version`): on S3 one GET with a Range
+    (and If-Match, so a shard rewritten since fails rather than giving other bytes), locally a seek.
+    InputShardError when the shard is gone, changed or shorter; StorageError when it may pass."""
+    if stop <= start:
+        return b""
+    if uri.startswith("s3://"):
+        bucket, key = split_s3_uri(uri)
+        extra = {"IfMatch": version} if version else {}
+        try:
+            body = s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{stop - 1}", **extra)
+            data: bytes = body["Body"].read()
+        except ClientError as exc:
+            raise _shard_error(uri, exc) from None
+        except BotoCoreError as exc:
+            raise StorageError(f"{uri}: {exc}") from None
+    else:
+        path = Path(uri)
+        try:
+            if version and local_version(path) != version:
+                raise InputShardError(f"{uri}: {SHARD_CHANGED}")
+            with path.open("rb") as handle:
+                handle.seek(start)
+                data = handle.read(stop - start)
+        except OSError as exc:
+            raise InputShardError(f"{uri}: {exc.strerror or exc}") from None
+    if len(data) != stop - start:
+        raise InputShardError(
+            f"{uri}: truncated: ends before byte {stop} "
+            f"(read {len(data)} of {stop - start} bytes from {start})"
+        )
+    return data
+
+
+class RangedFile(io.RawIOBase):
+    """A shard as a seekable file whose reads are ranged reads (read_range): what pyarrow reads a
+    Parquet file's footer and row groups through, fetching only the byte ranges it asks for."""
+
+    def __init__(self, uri: str, size: int, version: str | None) -> None:
+        super().__init__()
+        self.uri, self.size, self.version, self.position = uri, size, version, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def read(self, size: int = -1) -> bytes:
+        stop = self.size if size is None or size < 0 else min(self.size, self.position + size)
+        data = read_range(self.uri, self.position, stop, self.version) if stop > self.position else b""
+        self.position += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def shard_size_and_version(uri: str) -> tuple[int, str]:
+    """A shard's size and version without reading it (a HEAD, or a stat)."""
+    if uri.startswith("s3://"):
+        bucket, key = split_s3_uri(uri)
+        try:
+            head = s3_client().head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            raise _shard_error(uri, exc) from None
+        except ParamValidationError as exc:
+            raise InputShardError(f"{uri}: {exc}") from None
+        except BotoCoreError as exc:
+            raise StorageError(f"{uri}: {exc}") from None
+        return int(head["ContentLength"]), str(head.get("ETag", ""))
+    try:
+        return Path(uri).stat().st_size, local_version(Path(uri))
+    except OSError as exc:
+        raise InputShardError(f"{uri}: {exc.strerror or exc}") from None

@@ -8,7 +8,8 @@ storage prefix (jobstate/parts.py).
 A job's life, and who calls what:
 
     producer   create -> record_sent ... -> record_sent(enqueued=True)
-    workers    start_chunk -> (standing, finish_items, hand_over)* -> end_chunk
+    workers    start_chunk -> (standing, finish_items, hand_over)* -> end_chunk; around writing an
+               output shard: take_shard -> keep_shard* -> drop_shard
     job's end  claim_end -> finish_job
     commands   status, cancel, reopen_items / put_back (retry), prune, job_ids
 """
@@ -92,6 +93,7 @@ class JobStore:
                 "put_back",
                 "prune_job",
                 "mark_sent",
+                "shard_lease",
             )
         }
 
@@ -242,6 +244,22 @@ class JobStore:
         start, when no worker of its broker can be alive, and its own stop (not a worker's death)
         left chunks unacknowledged."""
         self.client.delete(keys.job_inflight(job_id), keys.job_deliveries(job_id))
+
+    # -- output shards -----------------------------------------------------------------------------
+
+    def take_shard(self, job_id: str, part: int, token: str, ttl_s: float) -> bool:
+        """Take the lease on writing output shard `part`: True when it was free (or expired). Writers
+        of one shard read the shard before and publish it after, so they take turns."""
+        return bool(self.client.set(keys.job_shard_lease(job_id, part), token, nx=True, px=int(ttl_s * 1000)))
+
+    def keep_shard(self, job_id: str, part: int, token: str, ttl_s: float) -> bool:
+        """Renew the lease for another ttl; False when it is no longer `token`'s (it expired)."""
+        lease = keys.job_shard_lease(job_id, part)
+        return bool(self._run("shard_lease", [lease], [token, "keep", int(ttl_s * 1000)]))
+
+    def drop_shard(self, job_id: str, part: int, token: str) -> bool:
+        """Give the lease back; False when it was no longer `token`'s."""
+        return bool(self._run("shard_lease", [keys.job_shard_lease(job_id, part)], [token, "drop", 0]))
 
     # -- the job's end -----------------------------------------------------------------------------
 

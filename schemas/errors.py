@@ -10,6 +10,7 @@
     │   └── StorageRefusedError   ... for good: a path through a file, no permission, a bad bucket
     └── ItemError                 one item failed; it is recorded and the rest of the job goes on
         ├── InputImageError       missing, unreadable, oversized or undecodable input image
+        │   └── InputShardError   the shard holding the input is missing, truncated or changed since submit
         ├── StageError            the pipeline rejected or failed on the item's inputs
         ├── TimeLimitError        the item's chunk ran past its time limit before the item finished
         ├── NsfwFlaggedError      the safety checker flagged the output, and the model fails such items
@@ -78,6 +79,10 @@ class ItemError(ImgjobsError):
 
 
 class InputImageError(ItemError):
+    pass
+
+
+class InputShardError(InputImageError):
     pass
 
 

@@ -12,7 +12,7 @@ import string
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, model_validator
 
 from schemas.registry import LoraRef, duplicate_source
 
@@ -236,6 +236,32 @@ def _check_output(value: str) -> str:
 
 MAX_STAGES = 8
 
+# How a job writes its final images: one object per item (files), or shards of a fixed range of items
+# each, in WebDataset tars or Parquet files (workers/shard_sink.py).
+OutputFormat = Literal["files", "webdataset", "parquet"]
+SHARD_FORMATS = ("webdataset", "parquet")
+DEFAULT_SHARD_SIZE = 1024
+MAX_SHARD_SIZE = 100_000
+
+
+class SampleFields(_Strict):
+    """Where the samples of WebDataset or Parquet input shards keep their parts (jobs/shards.py)."""
+
+    image: str | None = Field(
+        None,
+        description="tar: the image member's extensions, first found wins (default jpg;jpeg;png;webp); "
+        "Parquet: the image column (default: image, else the first column of image bytes)",
+    )
+    caption: str | None = Field(
+        None,
+        description="what becomes the prompt: tar: a member's extension (default txt) or json.FIELD; "
+        "Parquet: a column (default: caption, else text)",
+    )
+    key: str | None = Field(
+        None, description="Parquet: the column of sample keys (default: key, else __key__, else id)"
+    )
+
+
 Priority = Literal["low", "normal", "high"]
 
 
@@ -253,6 +279,44 @@ class JobSpec(_Strict):
     priority: Priority = Field(
         "normal", description="workers of a model take a high job's chunks before normal, normal before low"
     )
+    samples: SampleFields = Field(
+        SampleFields(), description="with WebDataset or Parquet input shards: where samples keep their parts"
+    )
+    output_format: OutputFormat = Field(
+        "files", description="files: an object per output; webdataset or parquet: shards of shard_size items"
+    )
+    shard_size: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_SHARD_SIZE,
+        description=f"items per output shard, and per chunk (default {DEFAULT_SHARD_SIZE})",
+    )
+
+    @model_validator(mode="after")
+    def _one_output_layout(self) -> JobSpec:
+        if self.output_format != "files" and self.dataset:
+            raise ValueError("dataset: true writes an imagefolder; with output_format shards, leave it out")
+        if self.shard_size is not None and self.output_format == "files":
+            raise ValueError("shard_size is for output_format webdataset or parquet")
+        return self
+
+    @property
+    def sharded(self) -> bool:
+        return self.output_format in SHARD_FORMATS
+
+
+class Sample(_Strict):
+    """Where an item's input lies inside an input shard, as indexed at submit: a tar member's bytes
+    (offset, size) or a Parquet row (row group, row, column). Workers read it with ranged reads."""
+
+    shard: str = Field(description="the shard's URI: s3://... or an absolute local path")
+    member: str = Field(description="tar: the image member's name; Parquet: the image column")
+    offset: int | None = Field(None, ge=0, description="tar: where the member's bytes start")
+    size: int | None = Field(None, ge=0, description="tar: the member's size in bytes")
+    row_group: int | None = Field(None, ge=0, description="Parquet: the row group")
+    row: int | None = Field(None, ge=0, description="Parquet: the row within its row group")
+    version: str | None = Field(None, description="the shard's ETag (S3) or size and mtime when indexed")
+    error: str | None = Field(None, description="why the shard could not be indexed whole: the item fails")
 
 
 class Item(_Strict):
@@ -268,6 +332,11 @@ class Item(_Strict):
     steps: Steps | None = None
     noise_level: int | None = Field(None, ge=0, le=350)
     resize: ResizePolicy | None = None
+    sample: Sample | None = Field(None, description="set for items read from input shards")
+    key: str | None = Field(None, description="the sample's own key, where the id had to be derived from it")
+    metadata: dict[str, JsonValue] | None = Field(
+        None, description="a sample's other fields, carried to the output shard"
+    )
 
 
 T = TypeVar("T")

@@ -197,6 +197,7 @@ class ItemResult(_Message):
     overrides: dict[str, Any] | None = Field(
         None, description="item fields `imgjobs retry --set` changed for this run of the item"
     )
+    key: str | None = Field(None, description="an input shard's sample key, where the id was derived from it")
 
 
 class WorkerModel(_Message):
@@ -233,6 +234,7 @@ def item_result(
         failed_stage=plan.name if error else None,
         nsfw=any(record.nsfw for record in records),
         overrides=overrides,
+        key=item.key,
     )
 
 

@@ -35,6 +35,7 @@ from workers.engine import StageEngine, StageJob, WorkItem
 from workers.events import ChunkInfo, emit
 from workers.models import LoadedModel
 from workers.recording import ChunkRecorder
+from workers.shard_sink import ShardSink
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +161,25 @@ def process_chunk(chunk: Chunk, ctx: ChunkContext, retries: int = 0, may_retry: 
     storage = ctx.open_storage(meta.output, meta.job_id)
     parts = JobParts(storage, meta.run_id)
     attempt = Attempt(chunk.round, chunk.stage_index, retries, start.delivery)
-    recorder = ChunkRecorder(ctx.store, parts, storage, meta, chunk, attempt, info, ctx.send_chunk)
+    recorder: ChunkRecorder | ShardSink = ChunkRecorder(
+        ctx.store, parts, storage, meta, chunk, attempt, info, ctx.send_chunk
+    )
+    shards: ShardSink | None = None
+    if meta.spec.sharded and chunk.stage_index == meta.last_stage:
+        # The last stage's outputs go to the part's shard, recorded once it is published.
+        recorder = shards = ShardSink(recorder, ctx.store, storage, meta, chunk)
     job = StageJob(
         recipe=meta.recipe, defaults=meta.spec.defaults, dataset=meta.spec.dataset, folder=meta.local_folder
     )
     engine = StageEngine(
-        ctx.model, ctx.settings, storage, job, chunk.stage_index, info, retry_inputs=may_retry
+        ctx.model,
+        ctx.settings,
+        storage,
+        job,
+        chunk.stage_index,
+        info,
+        retry_inputs=may_retry,
+        spool=shards.spool if shards is not None else None,
     )
     started = time.perf_counter()
     error: ImgjobsError | None = None
@@ -195,6 +209,8 @@ def process_chunk(chunk: Chunk, ctx: ChunkContext, retries: int = 0, may_retry: 
                 error = PoisonChunkError(message)
             else:
                 engine.run(items, recorder)
+                if shards is not None:
+                    shards.close()  # here, so that storage failing to take the shard retries the chunk
     except ImgjobsError as exc:
         if exc.retryable and may_retry:
             # Hand over what this run finished, where storage takes it; what it cannot hand over stays

@@ -46,8 +46,9 @@ from schemas.job import (
 from schemas.messages import ChunkItem, ItemResult, StageInput, StagePlan, StageRecord, item_result
 from schemas.settings import Settings
 from workers.events import ChunkInfo, emit
-from workers.imageio import LocalRoots, encode_image, fetch_bytes, load_input
+from workers.imageio import LocalRoots, decode_image, encode_image, fetch_bytes, fit_image, load_input
 from workers.models import LoadedModel
+from workers.samples import SampleReader
 from workers.stages.common import SplitOutput, StageBatch, StageOutput, run_splitting, to_pil
 from workers.stages.img2img import run_img2img
 from workers.stages.resize import run_resize
@@ -83,6 +84,13 @@ class StageJob:
     defaults: Defaults
     dataset: bool
     folder: str | None = None  # the job's own output folder, when local: later stages read from it
+
+
+class OutputSpool(Protocol):
+    """Where the last stage's images go when the job writes shards (workers/shard_sink.py)."""
+
+    def add(self, item_id: str, image_format: str, data: bytes) -> str:
+        """Keep an item's encoded image for its shard; returns the URI it will have there."""
 
 
 class Sink(Protocol):
@@ -151,6 +159,7 @@ class StageEngine:
         stage_index: int,
         info: ChunkInfo,
         retry_inputs: bool = False,
+        spool: OutputSpool | None = None,
     ) -> None:
         self.model = model
         self.settings = settings
@@ -164,10 +173,16 @@ class StageEngine:
         self.roots = LocalRoots.of(settings, job.folder)
         self.busy_s = 0.0
         self.input_error: ImgjobsError | None = None  # the first input read that may pass on retry
+        # The last stage's images go here instead of an object each, where the job writes shards.
+        self.spool = spool if self.is_last else None
+        self.samples: SampleReader | None = None  # first-stage inputs that live in input shards
 
     # -- the stage
 
     def run(self, items: Sequence[WorkItem], sink: Sink) -> None:
+        samples = [work.member.item.sample for work in items if work.member.item.sample is not None]
+        if samples and self.stage_index == 0:
+            self.samples = SampleReader(samples, self.settings, self.roots)
         calls = calls_of(items, self.model.entry.batch_size)
         pool = self._io_pool()
         # On threads, the inputs of the next LOOKAHEAD calls are fetched while a call runs: enough to
@@ -257,7 +272,11 @@ class StageEngine:
         started = time.perf_counter()
         prepared = _Prepared(work)
         source = work.member.input
-        if source.kind == "image" and source.uri:
+        sample = work.member.item.sample
+        if source.kind == "image" and self.samples is not None and sample is not None:
+            image = decode_image(self.samples.read(sample), source.uri or sample.shard, self.settings)
+            prepared.image = fit_image(image, work.params.size, work.params.resize)
+        elif source.kind == "image" and source.uri:
             # The first stage fits inputs to the job's size; later stages take what the previous made.
             size = work.params.size if self.stage_index == 0 else None
             prepared.image = load_input(source.uri, size, self.settings, work.params.resize, self.roots)
@@ -382,7 +401,10 @@ class StageEngine:
             quality = spec.quality if isinstance(spec, ResizeStage) else None
             data = encode_image(to_pil(output.images[index]), image_format, quality)
             key = output_key(item_id, self.plan, "image")
-            written["image"] = self.storage.put(key, data, f"image/{image_format}")
+            if self.spool is not None:
+                written["image"] = self.spool.add(item_id, image_format, data)
+            else:
+                written["image"] = self.storage.put(key, data, f"image/{image_format}")
             if self.job.dataset and self.is_last:
                 self.storage.put(f"{DATASET_DIR}/{item_id}.{image_format}", data, f"image/{image_format}")
         if "latent" in self.plan.writes and output.latents is not None:
