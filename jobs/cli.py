@@ -45,6 +45,7 @@ from jobs.metrics import BrokerCollector
 from jobs.producer import prepared, send_chunks, sender
 from jobs.producer import submit as submit_job
 from jobs.registry import Registry, did_you_mean
+from jobs.shards import SHARD_SUFFIXES, write_shards_job
 from jobs.sources import write_listing_job
 from jobs.views import (
     FailureGroup,
@@ -198,6 +199,13 @@ def submit(
         str | None, typer.Option(help="with --from: the size inputs are fitted to, e.g. 512x512")
     ] = None,
     dataset: Annotated[bool, typer.Option(help="with --from: also write an imagefolder dataset")] = False,
+    output_format: Annotated[
+        str | None,
+        typer.Option("--output-format", help="with --from: files (default), webdataset or parquet shards"),
+    ] = None,
+    shard_size: Annotated[
+        int | None, typer.Option("--shard-size", help="with --from: items per output shard")
+    ] = None,
     save_to: Annotated[
         Path | None,
         typer.Option("--save-to", help="with --from: keep the generated job.json and items.jsonl here"),
@@ -228,14 +236,21 @@ def submit(
             spec = {"version": 1, "name": name, "output": where, "stages": [stage_spec], "dataset": dataset}
             if size is not None:
                 spec["defaults"] = {"size": size}
-            job, count = write_listing_job(folder, from_, spec, prompt)
-            err.print(f"--from {from_}: {count} image(s)")
+            spec |= {"output_format": output_format} if output_format else {}
+            spec |= {"shard_size": shard_size} if shard_size is not None else {}
+            if from_.lower().endswith(SHARD_SUFFIXES):
+                job, count = write_shards_job(folder, from_, spec, prompt)
+                err.print(f"--from {from_}: {count} input shard(s)")
+            else:
+                job, count = write_listing_job(folder, from_, spec, prompt)
+                err.print(f"--from {from_}: {count} image(s)")
         elif job is None:
             raise ConfigError("give a job spec, or --from with --model and --output")
         try:
             validated = stack.enter_context(prepared(job, _registry(models, settings), settings, priority))
         except SpecError as exc:
             raise _named_by_flags(exc, job, parameters) if from_ is not None else exc from None
+        _print_notes(validated)
         if dry_run:
             _print_estimate(validated, broker_url)
             return
@@ -244,6 +259,12 @@ def submit(
     if submission.already_submitted:
         err.print(f"job {submission.job_id} was already submitted; see `imgjobs status {submission.job_id}`")
     print(submission.job_id)
+
+
+def _print_notes(job: ValidatedJob) -> None:
+    """What the user should know of inputs submitted anyway: input shards with a problem."""
+    for note in job.notes:
+        err.print(f"warning: {note}", markup=False, highlight=False)
 
 
 def _print_estimate(job: ValidatedJob, broker_url: str | None) -> None:
@@ -270,6 +291,8 @@ LISTING_FLAGS = {
     "name": "--name",
     "output": "--output",
     "dataset": "--dataset",
+    "output_format": "--output-format",
+    "shard_size": "--shard-size",
     "defaults.size": "--size",
     "stages.0.type": "--stage",
     "stages.0.model": "--model",
@@ -454,6 +477,7 @@ def run(
     logs: Path | None = None
     with stopped_by_signals(), ExitStack() as stack:
         validated = stack.enter_context(prepared(job, registry, settings, priority))
+        _print_notes(validated)
         if dry_run:
             if settings.broker_url:
                 _print_estimate(validated, require_broker_url(settings))

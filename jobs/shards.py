@@ -331,3 +331,19 @@ def with_shard_error(index: ShardIndex) -> list[dict[str, Any]]:
     """The rows of a shard that broke off part-way: each item fails with the shard's reason."""
     reason = f"{index.uri}: {index.error}"
     return [{**row, "sample": {**row["sample"], "error": reason}} for row in index.rows]
+
+
+def write_shards_job(
+    folder: Path, pattern: str, spec: dict[str, Any], prompt: str | None
+) -> tuple[Path, int]:
+    """job.json in `folder` whose items are the input shards `pattern` names (`submit --from`), a
+    local pattern taken from where the command runs; `prompt` is for samples with no caption.
+    Returns (spec path, shards)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    items = pattern if pattern.startswith("s3://") else str(Path(pattern).absolute())
+    count = len(shard_uris(items, folder))
+    if prompt is not None:
+        spec = {**spec, "defaults": {**spec.get("defaults", {}), "prompt": prompt}}
+    path = folder / "job.json"
+    path.write_text(json.dumps({**spec, "items": items}, indent=2), encoding="utf-8")
+    return path, count
