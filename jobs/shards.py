@@ -235,7 +235,7 @@ def _is_image_type(kind: Any) -> bool:
 
     if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
         return True
-    return pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
+    return bool(pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0)
 
 
 def _parquet_image_column(path: Path | RangedFile, wanted: str | None) -> str | None:

@@ -18,7 +18,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
 
 import boto3
 import botocore.session
@@ -354,7 +354,7 @@ def open_shard(uri: str) -> tuple[BinaryIO, str, int]:
             raise InputShardError(f"{uri}: {exc}") from None
         except BotoCoreError as exc:
             raise StorageError(f"{uri}: {exc}") from None
-        return obj["Body"], str(obj.get("ETag", "")), int(obj.get("ContentLength", 0))
+        return cast(BinaryIO, obj["Body"]), str(obj.get("ETag", "")), int(obj.get("ContentLength", 0))
     path = Path(uri)
     try:
         handle = path.open("rb")
@@ -371,9 +371,12 @@ def read_range(uri: str, start: int, stop: int, version: str | None) -> bytes:
         return b""
     if uri.startswith("s3://"):
         bucket, key = split_s3_uri(uri)
-        extra = {"IfMatch": version} if version else {}
+        span = f"bytes={start}-{stop - 1}"
         try:
-            body = s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{stop - 1}", **extra)
+            if version:
+                body = s3_client().get_object(Bucket=bucket, Key=key, Range=span, IfMatch=version)
+            else:
+                body = s3_client().get_object(Bucket=bucket, Key=key, Range=span)
             data: bytes = body["Body"].read()
         except ClientError as exc:
             raise _shard_error(uri, exc) from None

@@ -161,13 +161,12 @@ def process_chunk(chunk: Chunk, ctx: ChunkContext, retries: int = 0, may_retry: 
     storage = ctx.open_storage(meta.output, meta.job_id)
     parts = JobParts(storage, meta.run_id)
     attempt = Attempt(chunk.round, chunk.stage_index, retries, start.delivery)
-    recorder: ChunkRecorder | ShardSink = ChunkRecorder(
-        ctx.store, parts, storage, meta, chunk, attempt, info, ctx.send_chunk
-    )
+    chunk_recorder = ChunkRecorder(ctx.store, parts, storage, meta, chunk, attempt, info, ctx.send_chunk)
+    recorder: ChunkRecorder | ShardSink = chunk_recorder
     shards: ShardSink | None = None
     if meta.spec.sharded and chunk.stage_index == meta.last_stage:
         # The last stage's outputs go to the part's shard, recorded once it is published.
-        recorder = shards = ShardSink(recorder, ctx.store, storage, meta, chunk)
+        recorder = shards = ShardSink(chunk_recorder, ctx.store, storage, meta, chunk)
     job = StageJob(
         recipe=meta.recipe, defaults=meta.spec.defaults, dataset=meta.spec.dataset, folder=meta.local_folder
     )

@@ -254,11 +254,20 @@ def is_latent(uri: str) -> bool:
     return uri.endswith(LATENT_SUFFIX)
 
 
+def in_a_shard(uri: str) -> bool:
+    """Whether the image is a sample of a shard (`.../00000.tar#key.jpg`), which has no object of its
+    own to fetch: a thumbnail would cost a ranged read of the shard per image."""
+    shard, sep, _member = uri.rpartition("#")
+    return bool(sep) and shard.lower().endswith((".tar", ".parquet"))
+
+
 def pictured(result: ItemResult) -> list[str]:
     """The images of an item that get a thumbnail: its input and every image output, whatever its
-    format (png, jpeg, webp); latents are linked, not pictured."""
+    format (png, jpeg, webp); latents are linked, not pictured, and samples of shards are not."""
     images = [result.image] if result.image else []
-    return images + [uri for uri in result.outputs.values() if not is_latent(uri)]
+    return [
+        uri for uri in images + list(result.outputs.values()) if not is_latent(uri) and not in_a_shard(uri)
+    ]
 
 
 # -- the header and the navigation

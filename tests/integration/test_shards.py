@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
+import subprocess
 import tarfile
 import time
 from pathlib import Path
 from typing import Any
 
 import boto3
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -280,12 +281,14 @@ def test_a_worker_killed_mid_shard(
             assert time.monotonic() < deadline, workers.logs()
             time.sleep(0.02)
         time.sleep(0.5)
-        pool = psutil.Process(worker.process.pid).children()
+        pool = subprocess.run(
+            ["pgrep", "-P", str(worker.process.pid)], capture_output=True, text=True
+        ).stdout.split()
         assert len(pool) == 1, pool
         assert store.status(job_id).done == 0
         stats_key = f"out/{job_id}/shards/00000_stats.json"
         assert "Contents" not in s3.list_objects_v2(Bucket=s3_bucket, Prefix=stats_key)
-        pool[0].send_signal(signal.SIGKILL)  # before its shard is published: nothing is recorded
+        os.kill(int(pool[0]), signal.SIGKILL)  # before its shard is published: nothing is recorded
         status = run_until_finished(server, job_id, workers)
 
     rows = results(s3, s3_bucket, job_id)
