@@ -71,8 +71,13 @@ def is_shard_source(items: str, base: Path) -> bool:
         return False
     if items.startswith("s3://") or lowered.endswith(".tar") or any(c in items for c in WILDCARDS + "{"):
         return True
+    import pyarrow as pa
+
     path = base / items
-    return path.is_file() and _parquet_image_column(path, None) is not None
+    try:
+        return path.is_file() and _parquet_image_column(path, None) is not None
+    except (pa.ArrowException, OSError):
+        return False  # read as a manifest, whose reading says what is wrong with it
 
 
 def shard_uris(items: str, base: Path) -> list[str]:

@@ -156,6 +156,9 @@ def test_only_same_named_item_fields_change_a_stages_parameters(stage: dict[str,
         "prompt": "p",
         "negative_prompt": "n",
         "seed": 9,
+        "sample": {"shard": "s3://b/0.tar", "member": "k.jpg", "offset": 512, "size": 9},
+        "key": "k/1",
+        "metadata": {"url": "https://example.com/k"},
     }
     assert set(others) == set(Item.model_fields) - set(PARAM_OVERRIDES)
     assert resolve_params(plain.model_copy(update=others), spec, defaults) == resolve_params(
