@@ -607,7 +607,7 @@ def validate_job(
             item_dir = items_path.parent
             missing = local_input_problems(item, item_dir)
             item_problems.extend(Problem(file, line, field, message) for field, message in missing)
-            if local_inputs is not None:
+            if local_inputs is not None and item.sample is None:  # a sample's shard was read to index it
                 for field, uri in (("image", item.image), ("control_image", item.control_image)):
                     path = absolute_path(uri, item_dir)
                     if path is not None and field not in {name for name, _ in missing}:
