@@ -27,8 +27,8 @@ Exactly once, with chunks delivered at least once:
   its index, and rewrites the shard whole: only the shards holding the items run are written.
 - Such a rewrite reads the shard before and publishes after, so two runs of one shard's items at once
   (two retries, a redelivery racing its first delivery) would lose one's outcomes: writers take a
-  lease on the shard in Redis (jobstate) and take turns. A writer renews it between its steps, and
-  one that finds it lost records nothing and retries (its items stay open).
+  lease on the shard in Redis (jobstate) and take turns. A writer renews it while it writes and checks
+  it between its steps; one that finds it lost records nothing and retries (its items stay open).
 
 Memory is bounded by one call's images and one shard's index rows; the spool and the shard being
 written lie on the worker's disk (one shard at a time), and the previous shard is read from there.
@@ -62,7 +62,7 @@ from workers.recording import ChunkRecorder
 log = logging.getLogger(__name__)
 
 SHARDS_DIR = "shards"
-LEASE_TTL_S = 120.0  # a writer renews it between its steps; a dead writer's lapses after this
+LEASE_TTL_S = 120.0  # a writer renews it while it writes; a dead writer's lapses after this
 LEASE_WAIT_S = 300.0  # how long a writer waits for another to finish the same shard
 ROW_GROUP_ROWS = 100  # Parquet rows per row group: what the datasets library writes for images
 SUCCESS, FAILED = "success", "failed"  # img2dataset's status words
@@ -226,7 +226,7 @@ class ShardWriter:
         self.storage = storage
         self.keys = keys
         self.folder = folder
-        self.keep = keep  # renews the lease; raises when it is lost
+        self.keep = keep  # raises once the shard's lease is lost
 
     def _previous_rows(self) -> list[dict[str, Any]]:
         import pyarrow.parquet as pq
@@ -364,6 +364,38 @@ class ShardWriter:
         self.storage.put_file(self.keys.shard, path, "application/vnd.apache.parquet")
 
 
+class _Lease:
+    """A shard's lease, renewed by a thread every third of its time to live while the shard is
+    written (an upload of a large shard may take longer than that); check() raises once it is lost."""
+
+    def __init__(self, store: JobStore, job_id: str, part: int, token: str, name: str) -> None:
+        self.store, self.job_id, self.part, self.token, self.name = store, job_id, part, token, name
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name="imgjobs-shard-lease", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(LEASE_TTL_S / 3):
+            try:
+                kept = self.store.keep_shard(self.job_id, self.part, self.token, LEASE_TTL_S)
+            except Exception:  # Redis away for a moment: the next renewal, or check(), tells
+                log.warning("shard %s: could not renew its lease", self.name, exc_info=True)
+                continue
+            if not kept:
+                self.lost = True
+                return
+
+    def check(self) -> None:
+        if self.lost or not self.store.keep_shard(self.job_id, self.part, self.token, LEASE_TTL_S):
+            self.lost = True
+            raise StorageError(f"shard {self.name}: lost its lease while writing it; the chunk runs again")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class ShardSink:
     """The engine's Sink for the last stage of a job that writes shards: holds the finished items
     until their shard is published, then hands them to the ChunkRecorder (see the module's doc)."""
@@ -426,16 +458,12 @@ class ShardSink:
         ]
         token = secrets.token_hex(8)
         self._take_lease(token)
+        lease = _Lease(self.store, self.meta.job_id, self.chunk.part, token, self.keys.name)
         try:
-
-            def keep() -> None:
-                if not self.store.keep_shard(self.meta.job_id, self.chunk.part, token, LEASE_TTL_S):
-                    raise StorageError(
-                        f"shard {self.keys.name}: lost its lease while writing it; the chunk runs again"
-                    )
-
-            stats = ShardWriter(self.storage, self.keys, self.folder, keep).write(rows, self.spool.image)
-            keep()
+            stats = ShardWriter(self.storage, self.keys, self.folder, lease.check).write(
+                rows, self.spool.image
+            )
+            lease.check()
             self.recorder.finished(done)
             self.held.clear()
             log.info(
@@ -446,6 +474,7 @@ class ShardSink:
                 stats["successes"],
             )
         finally:
+            lease.stop()
             self.store.drop_shard(self.meta.job_id, self.chunk.part, token)
 
     def _take_lease(self, token: str) -> None:
