@@ -364,8 +364,9 @@ def input_image(size: int, seed: int) -> Image.Image:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, gpu_settings: dict[str, Any]) -> None:
         self.args = args
+        self.gpu_settings = gpu_settings
         self.tiny: bool = args.tiny
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.cuda = self.device == "cuda"
@@ -534,19 +535,6 @@ class Bench:
 
     # -- the engine
 
-    def engine_entry(self, work: Workload, batch: int) -> dict[str, Any]:
-        """The registry entry the engine runs with: the GPU recipe of docs/operations.md."""
-        return {
-            "dtype": "bfloat16",
-            "channels_last": True,
-            "fuse_qkv": True,
-            "compile": self.compile,
-            "compile_vae": self.compile,
-            "static_batch": batch,
-            "warmup": True,
-            "warmup_size": [work.size, work.size],
-        }
-
     def engine(
         self, work: Workload, folder: Path, scratch: Path, batch: int, items: int, checker_items: int = 0
     ) -> float:
@@ -554,7 +542,11 @@ class Bench:
         checker_items and budget left, as many again through the same loaded model with a safety
         checker added (a default deployment), whose chunk time is compared with the first run's."""
         name = f"{work.name}-random"
-        entry = {"source": folder.name, **self.engine_entry(work, batch)}
+        entry = {
+            "source": folder.name,
+            **engine_options(batch, self.compile),
+            "warmup_size": [work.size, work.size],
+        }
         registry_path = folder.parent / f"{work.name}-models.yaml"
         registry_path.write_text(json.dumps({"models": {name: entry}}), encoding="utf-8")  # JSON is YAML
         registry = Registry.load(registry_path)
@@ -724,16 +716,6 @@ class Bench:
 
     def run(self) -> dict[str, Any]:
         args = self.args
-        # A GPU worker's allocator and kernel settings (expandable segments, cuDNN benchmark at the
-        # engine's static shapes, TF32), for the whole process: (c) runs under them too.
-        engine_entry = ModelEntry.model_validate(
-            {
-                "source": "bench",
-                "device": self.device,
-                **self.engine_entry(Workload("sd15", self.tiny), args.batch),
-            }
-        )
-        gpu_settings = apply_gpu_settings(Settings(), engine_entry)
         self.log(
             what="env",
             device=self.device_name,
@@ -742,7 +724,7 @@ class Bench:
             transformers=__import__("transformers").__version__,
             python=sys.version.split()[0],
             use_hub_kernels=os.environ.get("USE_HUB_KERNELS"),
-            gpu_settings=gpu_settings,
+            gpu_settings=self.gpu_settings,
             tiny=self.tiny,
             compile=self.compile,
             batch=args.batch,
@@ -858,6 +840,19 @@ class Bench:
         }
 
 
+def engine_options(batch: int, compile_: bool) -> dict[str, Any]:
+    """The registry options the engine runs with: the GPU recipe of docs/operations.md."""
+    return {
+        "dtype": "bfloat16",
+        "channels_last": True,
+        "fuse_qkv": True,
+        "compile": compile_,
+        "compile_vae": compile_,
+        "static_batch": batch,
+        "warmup": True,
+    }
+
+
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return round(numerator / denominator, 3) if numerator and denominator else None
 
@@ -970,7 +965,12 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("workers.models").setLevel(logging.INFO)  # the compile cache and the warm-up's time
-    bench = Bench(args)
+    # A GPU worker's allocator and kernel settings (expandable segments, cuDNN benchmark at the engine's
+    # static shapes, TF32) for the whole process, (c) included: before anything starts CUDA, as a worker.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine_entry = {"source": "bench", "device": device, **engine_options(args.batch, compile_=True)}
+    gpu_settings = apply_gpu_settings(Settings(), ModelEntry.model_validate(engine_entry))
+    bench = Bench(args, gpu_settings)
 
     def stopped(signum: int, _frame: Any) -> None:
         # A time limit (`timeout`, the device tool) ends the run: still print the last line.

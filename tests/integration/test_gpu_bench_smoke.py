@@ -92,28 +92,6 @@ def test_gpu_throughput_benchmark_smoke(image_site: Path, tmp_path: Path) -> Non
     assert rows["sd15_checker_cost"]["ratio"] == last["checker_chunk_ratio"]
 
 
-def test_every_carried_wheel_imports_in_the_simulated_image(image_site: Path) -> None:
-    """compel, say, is imported only for weighted prompts, which the bench does not run: each carried
-    distribution's own modules must import with the image and the other wheels alone."""
-    found = gpuimage.installed()
-    modules = set()
-    for name in gpuimage.carried_wheels():
-        tops = {path.parts[0] for path in found[name].files or ()}
-        modules |= {top.removesuffix(".py") for top in tops if top.isidentifier() or top.endswith(".py")}
-    modules -= {"__pycache__"}
-    script = "import importlib, sys\nfor name in sys.argv[1:]: importlib.import_module(name)"
-    env = gpuimage.simulated_env(image_site) | DEVICE_ENV
-    ran = subprocess.run(
-        [sys.executable, "-S", "-c", script, *sorted(modules)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
-    assert ran.returncode == 0, ran.stderr[-2000:]
-
-
 def test_a_run_stopped_by_a_time_limit_still_prints_what_it_measured(
     image_site: Path, tmp_path: Path
 ) -> None:
@@ -137,6 +115,8 @@ def test_a_run_stopped_by_a_time_limit_still_prints_what_it_measured(
 
 
 def test_the_carried_wheels_are_what_this_environment_tests_and_the_command_reads_the_list() -> None:
+    """Also what the bench does not import: each carried wheel's own requirements are in the image or
+    carried (compel, say, imported only for weighted prompts)."""
     found = gpuimage.installed()
     pins = gpuimage.carried_wheels()
     assert "kombu" in pins and "amqp" in pins and "vine" in pins  # jobs/embedded.py's import chain
@@ -152,3 +132,11 @@ def test_the_carried_wheels_are_what_this_environment_tests_and_the_command_read
     image = gpuimage.image_packages()
     assert {"torch", "transformers", "accelerate", "safetensors", "numpy", "pillow"} <= image
     assert not {"diffusers", "kombu", "celery", "pydantic", "redis", "boto3"} & image
+    unmet = {
+        (name, needed)
+        for name in pins
+        for needed in gpuimage.requirement_names(found[name].requires or [])
+        if needed not in image | pins.keys()
+    }
+    # diffusers declares importlib-metadata but imports it only on Python before 3.8 (utils/import_utils.py).
+    assert unmet == {("diffusers", "importlib-metadata")}
