@@ -2,26 +2,34 @@
 weights (issue 6). No model hub: each checkpoint is built with random weights and written to a temporary
 folder with save_pretrained; everything loads back through from_pretrained, as a real checkpoint does.
 
-SD 1.5 img2img, 512x512, 50 steps x strength 0.8 (40 denoising steps), CFG 7.5, in one process:
-  (a) the guide's recipe: fp16, enable_model_cpu_offload, one image per call (GPU only);
-  (b) plain diffusers resident, fp16, one image per call;
+SD 1.5 img2img, 512x512, 50 steps x strength 0.8 (40 denoising steps), CFG 7.5, in one process, in this
+order, so that the pair the run is for, (c) and (d), is measured first, within about 6 minutes of a
+device session (its start included):
+  (c) plain diffusers batched (--batch), bf16, fused QKV, channels_last, compiled UNet and VAE: the
+      same-run baseline; its FLOPs are counted first (uncompiled), and its compilation fills the run's
+      inductor cache, from which (d) then loads the same kernels;
   (d) the engine: --items items through the worker's own chunk path (workers.chunk.process_chunk with a
       ChunkContext, a real redis-server from jobs.embedded.EmbeddedRedis, a job made by jobstate.seed,
       local storage: PNG inputs fetched and decoded, PNG outputs encoded and written, results parts,
       progress in Redis; then the job's end, results.jsonl and the report, as a CPU worker writes it), with
-      the registry options bf16, channels_last, fuse_qkv, compile, compile_vae, static_batch and warmup;
-      its load and warm-up (compilation) are timed apart, before the stream;
-  (c) plain diffusers batched (--batch), bf16, fused QKV, channels_last, compiled UNet and VAE (after
-      the engine, which matters more should the time limit stop the run).
-Then, while --budget-s allows, plain diffusers batched (bf16, batch 4, as the reference) against the
-engine for the SDXL refiner (img2img 1024x1024, 50 steps x 0.5) and the x4 upscaler (128 -> 512, 75 steps).
+      the registry options bf16, channels_last, fuse_qkv, compile, compile_vae, static_batch and warmup,
+      and a GPU worker's settings (workers.models.apply_gpu_settings); its load and warm-up (compilation)
+      are timed apart, before the stream; a compilation inside the stream is counted;
+  (e) the same loaded engine with a safety checker (SD 1.5's, random weights), as a default deployment
+      runs, over one chunk: its chunk time against (d)'s;
+  (b) plain diffusers resident, fp16, one image per call;
+  (a) the guide's recipe: fp16, enable_model_cpu_offload, one image per call (GPU only).
+(e), (b) and (a) run only while --budget-s allows. Then, likewise, plain diffusers batched (bf16, batch 4,
+as the reference) against the engine for the SDXL refiner (img2img 1024x1024, 50 steps x 0.5) and the x4
+upscaler (128 -> 512, 75 steps).
 
     python bench/gpu_throughput.py [--tiny] [--out DIR] [--items 256] [--batch 16] [--budget-s 420]
                                    [--families sd15,sdxl-refiner,x4-upscaler] [--compile auto|on|off]
 
 --tiny runs tiny architectures with few items, on the CPU in about a minute: a smoke test. Compilation
-is on with a GPU and off on a CPU (--compile). Writes gpu_throughput.json in --out (default $OUT), prints
-a markdown table, and prints one JSON object as its last line.
+is on with a GPU and off on a CPU (--compile). Writes gpu_throughput.json in --out (default $OUT) after
+every measurement, prints a markdown table, and prints one JSON object as its last line (on SIGTERM
+too, with what was measured by then).
 """
 
 from __future__ import annotations
@@ -57,8 +65,17 @@ from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
     UNet2DConditionModel,
 )
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -70,15 +87,20 @@ from jobstate.seed import seed_job  # noqa: E402
 from jobstate.store import JobStore  # noqa: E402
 from schemas.job import Item, Priority  # noqa: E402
 from schemas.messages import Chunk, JobEnd  # noqa: E402
+from schemas.registry import ModelEntry  # noqa: E402
 from schemas.settings import Settings  # noqa: E402
 from workers.chunk import ChunkContext, process_chunk  # noqa: E402
-from workers.events import ChunkInfo, EngineEvents, subscribed  # noqa: E402
+from workers.events import ChunkInfo, CompileInfo, EngineEvents, subscribed  # noqa: E402
 from workers.job_end import EndContext, end_job  # noqa: E402
-from workers.models import COMPILE_CACHE_ENV, LoadedModel  # noqa: E402
+from workers.models import COMPILE_CACHE_ENV, LoadedModel, apply_gpu_settings  # noqa: E402
 from workers.tiny_models import (  # noqa: E402
     MAX_TOKENS,
+    TEXT_DIM,
+    scratch_clip_tokenizer,
     sd_scheduler,
+    tiny_clip_text_config,
     tiny_clip_tokenizer,
+    tiny_clip_vision_config,
     write_tiny_sd,
     write_tiny_sd_x4_upscaler,
     write_tiny_sdxl_refiner,
@@ -89,6 +111,8 @@ PEAK_FLOPS = 790e12
 PROMPT = "astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
 NEGATIVE = "ugly, blurry, low quality"
 CALLS_PER_CHUNK = 4
+# Seconds of --budget-s a measurement after the (c)-(d) pair must have left to start (GPU estimates).
+NEEDS_S = {"checker": 60, "b1": 30, "recipe": 45}
 
 
 # -- the real architectures, random weights (--tiny takes workers/tiny_models.py's, as the tests do) --
@@ -236,6 +260,36 @@ def x4_upscaler(scratch: Path) -> Any:
     )
 
 
+def add_safety_checker(pipeline: Any, tiny: bool) -> None:
+    """SD 1.5's safety checker (CLIP ViT-L/14 at 224², random weights; --tiny: the tests' tiny CLIP) and
+    its image processor, in the pipeline's device and dtype: the pipeline then runs it after every
+    decode, on the images it returns, as a default deployment (`safety_checker: true`) does."""
+    if tiny:
+        vision = tiny_clip_vision_config()
+        config = CLIPConfig(
+            text_config=tiny_clip_text_config(scratch_clip_tokenizer()).to_dict(),
+            vision_config=vision.to_dict(),
+            projection_dim=TEXT_DIM,
+        )
+        processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    else:
+        vision = CLIPVisionConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_attention_heads=16,
+            num_hidden_layers=24,
+            patch_size=14,
+            image_size=224,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+        )
+        config = CLIPConfig(vision_config=vision.to_dict(), projection_dim=768)
+        processor = CLIPImageProcessor()  # 224², as SD 1.5's feature_extractor
+    unet = pipeline.unet
+    checker = StableDiffusionSafetyChecker(config).to(unet.device, unet.dtype).eval()
+    pipeline.register_modules(safety_checker=checker, feature_extractor=processor)
+
+
 class Workload:
     """One family's benchmark: its architecture and the parameters its stage runs with."""
 
@@ -310,8 +364,9 @@ def input_image(size: int, seed: int) -> Image.Image:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, gpu_settings: dict[str, Any]) -> None:
         self.args = args
+        self.gpu_settings = gpu_settings
         self.tiny: bool = args.tiny
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.cuda = self.device == "cuda"
@@ -419,6 +474,8 @@ class Bench:
             pipeline.enable_model_cpu_offload()
         else:
             pipeline.to(self.device)
+        if what == "diffusers_batched_compiled" and work.name == "sd15":
+            self.count_flops(pipeline, work)  # uncompiled: FlopCounterMode counts the modules' own ops
         if what == "diffusers_batched_compiled":
             pipeline.fuse_qkv_projections()
             pipeline.unet.to(memory_format=torch.channels_last)
@@ -438,8 +495,6 @@ class Bench:
             img_per_s=round(batch / seconds, 4),
             wall_s=round(time.perf_counter() - started, 1),
         )
-        if what == "diffusers_b1" and work.name == "sd15":
-            self.count_flops(pipeline, work)
         del pipeline
         return batch / seconds
 
@@ -480,34 +535,78 @@ class Bench:
 
     # -- the engine
 
-    def engine(self, work: Workload, folder: Path, scratch: Path, batch: int, items: int) -> float:
-        """items through workers.chunk.process_chunk, chunk by chunk as a worker takes them."""
+    def engine(
+        self, work: Workload, folder: Path, scratch: Path, batch: int, items: int, checker_items: int = 0
+    ) -> float:
+        """items through workers.chunk.process_chunk, chunk by chunk as a worker takes them; then, with
+        checker_items and budget left, as many again through the same loaded model with a safety
+        checker added (a default deployment), whose chunk time is compared with the first run's."""
         name = f"{work.name}-random"
         entry = {
             "source": folder.name,
-            "dtype": "bfloat16",
-            "channels_last": True,
-            "fuse_qkv": True,
-            "compile": self.compile,
-            "compile_vae": self.compile,
-            "static_batch": batch,
-            "warmup": True,
+            **engine_options(batch, self.compile),
             "warmup_size": [work.size, work.size],
         }
         registry_path = folder.parent / f"{work.name}-models.yaml"
         registry_path.write_text(json.dumps({"models": {name: entry}}), encoding="utf-8")  # JSON is YAML
         registry = Registry.load(registry_path)
 
+        from torch._dynamo.utils import counters
+
+        cache = counters["inductor"]
+        hits, misses = cache["fxgraph_cache_hit"], cache["fxgraph_cache_miss"]
         started = time.perf_counter()
         model = LoadedModel(name, registry.resolve(name).entry)
         load_s = time.perf_counter() - started
-        self.log(what=f"{work.name}_engine_load", load_and_warmup_s=round(load_s, 1), warmup_s=model.warmup_s)
+        self.log(
+            what=f"{work.name}_engine_load",
+            load_and_warmup_s=round(load_s, 1),
+            warmup_s=model.warmup_s,
+            # Graphs the warm-up took from the run's inductor cache, filled by (c), and those it compiled.
+            fxgraph_cache_hits=cache["fxgraph_cache_hit"] - hits,
+            fxgraph_cache_misses=cache["fxgraph_cache_miss"] - misses,
+        )
+        rate, chunk_s = self.stream(work, model, registry, scratch, batch, items, f"{work.name}_engine")
+        key = work.name.replace("-", "_")
+        if checker_items and not (self.tiny or self.left() > NEEDS_S["checker"]):
+            self.log(what=f"{work.name}_engine_checker", skipped=f"{self.left():.0f}s of --budget-s left")
+        elif checker_items:
+            # Not a section of its own: section() resets dynamo, which would recompile the loaded model.
+            try:
+                add_safety_checker(model.pipeline, self.tiny)
+                _, checked_s = self.stream(
+                    work, model, registry, scratch, batch, checker_items, f"{work.name}_engine_checker"
+                )
+                self.summary[f"{key}_checker_chunk_ratio"] = round(checked_s / chunk_s, 4)
+                self.log(
+                    what=f"{work.name}_checker_cost",
+                    median_chunk_s=round(chunk_s, 3),
+                    median_chunk_with_checker_s=round(checked_s, 3),
+                    ratio=round(checked_s / chunk_s, 4),
+                )
+            except Exception as exc:
+                self.log(what=f"{work.name}_engine_checker", error=f"{type(exc).__name__}: {exc}"[:600])
+                traceback.print_exc()
+        del model
+        return rate
 
-        folder_job = scratch / f"{work.name}-job"
-        job_path, rows = self.write_job(work, folder_job, name, items)
+    def stream(
+        self,
+        work: Workload,
+        model: LoadedModel,
+        registry: Registry,
+        scratch: Path,
+        batch: int,
+        items: int,
+        what: str,
+    ) -> tuple[float, float]:
+        """One job of `items` through the chunk path on the loaded model: (img/s end to end, the median
+        chunk's seconds)."""
+        folder_job = scratch / f"{what}-job"
+        job_path, rows = self.write_job(work, folder_job, model.name, items)
         validated = validate_job(job_path, registry)  # the producer's own validation and planning
         timings = EngineTimings()
-        with EmbeddedRedis(scratch / f"{work.name}-redis") as server, subscribed(timings):
+        with EmbeddedRedis(scratch / f"{what}-redis") as server, subscribed(timings):
             client = redis.Redis.from_url(server.url, decode_responses=True)
             # Chunks of CALLS_PER_CHUNK calls, as IMGJOBS_CHUNK_SIZE (64) gives at static_batch 16: the
             # worker overlaps each call with the next call's fetches and the last call's writes.
@@ -516,7 +615,7 @@ class Bench:
                 rows,
                 validated.recipe,
                 str(folder_job / "out"),
-                job_id=f"bench-{work.name}",
+                job_id=f"bench-{what}",
                 defaults=validated.spec.defaults,
                 chunk_size=batch * CALLS_PER_CHUNK,
             )
@@ -545,8 +644,9 @@ class Bench:
         if status.succeeded != items or status.finished_at is None:
             raise RuntimeError(f"engine run incomplete: {status}")
         phases = phase_seconds(folder_job / "out" / job.meta.job_id / "results.jsonl")
+        median_chunk_s = statistics.median(chunk_s)
         self.log(
-            what=f"{work.name}_engine",
+            what=what,
             items=items,
             chunks=len(job.chunks),
             static_batch=batch,
@@ -555,26 +655,33 @@ class Bench:
             img_per_s=round(items / seconds, 4),
             finalize_s=round(once, 2),
             steady_img_per_s=round(items / (seconds - once), 4),
-            median_chunk_s=round(statistics.median(chunk_s), 3),
+            median_chunk_s=round(median_chunk_s, 3),
             duty_cycle=timings.duty_cycle(),
+            # Shapes the warm-up missed (each compiled inside a chunk: a stall) and refusals at dynamo's
+            # recompile limit (those calls ran uncompiled): both should be 0.
+            compiles_in_stream=timings.compiles,
+            eager_fallbacks=timings.fallbacks,
             phase_s=phases,
         )
-        self.summary[f"{work.name.replace('-', '_')}_engine_steady_img_per_s"] = round(
-            items / (seconds - once), 4
-        )
-        self.summary[f"{work.name.replace('-', '_')}_engine_duty_cycle"] = timings.duty_cycle()
-        if work.name == "sd15" and self.unet_pair_flops and unet_s:
-            # Every UNet call of the stream runs a CFG pair for each of the static_batch rows.
-            self.unet_tflops = self.unet_pair_flops * batch * unet_calls / unet_s / 1e12
+        key = what.removesuffix("_engine").replace("-", "_")
+        if what.endswith("_engine"):
+            self.summary[f"{key}_engine_steady_img_per_s"] = round(items / (seconds - once), 4)
+            self.summary[f"{key}_engine_duty_cycle"] = timings.duty_cycle()
+            self.summary[f"{key}_engine_compiles_in_stream"] = timings.compiles
+        if what == "sd15_engine" and unet_s:
+            self.summary["sd15_engine_unet_share"] = round(unet_s / seconds, 3)
+            if self.unet_pair_flops:
+                # Every UNet call of the stream runs a CFG pair for each of the static_batch rows.
+                self.unet_tflops = self.unet_pair_flops * batch * unet_calls / unet_s / 1e12
             self.log(
                 what="sd15_engine_unet",
                 calls=unet_calls,
                 unet_s=round(unet_s, 2),
                 unet_share=round(unet_s / seconds, 3),
-                unet_tflops=round(self.unet_tflops, 3),
+                unet_tflops=round(self.unet_tflops, 3) if self.unet_tflops is not None else None,
             )
-        del model, ctx
-        return items / seconds
+        del ctx
+        return items / seconds, median_chunk_s
 
     def write_job(self, work: Workload, folder: Path, model: str, items: int) -> tuple[Path, list[Item]]:
         """The job's spec and items file, and its items as submit records them."""
@@ -614,6 +721,10 @@ class Bench:
             device=self.device_name,
             torch=torch.__version__,
             diffusers=__import__("diffusers").__version__,
+            transformers=__import__("transformers").__version__,
+            python=sys.version.split()[0],
+            use_hub_kernels=os.environ.get("USE_HUB_KERNELS"),
+            gpu_settings=self.gpu_settings,
             tiny=self.tiny,
             compile=self.compile,
             batch=args.batch,
@@ -657,6 +768,10 @@ class Bench:
             "vs_diffusers_batched": ratio(engine, plain),
             "engine_steady_img_per_s": self.summary.get("sd15_engine_steady_img_per_s"),
             "engine_duty_cycle": self.summary.get("sd15_engine_duty_cycle"),
+            "engine_unet_share": self.summary.get("sd15_engine_unet_share"),
+            "engine_compiles_in_stream": self.summary.get("sd15_engine_compiles_in_stream"),
+            # A default deployment (with SD 1.5's safety checker) over one without: chunk time ratio.
+            "checker_chunk_ratio": self.summary.get("sd15_checker_chunk_ratio"),
             **{key: value for key, value in results.items() if key.startswith(("sdxl", "x4"))},
             "batch": self.args.batch,
             "items": self.args.items,
@@ -678,24 +793,29 @@ class Bench:
             folder = self.build(work, scratch)
         if folder is None:
             return
-        if self.cuda:
+        batch = self.args.batch
+        # (c), then (d) at once: the pair the run is for, measured before anything optional.
+        with self.section("sd15_diffusers_batched"):
+            measured(
+                "diffusers_batched_img_per_s", self.plain(work, folder, "diffusers_batched_compiled", batch)
+            )
+        with self.section("sd15_engine"):
+            rate = self.engine(
+                work, folder, scratch, batch, self.args.items, checker_items=CALLS_PER_CHUNK * batch
+            )
+            measured("engine_img_per_s", rate)
+        if self.tiny or self.left() > NEEDS_S["b1"]:
+            with self.section("sd15_diffusers_b1"):
+                measured("diffusers_b1_img_per_s", self.plain(work, folder, "diffusers_b1", 1))
+        else:
+            self.log(what="sd15_diffusers_b1", skipped=f"{self.left():.0f}s of --budget-s left")
+        if not self.cuda:
+            self.log(what="sd15_recipe_offload_b1", skipped="enable_model_cpu_offload needs a GPU")
+        elif self.left() > NEEDS_S["recipe"]:
             with self.section("sd15_recipe"):
                 measured("recipe_img_per_s", self.plain(work, folder, "recipe_offload_b1", 1, recipe=True))
         else:
-            self.log(what="sd15_recipe_offload_b1", skipped="enable_model_cpu_offload needs a GPU")
-        with self.section("sd15_diffusers_b1"):
-            measured("diffusers_b1_img_per_s", self.plain(work, folder, "diffusers_b1", 1))
-        # The engine before (c): it is the number the run is for, should the time limit stop the run.
-        with self.section("sd15_engine"):
-            measured("engine_img_per_s", self.engine(work, folder, scratch, self.args.batch, self.args.items))
-        if self.tiny or self.left() > 120:
-            with self.section("sd15_diffusers_batched"):
-                measured(
-                    "diffusers_batched_img_per_s",
-                    self.plain(work, folder, "diffusers_batched_compiled", self.args.batch),
-                )
-        else:
-            self.log(what="sd15_diffusers_batched_compiled", skipped=f"{self.left():.0f}s of --budget-s left")
+            self.log(what="sd15_recipe_offload_b1", skipped=f"{self.left():.0f}s of --budget-s left")
 
     def family(self, family: str, scratch: Path) -> dict[str, Any]:
         work = Workload(family, self.tiny)
@@ -718,6 +838,19 @@ class Bench:
             f"{key}_engine_steady_img_per_s": steady,
             f"{key}_steady_vs_diffusers": ratio(steady, plain),
         }
+
+
+def engine_options(batch: int, compile_: bool) -> dict[str, Any]:
+    """The registry options the engine runs with: the GPU recipe of docs/operations.md."""
+    return {
+        "dtype": "bfloat16",
+        "channels_last": True,
+        "fuse_qkv": True,
+        "compile": compile_,
+        "compile_vae": compile_,
+        "static_batch": batch,
+        "warmup": True,
+    }
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -774,17 +907,24 @@ class UnetTimer:
 
 class EngineTimings(EngineEvents):
     """The engine's own report, from its events: each chunk's time and time in pipeline calls (its
-    duty cycle), and the job's end's time."""
+    duty cycle), the job's end's time, and the compilations inside chunks."""
 
     def __init__(self) -> None:
         self.chunks: list[tuple[float, float]] = []
         self.ends: list[float] = []
+        self.compiles = 0
+        self.fallbacks = 0
 
     def chunk_done(self, chunk: ChunkInfo, elapsed_s: float, busy_s: float) -> None:
         self.chunks.append((elapsed_s, busy_s))
 
     def job_ended(self, job_id: str, seconds: float, error: str | None) -> None:
         self.ends.append(seconds)
+
+    def compiled(self, chunk: ChunkInfo | None, compilation: CompileInfo) -> None:
+        if chunk is not None:
+            self.compiles += 1
+            self.fallbacks += compilation.fell_back
 
     def duty_cycle(self) -> float:
         return round(sum(busy for _, busy in self.chunks) / sum(wall for wall, _ in self.chunks), 4)
@@ -825,7 +965,12 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("workers.models").setLevel(logging.INFO)  # the compile cache and the warm-up's time
-    bench = Bench(args)
+    # A GPU worker's allocator and kernel settings (expandable segments, cuDNN benchmark at the engine's
+    # static shapes, TF32) for the whole process, (c) included: before anything starts CUDA, as a worker.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine_entry = {"source": "bench", "device": device, **engine_options(args.batch, compile_=True)}
+    gpu_settings = apply_gpu_settings(Settings(), ModelEntry.model_validate(engine_entry))
+    bench = Bench(args, gpu_settings)
 
     def stopped(signum: int, _frame: Any) -> None:
         # A time limit (`timeout`, the device tool) ends the run: still print the last line.

@@ -14,6 +14,7 @@
         ├── StageError            the pipeline rejected or failed on the item's inputs
         ├── TimeLimitError        the item's chunk ran past its time limit before the item finished
         ├── NsfwFlaggedError      the safety checker flagged the output, and the model fails such items
+        ├── NonFiniteOutputError  the output (image or latents) holds NaN or infinity: a numeric overflow
         ├── JobCancelledError     the job was cancelled before the item ran
         └── PoisonChunkError      the item's chunk was delivered too often: its worker died each time
 
@@ -96,6 +97,14 @@ class TimeLimitError(ItemError):
 
 class NsfwFlaggedError(ItemError):
     pass
+
+
+class NonFiniteOutputError(ItemError):
+    """Not retryable: the same seed, inputs and dtype overflow the same way again. Running the item
+    once more in float32 was weighed and left out: it needs the model a second time in float32 (twice
+    the GPU memory, and another compilation when compiled) for rare items, whose outputs would then
+    come from another dtype than the rest of their job's. The message names the dtype; bfloat16 (the
+    default on GPUs that have it) or float32 in the model's registry entry is the fix."""
 
 
 class JobCancelledError(ItemError):

@@ -138,7 +138,11 @@ class ModelEntry(BaseModel):
     loras: tuple[LoraRef, ...] = Field(
         (), description="LoRA adapters applied to every stage on this model; a stage may add its own"
     )
-    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto",
+        description="auto: bfloat16 on a GPU that has it (compute capability 8.0 and later), float16 on "
+        "older GPUs, float32 on the CPU; half precision asked for on the CPU loads as float32",
+    )
     variant: str | None = Field(None, description="weights variant on the hub, e.g. fp16")
     device: str = Field("auto", description="'auto' picks cuda when available, else cpu")
     vae_family: str | None = Field(None, description="models with equal families share a latent space")
@@ -199,6 +203,14 @@ class ModelEntry(BaseModel):
         description="(width, height) of the warm-up inputs; default: the model's native size "
         "(the denoiser's sample size times the VAE's scale factor; the x4 upscaler's input size)",
     )
+    warmup_guidance: tuple[float, ...] | None = Field(
+        None,
+        min_length=1,
+        description="the guidance scales of the warm-up batches, one batch each; default: the stage's "
+        "built-in (7.5; the x4 upscaler's 9). A scale of 1 or less runs without classifier-free guidance, "
+        "which halves the denoiser's batch: another shape, compiled inside the first chunk that uses it "
+        "unless warmed up here",
+    )
     on_nsfw: Literal["keep", "fail"] = Field(
         "keep",
         description="an item the safety checker flags: keep its (black) output, flagged in results "
@@ -211,6 +223,8 @@ class ModelEntry(BaseModel):
             raise ValueError("fuse_qkv uses SDPA's fused attention; it cannot go with attention: classic")
         if self.static_batch and self.max_batch is not None and self.max_batch != self.static_batch:
             raise ValueError("static_batch sets the batch size; leave max_batch out or make them equal")
+        if any(not 0 <= scale <= 100 for scale in self.warmup_guidance or ()):
+            raise ValueError("warmup_guidance: each scale must be between 0 and 100")
         sides = self.warmup_size or ()
         if any(side % 8 or not 8 <= side <= 4096 for side in sides):
             raise ValueError("warmup_size: width and height must be multiples of 8 between 8 and 4096")

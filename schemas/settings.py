@@ -69,6 +69,26 @@ class Settings(BaseSettings):
         "json", description="worker logs: one JSON object per line, or text"
     )
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per worker; unset lets torch pick")
+    # A GPU worker's allocator and kernel settings, applied when its process starts (workers.models.
+    # apply_gpu_settings); a worker whose model runs on the CPU leaves torch as it is.
+    cuda_expandable_segments: bool = Field(
+        True,
+        description="set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, unless PYTORCH_CUDA_ALLOC_CONF "
+        "or PYTORCH_ALLOC_CONF is set: a long-lived worker meets many shapes (sizes, batches halved after "
+        "running out of memory), which fragment CUDA's cached blocks; growable segments reuse them",
+    )
+    cudnn_benchmark: bool | None = Field(
+        None,
+        description="cuDNN times its convolution algorithms for each new input shape and keeps the "
+        "fastest; unset: on for a model with static_batch (one shape, timed once), off otherwise (every "
+        "new shape would pay a search of up to seconds, with extra memory)",
+    )
+    tf32: bool = Field(
+        True,
+        description="TensorFloat-32 for float32 matrix products and convolutions on GPUs that have it "
+        "(Ampere and later): float32 paths (a float32 model, a VAE decoded in float32) run on tensor cores "
+        "with 10 mantissa bits, more than an 8-bit image holds",
+    )
     worker_failure_file: Path | None = Field(
         None,
         description="where a worker whose model cannot load writes why, in one line, before it exits; "

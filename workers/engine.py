@@ -33,7 +33,7 @@ from safetensors.torch import save as save_safetensors
 
 from jobstate.parts import CarriedItem
 from jobstate.storage import Storage
-from schemas.errors import ImgjobsError, InputImageError, NsfwFlaggedError, StageError
+from schemas.errors import ImgjobsError, InputImageError, NonFiniteOutputError, NsfwFlaggedError, StageError
 from schemas.job import (
     Defaults,
     Img2ImgStage,
@@ -49,7 +49,14 @@ from workers.events import ChunkInfo, emit
 from workers.imageio import LocalRoots, decode_image, encode_image, fetch_bytes, fit_image, load_input
 from workers.models import LoadedModel
 from workers.samples import SampleReader
-from workers.stages.common import SplitOutput, StageBatch, StageOutput, run_splitting, to_pil
+from workers.stages.common import (
+    SplitOutput,
+    StageBatch,
+    StageOutput,
+    nonfinite_part,
+    run_splitting,
+    to_pil,
+)
 from workers.stages.img2img import run_img2img
 from workers.stages.resize import run_resize
 from workers.stages.text2img import run_text2img
@@ -121,6 +128,7 @@ class _Prepared:
     timings: dict[str, float] = field(default_factory=dict)
     written: dict[str, str] = field(default_factory=dict)
     nsfw: bool = False
+    error: ImgjobsError | None = None  # the output cannot be written (not finite)
 
 
 class _InLine:
@@ -390,9 +398,21 @@ class StageEngine:
         for index, prepared in enumerate(ready):
             started = time.perf_counter()
             prepared.nsfw = bool(output.nsfw and output.nsfw[index])
-            prepared.written = self._write(prepared.work.member.item.id, output, index)
+            prepared.error = self._nonfinite(output, index)
+            if prepared.error is None:
+                prepared.written = self._write(prepared.work.member.item.id, output, index)
             prepared.timings["write_s"] = time.perf_counter() - started
         return ready
+
+    def _nonfinite(self, output: StageOutput, index: int) -> NonFiniteOutputError | None:
+        part = nonfinite_part(output, index)
+        if part is None:
+            return None
+        dtype = str(self.model.dtype).removeprefix("torch.")
+        return NonFiniteOutputError(
+            f"{self.plan.name}: the {part} came out NaN or infinite in {dtype} (a numeric overflow); nothing "
+            "was written. The model's dtype bfloat16 or float32 avoids it"
+        )
 
     def _write(self, item_id: str, output: StageOutput, index: int) -> dict[str, str]:
         written: dict[str, str] = {}
@@ -419,6 +439,9 @@ class StageEngine:
         onward: list[tuple[WorkItem, CarriedItem]] = []
         for prepared in written:
             work = prepared.work
+            if prepared.error is not None:
+                finished.append((work, self.failed(work, prepared.error, prepared.timings)))
+                continue
             if prepared.nsfw and self.model.entry.on_nsfw == "fail":
                 flagged = NsfwFlaggedError(f"{self.plan.name}: the safety checker flagged the output")
                 finished.append((work, self.failed(work, flagged, prepared.timings, nsfw=True)))

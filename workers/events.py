@@ -35,6 +35,18 @@ class ChunkInfo:
     delivery: int
 
 
+@dataclass(frozen=True)
+class CompileInfo:
+    """One compilation by torch.compile (dynamo), as workers/compiles.py reads it."""
+
+    model: str
+    compile_id: str  # dynamo's "frame/count": "0/0" a function's first compilation, "0/1" its second
+    function: str  # the compiled function: name (file:line)
+    seconds: float
+    reason: str | None  # a recompilation's failed guard (a new shape, ...); None for a first compilation
+    fell_back: bool  # refused at dynamo's recompile limit: such inputs now run uncompiled, slowly
+
+
 class EngineEvents:
     """Every hook, doing nothing."""
 
@@ -64,6 +76,10 @@ class EngineEvents:
 
     def adapters_switched(self, model: str, active: Sequence[str], seconds: float) -> None:
         """The model switched to the adapter set `active` (their sources; empty: none)."""
+
+    def compiled(self, chunk: ChunkInfo | None, compilation: CompileInfo) -> None:
+        """torch.compile compiled (or, past its limit, refused to compile) during a call of `chunk`,
+        which waited for it; None: while the model loaded and warmed up."""
 
 
 Listener = TypeVar("Listener", bound=EngineEvents)
@@ -130,6 +146,9 @@ class _Broadcast(EngineEvents):
 
     def adapters_switched(self, model: str, active: Sequence[str], seconds: float) -> None:
         _each(lambda listener: listener.adapters_switched(model, active, seconds))
+
+    def compiled(self, chunk: ChunkInfo | None, compilation: CompileInfo) -> None:
+        _each(lambda listener: listener.compiled(chunk, compilation))
 
 
 # What the engine, the recorder, the tasks and the job's end raise their events on.

@@ -15,7 +15,8 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from schemas.registry import (
     lora_weights_file,
 )
 from schemas.settings import Settings
+from workers.compiles import watch
 from workers.events import emit
 from workers.model_cache import local_copy
 
@@ -51,6 +53,9 @@ log = logging.getLogger(__name__)
 
 # Where compiled code is kept across worker restarts; see compile_cache_dir.
 COMPILE_CACHE_ENV = "IMGJOBS_COMPILE_CACHE_DIR"
+# torch reads the first that is set (the second is its older name, which torch 2.11 still reads).
+ALLOC_CONF_ENVS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+EXPANDABLE_SEGMENTS = "expandable_segments:True"
 WARMUP_PROMPT = "warm-up"
 
 
@@ -61,12 +66,51 @@ def resolve_device(requested: str) -> str:
 
 
 def resolve_dtype(entry: ModelEntry, device: str) -> torch.dtype:
-    dtype = getattr(torch, entry.dtype)
-    if device == "cpu" and dtype != torch.float32:
-        # Half precision on the CPU is slow or unsupported for many kernels; fp32 gives the same images.
-        log.warning("model %s asks for %s; using float32 on the CPU", entry.source, entry.dtype)
+    if device == "cpu":
+        if entry.dtype not in ("auto", "float32"):
+            # Half precision on the CPU is slow or unsupported for many kernels; fp32 gives the same images.
+            log.warning("model %s asks for %s; using float32 on the CPU", entry.source, entry.dtype)
         return torch.float32
-    return dtype
+    if entry.dtype != "auto":
+        return getattr(torch, entry.dtype)
+    return default_half_dtype(device)
+
+
+def default_half_dtype(device: str) -> torch.dtype:
+    """bfloat16 where the GPU computes in it (CUDA compute capability 8.0, Ampere, and later), else
+    float16. bfloat16 has float32's range, so what overflows float16 (SD 1.x's VAE on some inputs,
+    SDXL's and the x4 upscaler's VAEs, which diffusers therefore decodes in float32 when they are
+    float16: force_upcast) stays finite, at no cost in speed; older GPUs only emulate it, slowly."""
+    if device.startswith("cuda") and torch.cuda.get_device_capability(torch.device(device)) >= (8, 0):
+        return torch.bfloat16
+    return torch.float16
+
+
+def apply_gpu_settings(
+    settings: Settings, entry: ModelEntry, environ: MutableMapping[str, str] = os.environ
+) -> dict[str, Any]:
+    """The allocator and kernel settings of a worker whose model runs on a GPU (IMGJOBS_CUDA_EXPANDABLE_
+    SEGMENTS, IMGJOBS_CUDNN_BENCHMARK, IMGJOBS_TF32), for the whole process: called once at its start,
+    before the model loads, since CUDA reads its allocator's configuration when it first allocates.
+    Returns what it set; a model on the CPU sets nothing (TF32 is a GPU format, and CPU runs keep
+    torch's defaults, which the equality tests compare against)."""
+    if not resolve_device(entry.device).startswith("cuda"):
+        return {}
+    applied: dict[str, Any] = {}
+    if settings.cuda_expandable_segments and not any(environ.get(name) for name in ALLOC_CONF_ENVS):
+        if torch.cuda.is_initialized():
+            log.warning("CUDA started before the worker's settings: %s has no effect", EXPANDABLE_SEGMENTS)
+        environ["PYTORCH_CUDA_ALLOC_CONF"] = EXPANDABLE_SEGMENTS
+        applied["PYTORCH_CUDA_ALLOC_CONF"] = EXPANDABLE_SEGMENTS
+    benchmark = settings.cudnn_benchmark
+    if benchmark is None:
+        benchmark = entry.static_batch is not None
+    torch.backends.cudnn.benchmark = benchmark
+    torch.set_float32_matmul_precision("high" if settings.tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = settings.tf32
+    applied |= {"cudnn_benchmark": benchmark, "tf32": settings.tf32}
+    log.info("GPU settings: %s", ", ".join(f"{key}={value}" for key, value in applied.items()))
+    return applied
 
 
 def pipeline_class_of(entry: ModelEntry, folder: str | None = None) -> str:
@@ -263,6 +307,9 @@ class LoadedModel:
         self.pipeline: Any = None
         if entry.pipeline == RESIZE_PIPELINE:
             return
+        compiles = watch() if entry.compile or entry.compile_vae else None
+        if compiles is not None:
+            compiles.skip()
         self.pipeline = load_checkpoint(entry, self.fetch)
         # The model's own adapters go in before compiling, which fixes them (see use_adapters).
         self.use_adapters(entry.loras)
@@ -270,6 +317,8 @@ class LoadedModel:
         self._adapters_fixed = entry.compile or entry.fuse_qkv
         if entry.warmup:
             self.warmup_s = self.warm_up()
+        if compiles is not None:
+            compiles.report(name, None)  # the warm-up's; later ones come with the chunk that ran them
 
     def fetch(self, source: str) -> str:
         """A source's local path: an s3:// one's copy in the model cache (downloaded if it is not
@@ -370,9 +419,10 @@ class LoadedModel:
         return (side, side)
 
     def warm_up(self) -> float:
-        """One dummy batch through the stage this model serves, at static_batch (else 1) items of
-        warmup_size (else native_size), with the built-in guidance: compilation happens here, before
-        the worker takes work, and chunks of that shape then run compiled code. Returns the seconds."""
+        """Dummy batches through the stage this model serves, at static_batch (else 1) items of
+        warmup_size (else native_size), one at each of warmup_guidance (else the built-in guidance):
+        compilation happens here, before the worker takes work, and chunks of those shapes then run
+        compiled code. Returns the seconds."""
         from PIL import Image
 
         from workers.stages.common import StageBatch, run_static
@@ -392,11 +442,7 @@ class LoadedModel:
                 "save": ("image",),
             }
         )
-        if self.is_upscaler:
-            guidance, noise = BUILTIN_UPSCALE_GUIDANCE_SCALE, BUILTIN_NOISE_LEVEL
-            params = ResolvedParams(size=size, guidance_scale=guidance, steps=2, noise_level=noise)
-        else:
-            params = ResolvedParams(size=size, guidance_scale=BUILTIN_GUIDANCE_SCALE, steps=4, strength=0.5)
+        builtin = BUILTIN_UPSCALE_GUIDANCE_SCALE if self.is_upscaler else BUILTIN_GUIDANCE_SCALE
         batch = StageBatch(
             prompts=[WARMUP_PROMPT] * count,
             negative_prompts=[WARMUP_PROMPT] * count,
@@ -405,11 +451,15 @@ class LoadedModel:
         )
         run = run_upscale if self.is_upscaler else run_img2img
         started = time.perf_counter()
-        run_static(
-            lambda piece: run(self, plan, params, piece, want_images=True, want_latents=False),
-            batch,
-            self.entry.static_batch,
-        )
+        for guidance in self.entry.warmup_guidance or (builtin,):
+            if self.is_upscaler:
+                params = ResolvedParams(
+                    size=size, guidance_scale=guidance, steps=2, noise_level=BUILTIN_NOISE_LEVEL
+                )
+            else:
+                params = ResolvedParams(size=size, guidance_scale=guidance, steps=4, strength=0.5)
+            call = partial(run, self, plan, params, want_images=True, want_latents=False)
+            run_static(call, batch, self.entry.static_batch)
         seconds = time.perf_counter() - started
         log.info("model %s warmed up in %.1fs: batch %d at %dx%d", self.name, seconds, count, *size)
         return seconds

@@ -19,7 +19,7 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from pythonjsonlogger.json import JsonFormatter
 
 from schemas.messages import ItemResult, StageRecord
-from workers.events import ChunkInfo, EngineEvents
+from workers.events import ChunkInfo, CompileInfo, EngineEvents
 
 ITEMS = Counter("imgjobs_items_total", "Items through a stage", ["model", "stage", "status"])
 FAILURES = Counter("imgjobs_failures_total", "Failed items by reason", ["model", "stage", "reason"])
@@ -38,6 +38,19 @@ ADAPTER_SWITCHES = Counter(
 )
 DUTY_CYCLE = Gauge("imgjobs_duty_cycle", "Fraction of the last minute spent in pipeline calls", ["model"])
 GPU_MEMORY = Gauge("imgjobs_gpu_memory_bytes", "CUDA memory of this worker's process", ["kind"])
+COMPILES = Counter(
+    "imgjobs_compiles_total",
+    "torch.compile compilations, at load and warm-up or inside a chunk (a shape the warm-up missed)",
+    ["model", "during"],
+)
+COMPILE_SECONDS = Counter(
+    "imgjobs_compile_seconds_total", "Seconds spent compiling, at load or inside chunks", ["model", "during"]
+)
+COMPILE_FALLBACKS = Counter(
+    "imgjobs_compile_fallbacks_total",
+    "Compilations refused at dynamo's recompile limit: those inputs run uncompiled",
+    ["model"],
+)
 JOB_END_SECONDS = Histogram(
     "imgjobs_job_end_seconds",
     "Seconds a job's end took (results.jsonl, the report)",
@@ -115,6 +128,40 @@ class Observability(EngineEvents):
                 "duty_cycle": round(duty, 4),
             },
         )
+
+    def compiled(self, chunk: ChunkInfo | None, compilation: CompileInfo) -> None:
+        during = "load" if chunk is None else "chunk"
+        COMPILES.labels(compilation.model, during).inc()
+        COMPILE_SECONDS.labels(compilation.model, during).inc(compilation.seconds)
+        why = f" ({compilation.reason})" if compilation.reason else ""
+        if compilation.fell_back:
+            COMPILE_FALLBACKS.labels(compilation.model).inc()
+            log.warning(
+                "model %s: %s hit dynamo's recompile limit and runs uncompiled from now on%s",
+                compilation.model,
+                compilation.function,
+                why,
+                extra={"compile_id": compilation.compile_id},
+            )
+        elif chunk is not None:
+            # The chunk waited for it: a shape the warm-up did not cover (models.yaml: warmup_size,
+            # warmup_guidance, static_batch).
+            log.warning(
+                "chunk %s: compiled %s in %.1f s%s",
+                chunk.chunk_id,
+                compilation.function,
+                compilation.seconds,
+                why,
+                extra={"compile_id": compilation.compile_id, "compile_s": round(compilation.seconds, 2)},
+            )
+        else:
+            log.info(
+                "model %s: compiled %s in %.1f s",
+                compilation.model,
+                compilation.function,
+                compilation.seconds,
+                extra={"compile_id": compilation.compile_id},
+            )
 
     def chunk_retried(self, chunk_id: str, error: Exception, countdown_s: float) -> None:
         log.warning("chunk %s: %s; running it again in %.1f s", chunk_id, error, countdown_s)

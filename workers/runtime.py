@@ -33,7 +33,7 @@ class WorkerRuntime:
     ) -> ChunkContext:
         import torch
 
-        from workers.models import LoadedModel
+        from workers.models import LoadedModel, apply_gpu_settings
 
         raw = os.environ.get(WORKER_MODEL_ENV)
         if not raw:
@@ -43,6 +43,7 @@ class WorkerRuntime:
         model = WorkerModel.model_validate_json(raw)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
+        apply_gpu_settings(settings, model.entry)
         started = time.perf_counter()
         loaded = LoadedModel(model.name, model.entry, settings.model_cache)
         log.info(

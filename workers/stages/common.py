@@ -149,8 +149,10 @@ def run_splitting(
     run: Callable[[StageBatch], StageOutput], batch: StageBatch, static_batch: int | None
 ) -> SplitOutput:
     """run_static, halving the batch each time it runs out of accelerator memory, down to one row;
-    only a row that runs out of memory alone fails. The halves run unpadded: padding them back to
-    static_batch would ask for the memory that was just missing."""
+    only a row that runs out of memory alone fails. With static_batch, each half runs padded to half
+    of the size that failed (never back to static_batch, which would ask for the memory that was just
+    missing): compiled code then meets one new shape per halving (static_batch / 2, / 4, ... 1), not
+    one per remainder, and each new shape is a compilation inside the chunk."""
     try:
         return SplitOutput(run_static(run, batch, static_batch), {})
     except torch.OutOfMemoryError as exc:
@@ -162,11 +164,12 @@ def run_splitting(
             return run_splitting(run, batch, None)  # padded, it was never tried alone
         return SplitOutput(None, {0: StageError(f"out of memory even in a batch of 1: {reason}")})
     half = (len(batch) + 1) // 2
+    half_static = (static_batch + 1) // 2 if static_batch else None
     log.warning(
         "a batch of %d ran out of memory; running it as %d and %d", len(batch), half, len(batch) - half
     )
-    pieces = [(0, run_splitting(run, slice_batch(batch, 0, half), None))]
-    pieces.append((half, run_splitting(run, slice_batch(batch, half, len(batch)), None)))
+    pieces = [(0, run_splitting(run, slice_batch(batch, 0, half), half_static))]
+    pieces.append((half, run_splitting(run, slice_batch(batch, half, len(batch)), half_static)))
     outputs = [piece.output for _, piece in pieces if piece.output is not None]
     failed = {start + row: error for start, piece in pieces for row, error in piece.failed.items()}
     return SplitOutput(concat_outputs(outputs) if outputs else None, failed)
@@ -247,6 +250,18 @@ def _flags(result: Any) -> list[bool] | None:
     """The safety checker's flags in a pipeline's output, where it ran (None where it has none)."""
     flags = getattr(result, "nsfw_content_detected", None)
     return None if flags is None else [bool(flag) for flag in flags]
+
+
+def nonfinite_part(output: StageOutput, row: int) -> str | None:
+    """What of `output`'s row holds NaN or infinity ("image", "latents"), or None where all is finite.
+    Call it on the float output, before anything turns it into 8-bit pixels: to_pil (and diffusers'
+    own conversion) would write NaN as 0, a black image that looks like a result."""
+    images = output.images
+    if images is not None and images.dtype != np.uint8 and not np.isfinite(images[row]).all():
+        return "image"
+    if output.latents is not None and not bool(torch.isfinite(output.latents[row]).all()):
+        return "latents"
+    return None
 
 
 def to_pil(image: np.ndarray) -> Image.Image:
