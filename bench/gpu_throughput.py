@@ -940,6 +940,10 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+class Stopped(BaseException):
+    """SIGTERM: a BaseException, so that no measurement's `except Exception` takes it for a failure."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -973,13 +977,19 @@ def main() -> None:
     bench = Bench(args, gpu_settings)
 
     def stopped(signum: int, _frame: Any) -> None:
-        # A time limit (`timeout`, the device tool) ends the run: still print the last line.
-        bench.log(what="stopped", signal=signal.Signals(signum).name)
-        print(json.dumps(bench.final_line()), flush=True)
-        raise SystemExit(124)  # unwinds: the embedded Redis stops and the scratch folder goes
+        # Only raise here: the signal may land inside a print, and printing again from the handler would
+        # be a reentrant write to stdout (a RuntimeError that a measurement's section would swallow).
+        raise Stopped(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, stopped)
-    results = bench.run()
+    try:
+        results = bench.run()
+    except Stopped as stop:
+        # A time limit (`timeout`, the device tool) ended the run, which unwound (the embedded Redis
+        # stopped, the scratch folder went): still print the last line.
+        bench.log(what="stopped", signal=str(stop))
+        print(json.dumps(bench.final_line()), flush=True)
+        raise SystemExit(124) from None
     print()
     print(table({key: value for key, value in results.items() if value is not None}))
     print(json.dumps(results), flush=True)
