@@ -557,12 +557,14 @@ class Bench:
             steady_img_per_s=round(items / (seconds - once), 4),
             median_chunk_s=round(statistics.median(chunk_s), 3),
             duty_cycle=timings.duty_cycle(),
+            unet_share=timings.unet_share(),
             phase_s=phases,
         )
         self.summary[f"{work.name.replace('-', '_')}_engine_steady_img_per_s"] = round(
             items / (seconds - once), 4
         )
         self.summary[f"{work.name.replace('-', '_')}_engine_duty_cycle"] = timings.duty_cycle()
+        self.summary[f"{work.name.replace('-', '_')}_engine_unet_share"] = timings.unet_share()
         if work.name == "sd15" and self.unet_pair_flops and unet_s:
             # Every UNet call of the stream runs a CFG pair for each of the static_batch rows.
             self.unet_tflops = self.unet_pair_flops * batch * unet_calls / unet_s / 1e12
@@ -657,6 +659,7 @@ class Bench:
             "vs_diffusers_batched": ratio(engine, plain),
             "engine_steady_img_per_s": self.summary.get("sd15_engine_steady_img_per_s"),
             "engine_duty_cycle": self.summary.get("sd15_engine_duty_cycle"),
+            "engine_unet_share": self.summary.get("sd15_engine_unet_share"),
             **{key: value for key, value in results.items() if key.startswith(("sdxl", "x4"))},
             "batch": self.args.batch,
             "items": self.args.items,
@@ -773,21 +776,26 @@ class UnetTimer:
 
 
 class EngineTimings(EngineEvents):
-    """The engine's own report, from its events: each chunk's time and time in pipeline calls (its
-    duty cycle), and the job's end's time."""
+    """The engine's own report, from its events: each chunk's time, time in pipeline calls (its duty
+    cycle) and time inside the UNet (its unet_share), and the job's end's time."""
 
     def __init__(self) -> None:
         self.chunks: list[tuple[float, float]] = []
+        self.unet_s: list[float] = []
         self.ends: list[float] = []
 
-    def chunk_done(self, chunk: ChunkInfo, elapsed_s: float, busy_s: float) -> None:
+    def chunk_done(self, chunk: ChunkInfo, elapsed_s: float, busy_s: float, unet_s: float) -> None:
         self.chunks.append((elapsed_s, busy_s))
+        self.unet_s.append(unet_s)
 
     def job_ended(self, job_id: str, seconds: float, error: str | None) -> None:
         self.ends.append(seconds)
 
     def duty_cycle(self) -> float:
         return round(sum(busy for _, busy in self.chunks) / sum(wall for wall, _ in self.chunks), 4)
+
+    def unet_share(self) -> float:
+        return round(sum(self.unet_s) / sum(wall for wall, _ in self.chunks), 4)
 
 
 def no_next_stage(chunk: Chunk, queue: str, priority: Priority) -> None:
