@@ -657,6 +657,7 @@ class Bench:
             steady_img_per_s=round(items / (seconds - once), 4),
             median_chunk_s=round(median_chunk_s, 3),
             duty_cycle=timings.duty_cycle(),
+            unet_share=timings.unet_share(),
             # Shapes the warm-up missed (each compiled inside a chunk: a stall) and refusals at dynamo's
             # recompile limit (those calls ran uncompiled): both should be 0.
             compiles_in_stream=timings.compiles,
@@ -667,17 +668,15 @@ class Bench:
         if what.endswith("_engine"):
             self.summary[f"{key}_engine_steady_img_per_s"] = round(items / (seconds - once), 4)
             self.summary[f"{key}_engine_duty_cycle"] = timings.duty_cycle()
+            self.summary[f"{key}_engine_unet_share"] = timings.unet_share()
             self.summary[f"{key}_engine_compiles_in_stream"] = timings.compiles
-        if what == "sd15_engine" and unet_s:
-            self.summary["sd15_engine_unet_share"] = round(unet_s / seconds, 3)
-            if self.unet_pair_flops:
-                # Every UNet call of the stream runs a CFG pair for each of the static_batch rows.
-                self.unet_tflops = self.unet_pair_flops * batch * unet_calls / unet_s / 1e12
+        if what == "sd15_engine" and unet_s and self.unet_pair_flops:
+            # Every UNet call of the stream runs a CFG pair for each of the static_batch rows.
+            self.unet_tflops = self.unet_pair_flops * batch * unet_calls / unet_s / 1e12
             self.log(
                 what="sd15_engine_unet",
                 calls=unet_calls,
                 unet_s=round(unet_s, 2),
-                unet_share=round(unet_s / seconds, 3),
                 unet_tflops=round(self.unet_tflops, 3) if self.unet_tflops is not None else None,
             )
         del ctx
@@ -906,17 +905,20 @@ class UnetTimer:
 
 
 class EngineTimings(EngineEvents):
-    """The engine's own report, from its events: each chunk's time and time in pipeline calls (its
-    duty cycle), the job's end's time, and the compilations inside chunks."""
+    """The engine's own report, from its events: each chunk's time, time in pipeline calls (its duty
+    cycle) and time inside the UNet (its unet_share), the job's end's time, and the compilations inside
+    chunks."""
 
     def __init__(self) -> None:
         self.chunks: list[tuple[float, float]] = []
+        self.unet_s: list[float] = []
         self.ends: list[float] = []
         self.compiles = 0
         self.fallbacks = 0
 
-    def chunk_done(self, chunk: ChunkInfo, elapsed_s: float, busy_s: float) -> None:
+    def chunk_done(self, chunk: ChunkInfo, elapsed_s: float, busy_s: float, unet_s: float) -> None:
         self.chunks.append((elapsed_s, busy_s))
+        self.unet_s.append(unet_s)
 
     def job_ended(self, job_id: str, seconds: float, error: str | None) -> None:
         self.ends.append(seconds)
@@ -928,6 +930,9 @@ class EngineTimings(EngineEvents):
 
     def duty_cycle(self) -> float:
         return round(sum(busy for _, busy in self.chunks) / sum(wall for wall, _ in self.chunks), 4)
+
+    def unet_share(self) -> float:
+        return round(sum(self.unet_s) / sum(wall for wall, _ in self.chunks), 4)
 
 
 def no_next_stage(chunk: Chunk, queue: str, priority: Priority) -> None:

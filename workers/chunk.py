@@ -244,6 +244,6 @@ def process_chunk(chunk: Chunk, ctx: ChunkContext, retries: int = 0, may_retry: 
         failure = error
         recorder.fail_open(lambda work: engine.failed(work, failure))
     end_round = ctx.store.end_chunk(chunk, retries)
-    emit.chunk_done(info, time.perf_counter() - started, engine.busy_s)
+    emit.chunk_done(info, time.perf_counter() - started, engine.busy_s, engine.unet_s)
     if end_round is not None:
         ctx.send_end(JobEnd(job_id=chunk.job_id, run_id=chunk.run_id, round=end_round))

@@ -4,11 +4,16 @@ their ItemResult) and items for the next stage (with what they carry there).
 
 Items are grouped into calls by their stage parameters (a call needs equal steps, strength, size,
 ...), in their order. While the pipeline runs one call, a thread pool (IMGJOBS_IO_THREADS) fetches
-and decodes the inputs of the next ones and encodes and writes the outputs of the last one, so the
+and decodes the inputs of the next ones (and makes the uint8 tensors the stages hand the GPU, in
+pinned memory), and encodes and writes the outputs of the last one, an item a task, so the
 accelerator does not wait on storage; each call's items reach the sink as soon as their outputs are
-written. A bad item fails alone: its error reaches the sink and the others go on. Errors that may
-pass (StorageError) propagate so the chunk can run again; what was written before is handed to the
-sink first, so it is not done twice. An item whose input could not be read for a reason that may pass
+written. On a GPU a call returns while its outputs are still being copied back (see
+workers.stages.common): the writers wait for the copy, and the thread driving the GPU goes on to the
+next call. The time inside the UNet is clocked for the chunk's `unet_share` (workers.unet_clock).
+
+A bad item fails alone: its error reaches the sink and the others go on. Errors that may pass
+(StorageError) propagate so the chunk can run again; what was written before is handed to the sink
+first, so it is not done twice. An item whose input could not be read for a reason that may pass
 leaves the others running: with `retry_inputs` it stays open and the run ends on its error once the
 rest is done (the chunk runs again for it alone); without, it fails alone with its own error. A call
 that runs out of accelerator memory is halved and run again, down to one item: only an item that
@@ -46,7 +51,15 @@ from schemas.job import (
 from schemas.messages import ChunkItem, ItemResult, StageInput, StagePlan, StageRecord, item_result
 from schemas.settings import Settings
 from workers.events import ChunkInfo, emit
-from workers.imageio import LocalRoots, decode_image, encode_image, fetch_bytes, fit_image, load_input
+from workers.imageio import (
+    LocalRoots,
+    decode_image,
+    encode_image,
+    fetch_bytes,
+    fit_image,
+    image_tensor,
+    load_input,
+)
 from workers.models import LoadedModel
 from workers.samples import SampleReader
 from workers.stages.common import (
@@ -58,9 +71,11 @@ from workers.stages.common import (
     to_pil,
 )
 from workers.stages.img2img import run_img2img
+from workers.stages.inputs import encodes_in_batch
 from workers.stages.resize import run_resize
 from workers.stages.text2img import run_text2img
 from workers.stages.upscale import run_upscale
+from workers.unet_clock import UnetClock
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -125,6 +140,8 @@ class _Prepared:
     image: Image.Image | None = None
     latent: torch.Tensor | None = None
     control: Image.Image | None = None
+    pixels: torch.Tensor | None = None  # image as the uint8 tensor the stage hands the device
+    control_pixels: torch.Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
     written: dict[str, str] = field(default_factory=dict)
     nsfw: bool = False
@@ -145,6 +162,18 @@ class _InLine:
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
         pass
+
+
+Writes = list[Future[_Prepared]]  # one call's, an item each
+
+
+def _written(writes: Writes) -> list[_Prepared]:
+    """The call's items once all are written; the first error raised by one of its writes, if any."""
+    return [future.result() for future in writes]
+
+
+def _all_done(writes: Writes) -> bool:
+    return all(future.done() for future in writes)
 
 
 def calls_of(items: Sequence[WorkItem], size: int) -> list[list[WorkItem]]:
@@ -179,7 +208,11 @@ class StageEngine:
         self.info = info
         self.retry_inputs = retry_inputs
         self.roots = LocalRoots.of(settings, job.folder)
+        self.cuda = model.device.startswith("cuda")
+        # Where the stage hands the pipeline tensors of its images, the I/O threads make them.
+        self.takes_pixels = self.plan.spec.type == "img2img" and encodes_in_batch(model.class_name)
         self.busy_s = 0.0
+        self.unet_s = 0.0  # inside the UNet (on a GPU, its kernels' time, by CUDA events)
         self.input_error: ImgjobsError | None = None  # the first input read that may pass on retry
         # The last stage's images go here instead of an object each, where the job writes shards.
         self.spool = spool if self.is_last else None
@@ -191,13 +224,21 @@ class StageEngine:
         samples = [work.member.item.sample for work in items if work.member.item.sample is not None]
         if samples and self.stage_index == 0:
             self.samples = SampleReader(samples, self.settings, self.roots)
+        clock = UnetClock(self.model.pipeline, self.cuda)
+        try:
+            with clock:
+                self._run(items, sink)
+        finally:
+            self.unet_s = clock.seconds()
+
+    def _run(self, items: Sequence[WorkItem], sink: Sink) -> None:
         calls = calls_of(items, self.model.entry.batch_size)
         pool = self._io_pool()
         # On threads, the inputs of the next LOOKAHEAD calls are fetched while a call runs: enough to
         # keep the pipeline fed, while a chunk of large images is never all in memory at once. In line,
         # fetching ahead would overlap nothing and only hold more images.
         ahead = 0 if isinstance(pool, _InLine) else LOOKAHEAD
-        writing: deque[Future[list[_Prepared]]] = deque()
+        writing: deque[Writes] = deque()
         try:
             loading = deque([self._load_all(pool, call) for call in calls[: ahead + 1]])
             for index in range(len(calls)):
@@ -205,14 +246,16 @@ class StageEngine:
                     break
                 ready = self._collect(loading.popleft(), sink)
                 ran = self._infer(ready, sink) if ready else None
+                # The next loads go in before this call's writes: on a GPU the call may still be running,
+                # and its writers wait for it, while the loads never wait for the GPU.
                 if index + ahead + 1 < len(calls):
                     loading.append(self._load_all(pool, calls[index + ahead + 1]))
                 if ran is not None:
-                    writing.append(pool.submit(self._write_all, *ran))
-                while writing and (writing[0].done() or len(writing) > LOOKAHEAD):
-                    self._complete(writing.popleft().result(), sink)
+                    writing.append(self._write_all(pool, *ran))
+                while writing and (_all_done(writing[0]) or len(writing) > LOOKAHEAD):
+                    self._complete(_written(writing.popleft()), sink)
             while writing:
-                self._complete(writing.popleft().result(), sink)
+                self._complete(_written(writing.popleft()), sink)
             if self.input_error is not None:
                 raise self.input_error
         except BaseException:
@@ -223,12 +266,16 @@ class StageEngine:
             raise
         pool.shutdown()
 
-    def _salvage(self, writing: deque[Future[list[_Prepared]]], sink: Sink) -> None:
+    def _salvage(self, writing: deque[Writes], sink: Sink) -> None:
         """Record the calls whose outputs were written before the run stopped, so that the chunk's next
         run skips them; best effort, since what stopped the run may stop this too."""
+
+        def written(future: Future[_Prepared]) -> bool:
+            return future.done() and not future.cancelled() and future.exception() is None
+
         try:
-            while writing and writing[0].done() and not writing[0].cancelled() and not writing[0].exception():
-                self._complete(writing.popleft().result(), sink)
+            while writing and all(written(future) for future in writing[0]):
+                self._complete(_written(writing.popleft()), sink)
         except Exception:
             log.warning("chunk %s: could not record every written item", self.info.chunk_id, exc_info=True)
 
@@ -288,6 +335,8 @@ class StageEngine:
             # The first stage fits inputs to the job's size; later stages take what the previous made.
             size = work.params.size if self.stage_index == 0 else None
             prepared.image = load_input(source.uri, size, self.settings, work.params.resize, self.roots)
+            if self.takes_pixels:
+                prepared.pixels = image_tensor(prepared.image, pinned=self.cuda)
         elif source.kind == "latent" and source.uri:
             try:
                 data = fetch_bytes(source.uri, self.settings, self.roots)
@@ -297,6 +346,8 @@ class StageEngine:
         spec = self.plan.spec
         if isinstance(spec, Img2ImgStage) and spec.controlnet:
             prepared.control = self._control_image(work, prepared.image)
+            if self.takes_pixels:
+                prepared.control_pixels = image_tensor(prepared.control, pinned=self.cuda)
         prepared.timings["fetch_s"] = time.perf_counter() - started
         return prepared
 
@@ -340,6 +391,8 @@ class StageEngine:
         images = [p.image for p in ready if p.image is not None]
         latents = [p.latent for p in ready if p.latent is not None]
         controls = [p.control for p in ready if p.control is not None]
+        pixels = [p.pixels for p in ready if p.pixels is not None]
+        control_pixels = [p.control_pixels for p in ready if p.control_pixels is not None]
         batch = StageBatch(
             prompts=[resolve_prompt(item, spec, defaults) for item in items],
             negative_prompts=[resolve_negative_prompt(item, spec, defaults) for item in items],
@@ -347,6 +400,8 @@ class StageEngine:
             images=images or None,
             latents=torch.stack(latents) if latents else None,
             control_images=controls or None,
+            pixels=pixels if pixels and len(pixels) == len(ready) else None,
+            control_pixels=control_pixels if control_pixels and len(control_pixels) == len(ready) else None,
         )
         started = time.perf_counter()
         error: StageError | None = None
@@ -393,16 +448,23 @@ class StageEngine:
 
     # -- outputs
 
-    def _write_all(self, ready: list[_Prepared], output: StageOutput) -> list[_Prepared]:
-        """On an I/O thread: encode and write one call's outputs."""
-        for index, prepared in enumerate(ready):
-            started = time.perf_counter()
-            prepared.nsfw = bool(output.nsfw and output.nsfw[index])
-            prepared.error = self._nonfinite(output, index)
-            if prepared.error is None:
-                prepared.written = self._write(prepared.work.member.item.id, output, index)
-            prepared.timings["write_s"] = time.perf_counter() - started
-        return ready
+    def _write_all(
+        self, pool: ThreadPoolExecutor | _InLine, ready: list[_Prepared], output: StageOutput
+    ) -> Writes:
+        """One call's outputs, encoded and written an item a task, side by side on the I/O threads: the
+        chunk waits for its last call's writes before it ends, and the next chunk cannot start sooner."""
+        return [pool.submit(self._write_one, prepared, output, row) for row, prepared in enumerate(ready)]
+
+    def _write_one(self, prepared: _Prepared, output: StageOutput, row: int) -> _Prepared:
+        output = output.wait()  # on a GPU: until the call has run and its outputs are in host memory
+        started = time.perf_counter()
+        prepared.nsfw = bool(output.nsfw and output.nsfw[row])
+        # Checked in host memory, after the copy: a NaN would otherwise be written as a black image.
+        prepared.error = self._nonfinite(output, row)
+        if prepared.error is None:
+            prepared.written = self._write(prepared.work.member.item.id, output, row)
+        prepared.timings["write_s"] = time.perf_counter() - started
+        return prepared
 
     def _nonfinite(self, output: StageOutput, index: int) -> NonFiniteOutputError | None:
         part = nonfinite_part(output, index)

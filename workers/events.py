@@ -62,8 +62,10 @@ class EngineEvents:
     def items_handed_over(self, chunk: ChunkInfo, records: Sequence[StageRecord]) -> None:
         """Items handed to the next stage, one record of this stage each."""
 
-    def chunk_done(self, chunk: ChunkInfo, elapsed_s: float, busy_s: float) -> None:
-        """The chunk's run ended after `elapsed_s`, `busy_s` of them inside pipeline calls."""
+    def chunk_done(self, chunk: ChunkInfo, elapsed_s: float, busy_s: float, unet_s: float) -> None:
+        """The chunk's run ended after `elapsed_s`, `busy_s` of them inside pipeline calls (host time: on a
+        GPU a call may return before its kernels ran), and `unet_s` inside the UNet (on a GPU, the time
+        its kernels took, by CUDA events): `unet_s / elapsed_s` is the chunk's unet_share."""
 
     def chunk_retried(self, chunk_id: str, error: Exception, countdown_s: float) -> None:
         """The chunk stopped on a retryable error and runs again in `countdown_s` seconds."""
@@ -132,8 +134,8 @@ class _Broadcast(EngineEvents):
     def items_handed_over(self, chunk: ChunkInfo, records: Sequence[StageRecord]) -> None:
         _each(lambda listener: listener.items_handed_over(chunk, records))
 
-    def chunk_done(self, chunk: ChunkInfo, elapsed_s: float, busy_s: float) -> None:
-        _each(lambda listener: listener.chunk_done(chunk, elapsed_s, busy_s))
+    def chunk_done(self, chunk: ChunkInfo, elapsed_s: float, busy_s: float, unet_s: float) -> None:
+        _each(lambda listener: listener.chunk_done(chunk, elapsed_s, busy_s, unet_s))
 
     def chunk_retried(self, chunk_id: str, error: Exception, countdown_s: float) -> None:
         _each(lambda listener: listener.chunk_retried(chunk_id, error, countdown_s))

@@ -15,7 +15,7 @@ import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -24,6 +24,9 @@ from jobstate.storage import s3_client, split_s3_uri
 from schemas.errors import InputImageError, StorageError
 from schemas.job import ResizePolicy
 from schemas.settings import Settings
+
+if TYPE_CHECKING:
+    import torch
 
 # Formats we decode; everything else is refused before a decoder runs.
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
@@ -307,6 +310,23 @@ def load_input(
     """Fetch, decode and, with a size=(width, height), bring to it as `policy` says."""
     image = decode_image(fetch_bytes(uri, settings, roots), uri, settings)
     return image if size is None else fit_image(image, size, policy)
+
+
+def image_tensor(image: Image.Image, pinned: bool = False) -> torch.Tensor:
+    """The RGB image as a uint8 (3, height, width) tensor: the bytes diffusers' preprocessing starts from
+    (np.array(image)), channels first, for the device to normalize. `pinned`: in page-locked memory, which
+    a GPU copies from without blocking the host. Made where the image was decoded (an I/O thread), so
+    the thread that drives the GPU never converts pixels."""
+    import numpy as np
+    import torch  # here: the workers that only resize or end jobs never load torch for this module
+
+    if image.mode != "RGB":
+        raise ValueError(f"image_tensor takes RGB images, not {image.mode}")
+    tensor = torch.empty((3, image.height, image.width), dtype=torch.uint8, pin_memory=pinned)
+    # One transposing copy by numpy, which keeps to this thread: torch's copy would start its own
+    # thread pool on every I/O thread at once.
+    np.copyto(tensor.numpy(), np.asarray(image).transpose(2, 0, 1))
+    return tensor
 
 
 def encode_image(image: Image.Image, image_format: str = "png", quality: int | None = None) -> bytes:

@@ -4,6 +4,9 @@ item ids.
 Metrics live in the pool process, where chunks run, and are served from there on
 IMGJOBS_METRICS_PORT. Items/s is `rate(imgjobs_items_total[1m])`; GPU duty cycle is
 `rate(imgjobs_busy_seconds_total[1m])`, and `imgjobs_duty_cycle` gives the same over the last minute.
+The duty cycle counts a pipeline call as busy from start to end, diffusers' host work included; the
+share of the time inside the UNet, `rate(imgjobs_unet_seconds_total[1m])` or `imgjobs_unet_share`,
+says how well the GPU is fed (workers/unet_clock.py).
 """
 
 from __future__ import annotations
@@ -36,7 +39,11 @@ ADAPTER_LOADS = Counter(
 ADAPTER_SWITCHES = Counter(
     "imgjobs_adapter_switches_total", "Switches of the active LoRA adapter set", ["model"]
 )
+UNET_SECONDS = Counter(
+    "imgjobs_unet_seconds_total", "Seconds inside the UNet (on a GPU, its kernels' time)", ["model"]
+)
 DUTY_CYCLE = Gauge("imgjobs_duty_cycle", "Fraction of the last minute spent in pipeline calls", ["model"])
+UNET_SHARE = Gauge("imgjobs_unet_share", "Fraction of the last minute spent inside the UNet", ["model"])
 GPU_MEMORY = Gauge("imgjobs_gpu_memory_bytes", "CUDA memory of this worker's process", ["kind"])
 COMPILES = Counter(
     "imgjobs_compiles_total",
@@ -66,24 +73,28 @@ _context: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar
 )
 
 
-class _Duty:
-    """Busy intervals of the last minute, for the duty-cycle gauge, with their sum kept as they come
-    and go rather than summed on every call."""
+class _Window:
+    """Seconds of the last minute (busy, or inside the UNet) per model, for a gauge of their share, with
+    their sum kept as they come and go rather than summed on every call."""
 
-    def __init__(self) -> None:
-        self.intervals: deque[tuple[float, float]] = deque()
-        self.busy_s = 0.0
+    def __init__(self, gauge: Gauge) -> None:
+        self.gauge = gauge
+        self.intervals: dict[str, deque[tuple[float, float]]] = {}
+        self.seconds: dict[str, float] = {}
 
-    def add(self, model: str, busy_s: float) -> None:
+    def add(self, model: str, seconds: float) -> None:
         now = time.monotonic()
-        self.intervals.append((now, busy_s))
-        self.busy_s += busy_s
-        while self.intervals and self.intervals[0][0] < now - DUTY_WINDOW_S:
-            self.busy_s -= self.intervals.popleft()[1]
-        DUTY_CYCLE.labels(model).set(min(1.0, max(0.0, self.busy_s) / DUTY_WINDOW_S))
+        intervals = self.intervals.setdefault(model, deque())
+        intervals.append((now, seconds))
+        total = self.seconds.get(model, 0.0) + seconds
+        while intervals and intervals[0][0] < now - DUTY_WINDOW_S:
+            total -= intervals.popleft()[1]
+        self.seconds[model] = total
+        self.gauge.labels(model).set(min(1.0, max(0.0, total) / DUTY_WINDOW_S))
 
 
-_duty = _Duty()
+_duty = _Window(DUTY_CYCLE)
+_unet = _Window(UNET_SHARE)
 
 
 class Observability(EngineEvents):
@@ -111,21 +122,29 @@ class Observability(EngineEvents):
         for record in records:
             STAGE_SECONDS.labels(chunk.model, chunk.stage).observe(sum(record.timings.values()))
 
-    def chunk_done(self, chunk: ChunkInfo, elapsed_s: float, busy_s: float) -> None:
+    def chunk_done(self, chunk: ChunkInfo, elapsed_s: float, busy_s: float, unet_s: float) -> None:
         BUSY_SECONDS.labels(chunk.model).inc(busy_s)
+        UNET_SECONDS.labels(chunk.model).inc(unet_s)
         _duty.add(chunk.model, busy_s)
+        _unet.add(chunk.model, unet_s)
         duty = busy_s / elapsed_s if elapsed_s else 0.0
+        unet_share = unet_s / elapsed_s if elapsed_s else 0.0
         log.info(
-            "chunk %s: %d item(s), %.3f s; pipeline busy %.3f s (duty cycle %.0f%%)",
+            "chunk %s: %d item(s), %.3f s; pipeline busy %.3f s (duty cycle %.0f%%), "
+            "UNet %.3f s (unet share %.0f%%)",
             chunk.chunk_id,
             chunk.items,
             elapsed_s,
             busy_s,
             100 * duty,
+            unet_s,
+            100 * unet_share,
             extra={
                 "busy_s": round(busy_s, 4),
                 "elapsed_s": round(elapsed_s, 4),
                 "duty_cycle": round(duty, 4),
+                "unet_s": round(unet_s, 4),
+                "unet_share": round(unet_share, 4),
             },
         )
 

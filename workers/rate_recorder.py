@@ -34,7 +34,7 @@ class RateRecorder(EngineEvents):
     def items_finished(self, chunk: ChunkInfo, results: Sequence[ItemResult]) -> None:
         self._add(chunk, [record for result in results for record in result.stages[-1:]])
 
-    def chunk_done(self, chunk: ChunkInfo, elapsed_s: float, busy_s: float) -> None:
+    def chunk_done(self, chunk: ChunkInfo, elapsed_s: float, busy_s: float, unet_s: float) -> None:
         with self._lock:
             samples = [
                 RateSample(model, shape, int(items), int(steps), seconds)

@@ -49,3 +49,11 @@ def test_report_benchmark_smoke(tmp_path: Path) -> None:
     last = bench("report.py", "--items", "3", "--work-dir", str(tmp_path))
     assert (last["items"], last["pages"]) == (3, 2) and last["report_s"] > 0 and last["png_bytes"] > 0
     assert list(tmp_path.iterdir()) == []  # what it wrote is gone
+
+
+def test_host_prep_benchmark_smoke() -> None:
+    last = bench("host_prep.py", "--repeats", "1", "--batch", "2", "--sizes", "16,32")
+    assert [row["size"] for row in last["rows"]] == [16, 32]
+    for row in last["rows"]:
+        assert row["same_tensor"] is True
+        assert row["before_main_thread_ms"] > 0 and row["after_lookup_on_cpu_ms"] > 0

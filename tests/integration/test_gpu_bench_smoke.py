@@ -84,6 +84,9 @@ def test_gpu_throughput_benchmark_smoke(image_site: Path, tmp_path: Path) -> Non
     # One chunk of four calls at static_batch 4, as the worker runs a chunk; its duty cycle is logged.
     assert engine["items"] == 16 and engine["chunks"] == 1 and engine["static_batch"] == 4
     assert 0 < engine["duty_cycle"] <= 1 and last["engine_duty_cycle"] == engine["duty_cycle"]
+    # On the CPU the UNet runs inside the calls, which it does not fill (text encoder, VAE).
+    assert 0 < engine["unet_share"] < engine["duty_cycle"]
+    assert last["engine_unet_share"] == engine["unet_share"]
     assert rows["sd15_engine_load"]["warmup_s"] > 0  # the engine warmed up before the stream
     assert rows["flops"]["per_image_tflop"] > 0
     # The same loaded engine with SD 1.5's safety checker, over one chunk, beside the run without.

@@ -95,6 +95,9 @@ def test_metrics_logs_and_stage_progress(
         assert sample(worker_metrics, "imgjobs_stage_seconds_count", **labels) == 4.0
         assert sample(worker_metrics, "imgjobs_busy_seconds_total", model="tiny-sd") > 0
         assert 0 < sample(worker_metrics, "imgjobs_duty_cycle", model="tiny-sd") <= 1
+        unet_s = sample(worker_metrics, "imgjobs_unet_seconds_total", model="tiny-sd")
+        assert 0 < unet_s < sample(worker_metrics, "imgjobs_busy_seconds_total", model="tiny-sd")
+        assert 0 < sample(worker_metrics, "imgjobs_unet_share", model="tiny-sd") <= 1
 
         records = [json.loads(line) for line in sd.log_path.read_text().splitlines() if line.startswith("{")]
         assert records and all({"asctime", "level", "name", "message"} <= set(r) for r in records)
@@ -102,6 +105,8 @@ def test_metrics_logs_and_stage_progress(
             r for r in records if r.get("job_id") == job_id and r.get("chunk_id", "").startswith(job_id)
         ]
         assert chunk_lines, "lines logged while a chunk runs carry its job and chunk ids"
+        done = [r for r in chunk_lines if "unet_share" in r]  # each chunk's last line
+        assert done and all(0 < r["unet_share"] < r["duty_cycle"] <= 1 for r in done), done
         failure = next(r for r in records if r.get("item_id") == "gone")
         assert failure["reason"] == "InputImageError" and failure["job_id"] == job_id
 

@@ -96,9 +96,11 @@ class FailingPuts(LocalStorage):
 class DutyCycles(EngineEvents):
     def __init__(self) -> None:
         self.chunks: list[tuple[float, float]] = []
+        self.unet_s: list[float] = []
 
-    def chunk_done(self, chunk: ChunkInfo, elapsed_s: float, busy_s: float) -> None:
+    def chunk_done(self, chunk: ChunkInfo, elapsed_s: float, busy_s: float, unet_s: float) -> None:
         self.chunks.append((elapsed_s, busy_s))
+        self.unet_s.append(unet_s)
 
 
 @pytest.mark.parametrize("threads", [0, 3])
@@ -122,6 +124,7 @@ def test_a_chunk_runs_in_calls_of_the_batch_size_and_a_bad_item_fails_alone(
         assert Image.open(tmp_path / "out" / "job" / item_id / "s0-resize.png").size == (16, 16)
     ((elapsed, busy),) = duty.chunks
     assert 0.0 < busy <= elapsed
+    assert duty.unet_s == [0.0], "the resize stage has no UNet"
 
 
 @pytest.mark.parametrize(("threads", "most_held"), [(0, 3), (2, 9)])

@@ -27,6 +27,7 @@ from tests.helpers import local_model, stage_plan, write_image
 from workers.models import COMPILE_CACHE_ENV, LoadedModel, compile_cache_dir
 from workers.stages.common import StageBatch, StageOutput, pad_batch, run_static
 from workers.stages.img2img import run_img2img
+from workers.unet_clock import UnetClock
 
 PARAMS = ResolvedParams(strength=0.8, guidance_scale=7.5, steps=4, size=(32, 32))
 
@@ -236,8 +237,11 @@ def test_the_gpu_recipe_compiles_at_warmup_and_keeps_the_outputs(
     assert compiled > before, "the warm-up compiled nothing"
     assert (cache / "fxgraph").is_dir(), "compiled code is not in the persistent cache"
 
-    output = run_static(stage(model), BATCH, model.entry.static_batch)
+    with UnetClock(model.pipeline, cuda=False) as clock:
+        output = run_static(stage(model), BATCH, model.entry.static_batch)
     assert counters["stats"]["unique_graphs"] == compiled, "a chunk of the warmed shape compiled again"
+    # Clocked from outside the compiled code: the hooks changed no graph, and saw every step.
+    assert clock.calls > 0 and clock.seconds() > 0
     # Inductor fuses kernels, so sums run in another order: equal up to float rounding.
     close(output, reference, atol=1e-4)
 

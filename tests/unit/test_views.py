@@ -167,7 +167,7 @@ def test_the_recorder_counts_each_item_of_the_chunks_stage_once() -> None:
     )
     not_run = failed("y", "InputImageError").model_copy(update={"stages": [record("s1-img2img", None)]})
     recorder.items_finished(chunk, [finished, not_run])
-    recorder.chunk_done(chunk, 1.0, 0.75)
+    recorder.chunk_done(chunk, 1.0, 0.75, 0.5)
     assert book.samples == [RateSample("sd", "img2img:64x32", items=2, steps=4, seconds=0.75)]
 
 

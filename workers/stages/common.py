@@ -1,4 +1,9 @@
-"""What every stage takes and returns, and the shared way to call a pipeline for images, latents or both."""
+"""What every stage takes and returns, and the shared way to call a pipeline for images, latents or both.
+
+On a GPU a call returns before its last kernels have run: its outputs are copied to pinned host memory
+without blocking (StageOutput.copying), so that the thread driving the GPU goes on to the next call
+while the I/O threads wait for the copy and write. Whoever reads an output's arrays calls wait() first.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +24,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StageBatch:
-    """Decoded inputs of one batched call; prompts are already templated."""
+    """Decoded inputs of one batched call; prompts are already templated. `pixels` and `control_pixels`,
+    where given, are `images` and `control_images` as uint8 (3, height, width) tensors (pinned on a GPU
+    host), made on the I/O threads that decoded them (workers.imageio.image_tensor); stages that hand the
+    pipeline tensors take them from there, or convert the images themselves."""
 
     prompts: list[str]
     negative_prompts: list[str | None]
@@ -27,9 +35,15 @@ class StageBatch:
     images: list[Image.Image] | None = None
     latents: torch.Tensor | None = None
     control_images: list[Image.Image] | None = None
+    pixels: list[torch.Tensor] | None = None
+    control_pixels: list[torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.seeds)
+
+
+# The fields that hold one entry per row, as lists.
+ROW_LISTS = ("prompts", "negative_prompts", "seeds", "images", "control_images", "pixels", "control_pixels")
 
 
 @dataclass(frozen=True)
@@ -37,6 +51,16 @@ class StageOutput:
     images: np.ndarray | None = None  # (batch, height, width, 3): float in [0, 1], or uint8 from CPU stages
     latents: torch.Tensor | None = None  # (batch, channels, height, width), scaled as the pipeline uses them
     nsfw: list[bool] | None = None  # per row, where a safety checker ran: flagged (and made black)
+    # Set while `images` and `latents` are still being copied from the GPU into their (pinned) host
+    # memory: wait() before reading them.
+    copying: torch.cuda.Event | None = None
+
+    def wait(self) -> StageOutput:
+        """This output once its copy to host memory has completed (at once where there is none)."""
+        if self.copying is None:
+            return self
+        self.copying.synchronize()
+        return replace(self, copying=None)
 
 
 def check_batch(batch: StageBatch, *, needs_input: bool) -> None:
@@ -54,6 +78,10 @@ def check_batch(batch: StageBatch, *, needs_input: bool) -> None:
             raise StageError("images in one batch must share a size")
     if batch.latents is not None and batch.latents.shape[0] != count:
         raise StageError("latents and seeds differ in length")
+    for name in ("control_images", "pixels", "control_pixels"):
+        rows = getattr(batch, name)
+        if rows is not None and len(rows) != count:
+            raise StageError(f"{name.replace('_', ' ')} and seeds differ in length")
 
 
 T = TypeVar("T")
@@ -64,14 +92,9 @@ def _padded(values: list[T], extra: int) -> list[T]:
 
 
 def slice_batch(batch: StageBatch, start: int, stop: int) -> StageBatch:
-    return StageBatch(
-        prompts=batch.prompts[start:stop],
-        negative_prompts=batch.negative_prompts[start:stop],
-        seeds=batch.seeds[start:stop],
-        images=batch.images[start:stop] if batch.images is not None else None,
-        latents=batch.latents[start:stop] if batch.latents is not None else None,
-        control_images=batch.control_images[start:stop] if batch.control_images is not None else None,
-    )
+    rows = {name: getattr(batch, name)[start:stop] for name in ROW_LISTS if getattr(batch, name) is not None}
+    latents = batch.latents[start:stop] if batch.latents is not None else None
+    return replace(batch, latents=latents, **rows)
 
 
 def pad_batch(batch: StageBatch, size: int) -> StageBatch:
@@ -83,14 +106,10 @@ def pad_batch(batch: StageBatch, size: int) -> StageBatch:
     latents = batch.latents
     if latents is not None:
         latents = torch.cat([latents, latents[-1:].expand(extra, *latents.shape[1:])])
-    return StageBatch(
-        prompts=_padded(batch.prompts, extra),
-        negative_prompts=_padded(batch.negative_prompts, extra),
-        seeds=_padded(batch.seeds, extra),
-        images=_padded(batch.images, extra) if batch.images is not None else None,
-        latents=latents,
-        control_images=_padded(batch.control_images, extra) if batch.control_images is not None else None,
-    )
+    rows = {
+        name: _padded(getattr(batch, name), extra) for name in ROW_LISTS if getattr(batch, name) is not None
+    }
+    return replace(batch, latents=latents, **rows)
 
 
 def slice_output(output: StageOutput, count: int) -> StageOutput:
@@ -106,6 +125,9 @@ def slice_output(output: StageOutput, count: int) -> StageOutput:
 def concat_outputs(outputs: list[StageOutput]) -> StageOutput:
     if len(outputs) == 1:
         return outputs[0]
+    # Joining reads the arrays: the pieces' copies must be done. Only a call run as several pieces (more
+    # rows than static_batch, or halved after running out of memory) waits here, at its end.
+    outputs = [output.wait() for output in outputs]
     images = [out.images for out in outputs if out.images is not None]
     latents = [out.latents for out in outputs if out.latents is not None]
     flags = [out.nsfw for out in outputs if out.nsfw is not None]
@@ -186,15 +208,18 @@ def batch_input(batch: StageBatch) -> Any:
 
 
 def decode_latents(pipeline: Any, latents: torch.Tensor) -> np.ndarray:
-    """decode_checked's images."""
-    return decode_checked(pipeline, latents)[0]
+    """What the pipeline's own output_type="np" would give for these latents (see decoded)."""
+    images, flags = decoded(pipeline, latents)
+    output = to_host(images, None, flags).wait()
+    assert output.images is not None
+    return output.images
 
 
-def decode_checked(pipeline: Any, latents: torch.Tensor) -> tuple[np.ndarray, list[bool] | None]:
-    """What the pipeline's own output_type="np" would give for these latents: decoded in float32 where
-    the pipeline upcasts a float16 VAE that asks for it (SDXL's and the x4 upscaler's pipelines; SDXL's
-    VAE overflows in float16), denormalized by the VAE's latents mean and std where it has them,
-    watermarked where the pipeline watermarks, and through its safety checker where it has one
+def decoded(pipeline: Any, latents: torch.Tensor) -> tuple[torch.Tensor, list[bool] | None]:
+    """What the pipeline's own output_type="pt" would give for these latents, on its device: decoded in
+    float32 where the pipeline upcasts a float16 VAE that asks for it (SDXL's and the x4 upscaler's
+    pipelines; SDXL's VAE overflows in float16), denormalized by the VAE's latents mean and std where it
+    has them, watermarked where the pipeline watermarks, and through its safety checker where it has one
     (flagged images come back black, as from the pipeline), with the checker's flags."""
     vae = getattr(pipeline, "vae", None)
     if vae is None:
@@ -214,22 +239,37 @@ def decode_checked(pipeline: Any, latents: torch.Tensor) -> tuple[np.ndarray, li
         if upcast:
             vae.to(dtype=torch.float32)
         try:
-            decoded = vae.decode(latents, return_dict=False)[0]
+            images = vae.decode(latents, return_dict=False)[0]
         finally:
             if upcast:
                 vae.to(dtype=torch.float16)
         if getattr(pipeline, "watermark", None) is not None:
-            decoded = pipeline.watermark.apply_watermark(decoded)
+            images = pipeline.watermark.apply_watermark(images)
         flagged = None
         if getattr(pipeline, "safety_checker", None) is not None:
             # The x4 upscaler's checker returns a third value; the image and flags come first everywhere.
-            checked = pipeline.run_safety_checker(decoded, vae.device, vae.dtype)  # the pipeline's dtype
-            decoded, flagged = checked[0], checked[1]
-    denormalize = None if flagged is None else [not nsfw for nsfw in flagged]
-    images: np.ndarray = pipeline.image_processor.postprocess(
-        decoded, output_type="np", do_denormalize=denormalize
-    )
+            checked = pipeline.run_safety_checker(images, vae.device, vae.dtype)  # the pipeline's dtype
+            images, flagged = checked[0], checked[1]
+        denormalize = None if flagged is None else [not nsfw for nsfw in flagged]
+        images = pipeline.image_processor.postprocess(images, output_type="pt", do_denormalize=denormalize)
     return images, None if flagged is None else [bool(nsfw) for nsfw in flagged]
+
+
+# Pipelines whose output_type="pt" images are output_type="np"'s before their copy to the host (both come
+# from VaeImageProcessor.postprocess): the stage copies them itself, without blocking. Any other (Kandinsky
+# 2.2's text2img decoder leaves its "pt" images in [-1, 1]) is asked for "np".
+DEVICE_OUTPUT = frozenset(
+    {
+        "StableDiffusionPipeline",
+        "StableDiffusionImg2ImgPipeline",
+        "StableDiffusionControlNetImg2ImgPipeline",
+        "StableDiffusionXLPipeline",
+        "StableDiffusionXLImg2ImgPipeline",
+        "KandinskyV22Img2ImgPipeline",
+        "StableDiffusionLatentUpscalePipeline",
+        "StableDiffusionUpscalePipeline",
+    }
+)
 
 
 def call_pipeline(
@@ -237,13 +277,53 @@ def call_pipeline(
 ) -> StageOutput:
     with torch.inference_mode():
         if not want_latents:
-            result = pipeline(**kwargs, output_type="np")
-            return StageOutput(images=result.images, nsfw=_flags(result))
+            if type(pipeline).__name__ not in DEVICE_OUTPUT:
+                result = pipeline(**kwargs, output_type="np")
+                return StageOutput(images=result.images, nsfw=_flags(result))
+            result = pipeline(**kwargs, output_type="pt")
+            return to_host(result.images, None, _flags(result))
         latents = pipeline(**kwargs, output_type="latent").images
-    if not want_images:
-        return StageOutput(latents=latents.cpu())
-    images, flags = decode_checked(pipeline, latents)
-    return StageOutput(images=images, latents=latents.cpu(), nsfw=flags)
+        if not want_images:
+            return to_host(None, latents, None)
+        images, flags = decoded(pipeline, latents)
+        return to_host(images, latents, flags)
+
+
+def to_host(
+    images: torch.Tensor | None, latents: torch.Tensor | None, nsfw: list[bool] | None
+) -> StageOutput:
+    """A call's images ((batch, 3, height, width) in [0, 1]) and latents as a StageOutput in host memory,
+    the images laid out as output_type="np" gives them (pt_to_numpy: channels last, float32). From a GPU
+    they are copied into pinned memory without blocking, and the output's `copying` event says when they
+    are there; elsewhere (the CPU) they are read at once."""
+    if images is not None:
+        images = images.permute(0, 2, 3, 1).float()
+    on_gpu = [tensor for tensor in (images, latents) if tensor is not None and tensor.is_cuda]
+    if not on_gpu:
+        return StageOutput(
+            images=images.cpu().numpy() if images is not None else None,
+            latents=latents.cpu() if latents is not None else None,
+            nsfw=nsfw,
+        )
+    host_images = _pinned_copy(images) if images is not None else None
+    host_latents = _pinned_copy(latents) if latents is not None else None
+    # blocking: a writer waiting on it sleeps instead of spinning a core the GPU's thread needs.
+    copying = torch.cuda.Event(blocking=True)
+    copying.record()
+    return StageOutput(
+        images=host_images.numpy() if host_images is not None else None,
+        latents=host_latents,
+        nsfw=nsfw,
+        copying=copying,
+    )
+
+
+def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """tensor copied, without blocking, into new pinned host memory: valid once the stream has run the copy.
+    The caching host allocator keeps the block from being reused before then, even if it is dropped."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor.contiguous(), non_blocking=True)
+    return host
 
 
 def _flags(result: Any) -> list[bool] | None:

@@ -1,6 +1,7 @@
 """img2img: SD 1.x, the SDXL refiner, Kandinsky 2.2 (prior and decoder in one combined pipeline) and
 ControlNet img2img, chosen by the checkpoint's own pipeline class; one batched call per batch of a
-chunk."""
+chunk. The input images reach the pipeline already encoded, as one batch (workers.stages.inputs),
+where the pipeline fits."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from schemas.messages import StagePlan
 from workers.models import LoadedModel
 from workers.prompts import prompt_arguments
 from workers.stages.common import StageBatch, StageOutput, batch_input, call_pipeline, check_batch, generators
+from workers.stages.inputs import control_input, init_latents
 from workers.stages.kandinsky import image_embeddings, is_kandinsky
 
 
@@ -64,7 +66,7 @@ def run_img2img(
         )
     kwargs |= prompt_arguments(pipeline, batch.prompts, batch.negative_prompts, spec.prompt_syntax)
     if plan.controlnet is not None:
-        kwargs["control_image"] = batch.control_images
+        kwargs["control_image"] = control_input(pipeline, batch)
         kwargs["controlnet_conditioning_scale"] = spec.controlnet_conditioning_scale
     if spec.aesthetic_score is not None or spec.negative_aesthetic_score is not None:
         if not getattr(pipeline.config, "requires_aesthetics_score", False):
@@ -75,4 +77,9 @@ def run_img2img(
             kwargs["aesthetic_score"] = spec.aesthetic_score
         if spec.negative_aesthetic_score is not None:
             kwargs["negative_aesthetic_score"] = spec.negative_aesthetic_score
+    # Last before the call: encoding draws each item's latent sample from its generator, the first use
+    # the pipeline would make of it.
+    encoded = init_latents(pipeline, batch, seeded)
+    if encoded is not None:
+        kwargs["image"] = encoded
     return call_pipeline(pipeline, kwargs, want_images=want_images, want_latents=want_latents)

@@ -1,5 +1,6 @@
 """text2img: the first stage of text -> image -> image chains, from the same checkpoint an img2img
-stage would use (AutoPipelineForText2Image.from_pipe shares its components)."""
+stage would use (AutoPipelineForText2Image.from_pipe shares its components). No input to prepare;
+its outputs are copied back without blocking, except Kandinsky 2.2's (workers.stages.common)."""
 
 from __future__ import annotations
 

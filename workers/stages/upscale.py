@@ -2,7 +2,10 @@
 or the x4 upscaler (StableDiffusionUpscalePipeline, takes a low-resolution image and a noise_level).
 
 The x4 UNet concatenates the low-resolution image's channels to its latents, so it must be given an
-image; the job planner never hands it latents, and this stage refuses them."""
+image; the job planner never hands it latents, and this stage refuses them. Both take their images as
+PIL and preprocess them themselves (workers.stages.inputs encodes img2img inputs only): the x2 encodes
+the batch at once already, and the x4 encodes nothing. Their outputs are copied back without blocking
+(workers.stages.common.call_pipeline)."""
 
 from __future__ import annotations
 
