@@ -11,6 +11,7 @@
     └── ItemError                 one item failed; it is recorded and the rest of the job goes on
         ├── InputImageError       missing, unreadable, oversized or undecodable input image
         ├── StageError            the pipeline rejected or failed on the item's inputs
+        ├── PromptError           the item's prompt cannot be used: unparsable in time, non-finite weights
         ├── TimeLimitError        the item's chunk ran past its time limit before the item finished
         ├── NsfwFlaggedError      the safety checker flagged the output, and the model fails such items
         ├── JobCancelledError     the job was cancelled before the item ran
@@ -82,6 +83,10 @@ class InputImageError(ItemError):
 
 
 class StageError(ItemError):
+    pass
+
+
+class PromptError(ItemError):
     pass
 
 

@@ -79,6 +79,33 @@ def test_local_listing_becomes_a_job(tmp_path: Path) -> None:
     assert [item["id"] for item in items] == ["a", "b", "a-2"]
     assert {item["prompt"] for item in items} == {"a prompt"}
 
+    # `submit --from` writes the job into a new temporary folder each time: the same listing with the
+    # same flags is still the same job, as a manifest is.
+    again, _ = write_listing_job(tmp_path / "other", str(tmp_path / "in" / "**" / "*.png"), spec, "a prompt")
+    assert validate_job(again, REGISTRY).job_id == job.job_id
+    changed, _ = write_listing_job(tmp_path / "third", str(tmp_path / "in" / "**" / "*.png"), spec, "other")
+    assert validate_job(changed, REGISTRY).job_id != job.job_id
+
+
+def test_a_listing_that_would_list_its_own_output_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a schedule's is: each submit of it would take the last one's outputs for new images."""
+    write_image(tmp_path / "in" / "a.png")
+    monkeypatch.chdir(tmp_path)
+    spec = {"version": 1, "name": "listing", "stages": [{"type": "img2img", "model": "sd15"}]}
+    for pattern, output in (
+        ("in/**/*.png", tmp_path / "in" / "out"),
+        ("in/*/*.png", tmp_path / "in" / "out"),
+    ):
+        with pytest.raises(ConfigError, match=r"would list what the job writes under --output .*in/out"):
+            write_listing_job(tmp_path / "job", pattern, {**spec, "output": str(output)}, None)
+    # Beside the listing, or where no pattern level reaches, is fine.
+    for pattern, output in (("in/**/*.png", tmp_path / "out"), ("in/*.png", tmp_path / "in" / "out")):
+        write_listing_job(tmp_path / "job", pattern, {**spec, "output": str(output)}, None)
+    with pytest.raises(ConfigError, match="would list what the job writes"):
+        write_listing_job(tmp_path / "job", "s3://b/in/**/*.png", {**spec, "output": "s3://b/in/out"}, None)
+
 
 def test_listing_with_no_match_and_odd_names(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="matches no image"):
