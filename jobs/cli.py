@@ -867,6 +867,8 @@ def worker(
         "celery",
         "-A",
         "workers.app",
+        # Celery's banner is text on stdout: a JSON log has only JSON lines.
+        *(["--quiet"] if settings.log_format == "json" else []),
         "worker",
         "--queues",
         queues,

@@ -46,6 +46,7 @@ MAX_SPEC_BYTES = 1 * 2**20
 MAX_LINE_BYTES = 1 * 2**20
 MAX_PROBLEMS = 200
 MAX_WARNINGS = 5  # lines of a kind of warning shown; the rest are counted
+REMOTE_SCHEMES = ("s3://", "http://", "https://")
 MAX_ITEMS = 10_000_000
 ITEM_FORMATS = (".jsonl", ".csv", ".parquet")
 PARQUET_BATCH = 4096
@@ -602,20 +603,22 @@ def validate_job(
         item, found = _check_item(resolver, file, line, row)
         item_problems.extend(found)
         if item is not None:
-            if item.prompt is not None or item.negative_prompt is not None:
+            if prompts.weighted and (item.prompt is not None or item.negative_prompt is not None):
                 for field, message in prompts.item_problems(item.prompt, item.negative_prompt):
                     item_problems.append(Problem(file, line, field, message))
+            if prompts.plain and item.prompt is not None:
                 warning = prompts.item_warning(item.prompt)
                 if warning is not None:
                     long_prompts += 1
                     if long_prompts <= MAX_WARNINGS:
                         warnings.append(str(Problem(file, line, *warning)))
-            if _names_local_file(item.image) or _names_local_file(item.control_image):
-                local_count += 1
-                first_local = first_local or item.image or item.control_image
-                digest.relative_paths = (
-                    digest.relative_paths or _relative(item.image) or _relative(item.control_image)
-                )
+            image, control = item.image, item.control_image
+            if (image is not None and not image.startswith(REMOTE_SCHEMES)) or control is not None:
+                local = image if _names_local_file(image) else control if _names_local_file(control) else None
+                if local is not None:
+                    local_count += 1
+                    first_local = first_local or local
+                    digest.relative_paths = digest.relative_paths or _relative(image) or _relative(control)
         if check_local and item is not None:
             item_dir = items_path.parent
             missing = local_input_problems(item, item_dir)

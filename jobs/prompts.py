@@ -5,14 +5,15 @@ the others, a prompt a CLIP text encoder must cut short is a warning, since only
 tokenizer knows its limit and the worker records what it did (prompt_truncated in results.jsonl).
 
 What the spec itself says (a template, the defaults, a stage's negative prompt) is checked once, as a
-problem or warning of the spec; an item's own prompt on its line. Checks are memoized by text: most
-jobs have few distinct prompts.
+problem or warning of the spec; an item's own prompt on its line. Both are about linear in the
+prompt: a few microseconds for a plain prompt longer than 75 characters, nothing for a shorter one or
+for one that repeats the last item's; compel's checks are memoized by text.
 """
 
 from __future__ import annotations
 
 from schemas.job import DEFAULT_PROMPT_TEMPLATE, JobSpec, ResizeStage, StageSpec
-from schemas.prompts import CLIP_PROMPT_TOKENS, clip_tokens_at_least, weighted_prompt_problem
+from schemas.prompts import CLIP_PROMPT_TOKENS, clip_tokens_over, weighted_prompt_problem
 
 MEMO_SIZE = 4096
 Finding = tuple[str, str]  # (field, message)
@@ -37,7 +38,10 @@ class PromptChecks:
         self.stages = [
             (index, stage) for index, stage in enumerate(spec.stages) if not isinstance(stage, ResizeStage)
         ]
-        self._memo: dict[tuple[bool, str], str | None] = {}
+        self.weighted = [(index, stage) for index, stage in self.stages if stage.prompt_syntax == "compel"]
+        self.plain = [(index, stage) for index, stage in self.stages if stage.prompt_syntax == "plain"]
+        self._memo: dict[str, str | None] = {}
+        self._last: tuple[str | None, Finding | None] = (None, None)
         self.spec_problems: list[Finding] = []
         self.spec_warnings: list[Finding] = []
         # Stages whose template or defaults are refused already: their items are not told again.
@@ -45,24 +49,18 @@ class PromptChecks:
         self._check_spec()
 
     def _problem(self, text: str) -> str | None:
-        return self._checked(True, text)
-
-    def _tokens_warning(self, text: str) -> str | None:
-        return self._checked(False, text)
-
-    def _checked(self, weighted: bool, text: str) -> str | None:
-        key = (weighted, text)
-        if key not in self._memo:
+        if text not in self._memo:
             if len(self._memo) >= MEMO_SIZE:
                 self._memo.clear()
-            if weighted:
-                self._memo[key] = weighted_prompt_problem(text)
-            elif len(text) <= CLIP_PROMPT_TOKENS:  # a piece is a character at least
-                self._memo[key] = None
-            else:
-                tokens = clip_tokens_at_least(text)
-                self._memo[key] = cut_short(tokens) if tokens > CLIP_PROMPT_TOKENS else None
-        return self._memo[key]
+            self._memo[text] = weighted_prompt_problem(text)
+        return self._memo[text]
+
+    @staticmethod
+    def _tokens_warning(text: str) -> str | None:
+        # Not memoized: the check costs about what a memo would (a few microseconds), and the items of
+        # a row that share their prompt are told apart by item_warning at once.
+        tokens = clip_tokens_over(text)
+        return None if tokens is None else cut_short(tokens)
 
     def _check_spec(self) -> None:
         base = self.defaults.prompt
@@ -85,8 +83,8 @@ class PromptChecks:
     def item_problems(self, prompt: str | None, negative_prompt: str | None) -> list[Finding]:
         """An item's own prompt and negative prompt (None where it sets none) as compel stages take them."""
         found: dict[Finding, None] = {}
-        for index, stage in self.stages:
-            if stage.prompt_syntax != "compel" or index in self._refused:
+        for index, stage in self.weighted:
+            if index in self._refused:
                 continue
             if prompt is not None:
                 problem = self._problem(stage.prompt_template.format(prompt=prompt))
@@ -100,9 +98,16 @@ class PromptChecks:
         """The warning for an item's own prompt that a plain stage's model may cut short."""
         if prompt is None:
             return None
-        for index, stage in self.stages:
-            if stage.prompt_syntax == "plain":
-                warning = self._tokens_warning(stage.prompt_template.format(prompt=prompt))
-                if warning is not None:
-                    return "prompt", f"{warning}{_after_template(index, stage)}"
+        if prompt == self._last[0]:  # items in a row mostly share their prompt
+            return self._last[1]
+        self._last = (prompt, self._item_warning(prompt))
+        return self._last[1]
+
+    def _item_warning(self, prompt: str) -> Finding | None:
+        for index, stage in self.plain:
+            template = stage.prompt_template
+            text = prompt if template == DEFAULT_PROMPT_TEMPLATE else template.format(prompt=prompt)
+            warning = self._tokens_warning(text)
+            if warning is not None:
+                return "prompt", f"{warning}{_after_template(index, stage)}"
         return None

@@ -38,6 +38,7 @@ from jobs.broker import connect_redis, require_broker_url
 from jobs.embedded import state_root
 from jobs.manifest import ParamsResolver, locate
 from jobs.producer import prepared, submit
+from jobs.prompts import PromptChecks
 from jobs.recipe import plan_recipe
 from jobs.registry import Location, Registry, error_message, first_error
 from jobs.sources import (
@@ -172,10 +173,15 @@ def _item_problems(spec: JobSpec, entry: ScheduleEntry) -> list[tuple[str, str]]
             )
         ]
     resolved = ParamsResolver(spec).resolve(Item(id="sample", image=SAMPLE_IMAGE, prompt=entry.prompt))
+    prompts = PromptChecks(spec)
     return [
-        (f"stages.{index}", messages[0])
-        for index, messages in enumerate(resolved)
-        if isinstance(messages, list)
+        *(
+            (f"stages.{index}", messages[0])
+            for index, messages in enumerate(resolved)
+            if isinstance(messages, list)
+        ),
+        *prompts.spec_problems,
+        *prompts.item_problems(entry.prompt, None),
     ]
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+import string
 
 MAX_WEIGHTED_PROMPT_CHARS = 4000
 MAX_WEIGHTED_PROMPT_NESTING = 16
@@ -34,6 +35,10 @@ NO_NORMALIZE = "no_normalize"
 # CLIP's pre-tokenizer (lower-cased text): contractions, letter runs, single digits, runs of other
 # symbols. BPE makes one token or more of each piece, so their count is a lower bound of the tokens.
 _CLIP_PIECES = re.compile(r"'(?:s|t|re|ve|m|ll|d)|[^\W\d_]+|\d|(?:[^\s\w]|_)+", re.IGNORECASE)
+# The same for ASCII text, twice as fast: a contraction counts as two pieces here (the apostrophe and
+# its letters), so the apostrophes are taken off again.
+_ASCII_PIECES = re.compile(r"[a-zA-Z]+|\d|[^a-zA-Z\d\s]+")
+_LETTERS_AND_SPACES = str.maketrans("", "", string.ascii_letters + " ")
 
 
 def control_character_problem(text: str) -> str | None:
@@ -111,7 +116,21 @@ def weighted_prompt_problem(text: str) -> str | None:
     return None
 
 
+def clip_tokens_over(text: str, limit: int = CLIP_PROMPT_TOKENS) -> int | None:
+    """clip_tokens_at_least(text) where it is over `limit`, else None; ruled out first, where it can
+    be, by an upper bound of the pieces that costs a third of counting them: each piece begins a word
+    or begins at a character that is not a letter, and no more than two begin at one."""
+    if len(text) <= limit:
+        return None  # a piece is a character at least
+    if text.isascii() and len(text.split()) + 2 * len(text.translate(_LETTERS_AND_SPACES)) <= limit:
+        return None
+    tokens = clip_tokens_at_least(text)
+    return tokens if tokens > limit else None
+
+
 def clip_tokens_at_least(text: str) -> int:
     """A lower bound of the tokens a CLIP tokenizer makes of the text, its start and end markers
     left out. The model's own tokenizer decides; this only says when it cannot be fewer."""
-    return sum(1 for _ in _CLIP_PIECES.finditer(text))
+    if text.isascii():
+        return len(_ASCII_PIECES.findall(text)) - text.count("'")
+    return len(_CLIP_PIECES.findall(text))

@@ -14,6 +14,7 @@ below (schemas/prompts.py).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import signal
 import threading
@@ -23,6 +24,8 @@ from typing import Any
 
 from schemas.errors import PromptError, StageError
 from schemas.prompts import weighted_prompt_problem
+
+log = logging.getLogger(__name__)
 
 PARSE_LIMIT_S = 10.0
 
@@ -182,8 +185,13 @@ def prompts_cut_short(pipeline: Any, prompts: list[str], syntax: str) -> list[bo
     # Tokenizing only what needs it: a token is a byte at least, besides the start and end markers.
     long = [index for index, prompt in enumerate(prompts) if len(prompt.encode()) + 2 > limit]
     cut = [False] * len(prompts)
-    if long:
+    if not long:
+        return cut
+    try:
         ids = tokenizer([prompts[index] for index in long], truncation=False).input_ids
-        for index, tokens in zip(long, ids, strict=True):
-            cut[index] = len(tokens) > limit
+    except Exception:  # what is only recorded must never fail the call
+        log.warning("could not count the tokens of %d prompt(s)", len(long), exc_info=True)
+        return cut
+    for index, tokens in zip(long, ids, strict=True):
+        cut[index] = len(tokens) > limit
     return cut
