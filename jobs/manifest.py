@@ -455,18 +455,18 @@ class LocalInput:
         return json.dumps(asdict(self)) + "\n"
 
 
-def local_input_problems(item: Item, items_dir: Path) -> list[tuple[str, str, str]]:
-    """(field, path, message) for each local input of the item that is missing or is a folder, as
-    this machine sees it: only where the workers share its files (validate, an embedded run)."""
+def local_input_problems(item: Item, items_dir: Path) -> list[tuple[str, str]]:
+    """(field, message) for each local input of the item that is missing or is a folder, as this
+    machine sees it: only where the workers share its files (validate, an embedded run)."""
     problems = []
     for field, uri in (("image", item.image), ("control_image", item.control_image)):
         path = absolute_path(uri, items_dir)
         if path is None:
             continue
         if not os.path.exists(path):
-            problems.append((field, path, f"no such file: {path}"))
+            problems.append((field, f"no such file: {path}"))
         elif os.path.isdir(path):
-            problems.append((field, path, f"{path} is a folder, not an image"))
+            problems.append((field, f"{path} is a folder, not an image"))
     return problems
 
 
@@ -622,10 +622,10 @@ def validate_job(
         if check_local and item is not None:
             item_dir = items_path.parent
             missing = local_input_problems(item, item_dir)
-            item_problems.extend(Problem(file, line, field, message) for field, _, message in missing)
+            item_problems.extend(Problem(file, line, field, message) for field, message in missing)
             for field, uri in (("image", item.image), ("control_image", item.control_image)):
                 path = absolute_path(uri, item_dir)
-                if path is None or field in {name for name, _, _ in missing}:
+                if path is None or field in {name for name, _ in missing}:
                     continue
                 if roots is not None and not roots.allows(path):
                     unreadable[len(item_problems)] = os.path.realpath(path)
