@@ -150,9 +150,10 @@ def weighted_prompt_error(text: str, which: str = "prompt") -> PromptError | Non
     problem = weighted_prompt_problem(text)
     if problem is not None:
         return PromptError(f"prompt_syntax: compel: the {which} {problem}")
+    parser = _compel_parser()  # outside the limit: its first call imports compel
     try:
         with _time_limit(PARSE_LIMIT_S):
-            parsed = _compel_parser().parse_conjunction(text)
+            parsed = parser.parse_conjunction(text)
     except _ParseTimeUp:
         return PromptError(f"prompt_syntax: compel could not parse the {which} within {PARSE_LIMIT_S:g} s")
     except RecursionError:

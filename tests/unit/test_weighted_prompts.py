@@ -112,6 +112,22 @@ def test_the_parse_is_bounded_in_time_whatever_the_parser_does(monkeypatch: pyte
         signal.setitimer(signal.ITIMER_REAL, 0)
 
 
+def test_the_bound_is_the_parse_s_not_the_parser_s_import(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's first weighted prompt imports compel (seconds, on a cold disk): not on its clock."""
+
+    class Quick:
+        def parse_conjunction(self, text: str) -> object:
+            return object()
+
+    def slow_to_import() -> Quick:
+        time.sleep(0.5)
+        return Quick()
+
+    monkeypatch.setattr(prompts, "_compel_parser", slow_to_import)
+    monkeypatch.setattr(prompts, "PARSE_LIMIT_S", 0.2)
+    assert prompts.weighted_prompt_error("a (cat)1.3") is None
+
+
 @pytest.mark.slow
 def test_each_stage_records_its_prompt_and_whether_the_tokenizer_cut_it(
     redis_server: EmbeddedRedis, tmp_path: Path, tiny_sd: LoadedModel
