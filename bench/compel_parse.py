@@ -20,7 +20,7 @@ PROMPTS = {
     "8 nested levels": "(" * 8 + "masterpiece" + ")" * 8,
     "16 nested levels": "(" * 16 + "masterpiece" + ")" * 16,
     "32 unclosed (": "(" * 32 + "masterpiece",
-    "4,000 characters of weighted words": "(a photo)1.1 of a cat-- " * 167,
+    "3,984 characters of weighted words": "(a photo)1.1 of a cat-- " * 166,
 }
 # Loaded from its file: `import compel.prompt_parser` runs compel's __init__, which imports torch.
 CHILD = """

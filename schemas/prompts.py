@@ -7,11 +7,11 @@ checks every item and a worker checks again before it parses or encodes one:
 - a lower bound of its CLIP tokens, for the warning that a prompt may be cut short.
 
 compel parses with a pyparsing grammar that backtracks: left as it is, its time grows exponentially
-with the nesting of parentheses, an unclosed `(` counting as a level (measured on 2 cores: 5 levels
-2.6 s, 6 levels over 10 s, 32 unclosed `(` not done in minutes). Workers turn on pyparsing's packrat
-memoizing (workers/prompts.py), which makes it about linear (0.2-0.7 s for a 4,000-character prompt
-of any nesting up to 30 levels); its recursion still deepens with the nesting, and past about 30
-levels Python's recursion limit stops it. Hence the bounds on length and nesting.
+with the nesting of parentheses, an unclosed `(` counting as a level (bench/compel_parse.py: 5 levels
+3-5 s, 6 levels 16-24 s, 8 or 32 unclosed `(` over a minute). Workers turn on pyparsing's packrat
+memoizing (workers/prompts.py), which makes it about linear (milliseconds for any of those, under a
+second for 4,000 characters); its recursion still deepens with the nesting, and past about 30 levels
+Python's recursion limit stops it. Hence the bounds on length and nesting.
 """
 
 from __future__ import annotations

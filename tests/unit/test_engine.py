@@ -193,8 +193,8 @@ def test_the_chunk_path_pads_to_static_batch(
         assert [r.status for r in results.values()] == ["succeeded"] * 3
         written[job_id] = {i: np.asarray(Image.open(results[i].outputs["s0-img2img"])) for i in ids}
     for item_id in ids:
-        padded, plain = (written[job_id][item_id].astype(np.int16) for job_id in ("padded", "plain"))
-        assert np.abs(padded - plain).max() <= PNG_LEVELS, item_id
+        difference = written["padded"][item_id].astype(np.int16) - written["plain"][item_id].astype(np.int16)
+        assert np.abs(difference).max() <= PNG_LEVELS, item_id
 
 
 @pytest.mark.slow
