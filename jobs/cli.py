@@ -40,7 +40,7 @@ from jobs.console import (
 from jobs.consumers import ConsumerWatch, consumed_queues
 from jobs.embedded import EmbeddedState, Interrupted, LocalWorker, state_root, stopped_by_signals
 from jobs.estimate import estimate
-from jobs.manifest import ValidatedJob, validate_job
+from jobs.manifest import ValidatedJob, embedded_input_roots, embedded_roots, validate_job
 from jobs.metrics import BrokerCollector
 from jobs.producer import prepared, send_chunks, sender
 from jobs.producer import submit as submit_job
@@ -138,13 +138,16 @@ def validate(
     model's source must load."""
     settings = Settings.from_env()
     registry = _registry(models, settings, check_sources=True)
+    roots = embedded_roots(settings)
     if not check_inputs:
-        validated = validate_job(job, registry, check_local=True)
+        validated = validate_job(job, registry, check_local=True, embedded_roots=roots)
     else:
         with tempfile.TemporaryFile("w+", encoding="utf-8") as local_inputs:
             problems: list[Problem] = []
             try:
-                validated = validate_job(job, registry, check_local=True, local_inputs=local_inputs)
+                validated = validate_job(
+                    job, registry, check_local=True, local_inputs=local_inputs, embedded_roots=roots
+                )
             except SpecError as exc:
                 problems = list(exc.problems)
             local_inputs.seek(0)
@@ -154,7 +157,13 @@ def validate(
             raise SpecError(
                 sorted(problems, key=lambda problem: (problem.file != str(job), problem.line or 0))
             )
+    _print_notes(validated, distributed=bool(settings.broker_url))
     out.print(f"ok: {validated.total} item(s), job id {validated.job_id}")
+
+
+def _print_notes(job: ValidatedJob, distributed: bool) -> None:
+    for note in job.notes(distributed):
+        err.print(f"warning: {note}", markup=False, highlight=False)
 
 
 def _undecodable_inputs(local_inputs: IO[str]) -> list[Problem]:
@@ -250,7 +259,7 @@ def submit(
             validated = stack.enter_context(prepared(job, _registry(models, settings), settings, priority))
         except SpecError as exc:
             raise _named_by_flags(exc, job, parameters) if from_ is not None else exc from None
-        _print_notes(validated)
+        _print_notes(validated, distributed=True)
         if dry_run:
             _print_estimate(validated, broker_url)
             return
@@ -259,12 +268,6 @@ def submit(
     if submission.already_submitted:
         err.print(f"job {submission.job_id} was already submitted; see `imgjobs status {submission.job_id}`")
     print(submission.job_id)
-
-
-def _print_notes(job: ValidatedJob) -> None:
-    """What the user should know of inputs submitted anyway: input shards with a problem."""
-    for note in job.notes:
-        err.print(f"warning: {note}", markup=False, highlight=False)
 
 
 def _print_estimate(job: ValidatedJob, broker_url: str | None) -> None:
@@ -433,8 +436,7 @@ def _local_workers(
 def _embedded_input_roots(settings: Settings, job: ValidatedJob) -> str:
     """What an embedded run's workers may read local inputs from: the job's own folders (the spec's
     and the manifest's, which relative paths start from) and any the operator set."""
-    folders = [settings.local_input_roots or "", str(job.spec_path.parent), str(job.items_path.parent)]
-    return os.pathsep.join(dict.fromkeys(folder for folder in folders if folder))
+    return embedded_input_roots(settings.local_input_roots, job.spec_path, job.items_path)
 
 
 def _follow(
@@ -476,8 +478,8 @@ def run(
     registry = _registry(models, settings, check_sources=not settings.broker_url)
     logs: Path | None = None
     with stopped_by_signals(), ExitStack() as stack:
-        validated = stack.enter_context(prepared(job, registry, settings, priority))
-        _print_notes(validated)
+        validated = stack.enter_context(prepared(job, registry, settings, priority, check_local=dry_run))
+        _print_notes(validated, distributed=bool(settings.broker_url))
         if dry_run:
             if settings.broker_url:
                 _print_estimate(validated, require_broker_url(settings))
@@ -881,6 +883,8 @@ def worker(
         "celery",
         "-A",
         "workers.app",
+        # Celery's banner is text on stdout: a JSON log has only JSON lines.
+        *(["--quiet"] if settings.log_format == "json" else []),
         "worker",
         "--queues",
         queues,

@@ -25,6 +25,7 @@ import yaml
 from pydantic import ValidationError
 
 from jobs.plan import PartWriter, absolute_path
+from jobs.prompts import PromptChecks
 from jobs.recipe import plan_recipe
 from jobs.registry import Location, Registry, error_message, yaml_child, yaml_line
 from jobs.shards import indexed, is_shard_source, shard_uris, with_shard_error
@@ -32,6 +33,7 @@ from jobstate.meta import JobMeta, chunk_size_for
 from schemas.errors import ConfigError, Problem, SpecError
 from schemas.job import (
     DEFAULT_SHARD_SIZE,
+    IMAGE_URI_SCHEMES,
     Item,
     JobSpec,
     ResolvedParams,
@@ -41,10 +43,13 @@ from schemas.job import (
 )
 from schemas.messages import StagePlan
 from schemas.registry import ResolvedModel
+from schemas.settings import NOT_UNDER_ROOTS, LocalRoots, Settings, real_folders
 
 MAX_SPEC_BYTES = 1 * 2**20
 MAX_LINE_BYTES = 1 * 2**20
 MAX_PROBLEMS = 200
+MAX_WARNINGS = 5  # lines of a kind of warning shown; the rest are counted
+REMOTE_SCHEMES = ("s3://", "http://", "https://")
 MAX_ITEMS = 10_000_000
 ITEM_FORMATS = (".jsonl", ".csv", ".parquet")
 PARQUET_BATCH = 4096
@@ -64,7 +69,20 @@ class ValidatedJob:
     chunk_size: int
     parts: PartWriter | None = None  # the items, written as parts, when validation was asked to
     schedule: str | None = None  # the schedule whose firing submits the job
-    notes: tuple[str, ...] = ()  # input shards submitted with a problem: one line each, for the user
+    warnings: tuple[str, ...] = ()  # what may not go as the user expects, though nothing is wrong
+    local_inputs: int = 0  # items that read a local file
+    first_local_input: str | None = None
+
+    def notes(self, distributed: bool) -> list[str]:
+        """The warnings to print before the job runs; `distributed`: its workers may be on other hosts."""
+        notes = list(self.warnings)
+        if distributed and self.local_inputs:
+            notes.append(
+                f"{self.local_inputs} item(s) read local files (such as {self.first_local_input}): "
+                "workers on other hosts may not see them, and a worker reads only under its "
+                "IMGJOBS_LOCAL_INPUT_ROOTS; s3:// inputs reach every worker"
+            )
+        return notes
 
     def meta(self, run_id: str) -> JobMeta:
         """The job as the state owner records it at submit."""
@@ -441,6 +459,8 @@ def output_of(spec: JobSpec, spec_path: Path) -> str:
 
 def _unusable_items_file(items_path: Path) -> str | None:
     """Why the items file cannot be read, if it cannot."""
+    if items_path.is_dir():
+        return f"{items_path} is a folder; items names a file ({', '.join(ITEM_FORMATS)})"
     if items_path.suffix.lower() not in ITEM_FORMATS:
         return f"items file must be one of {ITEM_FORMATS}"
     if not items_path.is_file():
@@ -480,6 +500,49 @@ def local_input_problems(item: Item, items_dir: Path) -> list[tuple[str, str]]:
         elif os.path.isdir(path):
             problems.append((field, f"{path} is a folder, not an image"))
     return problems
+
+
+def embedded_input_roots(operator_roots: str | None, spec_path: Path, items_path: Path) -> str:
+    """What an embedded run's workers may read local inputs from, as IMGJOBS_LOCAL_INPUT_ROOTS: the
+    job's own folders (the spec's and the manifest's, which relative paths start from) and any the
+    operator set."""
+    folders = [operator_roots or "", str(spec_path.resolve().parent), str(items_path.resolve().parent)]
+    return os.pathsep.join(dict.fromkeys(folder for folder in folders if folder))
+
+
+def embedded_roots(settings: Settings) -> str | None:
+    """validate_job's `embedded_roots` for a run with these settings: None where a broker's workers run
+    it, elsewhere, with folders of their own."""
+    return None if settings.broker_url else settings.local_input_roots or ""
+
+
+def _names_local_file(uri: str | None) -> bool:
+    return uri is not None and (uri.startswith("file://") or not uri.startswith(IMAGE_URI_SCHEMES))
+
+
+def _relative(uri: str | None) -> bool:
+    return _names_local_file(uri) and not os.path.isabs(os.path.expanduser(uri or "").removeprefix("file://"))
+
+
+class _JobDigest:
+    """The job id's hash, fed in one pass both with and without the manifest's folder: the folder is
+    part of what the job runs only where an item names a path relative to it. A manifest of absolute
+    paths or URIs (as `submit --from` writes into a temporary folder) thus gives the same id wherever
+    it lies, while the id of one with relative paths is the one it always had."""
+
+    def __init__(self, head: bytes, folder: str, output: str) -> None:
+        self.with_folder = hashlib.sha256(head)
+        self.without_folder = self.with_folder.copy()
+        self.with_folder.update(f"{folder}\n{output}\n".encode())
+        self.without_folder.update(f"{output}\n".encode())
+        self.relative_paths = False
+
+    def update(self, data: bytes) -> None:
+        self.with_folder.update(data)
+        self.without_folder.update(data)
+
+    def hexdigest(self) -> str:
+        return (self.with_folder if self.relative_paths else self.without_folder).hexdigest()
 
 
 def output_problem(output: str) -> str | None:
@@ -544,13 +607,16 @@ def validate_job(
     chunk_size: int | None = None,
     check_local: bool = False,
     local_inputs: TextIO | None = None,
+    embedded_roots: str | None = None,
 ) -> ValidatedJob:
     """Every problem of the spec and all its items, raised together as one SpecError. With
     `parts_to`, the items are also written there as parts of the job's chunk size (`chunk_size`
     overrides the models'), in the same pass: what `imgjobs submit` publishes. With `check_local`,
     local inputs must exist and a local output must be writable, as seen from this machine; each
     local input that exists is then also written to `local_inputs`, where given, as a LocalInput JSON
-    line, for `validate --check-inputs` to decode."""
+    line, for `validate --check-inputs` to decode. With `embedded_roots` (the operator's
+    IMGJOBS_LOCAL_INPUT_ROOTS, "" for none), a local input must also be one that an embedded run's
+    workers may read: under those folders or the job's own (embedded_input_roots)."""
     spec, root = _read_spec(spec_path)
     recipe, problems = plan_recipe(spec, registry, spec_path.parent, str(spec_path))
     items_path = items_path_of(spec, spec_path)
@@ -565,9 +631,19 @@ def validate_job(
         unusable = _unusable_items_file(items_path)
     if unusable is not None:
         problems.append(Problem(str(spec_path), None, "items", unusable))
+    prompts = PromptChecks(spec)
+    problems.extend(Problem(str(spec_path), None, field, message) for field, message in prompts.spec_problems)
     problems = _on_spec_lines(problems, str(spec_path), root)
     if unusable is not None:
         raise SpecError(problems)
+    warnings = [
+        str(problem)
+        for problem in _on_spec_lines(
+            [Problem(str(spec_path), None, field, message) for field, message in prompts.spec_warnings],
+            str(spec_path),
+            root,
+        )
+    ]
 
     output = output_of(spec, spec_path)
     unwritable = output_problem(output) if check_local else None
@@ -575,15 +651,25 @@ def validate_job(
         problems.extend(
             _on_spec_lines([Problem(str(spec_path), None, "output", unwritable)], str(spec_path), root)
         )
+    roots = (
+        LocalRoots(real_folders(embedded_input_roots(embedded_roots, spec_path, items_path)))
+        if check_local and embedded_roots is not None
+        else None
+    )
     # The id covers what the job will run: the spec, the resolved models, where relative paths point
     # and where outputs go, then every item. Not the priority: the same work sent at another priority is
     # the same job.
-    digest = hashlib.sha256(spec_identity(spec).encode())
-    digest.update(json.dumps([plan.model_dump(mode="json") for plan in recipe]).encode())
-    digest.update(f"{items_path.parent}\n{output}\n".encode())
+    digest = _JobDigest(
+        spec_identity(spec).encode() + json.dumps([plan.model_dump(mode="json") for plan in recipe]).encode(),
+        str(items_path.parent),
+        output,
+    )
     duplicates = _DuplicateIds()
     resolver = ParamsResolver(spec)
     item_problems: list[Problem] = []
+    unreadable: dict[int, str] = {}  # index in item_problems -> the input's real path
+    long_prompts = 0
+    local_count, first_local = 0, None
     stopped: Problem | None = None
     total = 0
     file = str(items_path)
@@ -603,15 +689,42 @@ def validate_job(
             continue
         item, found = _check_item(resolver, file, line, row)
         item_problems.extend(found)
+        if item is not None:
+            if prompts.weighted and (item.prompt is not None or item.negative_prompt is not None):
+                for field, message in prompts.item_problems(item.prompt, item.negative_prompt):
+                    item_problems.append(Problem(file, line, field, message))
+            if prompts.plain and item.prompt is not None:
+                warning = prompts.item_warning(item.prompt)
+                if warning is not None:
+                    long_prompts += 1
+                    if long_prompts <= MAX_WARNINGS:
+                        warnings.append(str(Problem(file, line, *warning)))
+            image, control = item.image, item.control_image
+            if (image is not None and not image.startswith(REMOTE_SCHEMES)) or control is not None:
+                local = image if _names_local_file(image) else control if _names_local_file(control) else None
+                if local is not None:
+                    local_count += 1
+                    first_local = first_local or local
+                    digest.relative_paths = digest.relative_paths or _relative(image) or _relative(control)
         if check_local and item is not None:
             item_dir = items_path.parent
             missing = local_input_problems(item, item_dir)
             item_problems.extend(Problem(file, line, field, message) for field, message in missing)
-            if local_inputs is not None and item.sample is None:  # a sample's shard was read to index it
-                for field, uri in (("image", item.image), ("control_image", item.control_image)):
-                    path = absolute_path(uri, item_dir)
-                    if path is not None and field not in {name for name, _ in missing}:
-                        local_inputs.write(LocalInput(file=file, line=line, field=field, path=path).to_line())
+            # A sample's shard was read to index it; its `image` names a member, not a file.
+            for field, uri in (
+                () if item.sample else (("image", item.image), ("control_image", item.control_image))
+            ):
+                path = absolute_path(uri, item_dir)
+                if path is None or field in {name for name, _ in missing}:
+                    continue
+                if roots is not None and not roots.allows(path):
+                    unreadable[len(item_problems)] = os.path.realpath(path)
+                    message = (
+                        f"{path}{_reaches(uri or path, path)}: {NOT_UNDER_ROOTS}: workers will refuse it"
+                    )
+                    item_problems.append(Problem(file, line, field, message))
+                elif local_inputs is not None:
+                    local_inputs.write(LocalInput(file=file, line=line, field=field, path=path).to_line())
         if item is not None:
             duplicates.add(item.id)
             if writer is not None and not item_problems:
@@ -623,6 +736,15 @@ def validate_job(
         if len(item_problems) >= MAX_PROBLEMS:
             stopped = Problem(file, line, None, f"stopped after {MAX_PROBLEMS} problems")
             break
+    job_id = f"{spec.name}-{digest.hexdigest()[:12]}"
+    if unreadable and roots is not None:
+        # Workers may also read the job's own output folder (what earlier stages wrote there).
+        job_folder = LocalRoots(real_folders(os.path.join(output, job_id)))
+        item_problems = [
+            problem
+            for index, problem in enumerate(item_problems)
+            if index not in unreadable or not job_folder.allows(unreadable[index])
+        ]
     budget = MAX_PROBLEMS - len(item_problems)
     if shards is not None:
         item_problems.extend(shards.problems)
@@ -644,15 +766,28 @@ def validate_job(
         writer.close()
     if problems:
         raise SpecError(problems)
+    if long_prompts > MAX_WARNINGS:
+        warnings.append(f"{file}: {long_prompts - MAX_WARNINGS} more item(s) whose prompt may be cut short")
     return ValidatedJob(
         spec=spec,
         spec_path=spec_path.resolve(),
         items_path=items_path,
         output=output,
-        job_id=f"{spec.name}-{digest.hexdigest()[:12]}",
+        job_id=job_id,
         total=total,
         recipe=tuple(recipe),
         chunk_size=size,
         parts=writer,
-        notes=tuple(shards.notes) if shards is not None else (),
+        warnings=(*warnings, *(shards.notes if shards is not None else ())),
+        local_inputs=local_count,
+        first_local_input=first_local,
     )
+
+
+def _reaches(uri: str, path: str) -> str:
+    """Where a path that leaves the allowed folders leads, when its text does not say so."""
+    real = os.path.realpath(path)
+    if real == os.path.normpath(path):
+        return ""
+    through = "a symbolic link" if ".." not in Path(uri).parts else "'..'"
+    return f" (through {through}, it is {real})"

@@ -13,7 +13,7 @@ from pathlib import Path
 from celery import Celery
 
 from jobs.broker import connect_redis, producer_app
-from jobs.manifest import ValidatedJob, validate_job
+from jobs.manifest import ValidatedJob, embedded_roots, validate_job
 from jobs.registry import Registry
 from jobstate.meta import JobMeta
 from jobstate.parts import JobParts
@@ -38,12 +38,24 @@ class Submission:
 
 @contextmanager
 def prepared(
-    job_path: Path, registry: Registry, settings: Settings, priority: Priority | None = None
+    job_path: Path,
+    registry: Registry,
+    settings: Settings,
+    priority: Priority | None = None,
+    check_local: bool = False,
 ) -> Iterator[ValidatedJob]:
     """The job validated, its items written as parts into a temporary folder for `submit`; with
-    `priority`, at that priority instead of its spec's (the job id stays the same)."""
+    `priority`, at that priority instead of its spec's (the job id stays the same). With
+    `check_local`, its local inputs and output are checked as `validate` checks them."""
     with tempfile.TemporaryDirectory(prefix="imgjobs-parts-") as folder:
-        job = validate_job(job_path, registry, Path(folder), settings.chunk_size)
+        job = validate_job(
+            job_path,
+            registry,
+            Path(folder),
+            settings.chunk_size,
+            check_local=check_local,
+            embedded_roots=embedded_roots(settings) if check_local else None,
+        )
         if priority is not None and priority != job.spec.priority:
             spec = JobSpec.model_validate({**job.spec.model_dump(), "priority": priority})
             job = replace(job, spec=spec)

@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -39,15 +38,15 @@ from jobs.broker import connect_redis, require_broker_url
 from jobs.embedded import state_root
 from jobs.manifest import ParamsResolver, locate
 from jobs.producer import prepared, submit
+from jobs.prompts import PromptChecks
 from jobs.recipe import plan_recipe
 from jobs.registry import Location, Registry, error_message, first_error
 from jobs.sources import (
-    WILDCARDS,
+    absolute_pattern,
     check_pattern,
     item_id_for,
     list_versions,
-    matches_in_new_folders,
-    split_pattern,
+    lists_output,
 )
 from jobstate import keys
 from jobstate.store import JobStore
@@ -133,11 +132,11 @@ def _checked(
         raise read.error((*loc, "source"), str(exc)) from None
     entry = entry.model_copy(
         update={
-            "source": _absolute_pattern(entry.source, base_dir),
+            "source": absolute_pattern(entry.source, base_dir),
             "output": _absolute_output(entry, base_dir),
         }
     )
-    if _outputs_listed(entry):
+    if lists_output(entry.source, entry.output):
         raise read.error(
             (*loc, "output"),
             f"{entry.output} lies inside the source {entry.source}, which would list the jobs' "
@@ -158,31 +157,10 @@ def _checked(
     )
 
 
-def _absolute_pattern(source: str, base_dir: Path) -> str:
-    """A local pattern made absolute, its leading levels without wildcards resolved as the output
-    is, so that the two compare."""
-    if source.startswith("s3://"):
-        return source
-    levels = os.path.normpath(base_dir / os.path.expanduser(source)).split("/")
-    literal = next((i for i, level in enumerate(levels) if any(c in level for c in WILDCARDS)), len(levels))
-    return str(Path(Path("/".join(levels[:literal]) or "/").resolve(), *levels[literal:]))
-
-
 def _absolute_output(entry: ScheduleEntry, base_dir: Path) -> str:
     if "://" in entry.output and not entry.output.startswith("file://"):
         return entry.output  # not local; JobSpec names what is wrong with it
     return str((base_dir / Path(entry.output.removeprefix("file://")).expanduser()).resolve())
-
-
-def _outputs_listed(entry: ScheduleEntry) -> bool:
-    """Whether the source could list what the entry's jobs write under its output."""
-    if entry.source.startswith("s3://") != entry.output.startswith("s3://"):
-        return False
-    if not entry.source.startswith("s3://"):
-        return matches_in_new_folders(entry.source, entry.output)
-    bucket, key_pattern = split_pattern(entry.source)
-    out_bucket, _, out_prefix = entry.output.removeprefix("s3://").partition("/")
-    return bucket == out_bucket and matches_in_new_folders(key_pattern, out_prefix.strip("/"))
 
 
 def _item_problems(spec: JobSpec, entry: ScheduleEntry) -> list[tuple[str, str]]:
@@ -195,10 +173,15 @@ def _item_problems(spec: JobSpec, entry: ScheduleEntry) -> list[tuple[str, str]]
             )
         ]
     resolved = ParamsResolver(spec).resolve(Item(id="sample", image=SAMPLE_IMAGE, prompt=entry.prompt))
+    prompts = PromptChecks(spec)
     return [
-        (f"stages.{index}", messages[0])
-        for index, messages in enumerate(resolved)
-        if isinstance(messages, list)
+        *(
+            (f"stages.{index}", messages[0])
+            for index, messages in enumerate(resolved)
+            if isinstance(messages, list)
+        ),
+        *prompts.spec_problems,
+        *prompts.item_problems(entry.prompt, None),
     ]
 
 

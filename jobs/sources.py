@@ -12,6 +12,7 @@ import functools
 import glob
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,6 +103,29 @@ def _matches_below(patterns: tuple[str, ...], names: tuple[str, ...]) -> bool:
     return _level_matches(head, names[0]) and _matches_below(rest, names[1:])
 
 
+def absolute_pattern(source: str, base_dir: Path) -> str:
+    """A local pattern made absolute, its leading levels without wildcards resolved as an output is,
+    so that the two compare."""
+    if source.startswith("s3://"):
+        return source
+    levels = os.path.normpath(base_dir / os.path.expanduser(source)).split("/")
+    literal = next((i for i, level in enumerate(levels) if any(c in level for c in WILDCARDS)), len(levels))
+    return str(Path(Path("/".join(levels[:literal]) or "/").resolve(), *levels[literal:]))
+
+
+def lists_output(source: str, output: str) -> bool:
+    """Whether the listing `source` could list what jobs write under `output` (both absolute, as
+    absolute_pattern and a resolved folder, or s3://): each listing would take the last one's outputs
+    for new images."""
+    if source.startswith("s3://") != output.startswith("s3://"):
+        return False
+    if not source.startswith("s3://"):
+        return matches_in_new_folders(source, output)
+    bucket, key_pattern = split_pattern(source)
+    out_bucket, _, out_prefix = output.removeprefix("s3://").partition("/")
+    return bucket == out_bucket and matches_in_new_folders(key_pattern, out_prefix.strip("/"))
+
+
 def list_images(pattern: str) -> Iterator[str]:
     """URIs matching an s3://bucket/prefix/*.png pattern or a local glob, in sorted order."""
     for uri, _version in list_versions(pattern):
@@ -169,7 +193,15 @@ def item_id_for(uri: str, taken: set[str]) -> str:
 def write_listing_job(
     folder: Path, pattern: str, spec: dict[str, Any], prompt: str | None
 ) -> tuple[Path, int]:
-    """job.json and items.jsonl in `folder` for every image the pattern lists; returns (spec path, count)."""
+    """job.json and items.jsonl in `folder` for every image the pattern lists; returns (spec path, count).
+    A local pattern is relative to the working folder, and so is a local output (`spec`'s, absolute)."""
+    check_pattern(pattern)
+    output = spec.get("output")
+    if isinstance(output, str) and lists_output(absolute_pattern(pattern, Path.cwd()), output):
+        raise ConfigError(
+            f"--from {pattern!r} would list what the job writes under --output {output}, and a later "
+            "submit of the same listing would take those outputs for new images; write them elsewhere"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
     count = 0

@@ -47,6 +47,9 @@ class JobMeta(BaseModel):
     epoch: int = Field(0, description="raised by each cancel: chunks sent before it are dropped")
     round: int = Field(0, description="raised by each retry: its results win over the earlier rounds'")
     end_error: str | None = Field(None, description="why the job's end could not be written")
+    unrecorded: str | None = Field(
+        None, description="why the results of failed items could not be written (the last such error)"
+    )
     results: str | None = Field(None, description="results.jsonl's URI, once written")
     report: str | None = None
 

@@ -65,7 +65,10 @@ def cancelled_result(meta: JobMeta, item: Item, stage_index: int) -> ItemResult:
 
 
 def lost_result(meta: JobMeta, item: Item, folder: str) -> ItemResult:
+    """The result of an item finished without a row in `folder`: one that failed while storage could
+    not take its row (meta.unrecorded says why), or whose row was removed since."""
     plan = meta.recipe[0]
+    reason = meta.unrecorded or f"the item's recorded result is missing from {folder}"
     return item_result(
         item,
         meta.spec.defaults,
@@ -73,7 +76,7 @@ def lost_result(meta: JobMeta, item: Item, folder: str) -> ItemResult:
         resolve_params(item, plan.spec, meta.spec.defaults),
         records=[],
         outputs={},
-        error=StorageError(f"the item's recorded result is missing from {folder}"),
+        error=StorageError(reason),
     )
 
 

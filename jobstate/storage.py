@@ -182,11 +182,44 @@ class _Replacing:
             self.tmp.unlink(missing_ok=True)
 
 
-@functools.cache
+# What a client is built from: a process whose environment changes (an operator's rotated keys, a
+# test's own endpoint) gets a client of the new environment, never one cached from the old.
+S3_ENVIRONMENT = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_MAX_ATTEMPTS",
+    "AWS_CA_BUNDLE",
+    "AWS_EC2_METADATA_DISABLED",
+)
+
+
 def s3_client() -> S3Client:
-    """One client per process (two threads asking first at once may each build one, which is
-    harmless). Retries and timeouts are boto3's own; checksums are only sent when required because
-    some S3-compatible stores reject the new default CRC headers (boto3#4392)."""
+    """The client for the process's S3 environment (S3_ENVIRONMENT), built once per environment (two
+    threads asking first at once may each build one, which is harmless). Retries and timeouts are
+    boto3's own; checksums are only sent when required because some S3-compatible stores reject the new
+    default CRC headers (boto3#4392)."""
+    return _client_for(tuple(os.environ.get(name) for name in S3_ENVIRONMENT))
+
+
+def forget_s3_clients() -> None:
+    """Drop the clients built so far, so the next request builds one (a test's fresh start)."""
+    _client_for.cache_clear()
+
+
+def s3_clients_built() -> int:
+    return _client_for.cache_info().currsize
+
+
+@functools.lru_cache(maxsize=4)
+def _client_for(environment: tuple[str | None, ...]) -> S3Client:
     # A session of its own: boto3's default session is not safe to create clients from on several
     # threads at once, and the chunk runner's I/O threads may be the first to ask.
     core = botocore.session.Session()

@@ -34,6 +34,7 @@ from schemas.progress import JobState, JobStatus, StageProgress
 SCAN_BATCH = 1000
 # Items moved per script call by a retry or its undo: a call blocks Redis while it runs.
 MOVE_BATCH = 10_000
+MAX_REASON = 2000  # characters of an error kept in the job's meta
 
 
 def _script(name: str) -> str:
@@ -94,6 +95,7 @@ class JobStore:
                 "prune_job",
                 "mark_sent",
                 "shard_lease",
+                "note_unrecorded",
             )
         }
 
@@ -203,6 +205,11 @@ class JobStore:
         if standing == "unknown":
             return "unknown", [False] * len(outcomes)
         return standing, [bool(moved) for moved in reply[1:]]  # type: ignore[return-value]
+
+    def note_unrecorded(self, chunk: Chunk, reason: str) -> None:
+        """Items of the chunk are about to be marked failed with no results rows, which could not be
+        written: `reason` says why, for the job's end to tell in their place (JobMeta.unrecorded)."""
+        self._run("note_unrecorded", [keys.job_meta(chunk.job_id)], [chunk.run_id, reason[:MAX_REASON]])
 
     def hand_over(self, chunk: Chunk, stage_name: str, positions: Sequence[int]) -> int:
         """Mark items handed past the chunk's stage, after the next stage's chunk is queued."""

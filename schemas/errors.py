@@ -12,6 +12,7 @@
         ├── InputImageError       missing, unreadable, oversized or undecodable input image
         │   └── InputShardError   the shard holding the input is missing, truncated or changed since submit
         ├── StageError            the pipeline rejected or failed on the item's inputs
+        ├── PromptError           the item's prompt cannot be used: unparsable in time, non-finite weights
         ├── TimeLimitError        the item's chunk ran past its time limit before the item finished
         ├── NsfwFlaggedError      the safety checker flagged the output, and the model fails such items
         ├── NonFiniteOutputError  the output (image or latents) holds NaN or infinity: a numeric overflow
@@ -88,6 +89,10 @@ class InputShardError(InputImageError):
 
 
 class StageError(ItemError):
+    pass
+
+
+class PromptError(ItemError):
     pass
 
 

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, model_validator
 
+from schemas.prompts import control_character_problem
 from schemas.registry import LoraRef, duplicate_source
 
 # Item ids become storage key segments, so they are restricted to a portable, traversal-free
@@ -77,7 +78,16 @@ def _check_size(value: tuple[int, int]) -> tuple[int, int]:
     return value
 
 
+def _check_text(value: str) -> str:
+    problem = control_character_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
 ItemId = Annotated[str, AfterValidator(_check_item_id)]
+# A prompt, negative prompt or template: text that reaches logs, results and the report as it is.
+PromptText = Annotated[str, AfterValidator(_check_text)]
 ImageUri = Annotated[str, AfterValidator(_check_image_uri)]
 Size = Annotated[tuple[int, int], BeforeValidator(_parse_size), AfterValidator(_check_size)]
 Strength = Annotated[float, Field(gt=0.0, le=1.0)]
@@ -100,8 +110,8 @@ class _Strict(BaseModel):
 
 
 class Defaults(_Strict):
-    prompt: str | None = None
-    negative_prompt: str | None = None
+    prompt: PromptText | None = None
+    negative_prompt: PromptText | None = None
     seed: Seed | None = None
     size: Size | None = None
     strength: Strength | None = None
@@ -113,6 +123,7 @@ class Defaults(_Strict):
 
 
 def _check_prompt_template(value: str) -> str:
+    _check_text(value)
     try:
         fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
     except ValueError as exc:
@@ -123,16 +134,19 @@ def _check_prompt_template(value: str) -> str:
 
 
 PromptTemplate = Annotated[str, AfterValidator(_check_prompt_template)]
+DEFAULT_PROMPT_TEMPLATE = "{prompt}"
 SaveKind = Literal["image", "latent"]
 
 
 class _Stage(_Strict):
     model: str = Field(min_length=1, description="registry name or a diffusers folder")
-    prompt_template: PromptTemplate = Field("{prompt}", description='e.g. "{prompt}, charliebo artstyle"')
+    prompt_template: PromptTemplate = Field(
+        DEFAULT_PROMPT_TEMPLATE, description='e.g. "{prompt}, charliebo artstyle"'
+    )
     prompt_syntax: Literal["plain", "compel"] = Field(
         "plain", description="compel: weighting like (cat)1.3, jungle--"
     )
-    negative_prompt: str | None = None
+    negative_prompt: PromptText | None = None
     guidance_scale: GuidanceScale | None = None
     steps: Steps | None = None
     save: tuple[SaveKind, ...] | None = Field(
@@ -323,8 +337,8 @@ class Item(_Strict):
     id: ItemId
     image: ImageUri | None = Field(None, description="required unless the first stage is text2img")
     control_image: ImageUri | None = None
-    prompt: str | None = None
-    negative_prompt: str | None = None
+    prompt: PromptText | None = None
+    negative_prompt: PromptText | None = None
     seed: Seed | None = None
     size: Size | None = None
     strength: Strength | None = None
@@ -444,7 +458,7 @@ def base_prompt(item: Item, defaults: Defaults) -> str:
 
 
 def resolve_prompt(item: Item, stage: StageSpec, defaults: Defaults) -> str:
-    template = "{prompt}" if isinstance(stage, ResizeStage) else stage.prompt_template
+    template = DEFAULT_PROMPT_TEMPLATE if isinstance(stage, ResizeStage) else stage.prompt_template
     return template.format(prompt=base_prompt(item, defaults))
 
 

@@ -101,6 +101,13 @@ class StageRecord(_Message):
     params: ResolvedParams
     timings: dict[str, float] = Field(default_factory=dict, description="seconds per phase")
     nsfw: bool = Field(False, description="the safety checker flagged this stage's output (made black)")
+    prompt: str | None = Field(
+        None, description="the prompt the stage ran with, after its prompt_template; none for resize"
+    )
+    prompt_truncated: bool = Field(
+        False,
+        description="the model's tokenizer cut the prompt to its limit (77 CLIP tokens): the rest was unused",
+    )
 
 
 class ChunkItem(_Message):

@@ -10,7 +10,7 @@ from typing import Any
 from celery.schedules import crontab
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from schemas.job import Priority
+from schemas.job import Priority, PromptText
 
 SCHEDULE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")  # \Z: $ allows a final newline
 
@@ -70,7 +70,7 @@ class ScheduleEntry(BaseModel):
     every_s: int | None = Field(None, ge=1, description="or an interval in seconds")
     source: str = Field(min_length=1, description="s3://bucket/prefix/*.png or a local glob")
     output: str = Field(min_length=1)
-    prompt: str | None = None
+    prompt: PromptText | None = None
     defaults: dict[str, Any] = Field(default_factory=dict, description="the job spec's defaults")
     stages: list[dict[str, Any]] = Field(min_length=1, description="the job spec's stages")
     dataset: bool = False

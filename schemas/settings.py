@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from schemas.errors import ConfigError
+from schemas.errors import ConfigError, InputImageError
 from schemas.messages import PRIORITY_STEPS
 
 ENV_PREFIX = "IMGJOBS_"
@@ -103,9 +104,7 @@ class Settings(BaseSettings):
     @property
     def input_roots(self) -> tuple[str, ...]:
         """IMGJOBS_LOCAL_INPUT_ROOTS as real paths (symbolic links resolved, as inputs are)."""
-        return tuple(
-            os.path.realpath(root) for root in (self.local_input_roots or "").split(os.pathsep) if root
-        )
+        return real_folders(self.local_input_roots)
 
     @property
     def visibility_timeout_s(self) -> int:
@@ -197,3 +196,35 @@ def celery_config(settings: Settings, broker_url: str) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "task_default_queue": "imgjobs.default",
     }
+
+
+def real_folders(folders: str | None) -> tuple[str, ...]:
+    """Folders separated by ':' as real paths (symbolic links resolved, as inputs are)."""
+    return tuple(os.path.realpath(folder) for folder in (folders or "").split(os.pathsep) if folder)
+
+
+# What a worker says of a local input it may not read.
+NOT_UNDER_ROOTS = "not under a folder workers may read local inputs from (IMGJOBS_LOCAL_INPUT_ROOTS)"
+
+
+@dataclass(frozen=True)
+class LocalRoots:
+    """The folders a worker may read local inputs from: the operator's (IMGJOBS_LOCAL_INPUT_ROOTS) and
+    the job's own output folder, where earlier stages leave what the next one reads. Anyone who may
+    submit a job could otherwise copy any image of a worker's disk into an output bucket. Validation
+    asks the same of an embedded run's inputs before it starts (jobs/manifest.py)."""
+
+    folders: tuple[str, ...]
+
+    @classmethod
+    def of(cls, settings: Settings, job_folder: str | None = None) -> LocalRoots:
+        own = (os.path.realpath(job_folder),) if job_folder else ()
+        return cls(settings.input_roots + own)
+
+    def allows(self, path: str | os.PathLike[str]) -> bool:
+        real = os.path.realpath(path)  # a symbolic link inside a root may point anywhere, ".." too
+        return any(real == folder or real.startswith(folder.rstrip("/") + "/") for folder in self.folders)
+
+    def check(self, uri: str, path: Path) -> None:
+        if not self.allows(path):
+            raise InputImageError(f"{uri}: {NOT_UNDER_ROOTS}")

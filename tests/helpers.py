@@ -60,6 +60,15 @@ def moto_server(log_path: Path, credentials: Mapping[str, str]) -> Iterator[str]
                 os.environ[key] = value
 
 
+# README, How work moves (3): an item's output equals what diffusers gives for it alone up to float
+# rounding, since matrix kernels (CPU and GPU) sum in an order that depends on the batch's shape, the
+# threads and the processor (AVX2, AVX-512, AMX): within 1e-4 of the [0, 1] range per value, so within
+# one 8-bit level in a written PNG. Comparisons across batch shapes or thread counts use these; only one
+# of the same computation on the same shape may ask for equal numbers.
+ROUNDING_ATOL = 1e-4
+PNG_LEVELS = 1
+
+
 def write_image(
     path: Path, size: tuple[int, int] = (64, 64), color: tuple[int, int, int] = (120, 30, 200)
 ) -> Path:

@@ -12,6 +12,7 @@ from PIL import Image
 
 from schemas.job import ResolvedParams
 from schemas.messages import StagePlan
+from tests.helpers import ROUNDING_ATOL
 from workers.models import LoadedModel
 from workers.stages.common import StageBatch, StageOutput
 from workers.stages.img2img import run_img2img
@@ -20,7 +21,7 @@ PARAMS = ResolvedParams(strength=0.75, guidance_scale=7.5, steps=4, size=(32, 32
 PROMPTS = ["a cat wizard", "astronaut in a jungle"]
 NEGATIVES: list[str | None] = [None, "ugly"]
 SEEDS = [7, 123]
-ATOL = 1e-4
+ATOL = ROUNDING_ATOL
 
 
 def sample(seed: int) -> Image.Image:

@@ -15,10 +15,10 @@ from jobstate.meta import JobMeta
 from jobstate.storage import LocalStorage
 from schemas.job import JobSpec, ResolvedParams
 from schemas.messages import ErrorInfo, ItemResult, StageRecord
-from schemas.settings import Settings
+from schemas.settings import LocalRoots, Settings
 from tests.chunkkit import CPU
 from tests.helpers import local_model, stage_plan
-from workers.imageio import LocalRoots, encode_image
+from workers.imageio import encode_image
 from workers.report import write_report
 
 JOB_ID = "report-test-0123abcd"

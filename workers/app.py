@@ -15,7 +15,7 @@ from typing import Any
 
 from celery import Celery
 from celery.platforms import EX_FAILURE
-from celery.signals import setup_logging, worker_init, worker_process_init
+from celery.signals import celeryd_init, setup_logging, worker_init, worker_process_init
 from celery.worker import state as worker_state
 
 from jobstate.rates import RateBook
@@ -55,6 +55,12 @@ def send_chunk(chunk: Chunk, queue: str, priority: Priority) -> None:
 def send_end(end: JobEnd) -> None:
     """Queue a job's end for the CPU workers."""
     app.send_task(END_JOB_TASK, **end.send_options())
+
+
+@celeryd_init.connect
+def _log_from_the_start(**_: Any) -> None:
+    # Celery warns (a worker run as root) before it sets logging up: through our formatter too.
+    configure_logging(settings.log_format)
 
 
 @setup_logging.connect

@@ -237,8 +237,9 @@ def process_chunk(chunk: Chunk, ctx: ChunkContext, retries: int = 0, may_retry: 
     except ImgjobsError as exc:
         error = error or exc  # what it would have handed over fails below
     if error is not None and items is None:
-        # Its items could not even be read: they end failed with no row, and the job's end says so.
+        # Its items could not even be read: they end failed with no row, and the job's end says why.
         first = meta.positions(chunk.part).start
+        ctx.store.note_unrecorded(chunk, f"its chunk's items could not be read: {error}")
         ctx.store.finish_items(chunk, plan.name, [(first + slot, True) for slot in start.slots])
     elif error is not None:
         failure = error

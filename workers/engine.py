@@ -49,18 +49,11 @@ from schemas.job import (
     resolve_seed,
 )
 from schemas.messages import ChunkItem, ItemResult, StageInput, StagePlan, StageRecord, item_result
-from schemas.settings import Settings
+from schemas.settings import LocalRoots, Settings
 from workers.events import ChunkInfo, emit
-from workers.imageio import (
-    LocalRoots,
-    decode_image,
-    encode_image,
-    fetch_bytes,
-    fit_image,
-    image_tensor,
-    load_input,
-)
+from workers.imageio import decode_image, encode_image, fetch_bytes, fit_image, image_tensor, load_input
 from workers.models import LoadedModel
+from workers.prompts import prompts_cut_short, weighted_prompt_error
 from workers.samples import SampleReader
 from workers.stages.common import (
     SplitOutput,
@@ -146,6 +139,7 @@ class _Prepared:
     written: dict[str, str] = field(default_factory=dict)
     nsfw: bool = False
     error: ImgjobsError | None = None  # the output cannot be written (not finite)
+    cut_short: bool = False  # the model's tokenizer cut its prompt to its limit
 
 
 class _InLine:
@@ -289,13 +283,20 @@ class StageEngine:
 
     # -- results
 
-    def _record(self, timings: dict[str, float], params: ResolvedParams, nsfw: bool = False) -> StageRecord:
+    def _record(
+        self, work: WorkItem, timings: dict[str, float], nsfw: bool = False, cut_short: bool = False
+    ) -> StageRecord:
+        spec = self.plan.spec
         return StageRecord(
             name=self.plan.name,
             model=self.plan.model.name,
-            params=params,
+            params=work.params,
             timings={phase: round(seconds, 4) for phase, seconds in timings.items()},
             nsfw=nsfw,
+            prompt=None
+            if isinstance(spec, ResizeStage)
+            else resolve_prompt(work.member.item, spec, self.job.defaults),
+            prompt_truncated=cut_short,
         )
 
     def result(
@@ -317,7 +318,7 @@ class StageEngine:
         timings: dict[str, float] | None = None,
         nsfw: bool = False,
     ) -> ItemResult:
-        records = [*work.member.stages, self._record(timings or {}, work.params, nsfw)]
+        records = [*work.member.stages, self._record(work, timings or {}, nsfw)]
         return self.result(work, records, dict(work.member.outputs), error)
 
     # -- inputs
@@ -383,8 +384,32 @@ class StageEngine:
 
     # -- the call
 
+    def _usable_prompts(self, ready: list[_Prepared], sink: Sink) -> list[_Prepared]:
+        """The items whose prompts the stage can take; the others fail alone, before the call, so that
+        a weighted prompt compel cannot parse in bounded time never holds up, nor fails, the call."""
+        spec, defaults = self.plan.spec, self.job.defaults
+        if self.plan.prompt_syntax != "compel" or isinstance(spec, ResizeStage):
+            return ready
+        usable, refused = [], []
+        for prepared in ready:
+            item = prepared.work.member.item
+            negative = resolve_negative_prompt(item, spec, defaults)
+            error = weighted_prompt_error(resolve_prompt(item, spec, defaults)) or (
+                weighted_prompt_error(negative, "negative prompt") if negative else None
+            )
+            if error is None:
+                usable.append(prepared)
+            else:
+                refused.append((prepared.work, self.failed(prepared.work, error, prepared.timings)))
+        if refused:
+            sink.finished(refused)
+        return usable
+
     def _infer(self, ready: list[_Prepared], sink: Sink) -> tuple[list[_Prepared], StageOutput] | None:
         """Run one call: the items that ran and their output, in order; the others have failed."""
+        ready = self._usable_prompts(ready, sink)
+        if not ready:
+            return None
         spec, defaults = self.plan.spec, self.job.defaults
         params = ready[0].work.params
         items = [prepared.work.member.item for prepared in ready]
@@ -417,6 +442,9 @@ class StageEngine:
                 want_latents="latent" in self.plan.writes,
             )
 
+        cut = prompts_cut_short(self.model.pipeline, batch.prompts, self.plan.prompt_syntax)
+        for prepared, cut_short in zip(ready, cut, strict=True):
+            prepared.cut_short = cut_short
         split = SplitOutput(None, {})
         try:
             # static_batch: calls of one batch size (padded or split), so compiled code sees one shape.
@@ -508,7 +536,8 @@ class StageEngine:
                 flagged = NsfwFlaggedError(f"{self.plan.name}: the safety checker flagged the output")
                 finished.append((work, self.failed(work, flagged, prepared.timings, nsfw=True)))
                 continue
-            records = [*work.member.stages, self._record(prepared.timings, work.params, prepared.nsfw)]
+            record = self._record(work, prepared.timings, prepared.nsfw, prepared.cut_short)
+            records = [*work.member.stages, record]
             outputs = dict(work.member.outputs)
             outputs.update({output_name(self.plan, kind): prepared.written[kind] for kind in self.plan.save})
             if self.is_last:

@@ -6,14 +6,12 @@ from __future__ import annotations
 import http.client
 import io
 import ipaddress
-import os
 import socket
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from jobstate.storage import s3_client, split_s3_uri
 from schemas.errors import InputImageError, StorageError
 from schemas.job import ResizePolicy
-from schemas.settings import Settings
+from schemas.settings import LocalRoots, Settings
 
 if TYPE_CHECKING:
     import torch
@@ -163,27 +161,6 @@ class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
         if not self.allow_private:
             _check_public(newurl)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-@dataclass(frozen=True)
-class LocalRoots:
-    """The folders a worker may read local inputs from: the operator's (IMGJOBS_LOCAL_INPUT_ROOTS) and
-    the job's own output folder, where earlier stages leave what the next one reads. Anyone who may
-    submit a job could otherwise copy any image of a worker's disk into an output bucket."""
-
-    folders: tuple[str, ...]
-
-    @classmethod
-    def of(cls, settings: Settings, job_folder: str | None = None) -> LocalRoots:
-        own = (os.path.realpath(job_folder),) if job_folder else ()
-        return cls(settings.input_roots + own)
-
-    def check(self, uri: str, path: Path) -> None:
-        real = os.path.realpath(path)  # a symbolic link inside a root may point anywhere
-        if not any(real == folder or real.startswith(folder.rstrip("/") + "/") for folder in self.folders):
-            raise InputImageError(
-                f"{uri}: not under a folder workers may read local inputs from (IMGJOBS_LOCAL_INPUT_ROOTS)"
-            )
 
 
 def fetch_bytes(uri: str, settings: Settings, roots: LocalRoots | None = None) -> bytes:

@@ -25,10 +25,9 @@ from jobstate.storage import Storage, open_storage
 from jobstate.store import JobStore
 from schemas.errors import ImgjobsError, UnknownJobError
 from schemas.messages import ItemResult, JobEnd
-from schemas.settings import Settings
+from schemas.settings import LocalRoots, Settings
 from workers.engine import DATASET_DIR
 from workers.events import emit
-from workers.imageio import LocalRoots
 from workers.report import RESULTS_KEY, write_report
 
 log = logging.getLogger(__name__)
@@ -138,11 +137,14 @@ def write_end(meta: JobMeta, ctx: EndContext) -> tuple[str, str]:
 
 
 def _dataset_row(result: ItemResult, image_format: str) -> dict[str, object]:
-    """metadata.jsonl's row, in the layout the `datasets` imagefolder loader reads."""
+    """metadata.jsonl's row, in the layout the `datasets` imagefolder loader reads. `prompt` is the
+    item's, `prompt_used` what the last stage that takes a prompt ran with (after its template)."""
+    used = [record.prompt for record in result.stages if record.prompt is not None]
     return {
         "file_name": f"{result.id}.{image_format}",
         "id": result.id,
         "prompt": result.prompt,
+        "prompt_used": used[-1] if used else result.prompt,
         "seed": result.seed,
         "model": result.model,
         "source": result.image,

@@ -65,6 +65,7 @@ JOB_END_SECONDS = Histogram(
 )
 
 DUTY_WINDOW_S = 60.0
+MAX_LOG_MESSAGE_CHARS = 4096
 
 log = logging.getLogger("imgjobs.worker")
 
@@ -219,6 +220,19 @@ def log_context(**fields: str) -> Iterator[None]:
         _context.reset(token)
 
 
+class _BoundedMessages(logging.Filter):
+    """Cuts a record's message to MAX_LOG_MESSAGE_CHARS: a library may log a whole input (diffusers
+    logs the part of a prompt it cuts off, which a manifest line may make a megabyte long)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if len(message) > MAX_LOG_MESSAGE_CHARS:
+            more = len(message) - MAX_LOG_MESSAGE_CHARS
+            record.msg = f"{message[:MAX_LOG_MESSAGE_CHARS]}… ({more} more characters)"
+            record.args = None
+        return True
+
+
 class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         for key, value in (_context.get() or {}).items():
@@ -240,6 +254,25 @@ def configure_logging(log_format: str, level: int = logging.INFO) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     handler.addFilter(_ContextFilter())
+    handler.addFilter(_BoundedMessages())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Python's warnings (warnings.warn) as records of the `py.warnings` logger, rather than text on stderr.
+    logging.captureWarnings(True)
+
+
+def route_library_logs() -> None:
+    """diffusers and transformers log through handlers of their own, straight to stderr, past the
+    worker's format: their records go to the root logger's handler instead, at their own levels
+    (warnings and up, unless their verbosity is changed). Their progress bars, which would write
+    lines of their own while a model loads, are off."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+    from huggingface_hub.utils.tqdm import disable_progress_bars
+
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_default_handler()
+        library.enable_propagation()
+        library.disable_progress_bar()
+    disable_progress_bars()

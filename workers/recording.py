@@ -34,6 +34,15 @@ def _digest(slots: Sequence[int]) -> str:
     return hashlib.sha256(",".join(map(str, slots)).encode()).hexdigest()[:12]
 
 
+def _reason(done: Sequence[tuple[WorkItem, ItemResult]], exc: StorageError) -> str:
+    """Why items failed, for the job's end to tell in place of their rows: their own error (mostly
+    the same storage's), and the write of the rows that failed too."""
+    errors = [result.error.message for _, result in done if result.error is not None]
+    if errors and str(exc) not in errors[0]:
+        return f"{errors[0]}; writing the failure failed too: {exc}"
+    return f"{errors[0] if errors else exc}; the failure could not be written either"
+
+
 class ChunkRecorder:
     """The engine's Sink for one run of one chunk."""
 
@@ -85,12 +94,15 @@ class ChunkRecorder:
         rows = [(work.slot, result) for work, result in done]
         try:
             self.parts.put_results(self.chunk.part, self.attempt, tag, rows)
-        except StorageError:
+        except StorageError as exc:
             if must_write:
                 raise  # the chunk runs again, these items with it
             # Failing items for good with no store to write to: they still end, and the job's end
-            # says their result could not be kept.
-            log.warning("chunk %s: failures of %d item(s) not written", self.chunk.chunk_id, len(rows))
+            # tells their failure from this note (a disk full: "No space left on device" and where).
+            log.warning(
+                "chunk %s: failures of %d item(s) not written: %s", self.chunk.chunk_id, len(rows), exc
+            )
+            self.store.note_unrecorded(self.chunk, _reason(done, exc))
         outcomes = [(work.position, result.status == "failed") for work, result in done]
         standing, moved = self.store.finish_items(self.chunk, self.plan.name, outcomes)
         self.stopped = self.stopped or standing != "open"

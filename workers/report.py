@@ -28,6 +28,7 @@ import base64
 import html
 import io
 import json
+import re
 import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -41,8 +42,8 @@ from jobstate.meta import JobMeta
 from jobstate.storage import Storage, check_key
 from schemas.errors import JobCancelledError, StorageRefusedError
 from schemas.messages import ItemResult, StagePlan
-from schemas.settings import Settings
-from workers.imageio import LocalRoots, decode_image, fetch_bytes
+from schemas.settings import LocalRoots, Settings
+from workers.imageio import decode_image, fetch_bytes
 
 REPORT_KEY = "report.html"
 RESULTS_KEY = "results.jsonl"  # written beside it by the job's end
@@ -121,7 +122,8 @@ class Summary:
 
     @property
     def failed_pages(self) -> int:
-        return max(1, -(-(self.failed + self.cancelled) // FAILED_PER_PAGE))
+        """Pages of failed and cancelled items: none when every item succeeded."""
+        return -(-(self.failed + self.cancelled) // FAILED_PER_PAGE)
 
 
 def summarize(lines: Iterable[str]) -> Summary:
@@ -201,9 +203,20 @@ def relative_link(from_key: str, to_key: str) -> str:
     return "/".join([".."] * (len(here) - common) + there[common:])
 
 
+# Control characters shown as escapes: validation refuses them in prompts, but a page shows what
+# results.jsonl holds (an error message, a job submitted before), and a NUL or an escape sequence in
+# HTML is what a browser or a terminal may take for something else.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def _escape(text: str) -> str:
+    """Text as HTML: markup escaped, control characters as visible escapes such as \\x00."""
+    return html.escape(_CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", text))
+
+
 def _href(from_key: str, to_key: str, fragment: str = "") -> str:
     link = urllib.parse.quote(relative_link(from_key, to_key))
-    return html.escape(link + (f"#{urllib.parse.quote(fragment)}" if fragment else ""))
+    return _escape(link + (f"#{urllib.parse.quote(fragment)}" if fragment else ""))
 
 
 def key_in_prefix(uri: str, root: str) -> str | None:
@@ -284,12 +297,12 @@ def _stage_row(plan: StagePlan) -> str:
         params.pop(shown_apart, None)
     shown = ", ".join(f"{name}={_plain(value)}" for name, value in params.items())
     cells = (plan.name, plan.spec.type, plan.model.name, shown, ", ".join(plan.save), plan.handover)
-    return "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells) + "</tr>"
+    return "<tr>" + "".join(f"<td>{_escape(cell)}</td>" for cell in cells) + "</tr>"
 
 
 def _count_rows(counts: Sequence[tuple[str, int]]) -> str:
     return "".join(
-        f'<tr><th>{html.escape(label)}</th><td class="count">{count}</td></tr>' for label, count in counts
+        f'<tr><th>{_escape(label)}</th><td class="count">{count}</td></tr>' for label, count in counts
     )
 
 
@@ -313,10 +326,10 @@ def render_header(meta: JobMeta, summary: Summary, place: Place) -> str:
         else ""
     )
     return (
-        f"<header><h1>{html.escape(meta.name)}</h1>"
-        f'<p class="job-id">{html.escape(meta.job_id)}</p>'
-        f"<p>output {html.escape(meta.output)}"
-        f"{''.join(f'; {html.escape(k)} {html.escape(_plain(v))}' for k, v in options.items())}</p>"
+        f"<header><h1>{_escape(meta.name)}</h1>"
+        f'<p class="job-id">{_escape(meta.job_id)}</p>'
+        f"<p>output {_escape(meta.output)}"
+        f"{''.join(f'; {_escape(k)} {_escape(_plain(v))}' for k, v in options.items())}</p>"
         '<table class="stages"><tr><th>stage</th><th>type</th><th>model</th><th>parameters</th>'
         f"<th>saves</th><th>hands over</th></tr>{''.join(_stage_row(plan) for plan in meta.recipe)}</table>"
         f'<div class="tallies"><table class="counts">{_count_rows(states)}</table>{reasons_table}</div>'
@@ -339,15 +352,20 @@ def _page_links(label: str, pages: int, key_of: Callable[[int], str], place: Pla
             else f'<a href="{_href(place.key, key_of(page))}">{page}</a>'
         )
         previous = page
-    return f"<p>{html.escape(label)}: {''.join(links)}</p>"
+    return f"<p>{_escape(label)}: {''.join(links)}</p>"
 
 
 def _nav(summary: Summary, place: Place) -> str:
     failed = summary.failed + summary.cancelled
+    failed_links = (
+        _page_links(f"failed items ({failed})", summary.failed_pages, failed_page_key, place)
+        if summary.failed_pages
+        else "<p>failed items: none</p>"
+    )
     return (
         '<nav class="pages">'
         + _page_links(f"items ({summary.items})", summary.item_pages, items_page_key, place)
-        + _page_links(f"failed items ({failed})", summary.failed_pages, failed_page_key, place)
+        + failed_links
         + "</nav>"
     )
 
@@ -355,7 +373,7 @@ def _nav(summary: Summary, place: Place) -> str:
 def _document(meta: JobMeta, title: str, header: str, body: str) -> str:
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>imgjobs {html.escape(meta.job_id)}: {html.escape(title)}</title>"
+        f"<title>imgjobs {_escape(meta.job_id)}: {_escape(title)}</title>"
         f"<style>{_STYLE}</style></head><body>{header}<main>{body}</main></body></html>"
     )
 
@@ -364,9 +382,9 @@ def _document(meta: JobMeta, title: str, header: str, body: str) -> str:
 
 
 def _figure(label: str, source: str | None, link: str | None, missing: str) -> str:
-    caption = html.escape(label)
+    caption = _escape(label)
     if source is None:
-        picture = f'<span class="placeholder">{html.escape(missing)}</span>'
+        picture = f'<span class="placeholder">{_escape(missing)}</span>'
     elif source.startswith("data:"):
         picture = f'<img src="{source}" alt="{caption}">'
     else:  # the image itself, from the job's prefix: fetched only once it is scrolled to
@@ -397,17 +415,17 @@ def _item_section(
     ]
     details = json.dumps({"seed": result.seed, "negative_prompt": result.negative_prompt, "stages": stages})
     error = (
-        f"<p>{html.escape(result.error.type)}: {html.escape(_clipped(result.error.message))}</p>"
+        f"<p>{_escape(result.error.type)}: {_escape(_clipped(result.error.message))}</p>"
         if result.error
         else ""
     )
     flagged = '<p class="nsfw">flagged by the safety checker: its output is black</p>' if result.nsfw else ""
     return (
         f'<section class="item {result.status}{" flagged" if result.nsfw else ""}" '
-        f'id="item-{html.escape(result.id)}">'
-        f"<h2>{html.escape(result.id)}: {result.status}{' (nsfw)' if result.nsfw else ''}</h2>"
-        f'<p>{html.escape(result.prompt)}</p>{error}{flagged}<div class="row">{"".join(figures)}</div>'
-        f'<p class="params">{html.escape(details)}</p></section>'
+        f'id="item-{_escape(result.id)}">'
+        f"<h2>{_escape(result.id)}: {result.status}{' (nsfw)' if result.nsfw else ''}</h2>"
+        f'<p>{_escape(result.prompt)}</p>{error}{flagged}<div class="row">{"".join(figures)}</div>'
+        f'<p class="params">{_escape(details)}</p></section>'
     )
 
 
@@ -440,20 +458,20 @@ def render_items_page(
         else ""
     )
     sections = "".join(_item_section(result, shown, here, root, missing, input_missing) for result in results)
-    body = f"<h2>{html.escape(title)}</h2>{note}{sections}" if results else "<p>The job has no items.</p>"
+    body = f"<h2>{_escape(title)}</h2>{note}{sections}" if results else "<p>The job has no items.</p>"
     return _document(meta, title, render_header(meta, summary, place), body)
 
 
 def _failed_line(row: FailedRow, here: str) -> str:
     """The failed item's row, its id linked to its section in the contact sheet."""
     page = row.position // ITEMS_PER_PAGE + 1
-    shown_id = html.escape(row.id)
+    shown_id = _escape(row.id)
     if page <= CONTACT_PAGES:
         shown_id = f'<a href="{_href(here, items_page_key(page), f"item-{row.id}")}">{shown_id}</a>'
     return (
-        f"<tr><td>{shown_id}</td><td>{html.escape(row.stage)}</td>"
-        f"<td>{html.escape(row.reason)}</td>"
-        f'<td class="message">{html.escape(row.message)}</td></tr>'
+        f"<tr><td>{shown_id}</td><td>{_escape(row.stage)}</td>"
+        f"<td>{_escape(row.reason)}</td>"
+        f'<td class="message">{_escape(row.message)}</td></tr>'
     )
 
 
@@ -463,12 +481,10 @@ def render_failed_page(meta: JobMeta, summary: Summary, page: int, rows: Sequenc
     title = f"failed items {first}-{first + len(rows) - 1} of {summary.failed + summary.cancelled}"
     lines = "".join(_failed_line(row, place.key) for row in rows)
     body = (
-        f'<h2>{html.escape(title)}</h2><table class="failures"><tr><th>id</th><th>stage</th>'
+        f'<h2>{_escape(title)}</h2><table class="failures"><tr><th>id</th><th>stage</th>'
         f"<th>error</th><th>message</th></tr>{lines}</table>"
-        if rows
-        else "<p>No item failed.</p>"
     )
-    return _document(meta, title if rows else "failed items", render_header(meta, summary, place), body)
+    return _document(meta, title, render_header(meta, summary, place), body)
 
 
 def render_pages(
@@ -504,7 +520,7 @@ def render_pages(
             failed_page, failed = failed_page + 1, []
     if items or item_page == 1:
         yield items_page_key(item_page), items_page()
-    if failed or failed_page == 1:
+    if failed:
         yield failed_page_key(failed_page), render_failed_page(meta, summary, failed_page, failed)
 
 

@@ -34,6 +34,9 @@ class WorkerRuntime:
         import torch
 
         from workers.models import LoadedModel, apply_gpu_settings
+        from workers.observability import route_library_logs
+
+        route_library_logs()  # before the model loads: loading logs too
 
         raw = os.environ.get(WORKER_MODEL_ENV)
         if not raw:

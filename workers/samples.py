@@ -24,8 +24,7 @@ from typing import Any
 from jobstate.storage import SHARD_CHANGED, RangedFile, read_range, shard_size_and_version
 from schemas.errors import InputImageError, InputShardError
 from schemas.job import Sample
-from schemas.settings import Settings
-from workers.imageio import LocalRoots
+from schemas.settings import LocalRoots, Settings
 
 SPAN_BYTES = 16 * 2**20  # at most this much of a tar is read at once
 GAP_BYTES = 256 * 2**10  # members this close are read together: cheaper than another request

@@ -30,6 +30,7 @@ PRODUCER = frozenset(
         "rich",
         "prometheus-client",
         "pyarrow",
+        "braceexpand",
         "boto3",
         "botocore",
         "celery-redbeat",

@@ -45,6 +45,9 @@ def test_metrics_logs_and_stage_progress(
 ) -> None:
     write_image(tmp_path / "in" / "a.png")
     rows = [{"id": f"i{n}", "image": "in/a.png"} for n in range(3)] + [{"id": "gone", "image": "in/gone.png"}]
+    # Longer than the tokenizer takes (the tiny one makes a token of each character): diffusers logs the
+    # part it cuts off, which must come out as one bounded JSON line like every other.
+    rows[0]["prompt"] = "a lighthouse at dawn, " * 400
     spec = write_job(tmp_path, rows)
     data = json.loads(spec.read_text())
     data["stages"].append({"type": "resize", "size": [16, 16], "format": "webp"})
@@ -99,8 +102,16 @@ def test_metrics_logs_and_stage_progress(
         assert 0 < unet_s < sample(worker_metrics, "imgjobs_busy_seconds_total", model="tiny-sd")
         assert 0 < sample(worker_metrics, "imgjobs_unet_share", model="tiny-sd") <= 1
 
-        records = [json.loads(line) for line in sd.log_path.read_text().splitlines() if line.startswith("{")]
-        assert records and all({"asctime", "level", "name", "message"} <= set(r) for r in records)
+        lines = sd.log_path.read_text().splitlines()
+        raw = [line for line in lines if not line.startswith("{")]
+        assert lines and not raw, raw[:5]
+        assert max(map(len, lines)) < 6000, "a message is bounded, whatever a library logs"
+        records = [json.loads(line) for line in lines]
+        assert all({"asctime", "level", "name", "message"} <= set(r) for r in records)
+        cut = [r for r in records if r["name"].startswith("diffusers") and "truncated" in r["message"]]
+        assert cut and cut[0]["message"].endswith("more characters)"), "diffusers' own warning, as JSON"
+        results = [json.loads(line) for line in (tmp_path / "out" / job_id / "results.jsonl").open()]
+        assert [r["stages"][0]["prompt_truncated"] for r in results] == [True, False, False, False]
         chunk_lines = [
             r for r in records if r.get("job_id") == job_id and r.get("chunk_id", "").startswith(job_id)
         ]

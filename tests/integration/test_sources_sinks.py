@@ -35,7 +35,7 @@ def test_submit_from_an_s3_listing_into_an_imagefolder_dataset(
 
     with EmbeddedRedis(tmp_path / "redis") as server:
         env = {"IMGJOBS_BROKER_URL": server.url, "IMGJOBS_MODELS": str(models_yaml)}
-        submitted = imgjobs(
+        listing = [
             "submit",
             "--from",
             f"s3://{s3_bucket}/in/*.png",
@@ -53,12 +53,19 @@ def test_submit_from_an_s3_listing_into_an_imagefolder_dataset(
             "steps=4",
             "--param",
             "strength=0.5",
+            "--param",
+            'prompt_template="{prompt}, ink"',
             "--dataset",
-            env=env,
-        )
+        ]
+        submitted = imgjobs(*listing, env=env)
         assert submitted.returncode == 0, submitted.stderr
         assert "5 image(s)" in submitted.stderr
         job_id = submitted.stdout.strip()
+        # The same listing with the same flags is the same job, as a manifest is, although each submit
+        # writes it into a new temporary folder.
+        again = imgjobs(*listing, env=env)
+        assert again.returncode == 0 and again.stdout.strip() == job_id, again.stderr
+        assert f"job {job_id} was already submitted" in again.stderr
         workers.start("tiny-sd", server.url, registry)
         client = redis.Redis.from_url(server.url, decode_responses=True)
         deadline = time.monotonic() + 180
@@ -74,8 +81,13 @@ def test_submit_from_an_s3_listing_into_an_imagefolder_dataset(
 
     dataset = load_dataset("imagefolder", data_dir=str(job_dir / "dataset"), split="train")
     assert len(dataset) == 5
-    assert {"image", "id", "prompt", "seed", "model", "source"} <= set(dataset.column_names)
+    assert {"image", "id", "prompt", "prompt_used", "seed", "model", "source"} <= set(dataset.column_names)
     row = dataset.sort("id")[0]
     assert (row["id"], row["prompt"], row["model"]) == ("photo-0", "a watercolor", "tiny-sd")
+    # The item's prompt, and the one the stage ran with after its template.
+    assert row["prompt_used"] == "a watercolor, ink"
+    assert {(r["prompt"], r["stages"][0]["prompt"]) for r in results} == {
+        ("a watercolor", "a watercolor, ink")
+    }
     assert row["source"] == f"s3://{s3_bucket}/in/photo 0.png"
     assert row["image"].size == (32, 32)

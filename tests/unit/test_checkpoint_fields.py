@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from jobs.manifest import validate_job
 from jobs.registry import Registry
-from jobstate.storage import s3_client
+from jobstate.storage import forget_s3_clients
 from schemas.errors import ConfigError, SpecError
 from schemas.job import JobSpec, StageSpec
 from schemas.registry import LoraRef, ModelEntry, ResolvedModel
@@ -272,10 +272,10 @@ def test_latents_pass_only_between_models_decoding_with_the_same_vae(shelf: Path
 
 @pytest.fixture
 def fresh_s3_client(s3_endpoint: str) -> Iterator[None]:
-    """s3_client is cached per process; this test's moto endpoint needs a client of its own."""
-    s3_client.cache_clear()
+    """A client of its own for this test's moto endpoint, and none of it left behind."""
+    forget_s3_clients()
     yield
-    s3_client.cache_clear()
+    forget_s3_clients()
 
 
 def test_validate_checks_that_s3_sources_hold_objects(

@@ -15,7 +15,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from jobs.embedded import EmbeddedRedis
 from jobstate import keys
 from jobstate.bits import unmask
-from jobstate.storage import LocalStorage, s3_client
+from jobstate.storage import LocalStorage, forget_s3_clients
 from schemas.errors import StorageError
 from schemas.job import Item, ResolvedParams
 from schemas.messages import StagePlan
@@ -175,9 +175,9 @@ def without_aws_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    s3_client.cache_clear()
+    forget_s3_clients()
     yield
-    s3_client.cache_clear()
+    forget_s3_clients()
 
 
 def test_an_input_that_cannot_be_read_for_now_leaves_the_others_running_then_fails_alone(

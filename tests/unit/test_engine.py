@@ -23,7 +23,7 @@ from jobs.embedded import EmbeddedRedis
 from schemas.job import Defaults, Item, ResolvedParams
 from schemas.registry import ModelEntry
 from tests.chunkkit import harness
-from tests.helpers import local_model, stage_plan, write_image
+from tests.helpers import PNG_LEVELS, ROUNDING_ATOL, local_model, stage_plan, write_image
 from workers.models import COMPILE_CACHE_ENV, LoadedModel, compile_cache_dir
 from workers.stages.common import StageBatch, StageOutput, pad_batch, run_static
 from workers.stages.img2img import run_img2img
@@ -156,12 +156,13 @@ def test_static_batch_pads_without_changing_the_real_items(tiny_sd_dir: Path, re
     padded = run_static(stage(model, calls), BATCH, model.entry.static_batch)
     assert calls == [4]
     assert padded.images is not None and padded.images.shape == (3, 32, 32, 3)
-    # Each row has its own generator and rows never mix: the same numbers, not just close ones.
-    close(padded, reference, atol=1e-6)
+    # Each row has its own generator and rows never mix, but a batch of 4 (or 2 + 2) sums in another
+    # order than one of 3: equal up to float rounding (up to 2e-6 measured on AVX-512 with AMX).
+    close(padded, reference, atol=ROUNDING_ATOL)
     calls.clear()
     split = run_static(stage(model, calls), BATCH, 2)
     assert calls == [2, 2]
-    close(split, reference, atol=1e-6)
+    close(split, reference, atol=ROUNDING_ATOL)
 
 
 @pytest.mark.slow
@@ -193,7 +194,8 @@ def test_the_chunk_path_pads_to_static_batch(
         assert [r.status for r in results.values()] == ["succeeded"] * 3
         written[job_id] = {i: np.asarray(Image.open(results[i].outputs["s0-img2img"])) for i in ids}
     for item_id in ids:
-        np.testing.assert_array_equal(written["padded"][item_id], written["plain"][item_id])
+        difference = written["padded"][item_id].astype(np.int16) - written["plain"][item_id].astype(np.int16)
+        assert np.abs(difference).max() <= PNG_LEVELS, item_id
 
 
 @pytest.mark.slow

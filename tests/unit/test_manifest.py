@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from schemas.job import (
 )
 from schemas.registry import queue_for
 from schemas.schedule import ScheduleEntry
-from tests.helpers import validated_parts, write_job
+from tests.helpers import validated_parts, write_image, write_job
 
 REGISTRY = Registry.load(None)
 
@@ -183,6 +184,67 @@ def test_missing_items_file(tmp_path: Path) -> None:
     (tmp_path / "items.jsonl").unlink()
     found = problems_of(spec)
     assert found == [f"{spec}:5: items: no such file: {tmp_path / 'items.jsonl'}"]
+
+
+def test_items_naming_a_folder_says_it_is_a_folder(tmp_path: Path) -> None:
+    spec = write_job(tmp_path, [], model="sd15")
+    (tmp_path / "items.jsonl").unlink()
+    (tmp_path / "items.jsonl").mkdir()
+    folder = tmp_path / "items.jsonl"
+    assert problems_of(spec) == [
+        f"{spec}:5: items: {folder} is a folder; items names a file (.jsonl, .csv, .parquet)"
+    ]
+
+
+def test_the_manifest_s_folder_is_part_of_the_id_only_where_a_relative_path_starts_there(
+    tmp_path: Path,
+) -> None:
+    absolute = [{"id": "a", "image": str(tmp_path / "a.png")}, {"id": "b", "image": "s3://b/b.png"}]
+    here = validate_job(write_job(tmp_path / "here", absolute, model="sd15", output=str(tmp_path)), REGISTRY)
+    there = validate_job(
+        write_job(tmp_path / "there", absolute, model="sd15", output=str(tmp_path)), REGISTRY
+    )
+    assert here.job_id == there.job_id
+    relative = [*absolute, {"id": "c", "image": "c.png"}]
+    here = validate_job(write_job(tmp_path / "here", relative, model="sd15", output=str(tmp_path)), REGISTRY)
+    there = validate_job(
+        write_job(tmp_path / "there", relative, model="sd15", output=str(tmp_path)), REGISTRY
+    )
+    assert here.job_id != there.job_id, "c.png is another file in each folder"
+
+
+def test_local_inputs_an_embedded_run_s_workers_would_refuse_are_problems(tmp_path: Path) -> None:
+    """What workers/imageio.py refuses, said before the run, one line per input: a path outside the
+    job's folders and the operator's IMGJOBS_LOCAL_INPUT_ROOTS, one that leaves them by '..' or through
+    a symbolic link."""
+    job, elsewhere, shared = tmp_path / "job", tmp_path / "elsewhere", tmp_path / "shared"
+    for path in (job / "a.png", job / "sub" / "b.png", elsewhere / "c.png", shared / "d.png"):
+        write_image(path, size=(8, 8))
+    (job / "link.png").symlink_to(elsewhere / "c.png")
+    rows = [
+        {"id": "inside", "image": "a.png"},
+        {"id": "below", "image": "sub/b.png"},
+        {"id": "absolute", "image": str(elsewhere / "c.png")},
+        {"id": "up", "image": "../elsewhere/c.png"},
+        {"id": "link", "image": "link.png"},
+        {"id": "shared", "image": str(shared / "d.png")},
+        {"id": "remote", "image": "s3://bucket/e.png"},
+    ]
+    spec = write_job(job, rows, model="sd15", output=str(tmp_path / "out"))
+    assert validate_job(spec, REGISTRY, check_local=True).total == 7, "without embedded_roots: not checked"
+    with pytest.raises(SpecError) as caught:
+        validate_job(spec, REGISTRY, check_local=True, embedded_roots=str(shared))
+    items = job / "items.jsonl"
+    refused = "not under a folder workers may read local inputs from (IMGJOBS_LOCAL_INPUT_ROOTS)"
+    c = elsewhere / "c.png"
+    assert [str(problem) for problem in caught.value.problems] == [
+        f"{items}:3: image: {c}: {refused}: workers will refuse it",
+        f"{items}:4: image: {c}: {refused}: workers will refuse it",
+        f"{items}:5: image: {job / 'link.png'} (through a symbolic link, it is {c}): {refused}: workers will "
+        "refuse it",
+    ]
+    roots = os.pathsep.join([str(elsewhere), str(shared)])
+    assert validate_job(spec, REGISTRY, check_local=True, embedded_roots=roots).total == 7
 
 
 def test_parameter_precedence_item_then_stage_then_defaults(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import posixpath
+import re
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,7 +79,25 @@ def test_a_job_with_no_failure_says_so_and_shows_no_reasons(tmp_path: Path) -> N
     page = Page(pages["report.html"])
     assert page.counts() == {"items": "2", "succeeded": "2", "failed": "0", "cancelled": "0"}
     assert "reasons" not in page.tables
-    assert "No item failed." in Page(pages["_report/failed-1.html"]).text
+    # No failed items' page, and no link to one: the header says there are none.
+    assert sorted(pages) == ["report.html"]
+    assert not [link for link in page.links if "failed-" in link]
+    assert "failed items: none" in page.text
+
+
+def test_control_characters_are_shown_as_escapes(tmp_path: Path) -> None:
+    """A job submitted before prompts were checked, or an error message, may hold control characters:
+    a page shows them as escapes, never as they are."""
+    results = [
+        succeeded("a", prompt="a cat\x00 wizard\x1b[31m", negative_prompt="ugly\x7f"),
+        failed("b", "StageError", "bad\x00input\x9b", prompt="x\x08y"),
+    ]
+    pages = write_report_of(tmp_path / "out", results)
+    for html_text in pages.values():
+        assert not re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]", html_text)
+    contact = Page(pages["report.html"])
+    assert "a cat\\x00 wizard\\x1b[31m" in contact.text and "x\\x08y" in contact.text
+    assert Page(pages["_report/failed-1.html"]).tables["failures"][1][3] == "bad\\x00input\\x9b"
 
 
 def test_user_data_is_escaped_on_every_page(tmp_path: Path) -> None:

@@ -130,6 +130,17 @@ def test_the_cadence_is_the_cron_as_written(tmp_path: Path) -> None:
             r":6: schedule 'nightly': stages\.1\.model: resize runs on the model `cpu`, and only resize does",
         ),
         ({"output": "http://host/out"}, r":5: schedule 'nightly': output: must be a local directory"),
+        (
+            {
+                "prompt": "'" + "(" * 20 + "cat'",
+                "stages": "[{type: img2img, model: sd15, prompt_syntax: compel}]",
+            },
+            r":7: schedule 'nightly': prompt: nests parentheses 20 levels deep",
+        ),
+        (
+            {"prompt": '"a\\x00cat"'},
+            r":7: schedule 'nightly': prompt: contains the control character U\+0000",
+        ),
     ],
 )
 def test_stages_and_models_are_checked_at_load(tmp_path: Path, fields: dict[str, str], message: str) -> None:

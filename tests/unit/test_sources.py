@@ -14,7 +14,7 @@ import pytest
 from jobs.manifest import validate_job
 from jobs.registry import Registry
 from jobs.sources import item_id_for, list_images, write_listing_job
-from jobstate.storage import s3_client
+from jobstate.storage import forget_s3_clients, s3_client, s3_clients_built
 from schemas.errors import ConfigError, SpecError
 from tests.helpers import validated_parts, write_image, write_job
 
@@ -79,6 +79,33 @@ def test_local_listing_becomes_a_job(tmp_path: Path) -> None:
     assert [item["id"] for item in items] == ["a", "b", "a-2"]
     assert {item["prompt"] for item in items} == {"a prompt"}
 
+    # `submit --from` writes the job into a new temporary folder each time: the same listing with the
+    # same flags is still the same job, as a manifest is.
+    again, _ = write_listing_job(tmp_path / "other", str(tmp_path / "in" / "**" / "*.png"), spec, "a prompt")
+    assert validate_job(again, REGISTRY).job_id == job.job_id
+    changed, _ = write_listing_job(tmp_path / "third", str(tmp_path / "in" / "**" / "*.png"), spec, "other")
+    assert validate_job(changed, REGISTRY).job_id != job.job_id
+
+
+def test_a_listing_that_would_list_its_own_output_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a schedule's is: each submit of it would take the last one's outputs for new images."""
+    write_image(tmp_path / "in" / "a.png")
+    monkeypatch.chdir(tmp_path)
+    spec = {"version": 1, "name": "listing", "stages": [{"type": "img2img", "model": "sd15"}]}
+    for pattern, output in (
+        ("in/**/*.png", tmp_path / "in" / "out"),
+        ("in/*/*.png", tmp_path / "in" / "out"),
+    ):
+        with pytest.raises(ConfigError, match=r"would list what the job writes under --output .*in/out"):
+            write_listing_job(tmp_path / "job", pattern, {**spec, "output": str(output)}, None)
+    # Beside the listing, or where no pattern level reaches, is fine.
+    for pattern, output in (("in/**/*.png", tmp_path / "out"), ("in/*.png", tmp_path / "in" / "out")):
+        write_listing_job(tmp_path / "job", pattern, {**spec, "output": str(output)}, None)
+    with pytest.raises(ConfigError, match="would list what the job writes"):
+        write_listing_job(tmp_path / "job", "s3://b/in/**/*.png", {**spec, "output": "s3://b/in/out"}, None)
+
 
 def test_listing_with_no_match_and_odd_names(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="matches no image"):
@@ -140,16 +167,16 @@ def test_a_pattern_means_the_same_on_s3_and_local_files(
 @pytest.fixture
 def fresh_s3_client() -> Iterator[None]:
     """storage's client built anew for the test, and again after it, as the environment changes."""
-    s3_client.cache_clear()
+    forget_s3_clients()
     yield
-    s3_client.cache_clear()
+    forget_s3_clients()
 
 
 def test_s3_listings_use_the_storage_client(s3_bucket: str, fresh_s3_client: None) -> None:
     """Its standard retries, timeouts and checksum settings, not a plain client's legacy retries."""
     boto3.client("s3").put_object(Bucket=s3_bucket, Key="in/a.png", Body=b"x")
     assert list(list_images(f"s3://{s3_bucket}/in/*.png")) == [f"s3://{s3_bucket}/in/a.png"]
-    assert s3_client.cache_info().currsize == 1
+    assert s3_clients_built() == 1
 
 
 @pytest.mark.parametrize(
@@ -171,7 +198,7 @@ def test_the_storage_client_retries_in_standard_mode_as_often_as_the_operator_sa
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
     monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
     assert retries() == {"mode": "standard", "total_max_attempts": 9}
-    s3_client.cache_clear()
+    forget_s3_clients()
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
     assert retries() == {"mode": "standard", "total_max_attempts": 2}
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from schemas.job import ResolvedParams
-from tests.helpers import local_model, stage_plan
+from tests.helpers import ROUNDING_ATOL, local_model, stage_plan
 from workers.models import LoadedModel
 from workers.stages.common import StageBatch
 from workers.stages.img2img import run_img2img
@@ -35,7 +35,8 @@ def outputs(tiny_sd_dir: Path, **options: object) -> np.ndarray:
 def test_memory_options_and_classic_attention_keep_the_images(tiny_sd_dir: Path) -> None:
     reference = outputs(tiny_sd_dir)
     changed = outputs(tiny_sd_dir, vae_slicing=True, vae_tiling=True, attention="classic", cpu_offload=True)
-    np.testing.assert_allclose(changed, reference, atol=1e-5, rtol=0)
+    # vae_slicing decodes one image at a time: another batch shape, equal up to float rounding.
+    np.testing.assert_allclose(changed, reference, atol=ROUNDING_ATOL, rtol=0)
 
 
 def test_compiled_unet_keeps_the_images(tiny_sd_dir: Path) -> None:

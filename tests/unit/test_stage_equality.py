@@ -24,7 +24,7 @@ from diffusers import (
 from PIL import Image
 
 from schemas.job import ResolvedParams
-from tests.helpers import local_model, stage_plan
+from tests.helpers import ROUNDING_ATOL, local_model, stage_plan
 from workers.models import LoadedModel
 from workers.stages.common import StageBatch, StageOutput
 from workers.stages.img2img import run_img2img
@@ -38,7 +38,7 @@ PROMPTS = ["a cat wizard", "astronaut in a jungle", ""]
 NEGATIVES: list[str | None] = ["ugly", None, "blurry, low quality"]
 SEEDS = [7, 123, 2**40]
 # A batched call sums in another order than a single one: equal up to float rounding.
-ATOL = 1e-4
+ATOL = ROUNDING_ATOL
 
 
 @pytest.fixture(scope="module")

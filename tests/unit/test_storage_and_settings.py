@@ -162,9 +162,20 @@ def test_dependency_floors_cover_what_the_code_uses() -> None:
     for distribution, needed, feature in NEEDED_RELEASES:
         floor = floors[distribution]
         assert floor >= Version(needed), f"{distribution}>={floor}, but {feature} needs {needed}"
-    # The botocore installed here accepts the client configuration that storage builds (uncached).
+    # The botocore installed here accepts the client configuration that storage builds.
     # Any: botocore-stubs know these two only as arguments of Config, not as its attributes.
-    config: Any = storage.s3_client.__wrapped__().meta.config
+    config: Any = storage.s3_client().meta.config
     assert config.request_checksum_calculation == "when_required"
     assert config.response_checksum_validation == "when_required"
     assert Version(botocore.__version__) >= floors["botocore"]
+
+
+def test_a_changed_s3_environment_gets_a_client_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client cached from an earlier environment (other keys, another endpoint) is never reused."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    first = storage.s3_client()
+    assert first.meta.endpoint_url == "http://127.0.0.1:1"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:2")
+    assert storage.s3_client().meta.endpoint_url == "http://127.0.0.1:2"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    assert storage.s3_client() is first
