@@ -1,4 +1,5 @@
-"""The `imgjobs` command line."""
+"""The `imgjobs` command line: each command reads its flags, asks its session (jobs/session.py) for
+the job, and prints what it finds (jobs/console.py)."""
 
 from __future__ import annotations
 
@@ -6,26 +7,20 @@ import gc
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import IO, Annotated
+from typing import IO, Annotated, NoReturn
 
-import redis
 import typer
-import yaml
-from pydantic import ValidationError
 from rich.table import Table
 
 from jobs import redrive, scheduler
-from jobs.broker import connect_redis, producer_app, require_broker_url
+from jobs.broker import celery_command, worker_arguments
 from jobs.console import (
     err,
     local_time,
@@ -35,17 +30,16 @@ from jobs.console import (
     print_failures,
     print_jobs,
     print_summary,
-    progress_bar,
 )
-from jobs.consumers import ConsumerWatch, consumed_queues
-from jobs.embedded import EmbeddedState, Interrupted, LocalWorker, state_root, stopped_by_signals
+from jobs.embedded import Interrupted, stopped_by_signals
 from jobs.estimate import estimate
+from jobs.flags import Listing, RetryChoice
 from jobs.manifest import ValidatedJob, validate_job
 from jobs.metrics import BrokerCollector
-from jobs.producer import prepared, send_chunks, sender
+from jobs.producer import prepared
 from jobs.producer import submit as submit_job
-from jobs.registry import Registry, did_you_mean
-from jobs.sources import write_listing_job
+from jobs.registry import Registry
+from jobs.session import POLL_S, JobHandle, Session, Stopped, open_session
 from jobs.views import (
     FailureGroup,
     JobFilter,
@@ -57,7 +51,6 @@ from jobs.views import (
     parse_since,
     status_document,
 )
-from jobstate.rates import RateBook
 from jobstate.store import JobStore
 from schemas.errors import (
     BrokerUnavailableError,
@@ -68,10 +61,9 @@ from schemas.errors import (
     StorageRefusedError,
     UnknownJobError,
 )
-from schemas.job import RETRY_SETTABLE, Item, Priority
+from schemas.job import Priority
 from schemas.messages import JOB_END_QUEUE, WORKER_MODEL_ENV, WorkerModel
 from schemas.progress import JobState, JobStatus
-from schemas.registry import ResolvedModel
 from schemas.schedule import parse_duration
 from schemas.settings import Settings
 
@@ -84,7 +76,6 @@ app = typer.Typer(
 EXIT_FAILED = 1
 EXIT_INVALID = 2
 EXIT_SIGNAL = 128  # + the signal's number, as shells report a command a signal stopped
-POLL_S = 0.5
 DEFAULT_METRICS_PORT = 9108
 
 
@@ -113,6 +104,11 @@ DryRunOption = Annotated[
     typer.Option("--dry-run", help="validate, plan and estimate the job; send and write nothing"),
 ]
 JobArgument = Annotated[Path, typer.Argument(help="job spec, YAML or JSON", show_default=False)]
+JobIdArgument = Annotated[str, typer.Argument(show_default=False)]
+PriorityOption = Annotated[
+    Priority | None,
+    typer.Option(help="workers take high jobs' chunks first, low last; default: the spec's, else normal"),
+]
 
 
 def _registry(models: Path | None, settings: Settings, check_sources: bool = False) -> Registry:
@@ -202,236 +198,55 @@ def submit(
         Path | None,
         typer.Option("--save-to", help="with --from: keep the generated job.json and items.jsonl here"),
     ] = None,
-    priority: Annotated[
-        Priority | None,
-        typer.Option(help="workers take high jobs' chunks first, low last; default: the spec's, else normal"),
-    ] = None,
+    priority: PriorityOption = None,
     dry_run: DryRunOption = False,
 ) -> None:
     """Validate, then enqueue the job on IMGJOBS_BROKER_URL; prints the job id. With --dry-run,
     validate and plan it, and estimate its time from the rates workers have recorded."""
-    settings = Settings.from_env()
-    broker_url = require_broker_url(settings) if settings.broker_url or not dry_run else None
+    session = open_session()
+    broker = None if dry_run else session.remote()
     with ExitStack() as stack:
+        listing = None
         if from_ is not None:
             if job is not None:
                 raise ConfigError("give a job spec or --from, not both")
-            if model is None or output is None:
-                raise ConfigError("--from needs --model and --output")
-            folder = save_to or Path(
-                stack.enter_context(tempfile.TemporaryDirectory(prefix="imgjobs-listing-"))
-            )
-            # A local output is relative to where the command runs, not to the generated job's folder.
-            where = output if "://" in output else str(Path(output).resolve())
-            parameters = _parameters(param or [])
-            stage_spec = {"type": stage, "model": model, **parameters}
-            spec = {"version": 1, "name": name, "output": where, "stages": [stage_spec], "dataset": dataset}
-            if size is not None:
-                spec["defaults"] = {"size": size}
-            job, count = write_listing_job(folder, from_, spec, prompt)
-            err.print(f"--from {from_}: {count} image(s)")
+            listing = Listing(from_, model, output, prompt, stage, name, param or [], size, dataset)
+            temporary = tempfile.TemporaryDirectory(prefix="imgjobs-listing-")
+            job = listing.write_job(save_to or Path(stack.enter_context(temporary)))
         elif job is None:
             raise ConfigError("give a job spec, or --from with --model and --output")
         try:
-            validated = stack.enter_context(prepared(job, _registry(models, settings), settings, priority))
+            registry = _registry(models, session.settings)
+            validated = stack.enter_context(prepared(job, registry, session.settings, priority))
         except SpecError as exc:
-            raise _named_by_flags(exc, job, parameters) if from_ is not None else exc from None
-        if dry_run:
-            _print_estimate(validated, broker_url)
+            raise listing.named_by_flags(exc, job) if listing is not None else exc from None
+        if broker is None:
+            _print_estimate(validated, session)
             return
-        assert broker_url is not None
-        submission = submit_job(validated, settings, broker_url)
+        submission = submit_job(validated, session.settings, broker.url)
     if submission.already_submitted:
         err.print(f"job {submission.job_id} was already submitted; see `imgjobs status {submission.job_id}`")
     print(submission.job_id)
 
 
-def _print_estimate(job: ValidatedJob, broker_url: str | None) -> None:
-    """The dry run's plan and estimate, with rates read from `broker_url` (none without one)."""
-    book = RateBook(connect_redis(broker_url)) if broker_url else None
-    print_estimate(job.job_id, job.total, estimate(job, book.rates if book else lambda _model: {}))
+def _print_estimate(job: ValidatedJob, session: Session) -> None:
+    """The dry run's plan and estimate, from the rates the workers that would run it recorded."""
+    with session.rates(job.job_id) as book:
+        print_estimate(job.job_id, job.total, estimate(job, book.rates if book else lambda _model: {}))
     if book is None:
         err.print("no broker (IMGJOBS_BROKER_URL): no recorded rates to estimate time from")
 
 
-def _dry_run_embedded(job: ValidatedJob, settings: Settings) -> None:
-    """An embedded run's rates are those its own workers recorded, kept in its state: a job run before
-    (or stopped part-way) is estimated from them, a new one has none."""
-    state = EmbeddedState(state_root(settings.state_dir), job.job_id)
-    if not state.exists():
-        _print_estimate(job, None)
-        return
-    with state.broker() as url:
-        _print_estimate(job, url)
+def _failure_groups(job: JobHandle, status: JobStatus) -> list[FailureGroup]:
+    return failures_by_reason(redrive.failures(job.store, status.job_id)) if status.failed else []
 
 
-# The fields of the job `submit --from` generates, by the flag that set them.
-LISTING_FLAGS = {
-    "name": "--name",
-    "output": "--output",
-    "dataset": "--dataset",
-    "defaults.size": "--size",
-    "stages.0.type": "--stage",
-    "stages.0.model": "--model",
-}
-
-
-def _named_by_flags(exc: SpecError, spec_file: Path, parameters: dict[str, object]) -> SpecError:
-    """The problems of the job `submit --from` generated, each named by the flag behind its field:
-    the job file validation names is a temporary one, gone when the command ends."""
-
-    def flag_of(field: str | None) -> str:
-        key = (field or "").removeprefix("stages.0.")
-        if field and field.startswith("stages.0.") and key in parameters:
-            return f"--param {key}"
-        if field == "stages.0":  # the stage as a whole: what its parameters make of it, or its type
-            return "--param" if parameters else "--stage"
-        return LISTING_FLAGS.get(field or "", "--from")
-
-    renamed = [
-        Problem(flag_of(problem.field), None, None, problem.message)
-        if problem.file == str(spec_file)
-        else problem
-        for problem in exc.problems
-    ]
-    return SpecError(renamed)
-
-
-def _parameters(pairs: list[str], flag: str = "--param") -> dict[str, object]:
-    """KEY=VALUE pairs, each value read as a YAML scalar (4 -> int, 0.5 -> float, text -> str)."""
-    parsed: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"{flag} {pair!r}: expected KEY=VALUE")
-        try:
-            parsed[key] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{flag} {pair!r}: not a valid value: {getattr(exc, 'problem', exc)}") from None
-    return parsed
-
-
-def _consumer_watch(settings: Settings, broker_url: str, store: JobStore, job_id: str) -> ConsumerWatch:
-    app = producer_app(settings, broker_url)
-    return ConsumerWatch(store.meta(job_id), lambda: consumed_queues(app))
-
-
-def _watch(
-    store: JobStore,
-    job_id: str,
-    workers: list[LocalWorker] | None = None,
-    consumers: ConsumerWatch | None = None,
-) -> JobStatus:
-    """Progress bars until the job finishes: the job's, and one per stage when it has several."""
-    with progress_bar() as progress:
-        status = store.status(job_id)
-        job_bar = progress.add_task(status.name, total=status.total, rate=0.0, failed="failed 0")
-        stage_bars = (
-            {
-                stage.name: progress.add_task(f"  {stage.name}", total=status.total, rate=0.0, failed="")
-                for stage in status.stages
-            }
-            if len(status.stages) > 1
-            else {}
-        )
-        while True:
-            status = store.status(job_id)
-            progress.update(
-                job_bar, completed=status.done, rate=average_rate(status), failed=f"failed {status.failed}"
-            )
-            for stage in status.stages:
-                if stage.name in stage_bars:
-                    progress.update(
-                        stage_bars[stage.name], completed=stage.done, rate=average_rate(status, stage.done)
-                    )
-            if status.finished:
-                return status
-            for warning in consumers.warnings(status) if consumers else []:
-                progress.console.print(warning, markup=False)
-            # A model that cannot load stops the run at once: its stage would wait for ever.
-            reasons = [worker.failure() for worker in workers or [] if not worker.alive()]
-            if any(reasons):
-                logs = (workers or [])[0].log_path.parent
-                said = "; ".join(dict.fromkeys(reason for reason in reasons if reason))
-                raise ConfigError(f"{said} (worker logs: {logs})")
-            if workers is not None and not any(worker.alive() for worker in workers):
-                tails = "\n".join(w.log_tail() for w in workers)
-                raise ImgjobsError(
-                    f"every local worker exited before the job finished; last log lines:\n{tails}"
-                )
-            time.sleep(POLL_S)
-
-
-def _failure_groups(store: JobStore, status: JobStatus) -> list[FailureGroup]:
-    return failures_by_reason(redrive.failures(store, status.job_id)) if status.failed else []
-
-
-class RunInterrupted(ImgjobsError):
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.signum = signum
-
-
-def _job_models(models: list[ResolvedModel], registry: Registry) -> list[ResolvedModel]:
-    """The models to start local workers for: the job's, and `cpu`, whose workers write jobs' ends."""
-    names = {model.name for model in models}
-    return models if "cpu" in names else [*models, registry.resolve("cpu")]
-
-
-def _local_workers(
-    stack: ExitStack,
-    models: list[ResolvedModel],
-    registry: Path | None,
-    broker_url: str,
-    state: EmbeddedState,
-    settings: Settings,
-    per_model: int = 1,
-) -> list[LocalWorker]:
-    count = len(models) * per_model
-    env = {"IMGJOBS_LOCAL_INPUT_ROOTS": state.input_roots() or settings.local_input_roots or ""}
-    # Local workers share this machine's cores; more torch threads than cores only spin.
-    threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // count)
-    return [
-        stack.enter_context(
-            LocalWorker(
-                model,
-                broker_url,
-                registry,
-                state.logs / f"worker-{model.queue.removeprefix('imgjobs.')}-{index}.log",
-                env=env | {"IMGJOBS_TORCH_THREADS": str(threads)},
-                die_with_parent=True,
-            )
-        )
-        for model in models
-        for index in range(per_model)
-    ]
-
-
-def _embedded_input_roots(settings: Settings, job: ValidatedJob) -> str:
-    """What an embedded run's workers may read local inputs from: the job's own folders (the spec's
-    and the manifest's, which relative paths start from) and any the operator set."""
-    folders = [settings.local_input_roots or "", str(job.spec_path.parent), str(job.items_path.parent)]
-    return os.pathsep.join(dict.fromkeys(folder for folder in folders if folder))
-
-
-def _follow(
-    store: JobStore,
-    job_id: str,
-    workers: list[LocalWorker] | None,
-    consumers: ConsumerWatch | None,
-    again: str,
-) -> JobStatus:
-    """_watch, saying how far the job got when a signal stops it."""
-    try:
-        return _watch(store, job_id, workers, consumers)
-    except (KeyboardInterrupt, Interrupted) as exc:
-        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-        try:
-            status = store.status(job_id)
-            done = f"{status.done}/{status.total} finished"
-        except (ImgjobsError, redis.RedisError):
-            done = "stopped"
-        raise RunInterrupted(f"interrupted: {done}; {again}", signum) from None
+def _summary_exit(job: JobHandle, status: JobStatus) -> NoReturn:
+    """The finished job's summary and failures, where its workers' logs are, and `run`'s exit status."""
+    print_summary(status, _failure_groups(job, status))
+    if job.logs is not None:
+        err.print(f"worker logs: {job.logs}")
+    raise typer.Exit(0 if status.state == JobState.SUCCEEDED else EXIT_FAILED)
 
 
 @app.command()
@@ -439,93 +254,35 @@ def run(
     job: JobArgument,
     models: ModelsOption = None,
     workers_per_model: Annotated[int, typer.Option(min=1, max=16, help="local workers for each model")] = 1,
-    priority: Annotated[
-        Priority | None,
-        typer.Option(help="workers take high jobs' chunks first, low last; default: the spec's, else normal"),
-    ] = None,
+    priority: PriorityOption = None,
     dry_run: DryRunOption = False,
 ) -> None:
     """Run a job to the end. With no IMGJOBS_BROKER_URL, start an embedded Redis and local workers,
     keeping their state so that running the job again resumes it. With --dry-run, validate, plan
     and estimate it as `submit --dry-run` does."""
-    settings = Settings.from_env()
+    session = open_session()
     # Embedded, the models load here. A missing input still fails its item alone, as distributed.
-    registry = _registry(models, settings, check_sources=not settings.broker_url)
-    logs: Path | None = None
-    with stopped_by_signals(), ExitStack() as stack:
-        validated = stack.enter_context(prepared(job, registry, settings, priority))
+    registry = _registry(models, session.settings, check_sources=session.loads_models)
+    with stopped_by_signals(), prepared(job, registry, session.settings, priority) as validated:
         if dry_run:
-            if settings.broker_url:
-                _print_estimate(validated, require_broker_url(settings))
-            else:
-                _dry_run_embedded(validated, settings)
+            _print_estimate(validated, session)
             return
-        workers: list[LocalWorker] | None = None
-        state: EmbeddedState | None = None
-        if settings.broker_url:
-            broker_url = require_broker_url(settings)
-        else:
-            state = EmbeddedState(state_root(settings.state_dir), validated.job_id)
-            broker_url = stack.enter_context(state.broker(registry.path, own=True))
-            logs = state.logs
-        store = JobStore(connect_redis(broker_url))
-        submission = submit_job(validated, settings, broker_url)
-        if submission.already_submitted:
-            err.print(f"job {submission.job_id} was submitted before on this broker; following it")
-        elif submission.resumed:
-            err.print(f"job {submission.job_id}: resumed")
-        if state is not None and not store.status(submission.job_id).finished:
-            state.remember_input_roots(_embedded_input_roots(settings, validated))
-            workers = _local_workers(
-                stack,
-                _job_models(validated.models, registry),
-                registry.path,
-                broker_url,
-                state,
-                settings,
-                workers_per_model,
-            )
-            err.print(f"embedded mode: state in {state.folder}, {len(workers)} local worker(s)")
-        err.print(f"job {submission.job_id}: {submission.total} item(s)")
-        consumers: ConsumerWatch | None = None
-        if state is not None:
-            again = f"run `imgjobs run {job}` again to resume"
-        else:  # the broker's workers go on with it
-            again = f"the job goes on; follow it with `imgjobs status {submission.job_id} --watch`"
-            consumers = _consumer_watch(settings, broker_url, store, submission.job_id)
-        status = _follow(store, submission.job_id, workers, consumers, again)
-        groups = _failure_groups(store, status)
-    print_summary(status, groups)
-    if logs is not None:
-        err.print(f"worker logs: {logs}")
-    raise typer.Exit(0 if status.state == JobState.SUCCEEDED else EXIT_FAILED)
-
-
-@dataclass(frozen=True)
-class JobBroker:
-    url: str
-    idle: EmbeddedState | None = None  # an embedded job's state, when no process runs the job now
-
-
-@contextmanager
-def _job_broker(settings: Settings, job_id: str) -> Iterator[JobBroker]:
-    """The broker that has the job: IMGJOBS_BROKER_URL's, else the job's embedded one."""
-    if settings.broker_url:
-        yield JobBroker(require_broker_url(settings))
-        return
-    state = EmbeddedState(state_root(settings.state_dir), job_id)
-    if not state.exists():
-        raise ConfigError(
-            "no broker configured: set IMGJOBS_BROKER_URL=redis://host:6379/0; and no embedded run of "
-            f"job {job_id!r} in {state.folder.parent}"
-        )
-    with state.broker() as url:
-        yield JobBroker(url, None if state.running_elsewhere else state)
+        with session.new_job(validated, registry) as handle:
+            submission = handle.submit(validated)
+            if submission.already_submitted:
+                err.print(f"job {submission.job_id} was submitted before on this broker; following it")
+            elif submission.resumed:
+                err.print(f"job {submission.job_id}: resumed")
+            if not handle.status().finished and handle.start_workers(validated.models, workers_per_model):
+                err.print(f"embedded mode: state in {handle.home}, {len(handle.workers)} local worker(s)")
+            err.print(f"job {submission.job_id}: {submission.total} item(s)")
+            status = handle.follow()
+            _summary_exit(handle, status)
 
 
 @app.command()
 def status(
-    job_id: Annotated[str, typer.Argument(show_default=False)],
+    job_id: JobIdArgument,
     watch: Annotated[bool, typer.Option("--watch", help="follow until the job finishes")] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="print one JSON object (one per poll with --watch)")
@@ -533,33 +290,27 @@ def status(
 ) -> None:
     """Show a job's state and counts. With --watch, exit as `run` does once the job finishes: 0 if
     every item succeeded, 1 otherwise."""
-    settings = Settings.from_env()
-    with _job_broker(settings, job_id) as broker:
-        store = JobStore(connect_redis(broker.url))
-        if broker.idle is not None and watch and not store.status(job_id).finished:
+    with open_session().job(job_id) as job:
+        if watch and job.runs_here and not job.status().finished:
             # An embedded job no `imgjobs run` runs now: watching it would wait for ever.
             err.print(f"job {job_id}: nothing runs it now; `imgjobs run` of its spec resumes it")
             watch = False
         if not watch:
-            _status_lines(store, job_id, None, as_json)
+            _status_lines(job, as_json)
             return
-        # An embedded run's own workers are its `imgjobs run`'s to watch.
-        consumers = _consumer_watch(settings, broker.url, store, job_id) if settings.broker_url else None
         if as_json:
-            final = _status_lines(store, job_id, consumers, as_json, watch=True)
+            final = _status_lines(job, as_json, watch=True)
         else:
-            again = f"`imgjobs status {job_id} --watch` follows it again"
-            final = _follow(store, job_id, None, consumers, again)
+            final = job.follow(f"`imgjobs status {job_id} --watch` follows it again")
             print_summary(final)
     raise typer.Exit(0 if final.state == JobState.SUCCEEDED else EXIT_FAILED)
 
 
-def _status_lines(
-    store: JobStore, job_id: str, consumers: ConsumerWatch | None, as_json: bool, watch: bool = False
-) -> JobStatus:
+def _status_lines(job: JobHandle, as_json: bool, watch: bool = False) -> JobStatus:
     meter = RateMeter()
+    consumers = job.consumer_watch() if watch else None
     while True:
-        current = store.status(job_id)
+        current = job.status()
         if as_json:
             print(json.dumps(status_document(current, meter.rate(current))), flush=True)
         else:
@@ -594,44 +345,23 @@ def list_jobs(
         since_time = parse_since(since) if since is not None else None
     except ValueError as exc:
         raise ConfigError(f"--since: {exc}") from None
-    settings = Settings.from_env()
-    chosen = JobFilter(state=state, name=name, since=since_time)
-    if settings.broker_url:
-        statuses = list(JobStore(connect_redis(require_broker_url(settings))).statuses())
-    else:
-        statuses = list(_embedded_statuses(settings))
-    listed = newest_first(statuses, chosen, limit)
+    statuses = list(open_session().statuses())
+    listed = newest_first(statuses, JobFilter(state=state, name=name, since=since_time), limit)
     if as_json:
         print(json.dumps([status_document(status, average_rate(status)) for status in listed]))
         return
     print_jobs(listed, len(statuses))
 
 
-def _embedded_statuses(settings: Settings) -> Iterator[JobStatus]:
-    """The job of each embedded run kept in the state folder, read from its own broker (which this
-    starts when no `imgjobs run` of it runs now)."""
-    folder = state_root(settings.state_dir) / "jobs"
-    for job_folder in sorted(folder.iterdir()) if folder.is_dir() else []:
-        state = EmbeddedState(folder.parent, job_folder.name)
-        if not state.exists():
-            continue
-        try:
-            with state.broker() as url:
-                yield JobStore(connect_redis(url)).status(job_folder.name)
-        except (ConfigError, UnknownJobError) as exc:
-            err.print(f"warning: embedded run {job_folder}: {exc}", markup=False)
-
-
 @app.command()
 def failures(
-    job_id: Annotated[str, typer.Argument(show_default=False)],
+    job_id: JobIdArgument,
     reason: Annotated[str | None, typer.Option(help="only failures of this error type")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one ItemResult JSON object per line")] = False,
 ) -> None:
     """List a job's failed items with their reasons."""
-    with _job_broker(Settings.from_env(), job_id) as broker:
-        store = JobStore(connect_redis(broker.url))
-        failed = sorted(redrive.failures(store, job_id, reason), key=lambda result: result.id)
+    with open_session().job(job_id) as job:
+        failed = sorted(redrive.failures(job.store, job_id, reason), key=lambda result: result.id)
     if as_json:
         for result in failed:
             print(result.model_dump_json())
@@ -641,7 +371,7 @@ def failures(
 
 @app.command()
 def logs(
-    job_id: Annotated[str, typer.Argument(show_default=False)],
+    job_id: JobIdArgument,
     lines: Annotated[int, typer.Option(min=0, help="worker log lines to show, the last ones")] = 40,
     log_dir: Annotated[
         Path | None,
@@ -652,14 +382,12 @@ def logs(
 ) -> None:
     """A job's failures grouped by reason, each with a count and an example item, then the worker log
     lines that name the job: an embedded run's own, and those under --log-dir."""
-    settings = Settings.from_env()
-    with _job_broker(settings, job_id) as broker:
-        store = JobStore(connect_redis(broker.url))
-        status = store.status(job_id)
-        groups = failures_by_reason(redrive.failures(store, job_id))
+    with open_session().job(job_id) as job:
+        status = job.status()
+        groups = failures_by_reason(redrive.failures(job.store, job_id))
     out.print(f"job {job_id}: {status.state.value}, {status.succeeded} succeeded, {status.failed} failed")
     print_failure_groups(groups)
-    folders = [folder for folder in (_embedded_logs(settings, job_id), log_dir) if folder is not None]
+    folders = [folder for folder in (job.logs, log_dir) if folder is not None and folder.is_dir()]
     if not folders:
         err.print(
             "worker logs: where the workers write them (`docker compose logs`, `kubectl logs`); "
@@ -672,14 +400,9 @@ def logs(
         out.print(f"{path.name}: {line}", markup=False)
 
 
-def _embedded_logs(settings: Settings, job_id: str) -> Path | None:
-    state = EmbeddedState(state_root(settings.state_dir), job_id)
-    return state.logs if not settings.broker_url and state.logs.is_dir() else None
-
-
 @app.command()
 def retry(
-    job_id: Annotated[str, typer.Argument(show_default=False)],
+    job_id: JobIdArgument,
     reason: Annotated[
         str | None, typer.Option(help="only failures of this error type, e.g. InputImageError")
     ] = None,
@@ -694,107 +417,31 @@ def retry(
 ) -> None:
     """Run a job's failed items again, from the first stage; succeeded items are left as they are.
     A job run embedded (no IMGJOBS_BROKER_URL) is run again here, to its end."""
-    settings = Settings.from_env()
-    chosen = RetryChoice(reason, _retry_ids(ids, ids_from), _retry_overrides(set_ or []))
-    if settings.broker_url:
-        broker_url = require_broker_url(settings)
-        count = _retry(JobStore(connect_redis(broker_url)), settings, broker_url, job_id, chosen)
-        err.print(f"job {job_id}: {count} failed item(s) enqueued again")
-        return
-    state = EmbeddedState(state_root(settings.state_dir), job_id)
-    if not state.exists():
-        raise ConfigError(
-            f"no broker configured, and no embedded run of job {job_id!r} in {state.folder.parent}"
+    chosen = RetryChoice.of(reason, ids, ids_from, set_ or [])
+    with stopped_by_signals(), open_session().job(job_id, own=True) as job:
+        meta = job.store.meta(job_id)
+        here = job.start_workers(list({plan.model.name: plan.model for plan in meta.recipe}.values()))
+        count = redrive.retry(
+            job.store, job_id, chosen.reason, job.send_chunks, job.send_end, chosen.ids, chosen.overrides
         )
-    registry = Registry.load(state.registry())
-    with stopped_by_signals(), ExitStack() as stack:
-        broker_url = stack.enter_context(state.broker(registry.path, own=True))
-        store = JobStore(connect_redis(broker_url))
-        meta = store.meta(job_id)
-        job_models = list({plan.model.name: plan.model for plan in meta.recipe}.values())
-        workers = _local_workers(
-            stack, _job_models(job_models, registry), registry.path, broker_url, state, settings
-        )
-        count = _retry(store, settings, broker_url, job_id, chosen)
-        err.print(f"job {job_id}: {count} failed item(s) run again, by {len(workers)} local worker(s)")
-        status = (
-            _follow(store, job_id, workers, None, f"`imgjobs retry {job_id}` goes on")
-            if count
-            else store.status(job_id)
-        )
-        groups = _failure_groups(store, status)
-    print_summary(status, groups)
-    err.print(f"worker logs: {state.logs}")
-    raise typer.Exit(0 if status.state == JobState.SUCCEEDED else EXIT_FAILED)
-
-
-@dataclass(frozen=True)
-class RetryChoice:
-    reason: str | None
-    ids: frozenset[str] | None
-    overrides: dict[str, object]
-
-
-def _retry_ids(ids: str | None, ids_from: Path | None) -> frozenset[str] | None:
-    """--ids and --ids-from together: the items to retry, or None for every failed item."""
-    if ids is None and ids_from is None:
-        return None
-    chosen = {part.strip() for part in (ids or "").split(",") if part.strip()}
-    if ids_from is not None:
-        try:
-            text = ids_from.read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"--ids-from {ids_from}: {getattr(exc, 'strerror', None) or exc}") from None
-        chosen |= {line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")}
-    if not chosen:
-        raise ConfigError("--ids/--ids-from: no item id given")
-    return frozenset(chosen)
-
-
-def _retry_overrides(pairs: list[str]) -> dict[str, object]:
-    """--set KEY=VALUE pairs as item fields (JSON values), each checked as a manifest row's field is."""
-    overrides: dict[str, object] = {}
-    for key, value in _parameters(pairs, flag="--set").items():
-        if key not in RETRY_SETTABLE:
-            hint = did_you_mean(key, RETRY_SETTABLE) or f"it can change {', '.join(RETRY_SETTABLE)}"
-            raise ConfigError(f"--set {key}: not a field retry can change; {hint}")
-        try:
-            checked = Item.model_validate({"id": "retry", key: value})
-        except ValidationError as exc:
-            raise ConfigError(f"--set {key}={value}: {exc.errors()[0]['msg']}") from None
-        overrides[key] = checked.model_dump(mode="json")[key]
-    return overrides
-
-
-def _retry(store: JobStore, settings: Settings, broker_url: str, job_id: str, chosen: RetryChoice) -> int:
-    app_ = producer_app(settings, broker_url)
-    return redrive.retry(
-        store,
-        job_id,
-        chosen.reason,
-        lambda meta, chunks: send_chunks(app_, meta, chunks),
-        sender(settings, broker_url),
-        ids=chosen.ids,
-        overrides=chosen.overrides,
-    )
+        if not here:  # the broker's workers run them
+            err.print(f"job {job_id}: {count} failed item(s) enqueued again")
+            return
+        err.print(f"job {job_id}: {count} failed item(s) run again, by {len(job.workers)} local worker(s)")
+        status = job.follow(f"`imgjobs retry {job_id}` goes on") if count else job.status()
+        _summary_exit(job, status)
 
 
 @app.command()
-def cancel(job_id: Annotated[str, typer.Argument(show_default=False)]) -> None:
+def cancel(job_id: JobIdArgument) -> None:
     """Cancel a job: items not started are cancelled at once (JobCancelledError), queued chunks are
     dropped, and running ones stop at their next pipeline call."""
-    settings = Settings.from_env()
-    with ExitStack() as stack:
-        broker = stack.enter_context(_job_broker(settings, job_id))
-        store = JobStore(connect_redis(broker.url))
-        verdict = redrive.cancel(store, job_id, sender(settings, broker.url))
-        status = store.status(job_id)
-        if broker.idle is not None and not status.finished:
-            # An embedded job no run runs now: its end is written here, by a cpu worker of its own.
-            registry = Registry.load(broker.idle.registry())
-            cpu = [registry.resolve("cpu")]
-            workers = _local_workers(stack, cpu, registry.path, broker.url, broker.idle, settings)
-            status = _follow(store, job_id, workers, None, f"`imgjobs cancel {job_id}` again writes its end")
+    with open_session().job(job_id) as job:
+        verdict = redrive.cancel(job.store, job_id, job.send_end)
+        status = job.status()
+        if not status.finished and job.start_workers([]):
+            # No process runs the job now: its end is written here, by a cpu worker of this command's.
+            status = job.follow(f"`imgjobs cancel {job_id}` again writes its end")
     if verdict == "finished":
         err.print(f"job {job_id}: already finished ({status.state.value}); nothing to cancel")
         return
@@ -824,7 +471,7 @@ def prune(
     except ValueError as exc:
         raise ConfigError(f"--older-than: {exc}") from None
     cutoff = time.time() - age_s
-    store = JobStore(connect_redis(require_broker_url(Settings.from_env())))
+    store = JobStore(open_session().remote().client())
     pruned = store.prune(cutoff, dry_run)
     for job in pruned:
         print(job.job_id)
@@ -841,36 +488,17 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="Celery log level")] = "info",
 ) -> None:
     """Start a Celery worker that loads MODEL once and consumes only that model's queue."""
-    settings = Settings.from_env()
-    broker_url = require_broker_url(settings)
-    resolved = _registry(models, settings, check_sources=True).resolve(model, base_dir=Path.cwd())
-    connect_redis(broker_url)  # fail here, in one line, rather than in Celery's retry loop
+    broker = open_session().remote()
+    resolved = _registry(models, broker.settings, check_sources=True).resolve(model, base_dir=Path.cwd())
+    broker.client()  # fail here, in one line, rather than in Celery's retry loop
     queue = resolved.queue
     # The CPU workers also write jobs' ends, so that no GPU waits on them.
     queues = f"{queue},{JOB_END_QUEUE}" if resolved.name == "cpu" else queue
     env = os.environ | {
         WORKER_MODEL_ENV: WorkerModel(name=resolved.name, entry=resolved.entry).model_dump_json()
     }
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers.app",
-        "worker",
-        "--queues",
-        queues,
-        "--concurrency",
-        "1",
-        "--pool",
-        "prefork",
-        "--hostname",
-        f"{queue}.{os.getpid()}@%h",
-        "--without-gossip",
-        "--without-mingle",
-        "--loglevel",
-        loglevel,
-    ]
+    hostname = f"{queue}.{os.getpid()}@%h"
+    argv = celery_command("workers.app", *worker_arguments(queues, "prefork", loglevel, hostname))
     # Replace this process, so signals from a supervisor reach Celery directly.
     os.execve(sys.executable, argv, env)
 
@@ -882,10 +510,9 @@ def metrics(
     """Serve Prometheus metrics of the broker (queue depth per model, items of unfinished jobs)."""
     from prometheus_client import REGISTRY, start_http_server
 
-    settings = Settings.from_env()
-    client = connect_redis(require_broker_url(settings))
-    REGISTRY.register(BrokerCollector(client))
-    chosen = port or settings.metrics_port or DEFAULT_METRICS_PORT
+    broker = open_session().remote()
+    REGISTRY.register(BrokerCollector(broker.client()))
+    chosen = port or broker.settings.metrics_port or DEFAULT_METRICS_PORT
     start_http_server(chosen)
     err.print(f"serving metrics on :{chosen}/metrics")
     while True:
@@ -939,9 +566,9 @@ app.add_typer(schedule_app, name="schedule")
 @schedule_app.command("list")
 def schedule_list() -> None:
     """The schedules: cadence, source and output; last and next firing, last job, objects seen."""
-    settings = Settings.from_env()
-    schedules = scheduler.load_schedules(settings).schedules
-    client = connect_redis(require_broker_url(settings)) if settings.broker_url else None
+    session = open_session()
+    schedules = scheduler.load_schedules(session.settings).schedules
+    client = session.shared_client()
     table = Table("name", "when", "source", "output", "last fired", "next firing", "last job", "seen")
     for entry in schedules:
         when = f"cron {entry.cron} (UTC)" if entry.cron else f"every {entry.every_s}s"
@@ -974,36 +601,24 @@ def schedule_run_now(name: Annotated[str, typer.Argument(show_default=False)]) -
     print(job_id)
 
 
-def _exec_celery(*arguments: str) -> None:
-    settings = Settings.from_env()
-    connect_redis(require_broker_url(settings))
-    scheduler.load_schedules(settings)  # a bad file fails here, in one line
-    argv = [sys.executable, "-m", "celery", "-A", "jobs.schedule_app", *arguments]
+def _exec_celery(argv: list[str]) -> None:
+    broker = open_session().remote()
+    broker.client()
+    scheduler.load_schedules(broker.settings)  # a bad file fails here, in one line
     os.execv(sys.executable, argv)
 
 
 @schedule_app.command("beat")
 def schedule_beat(loglevel: Annotated[str, typer.Option(help="Celery log level")] = "info") -> None:
     """Celery beat with RedBeat: fires each schedule; run one (RedBeat's lock keeps others idle)."""
-    _exec_celery("beat", "--loglevel", loglevel)
+    _exec_celery(celery_command("jobs.schedule_app", "beat", "--loglevel", loglevel))
 
 
 @schedule_app.command("worker")
 def schedule_worker(loglevel: Annotated[str, typer.Option(help="Celery log level")] = "info") -> None:
     """Runs the firings beat sends: listing the source and submitting jobs (no model, no torch)."""
-    _exec_celery(
-        "worker",
-        "--queues",
-        scheduler.SCHEDULE_QUEUE,
-        "--concurrency",
-        "1",
-        "--pool",
-        "solo",
-        "--without-gossip",
-        "--without-mingle",
-        "--loglevel",
-        loglevel,
-    )
+    arguments = worker_arguments(scheduler.SCHEDULE_QUEUE, "solo", loglevel)
+    _exec_celery(celery_command("jobs.schedule_app", *arguments))
 
 
 def _tune_garbage_collector() -> None:
@@ -1028,12 +643,15 @@ def main() -> None:
         # A refused write is the job's output: a path through a file, no permission, a bad bucket.
         err.print(f"error: {exc}", markup=False)
         sys.exit(EXIT_INVALID)
-    except RunInterrupted as exc:
+    except Stopped as exc:
         err.print(str(exc), markup=False)
         sys.exit(EXIT_SIGNAL + exc.signum)
     except ImgjobsError as exc:
         err.print(f"error: {exc}", markup=False)
         sys.exit(EXIT_FAILED)
+    except Interrupted as exc:
+        err.print("interrupted")
+        sys.exit(EXIT_SIGNAL + exc.signum)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)

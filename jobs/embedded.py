@@ -34,6 +34,7 @@ from types import TracebackType
 import redis
 from kombu import Connection
 
+from jobstate.connection import PROBE, connect_redis, redis_client
 from jobstate.store import JobStore
 from schemas.errors import BrokerUnavailableError, ConfigError
 from schemas.registry import ResolvedModel
@@ -147,7 +148,7 @@ class EmbeddedRedis:
     def _wait_ready(self) -> None:
         assert self.process is not None
         deadline = time.monotonic() + READY_TIMEOUT_S
-        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=1)
+        client = redis_client(self.url, PROBE)
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise BrokerUnavailableError(
@@ -323,7 +324,7 @@ class EmbeddedState:
             requeue_unacknowledged(server.url)
             # Those chunks were stopped with the run, not by a worker's death: they run no more, and
             # their deliveries so far must not count toward dead-lettering them.
-            JobStore(redis.Redis.from_url(server.url)).forget_running(self.job_id)
+            JobStore(connect_redis(server.url)).forget_running(self.job_id)
             address = self.folder / "broker.json"
             address.touch(mode=0o600)
             address.write_text(json.dumps({"url": server.url, "pid": os.getpid()}), encoding="utf-8")
@@ -394,7 +395,7 @@ def _wait_for_exit(pid_file: Path, timeout_s: float = 10.0) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):
     """A signal asked the command to stop (SIGTERM, SIGHUP, Ctrl-C); raised where the command is,
     so that what it started stops on the way out."""
 
