@@ -61,7 +61,7 @@ from schemas.errors import (
     StorageRefusedError,
     UnknownJobError,
 )
-from schemas.job import Priority
+from schemas.job import JOB_ID_PATTERN, Priority
 from schemas.messages import JOB_END_QUEUE, WORKER_MODEL_ENV, WorkerModel
 from schemas.progress import JobState, JobStatus
 from schemas.schedule import parse_duration
@@ -104,7 +104,18 @@ DryRunOption = Annotated[
     typer.Option("--dry-run", help="validate, plan and estimate the job; send and write nothing"),
 ]
 JobArgument = Annotated[Path, typer.Argument(help="job spec, YAML or JSON", show_default=False)]
-JobIdArgument = Annotated[str, typer.Argument(show_default=False)]
+
+
+def _job_id(value: str) -> str:
+    if not JOB_ID_PATTERN.match(value):
+        raise ConfigError(
+            f"{value!r} is not a job id: a job's id is its name (lowercase letters, digits and '-') and a "
+            "hash, as `imgjobs submit` and `imgjobs jobs` print it"
+        )
+    return value
+
+
+JobIdArgument = Annotated[str, typer.Argument(show_default=False, callback=_job_id)]
 PriorityOption = Annotated[
     Priority | None,
     typer.Option(help="workers take high jobs' chunks first, low last; default: the spec's, else normal"),

@@ -37,6 +37,7 @@ from kombu import Connection
 from jobstate.connection import PROBE, connect_redis, redis_client
 from jobstate.store import JobStore
 from schemas.errors import BrokerUnavailableError, ConfigError
+from schemas.job import JOB_ID_PATTERN
 from schemas.registry import ResolvedModel
 
 READY_TIMEOUT_S = 15.0
@@ -278,6 +279,8 @@ class EmbeddedState:
     """One job's embedded broker and logs, kept between runs (see the module's docstring)."""
 
     def __init__(self, root: Path, job_id: str) -> None:
+        if not JOB_ID_PATTERN.match(job_id):
+            raise ConfigError(f"{job_id!r} is not a job id")  # it would name a folder outside `root`
         self.job_id = job_id
         self.folder = root / "jobs" / job_id
         self.logs = self.folder / "logs"

@@ -36,6 +36,7 @@ from jobstate.meta import JobMeta
 from jobstate.rates import RateBook
 from jobstate.store import JobStore
 from schemas.errors import ConfigError, ImgjobsError, UnknownJobError
+from schemas.job import JOB_ID_PATTERN
 from schemas.messages import END_JOB_TASK, Chunk, JobEnd
 from schemas.progress import JobStatus
 from schemas.registry import ResolvedModel
@@ -316,7 +317,10 @@ class EmbeddedSession(Session):
         starts when no `imgjobs run` of it runs now)."""
         folder = self.root / "jobs"
         for job_folder in sorted(folder.iterdir()) if folder.is_dir() else []:
-            if not EmbeddedState(self.root, job_folder.name).exists():
+            if (
+                not JOB_ID_PATTERN.match(job_folder.name)
+                or not EmbeddedState(self.root, job_folder.name).exists()
+            ):
                 continue
             try:
                 with self.job(job_folder.name) as job:

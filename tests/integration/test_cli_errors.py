@@ -81,6 +81,24 @@ def test_unknown_model_and_unknown_job(tmp_path: Path) -> None:
         assert "no job 'nope'" in one_error_line(status.stderr)
 
 
+def test_no_job_id_names_a_path(tmp_path: Path, private_state_dir: Path) -> None:
+    outside = tmp_path / "outside"
+    (outside / "redis").mkdir(parents=True)  # as an embedded job's folder holds
+    (private_state_dir / "jobs").mkdir(parents=True)
+    climbing = os.path.relpath(outside, private_state_dir / "jobs")
+    for command, job_id in [
+        ("status", climbing),
+        ("retry", climbing),
+        ("failures", "../"),
+        ("logs", "a/b"),
+        ("cancel", "."),
+    ]:
+        refused = imgjobs(command, job_id)
+        assert f"{job_id!r} is not a job id" in one_error_line(refused.stderr), (command, refused.stderr)
+        assert refused.returncode == 2
+    assert [path.name for path in outside.rglob("*")] == ["redis"], "nothing was started or written there"
+
+
 def test_bad_env_var_is_named(tmp_path: Path) -> None:
     spec = write_job(tmp_path, [{"id": "a", "image": "a.png"}], model="sd15")
     checked = imgjobs("validate", str(spec), env={"IMGJOBS_CHUNK_SIZE": "lots"})
