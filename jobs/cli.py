@@ -33,7 +33,7 @@ from jobs.console import (
 )
 from jobs.embedded import Interrupted, stopped_by_signals
 from jobs.estimate import estimate
-from jobs.flags import Listing, RetryChoice
+from jobs.flags import Listing, RetryChoice, error_type
 from jobs.manifest import ValidatedJob, validate_job
 from jobs.metrics import BrokerCollector
 from jobs.producer import prepared
@@ -116,6 +116,10 @@ def _job_id(value: str) -> str:
 
 
 JobIdArgument = Annotated[str, typer.Argument(show_default=False, callback=_job_id)]
+ReasonOption = Annotated[
+    str | None,
+    typer.Option(help="only failures of this error type, e.g. InputImageError", callback=error_type),
+]
 PriorityOption = Annotated[
     Priority | None,
     typer.Option(help="workers take high jobs' chunks first, low last; default: the spec's, else normal"),
@@ -367,7 +371,7 @@ def list_jobs(
 @app.command()
 def failures(
     job_id: JobIdArgument,
-    reason: Annotated[str | None, typer.Option(help="only failures of this error type")] = None,
+    reason: ReasonOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="one ItemResult JSON object per line")] = False,
 ) -> None:
     """List a job's failed items with their reasons."""
@@ -414,9 +418,7 @@ def logs(
 @app.command()
 def retry(
     job_id: JobIdArgument,
-    reason: Annotated[
-        str | None, typer.Option(help="only failures of this error type, e.g. InputImageError")
-    ] = None,
+    reason: ReasonOption = None,
     ids: Annotated[str | None, typer.Option(help="only these failed items: A,B,C")] = None,
     ids_from: Annotated[
         Path | None, typer.Option("--ids-from", help="only the failed items listed in FILE, an id a line")

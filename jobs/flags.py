@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from jobs.console import err
 from jobs.registry import did_you_mean
 from jobs.sources import write_listing_job
-from schemas.errors import ConfigError, Problem, SpecError
+from schemas.errors import ConfigError, ImgjobsError, ItemError, Problem, SpecError
 from schemas.job import RETRY_SETTABLE, Item
 
 
@@ -29,6 +29,20 @@ def key_values(pairs: list[str], flag: str = "--param") -> dict[str, object]:
         except yaml.YAMLError as exc:
             raise ConfigError(f"{flag} {pair!r}: not a valid value: {getattr(exc, 'problem', exc)}") from None
     return parsed
+
+
+def _error_types(root: type[ImgjobsError] = ImgjobsError) -> set[str]:
+    return {root.__name__}.union(*(_error_types(sub) for sub in root.__subclasses__()))
+
+
+def error_type(reason: str | None) -> str | None:
+    """--reason: the name of an error type results record (the tree of schemas/errors.py)."""
+    known = _error_types()
+    if reason is None or reason in known:
+        return reason
+    types = sorted(_error_types(ItemError) - {ItemError.__name__})
+    hint = did_you_mean(reason, known) or f"the types items fail with: {', '.join(types)}"
+    raise ConfigError(f"--reason {reason}: no item fails with an error of that type; {hint}")
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,11 @@ def test_run_exits_1_when_an_item_fails_and_records_it(tmp_path: Path, models_ya
     job_id = results_file.parent.name
     failed = [json.loads(line)["id"] for line in imgjobs("failures", job_id, "--json").stdout.splitlines()]
     assert sorted(failed) == ["empty", "gone"]
+    misspelt = imgjobs("failures", job_id, "--reason", "InputImageErorr")
+    assert misspelt.returncode == 2 and misspelt.stderr == (
+        "error: --reason InputImageErorr: no item fails with an error of that type; "
+        "did you mean 'InputImageError'?\n"
+    )
     (listed,) = json.loads(imgjobs("jobs", "--json").stdout)  # the embedded runs of the state folder
     assert (listed["job_id"], listed["state"], listed["failed"]) == (job_id, "failed", 2)
     logged = imgjobs("logs", job_id)
