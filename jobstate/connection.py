@@ -59,6 +59,14 @@ def connect_redis(url: str, reconnect: Reconnect = COMMAND) -> redis.Redis:
     client = redis_client(url, reconnect)
     try:
         client.ping()
+    except redis.AuthenticationError:
+        given = client.connection_pool.connection_kwargs
+        where = f"Redis at {given.get('host')}:{given.get('port')}"
+        if given.get("password") is None:
+            raise ConfigError(
+                f"{where} asks for a password: give it in IMGJOBS_BROKER_URL as redis://:PASSWORD@host:port/db"
+            ) from None
+        raise ConfigError(f"{where} refused the user or password of IMGJOBS_BROKER_URL") from None
     except redis.RedisError as exc:
         raise BrokerUnavailableError(f"cannot reach the broker at {redact_url(url)}: {exc}") from None
     return client

@@ -70,6 +70,15 @@ def test_missing_and_unreachable_broker(tmp_path: Path) -> None:
     line = one_error_line(unreachable.stderr)
     assert "cannot reach the broker at redis://:***@127.0.0.1" in line and "hunter2" not in line
     assert unreachable.returncode == 2
+    with EmbeddedRedis(tmp_path / "redis", password="hunter2") as server:
+        where = f"Redis at 127.0.0.1:{server.port}"
+        bare = imgjobs("status", "some-job", env={"IMGJOBS_BROKER_URL": f"redis://127.0.0.1:{server.port}/0"})
+        assert one_error_line(bare.stderr).startswith(f"error: {where} asks for a password")
+        wrong = f"redis://:guessed@127.0.0.1:{server.port}/0"
+        refused = imgjobs("status", "some-job", env={"IMGJOBS_BROKER_URL": wrong})
+        line = one_error_line(refused.stderr)
+        assert line.startswith(f"error: {where} refused the user or password") and "guessed" not in line
+        assert bare.returncode == refused.returncode == 2
 
 
 def test_unknown_model_and_unknown_job(tmp_path: Path) -> None:
