@@ -342,7 +342,7 @@ class EmbeddedState:
         return Path(models) if isinstance(models, str) else None
 
     def remember_input_roots(self, roots: str) -> None:
-        """The folders the run's workers may read local inputs from, for a later retry's workers."""
+        """The job's own folders, which its workers may read local inputs from, for a later retry's."""
         self._remember(input_roots=roots)
 
     def input_roots(self) -> str | None:

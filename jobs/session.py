@@ -181,7 +181,9 @@ class EmbeddedJob(JobHandle):
         if "cpu" not in names:
             models = [*models, Registry.load(self._registry).resolve("cpu")]
         count = len(models) * per_model
-        env = {"IMGJOBS_LOCAL_INPUT_ROOTS": self.state.input_roots() or self.settings.local_input_roots or ""}
+        # The folders the operator allows now, as the failures of a first run told them to set them.
+        roots = [self.settings.local_input_roots or "", self.state.input_roots() or ""]
+        env = {"IMGJOBS_LOCAL_INPUT_ROOTS": os.pathsep.join(root for root in roots if root)}
         # Local workers share this machine's cores; more torch threads than cores only spin.
         threads = self.settings.torch_threads or max(1, (os.cpu_count() or 1) // count)
         env["IMGJOBS_TORCH_THREADS"] = str(threads)
@@ -286,15 +288,11 @@ class EmbeddedSession(Session):
                 state, url, self.settings, resume, stack=stack, registry=registry.path, runs_here=True
             )
 
-    def _input_roots(self, job: ValidatedJob) -> str:
-        """What an embedded run's workers may read local inputs from: the job's own folders (the spec's
-        and the manifest's, which relative paths start from) and any the operator set."""
-        folders = [
-            self.settings.local_input_roots or "",
-            str(job.spec_path.parent),
-            str(job.items_path.parent),
-        ]
-        return os.pathsep.join(dict.fromkeys(folder for folder in folders if folder))
+    @staticmethod
+    def _input_roots(job: ValidatedJob) -> str:
+        """The job's own folders, which its items' relative paths start from: its local inputs there are
+        read whatever IMGJOBS_LOCAL_INPUT_ROOTS says."""
+        return os.pathsep.join(dict.fromkeys([str(job.spec_path.parent), str(job.items_path.parent)]))
 
     @contextmanager
     def job(self, job_id: str, *, own: bool = False) -> Iterator[JobHandle]:

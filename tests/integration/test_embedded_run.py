@@ -159,3 +159,10 @@ def test_an_embedded_run_reads_the_local_inputs_of_its_own_folder_only(
     assert results["a"]["status"] == "succeeded"
     assert results["b"]["status"] == "failed"
     assert "IMGJOBS_LOCAL_INPUT_ROOTS" in results["b"]["error"]["message"]
+
+    # As the message says: set it, and retry.
+    roots = {"IMGJOBS_LOCAL_INPUT_ROOTS": str(outside.parent)}
+    retried = imgjobs("retry", results_file.parent.name, env=roots)
+    assert retried.returncode == 0, retried.stderr
+    results = {row["id"]: row for row in map(json.loads, results_file.read_text().splitlines())}
+    assert results["b"]["status"] == "succeeded", results["b"]
