@@ -256,11 +256,14 @@ def _failure_groups(job: JobHandle, status: JobStatus) -> list[FailureGroup]:
     return failures_by_reason(redrive.failures(job.store, status.job_id)) if status.failed else []
 
 
-def _summary_exit(job: JobHandle, status: JobStatus) -> NoReturn:
+def _summary_exit(job: JobHandle, status: JobStatus, finished_before: bool = False) -> NoReturn:
     """The finished job's summary and failures, where its workers' logs are, and `run`'s exit status."""
     print_summary(status, _failure_groups(job, status))
     if job.logs is not None:
         err.print(f"worker logs: {job.logs}")
+    if finished_before and status.failed:  # running it again only shows this
+        again = f"`imgjobs retry {status.job_id}` runs its {status.failed} failed item(s) again"
+        err.print(f"job {status.job_id} had finished before; {again}")
     raise typer.Exit(0 if status.state == JobState.SUCCEEDED else EXIT_FAILED)
 
 
@@ -288,11 +291,12 @@ def run(
                 err.print(f"job {submission.job_id} was submitted before on this broker; following it")
             elif submission.resumed:
                 err.print(f"job {submission.job_id}: resumed")
-            if not handle.status().finished and handle.start_workers(validated.models, workers_per_model):
+            before = handle.status()
+            if not before.finished and handle.start_workers(validated.models, workers_per_model):
                 err.print(f"embedded mode: state in {handle.home}, {len(handle.workers)} local worker(s)")
             err.print(f"job {submission.job_id}: {submission.total} item(s)")
             status = handle.follow()
-            _summary_exit(handle, status)
+            _summary_exit(handle, status, finished_before=before.finished)
 
 
 @app.command()

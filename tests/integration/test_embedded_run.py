@@ -98,6 +98,10 @@ def test_run_exits_1_when_an_item_fails_and_records_it(tmp_path: Path, models_ya
 
     # The run's state stays: `failures` and `retry` of its job id need no broker.
     job_id = results_file.parent.name
+    again = imgjobs("run", str(spec), "--models", str(models_yaml))  # only the summary, and what to do
+    assert (
+        again.returncode == 1 and f"`imgjobs retry {job_id}` runs its 2 failed item(s) again" in again.stderr
+    )
     failed = [json.loads(line)["id"] for line in imgjobs("failures", job_id, "--json").stdout.splitlines()]
     assert sorted(failed) == ["empty", "gone"]
     misspelt = imgjobs("failures", job_id, "--reason", "InputImageErorr")
