@@ -16,7 +16,9 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import IO, Annotated, NoReturn
 
+import redis
 import typer
+from kombu.exceptions import OperationalError
 from rich.table import Table
 
 from jobs import redrive, scheduler
@@ -281,7 +283,9 @@ def run(
     session = open_session()
     # Embedded, the models load here. A missing input still fails its item alone, as distributed.
     registry = _registry(models, session.settings, check_sources=session.loads_models)
-    with stopped_by_signals(), prepared(job, registry, session.settings, priority) as validated:
+    with stopped_by_signals(), ExitStack() as stack:
+        with session.validating(job):
+            validated = stack.enter_context(prepared(job, registry, session.settings, priority))
         if dry_run:
             _print_estimate(validated, session)
             return
@@ -309,18 +313,19 @@ def status(
 ) -> None:
     """Show a job's state and counts. With --watch, exit as `run` does once the job finishes: 0 if
     every item succeeded, 1 otherwise."""
-    with open_session().job(job_id) as job:
-        if watch and job.runs_here and not job.status().finished:
-            # An embedded job no `imgjobs run` runs now: watching it would wait for ever.
-            err.print(f"job {job_id}: nothing runs it now; `imgjobs run` of its spec resumes it")
-            watch = False
-        if not watch:
-            _status_lines(job, as_json)
-            return
-        if as_json:
+    again = f"`imgjobs status {job_id} --watch` follows it again"
+    with open_session().job(job_id) as job, job.watching(again):
+        stopped = job.status().state == JobState.STOPPED
+        if stopped:  # watching it would wait for ever
+            err.print(f"job {job_id}: stopped: nothing runs it now; {job.resume}")
+        if not watch or stopped:
+            final = _status_lines(job, as_json)
+            if not watch:
+                return
+        elif as_json:
             final = _status_lines(job, as_json, watch=True)
         else:
-            final = job.follow(f"`imgjobs status {job_id} --watch` follows it again")
+            final = job.follow(again)
             print_summary(final)
     raise typer.Exit(0 if final.state == JobState.SUCCEEDED else EXIT_FAILED)
 
@@ -370,6 +375,8 @@ def list_jobs(
         print(json.dumps([status_document(status, average_rate(status)) for status in listed]))
         return
     print_jobs(listed, len(statuses))
+    if any(status.state == JobState.STOPPED for status in listed):
+        err.print("stopped: nothing runs them now; `imgjobs status JOB` says how to resume each")
 
 
 @app.command()
@@ -665,6 +672,9 @@ def main() -> None:
         sys.exit(EXIT_SIGNAL + exc.signum)
     except ImgjobsError as exc:
         err.print(f"error: {exc}", markup=False)
+        sys.exit(EXIT_FAILED)
+    except (redis.RedisError, OperationalError) as exc:  # the broker went away in the middle of a command
+        err.print(f"error: lost the broker: {exc}", markup=False)
         sys.exit(EXIT_FAILED)
     except Interrupted as exc:
         err.print("interrupted")

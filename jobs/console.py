@@ -75,9 +75,7 @@ def print_summary(status: JobStatus, groups: Sequence[FailureGroup] = ()) -> Non
     if status.cancelled:
         table.add_row("of them cancelled", str(status.cancelled))
     if status.started_at and status.finished_at:
-        table.add_row(
-            "time", f"{status.finished_at - status.started_at:.1f}s ({average_rate(status):.2f} items/s)"
-        )
+        table.add_row("time", f"{status.running_s(time.time()):.1f}s ({average_rate(status):.2f} items/s)")
     if status.error:
         table.add_row("error", status.error)
     else:

@@ -10,7 +10,8 @@ resumes it, and `imgjobs status`, `failures` and `retry` work on it afterwards:
       jobs/<job id>/logs/       worker-<model>-<n>.log
       jobs/<job id>/lock        held by the process that runs the job's broker
       jobs/<job id>/broker.json where that broker listens while it runs (mode 0600)
-      jobs/<job id>/run.json    the models.yaml and input folders the run used, for a later `imgjobs retry`
+      jobs/<job id>/run.json    the spec, models.yaml and input folders the run used, for a later
+                                `imgjobs retry` and to say how to resume it
 """
 
 from __future__ import annotations
@@ -236,6 +237,13 @@ class LocalWorker:
         except OSError:
             return ""
 
+    def kill(self) -> None:
+        """At once, with its pool process: for a worker whose broker is gone, which a warm shutdown
+        would wait on. The chunk in hand, never acknowledged, runs again when the job does."""
+        if self.alive():
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
     def stop(self) -> None:
         """Warm shutdown (SIGTERM lets the current chunk finish), then SIGKILL after a grace period."""
         if self.alive():
@@ -273,6 +281,35 @@ def state_root(configured: Path | None) -> Path:
         return configured.expanduser()
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "imgjobs"
+
+
+@contextlib.contextmanager
+def validation_note(root: Path, spec: Path) -> Iterator[None]:
+    """A note in the state folder while `imgjobs run` validates a job, whose id (and state folder) it
+    knows only once it has read every item: `imgjobs status` of the job can then say so."""
+    folder = root / "validating"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    note = folder / f"{os.getpid()}.json"
+    note.write_text(json.dumps({"spec": str(spec.resolve())}), encoding="utf-8")
+    try:
+        yield
+    finally:
+        note.unlink(missing_ok=True)
+
+
+def validating_runs(root: Path) -> Iterator[tuple[int, Path]]:
+    """(pid, spec) of each `imgjobs run` validating a job now."""
+    for note in sorted((root / "validating").glob("*.json")):
+        try:
+            pid = int(note.stem)
+            os.kill(pid, 0)
+            spec = Path(json.loads(note.read_text(encoding="utf-8"))["spec"])
+        except ProcessLookupError:
+            note.unlink(missing_ok=True)  # the note of a run killed while it validated
+            continue
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        yield pid, spec
 
 
 class EmbeddedState:
@@ -327,7 +364,7 @@ class EmbeddedState:
             requeue_unacknowledged(server.url)
             # Those chunks were stopped with the run, not by a worker's death: they run no more, and
             # their deliveries so far must not count toward dead-lettering them.
-            JobStore(connect_redis(server.url)).forget_running(self.job_id)
+            JobStore(connect_redis(server.url)).stop(self.job_id)
             address = self.folder / "broker.json"
             address.touch(mode=0o600)
             address.write_text(json.dumps({"url": server.url, "pid": os.getpid()}), encoding="utf-8")
@@ -341,9 +378,15 @@ class EmbeddedState:
         models = self._remembered().get("models")
         return Path(models) if isinstance(models, str) else None
 
-    def remember_input_roots(self, roots: str) -> None:
-        """The job's own folders, which its workers may read local inputs from, for a later retry's."""
-        self._remember(input_roots=roots)
+    def remember_run(self, spec: Path, input_roots: str) -> None:
+        """The job's spec, to say how to resume it, and its own folders, which its workers may read
+        local inputs from, for a later retry's."""
+        self._remember(spec=str(spec), input_roots=input_roots)
+
+    def spec(self) -> Path | None:
+        """The spec the job's last run ran, if any."""
+        spec = self._remembered().get("spec")
+        return Path(spec) if isinstance(spec, str) else None
 
     def input_roots(self) -> str | None:
         roots = self._remembered().get("input_roots")

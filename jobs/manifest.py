@@ -28,7 +28,15 @@ from jobs.recipe import plan_recipe
 from jobs.registry import Location, Registry, error_message, yaml_child, yaml_line
 from jobstate.meta import JobMeta, chunk_size_for
 from schemas.errors import Problem, SpecError
-from schemas.job import Item, JobSpec, ResolvedParams, StageSpec, overrides_of, resolve_params
+from schemas.job import (
+    JOB_HASH_CHARS,
+    Item,
+    JobSpec,
+    ResolvedParams,
+    StageSpec,
+    overrides_of,
+    resolve_params,
+)
 from schemas.messages import StagePlan
 from schemas.registry import ResolvedModel
 
@@ -547,7 +555,7 @@ def validate_job(
         spec_path=spec_path.resolve(),
         items_path=items_path,
         output=output,
-        job_id=f"{spec.name}-{digest.hexdigest()[:12]}",
+        job_id=f"{spec.name}-{digest.hexdigest()[:JOB_HASH_CHARS]}",
         total=total,
         recipe=tuple(recipe),
         chunk_size=size,

@@ -17,20 +17,28 @@ import signal
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import redis
+import yaml
 from celery import Celery
 
 from jobs.broker import producer_app, require_broker_url
 from jobs.console import err, progress_bar
 from jobs.consumers import ConsumerWatch, consumed_queues
-from jobs.embedded import EmbeddedState, Interrupted, LocalWorker, state_root
-from jobs.manifest import ValidatedJob
+from jobs.embedded import (
+    EmbeddedState,
+    Interrupted,
+    LocalWorker,
+    state_root,
+    validating_runs,
+    validation_note,
+)
+from jobs.manifest import MAX_SPEC_BYTES, ValidatedJob
 from jobs.producer import Submission, send_chunks, submit
 from jobs.registry import Registry
-from jobs.views import average_rate
+from jobs.views import average_rate, job_name, suggested_ids
 from jobstate.connection import connect_redis
 from jobstate.meta import JobMeta
 from jobstate.rates import RateBook
@@ -40,7 +48,7 @@ from schemas.job import JOB_ID_PATTERN
 from schemas.messages import END_JOB_TASK, Chunk, JobEnd
 from schemas.progress import JobStatus
 from schemas.registry import ResolvedModel
-from schemas.settings import Settings
+from schemas.settings import Settings, redact_url
 
 POLL_S = 0.5
 
@@ -51,6 +59,10 @@ class Stopped(ImgjobsError):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.signum = signum
+
+
+class BrokerLost(ImgjobsError):
+    """The broker that holds the job's state went away while a command followed the job."""
 
 
 class JobHandle:
@@ -67,8 +79,8 @@ class JobHandle:
         self.broker_url = broker_url
         self.settings = settings
         self.resume = resume  # what goes on with the job should this command stop, and how to follow it
+        self.broker_name = f"the broker at {redact_url(broker_url)}"
         self.workers: list[LocalWorker] = []
-        self.runs_here = False  # this command runs the job's work, in workers it starts (start_workers)
         self._app: Celery | None = None
 
     @property
@@ -78,7 +90,10 @@ class JobHandle:
         return self._app
 
     def status(self) -> JobStatus:
-        return self.store.status(self.job_id)
+        try:
+            return self.store.status(self.job_id)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise BrokerLost(f"lost {self.broker_name}: {exc}") from None
 
     def submit(self, job: ValidatedJob) -> Submission:
         return submit(job, self.settings, self.broker_url)
@@ -99,10 +114,16 @@ class JobHandle:
         return ConsumerWatch(self.store.meta(self.job_id), lambda: consumed_queues(self.app))
 
     def follow(self, again: str | None = None) -> JobStatus:
-        """Progress bars until the job finishes. Stopped by a signal, says how far the job got and
-        `again` (what goes on, how to resume)."""
-        try:
+        """Progress bars until the job finishes."""
+        with self.watching(again):
             return self._watch()
+
+    @contextmanager
+    def watching(self, again: str | None = None) -> Iterator[None]:
+        """For a block that follows the job: stopped by a signal, or by the loss of its broker, it says so
+        in one line, with how far the job got, and `again` (what goes on, how to resume)."""
+        try:
+            yield
         except (KeyboardInterrupt, Interrupted) as exc:
             signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
             try:
@@ -111,6 +132,10 @@ class JobHandle:
             except (ImgjobsError, redis.RedisError):
                 done = "stopped"
             raise Stopped(f"interrupted: {done}; {again or self.resume}", signum) from None
+        except BrokerLost as exc:
+            for worker in self.workers:
+                worker.kill()  # a warm shutdown would wait on the broker that is gone
+            raise BrokerLost(f"{exc}; {again or self.resume}") from None
 
     def _watch(self) -> JobStatus:
         consumers = self.consumer_watch()
@@ -167,6 +192,7 @@ class EmbeddedJob(JobHandle):
         runs_here: bool,
     ) -> None:
         super().__init__(state.job_id, JobStore(connect_redis(broker_url)), broker_url, settings, resume)
+        self.broker_name = f"the job's embedded Redis (its log: {state.folder / 'redis' / 'redis.log'})"
         self.state = state
         self.logs = state.logs
         self.home = state.folder
@@ -194,6 +220,7 @@ class EmbeddedJob(JobHandle):
                     model, self.broker_url, self._registry, log, env=env, die_with_parent=True
                 )
                 self.workers.append(self._stack.enter_context(worker))
+        self.store.resume(self.job_id)
         return True
 
     def consumer_watch(self) -> ConsumerWatch | None:
@@ -215,6 +242,10 @@ class Session(ABC):
     def shared_client(self) -> redis.Redis | None:
         """A client of the broker every job shares; None where each job has its own."""
         return None
+
+    def validating(self, spec: Path) -> AbstractContextManager[None]:
+        """For the block in which `imgjobs run` validates the job of `spec`."""
+        return nullcontext()
 
     @abstractmethod
     def new_job(self, job: ValidatedJob, registry: Registry) -> AbstractContextManager[JobHandle]:
@@ -260,6 +291,10 @@ class RemoteSession(Session):
 
     @contextmanager
     def job(self, job_id: str, *, own: bool = False) -> Iterator[JobHandle]:
+        store = JobStore(self.client())
+        if store.find(job_id) is None:
+            hint = suggested_ids(job_id, store.job_ids())
+            raise UnknownJobError(f"no job {job_id!r} on this broker" + (f"; {hint}" if hint else ""))
         yield self._handle(job_id)
 
     def statuses(self) -> Iterator[JobStatus]:
@@ -282,7 +317,7 @@ class EmbeddedSession(Session):
         state = EmbeddedState(self.root, job.job_id)
         with ExitStack() as stack:
             url = stack.enter_context(state.broker(registry.path, own=True))
-            state.remember_input_roots(self._input_roots(job))
+            state.remember_run(job.spec_path, self._input_roots(job))
             resume = f"run `imgjobs run {job.spec_path}` again to resume"
             yield EmbeddedJob(
                 state, url, self.settings, resume, stack=stack, registry=registry.path, runs_here=True
@@ -298,33 +333,47 @@ class EmbeddedSession(Session):
     def job(self, job_id: str, *, own: bool = False) -> Iterator[JobHandle]:
         state = EmbeddedState(self.root, job_id)
         if not state.exists():
-            raise ConfigError(
-                "no broker configured: set IMGJOBS_BROKER_URL=redis://host:6379/0; and no embedded run of "
-                f"job {job_id!r} in {state.folder.parent}"
+            for pid, spec in validating_runs(self.root):
+                if _job_name_in(spec) == job_name(job_id):
+                    raise UnknownJobError(
+                        f"no job {job_id!r} yet: `imgjobs run {spec}` (pid {pid}) is validating a job of "
+                        "its name, whose id and state it has once every item is read; try again then"
+                    )
+            hint = suggested_ids(job_id, self._job_ids())
+            raise UnknownJobError(
+                f"no job {job_id!r}: no embedded run of it in {state.folder.parent}, and no broker is set "
+                "(IMGJOBS_BROKER_URL)" + (f"; {hint}" if hint else "")
             )
         with ExitStack() as stack:
             url = stack.enter_context(state.broker(own=own))
-            resume = "run `imgjobs run` of its spec again to resume"
+            resume = f"run `imgjobs run {state.spec() or 'SPEC'}` again to resume"
             runs_here = not state.running_elsewhere
             yield EmbeddedJob(
                 state, url, self.settings, resume, stack=stack, registry=state.registry(), runs_here=runs_here
             )
 
+    def validating(self, spec: Path) -> AbstractContextManager[None]:
+        return validation_note(self.root, spec)
+
+    def _job_ids(self) -> list[str]:
+        """The jobs of the embedded runs kept in the state folder."""
+        folder = self.root / "jobs"
+        found = sorted(path.name for path in folder.iterdir()) if folder.is_dir() else []
+        return [
+            job_id
+            for job_id in found
+            if JOB_ID_PATTERN.match(job_id) and EmbeddedState(self.root, job_id).exists()
+        ]
+
     def statuses(self) -> Iterator[JobStatus]:
         """The job of each embedded run kept in the state folder, read from its own broker (which this
         starts when no `imgjobs run` of it runs now)."""
-        folder = self.root / "jobs"
-        for job_folder in sorted(folder.iterdir()) if folder.is_dir() else []:
-            if (
-                not JOB_ID_PATTERN.match(job_folder.name)
-                or not EmbeddedState(self.root, job_folder.name).exists()
-            ):
-                continue
+        for job_id in self._job_ids():
             try:
-                with self.job(job_folder.name) as job:
+                with self.job(job_id) as job:
                     status = job.status()
             except (ConfigError, UnknownJobError) as exc:
-                err.print(f"warning: embedded run {job_folder}: {exc}", markup=False)
+                err.print(f"warning: embedded run {self.root / 'jobs' / job_id}: {exc}", markup=False)
                 continue
             yield status
 
@@ -338,6 +387,17 @@ class EmbeddedSession(Session):
             return
         with state.broker() as url:
             yield RateBook(connect_redis(url))
+
+
+def _job_name_in(spec: Path) -> str | None:
+    """The `name` a job spec gives, read as the spec is (YAML or JSON); None where it gives none."""
+    try:
+        with spec.open("rb") as handle:
+            parsed = yaml.safe_load(handle.read(MAX_SPEC_BYTES))
+    except (OSError, yaml.YAMLError):
+        return None
+    name = parsed.get("name") if isinstance(parsed, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def open_session(settings: Settings | None = None) -> Session:

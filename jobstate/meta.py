@@ -44,6 +44,9 @@ class JobMeta(BaseModel):
     started_at: float | None = None
     finished_at: float | None = Field(None, description="when the job's end was written (or failed)")
     cancelled_at: float | None = None
+    touched_at: float | None = Field(None, description="when a chunk of it last started or finished items")
+    stopped_at: float | None = Field(None, description="stopped (its run stopped) since then, until resumed")
+    stopped_s: float = Field(0.0, description="time it spent stopped, or finished before a retry reopened it")
     epoch: int = Field(0, description="raised by each cancel: chunks sent before it are dropped")
     round: int = Field(0, description="raised by each retry: its results win over the earlier rounds'")
     end_error: str | None = Field(None, description="why the job's end could not be written")

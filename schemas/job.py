@@ -24,6 +24,7 @@ JOB_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
 # A job id is its name, '-' and a hash (jobs/manifest.py): the name's alphabet, so that no id names a
 # path (it is a folder of the state folder and a prefix of the output).
 JOB_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,99}\Z")
+JOB_HASH_CHARS = 12  # hex digits of the hash of the job's spec and items
 IMAGE_URI_SCHEMES = ("file://", "s3://", "http://", "https://")
 
 BUILTIN_STRENGTH = 0.8

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -15,7 +16,7 @@ import redis
 
 from jobs.embedded import EmbeddedRedis, free_port
 from jobs.registry import Registry
-from tests.conftest import Workers, imgjobs
+from tests.conftest import ROOT, Workers, imgjobs
 from tests.helpers import write_image, write_job
 
 
@@ -106,6 +107,37 @@ def test_no_job_id_names_a_path(tmp_path: Path, private_state_dir: Path) -> None
         assert f"{job_id!r} is not a job id" in one_error_line(refused.stderr), (command, refused.stderr)
         assert refused.returncode == 2
     assert [path.name for path in outside.rglob("*")] == ["redis"], "nothing was started or written there"
+
+
+def test_status_of_a_job_whose_run_still_validates_it_says_so(
+    tmp_path: Path, private_state_dir: Path
+) -> None:
+    write_image(tmp_path / "in" / "a.png", size=(8, 8))
+    rows = [{"id": f"i{n}", "image": "in/a.png"} for n in range(50_000)]  # seconds of validation
+    spec = write_job(tmp_path, rows, name="big", stage={"type": "resize", "model": "cpu"})
+    run = subprocess.Popen(
+        [sys.executable, "-m", "jobs", "run", str(spec)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not list((private_state_dir / "validating").glob("*.json")):
+            assert run.poll() is None and time.monotonic() < deadline, "no run validating"
+            time.sleep(0.02)
+        run.send_signal(signal.SIGSTOP)  # held in its validation, which knows the job's id only at its end
+        status = imgjobs("status", "big-0123456789ab")
+        assert status.returncode == 2
+        line = one_error_line(status.stderr)
+        assert f"`imgjobs run {spec}` (pid {run.pid}) is validating a job of its name" in line, line
+    finally:
+        run.send_signal(signal.SIGCONT)
+        run.send_signal(signal.SIGTERM)
+        _, stderr = run.communicate(timeout=60)
+    assert (run.returncode, stderr) == (128 + signal.SIGTERM, "interrupted\n")
+    assert not list((private_state_dir / "validating").glob("*.json"))
 
 
 def test_bad_env_var_is_named(tmp_path: Path) -> None:

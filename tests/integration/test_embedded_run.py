@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,7 @@ def test_run_exits_1_when_an_item_fails_and_records_it(tmp_path: Path, models_ya
     ]
     spec = write_job(tmp_path, rows)
     ran = imgjobs("run", str(spec), "--models", str(models_yaml))
+    finished = time.time()
     assert ran.returncode == 1, ran.stderr
     assert "failed" in ran.stdout
     assert re.search(r"InputImageError\s*│\s*2\s*│\s*empty", ran.stdout), "the summary groups failures"
@@ -110,15 +112,21 @@ def test_run_exits_1_when_an_item_fails_and_records_it(tmp_path: Path, models_ya
         "did you mean 'InputImageError'?\n"
     )
     (listed,) = json.loads(imgjobs("jobs", "--json").stdout)  # the embedded runs of the state folder
+    mistyped = imgjobs("status", job_id[:-1] + "x")
+    assert mistyped.returncode == 2 and mistyped.stderr.startswith(f"error: no job '{job_id[:-1]}x': ")
+    assert mistyped.stderr.endswith(f"; did you mean {job_id!r}?\n"), mistyped.stderr
     assert (listed["job_id"], listed["state"], listed["failed"]) == (job_id, "failed", 2)
     logged = imgjobs("logs", job_id)
     assert logged.returncode == 0 and "InputImageError" in logged.stdout, logged.stderr
     assert "worker log line(s) name the job" in logged.stdout and "worker-tiny-sd-0.log: " in logged.stdout
     kept = Path(results["a"]["outputs"]["s0-img2img"]).stat().st_mtime_ns
     write_image(tmp_path / "in" / "gone.png")  # the missing input arrives
+    retried_at = time.time()
     retried = imgjobs("retry", job_id, "--reason", "InputImageError")
     assert retried.returncode == 1, retried.stderr  # "empty" fails again
     assert "2 failed item(s) run again" in retried.stderr
+    (listed,) = json.loads(imgjobs("jobs", "--json").stdout)
+    assert listed["stopped_s"] >= retried_at - finished, "the time it was finished is not its running time"
     results = {r["id"]: r for r in map(json.loads, results_file.read_text().splitlines())}
     assert (results["gone"]["status"], results["empty"]["status"]) == ("succeeded", "failed")
     assert Path(results["a"]["outputs"]["s0-img2img"]).stat().st_mtime_ns == kept, "a was not run again"

@@ -1,17 +1,19 @@
 """A job's state through real worker processes on real Redis: an embedded run resumes after a
-SIGTERM and after being killed, and its state answers `status` and `failures` after (and `retry`:
-tests/integration/test_embedded_run.py); a cancel is accounted for at once and stops a running
-chunk at its next call; a job's end that cannot be written fails the job at once, and one end more
-changes nothing."""
+SIGTERM, after being killed and after losing its Redis, and its state answers `status` and
+`failures` after (and `retry`: tests/integration/test_embedded_run.py); a cancel is accounted for
+at once and stops a running chunk at its next call; a job's end that cannot be written fails the
+job at once, and one end more changes nothing."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -107,23 +109,34 @@ def fingerprints(folder: Path) -> dict[str, tuple[int, int]]:
     }
 
 
-def test_an_embedded_run_resumes_after_a_sigterm_and_after_a_kill(
+def embedded_broker(state: Path, what: str) -> str:
+    """The URL of the job's embedded broker, once its run has started it."""
+    return str(
+        wait_until(
+            lambda: (
+                (state / "broker.json").exists() and json.loads((state / "broker.json").read_text())["url"]
+            ),
+            120,
+            what,
+        )
+    )
+
+
+def test_an_embedded_run_resumes_after_a_sigterm_a_kill_and_the_loss_of_its_redis(
     tmp_path: Path, models_yaml: Path, private_state_dir: Path
 ) -> None:
     spec, ids = job_of(tmp_path, 12)
     job_id = job_id_of(spec, models_yaml)
     state = private_state_dir / "jobs" / job_id
+    stopped_for = 0.0  # at least: from a run's exit to the next run's broker, before its workers resume
 
     first = embedded_run(spec, models_yaml)
-    broker_url = wait_until(
-        lambda: (state / "broker.json").exists() and json.loads((state / "broker.json").read_text())["url"],
-        120,
-        "the embedded broker",
-    )
+    broker_url = embedded_broker(state, "the embedded broker")
     wait_until(lambda: succeeded(broker_url, job_id) >= 2, 180, "a first chunk")
     assert status_of(job_id)["state"] == "running"  # with no broker set: the running one answers
     first.send_signal(signal.SIGTERM)
     _, stderr = first.communicate(timeout=120)
+    exited = time.time()
     assert first.returncode == 128 + signal.SIGTERM, stderr
     assert "interrupted: " in stderr and f"/12 finished; run `imgjobs run {spec}` again to resume" in stderr
     # Before, its redis-server and workers went on running, parented to init.
@@ -132,18 +145,46 @@ def test_an_embedded_run_resumes_after_a_sigterm_and_after_a_kill(
     assert 2 <= len(after_first) < 12
 
     second = embedded_run(spec, models_yaml)
-    broker_url = wait_until(
-        lambda: (state / "broker.json").exists() and json.loads((state / "broker.json").read_text())["url"],
-        120,
-        "the embedded broker again",
-    )
+    broker_url = embedded_broker(state, "the embedded broker again")
+    stopped_for += time.time() - exited
     wait_until(lambda: succeeded(broker_url, job_id) >= len(after_first) + 2, 180, "more items")
     second.kill()  # no chance to stop anything: its children go with it, and the next run requeues
     second.communicate(timeout=30)
+    exited = time.time()
     assert wait_until(lambda: not processes_on(broker_url), 30, "no process left after a kill") is True
 
+    # Nothing runs it now: it says so, and how to resume it; watching it ends at once, not in success.
+    watched = imgjobs("status", job_id, "--watch")
+    assert watched.returncode == 1, watched.stderr
+    resume = f"run `imgjobs run {spec}` again to resume"
+    assert watched.stderr == f"job {job_id}: stopped: nothing runs it now; {resume}\n"
+    assert watched.stdout.startswith(f"{job_id}: stopped  total 12")
+    (listed,) = json.loads(imgjobs("jobs", "--json").stdout)
+    assert listed["state"] == "stopped"
+
+    # Its Redis killed under it: one line, at once, that says what was lost and how to resume.
+    lost = embedded_run(spec, models_yaml)
+    broker_url = embedded_broker(state, "the embedded broker of the run that loses it")
+    stopped_for += time.time() - exited
+    store = JobStore(redis.Redis.from_url(broker_url, decode_responses=True))
+    wait_until(lambda: store.status(job_id).state.value == "running", 120, "its workers running it")
+    os.kill(int((state / "redis" / "redis.pid").read_text()), signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = lost.communicate(timeout=120)
+    exited = time.time()
+    assert time.monotonic() - killed < 15, "it stops at once, not after its workers' warm shutdown"
+    assert lost.returncode == 1 and "Traceback" not in stderr, stderr
+    (error,) = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert error.startswith(
+        f"error: lost the job's embedded Redis (its log: {state / 'redis' / 'redis.log'})"
+    )
+    assert error.endswith(f"; {resume}"), error
+    assert wait_until(lambda: not processes_on(broker_url), 30, "no process left after the loss") is True
+
     third = embedded_run(spec, models_yaml)
-    _stdout, stderr = third.communicate(timeout=300)
+    broker_url = embedded_broker(state, "the embedded broker of the last run")
+    stopped_for += time.time() - exited
+    stdout, stderr = third.communicate(timeout=300)
     assert third.returncode == 0, stderr
     assert f"worker logs: {state / 'logs'}" in stderr
     final = fingerprints(tmp_path / "out" / job_id)
@@ -152,6 +193,13 @@ def test_an_embedded_run_resumes_after_a_sigterm_and_after_a_kill(
 
     status = status_of(job_id)  # the job's state after the run: no broker configured
     assert (status["state"], status["succeeded"]) == ("succeeded", 12)
+    # Its time is its running time: the time between its runs is left out, of the summary's too.
+    assert status["stopped_s"] >= stopped_for - 0.5, (status, stopped_for)
+    finished, started = (
+        datetime.fromisoformat(status[key]).timestamp() for key in ("finished_at", "started_at")
+    )
+    summary_s = float(re.findall(r"time\s*│\s*([0-9.]+)s", stdout)[0])
+    assert summary_s == pytest.approx(finished - started - status["stopped_s"], abs=0.2), stdout
     listed = imgjobs("failures", job_id, "--json")
     assert (listed.returncode, listed.stdout) == (0, "")
     assert imgjobs("status", "no-such-job").returncode == 2
