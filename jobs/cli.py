@@ -346,6 +346,8 @@ def _status_lines(job: JobHandle, as_json: bool, watch: bool = False) -> JobStat
             )
             if current.error:
                 out.print(f"error: {current.error}", markup=False)
+            if current.retrying:
+                out.print(f"retrying {current.retrying}", markup=False)
         if not watch or current.finished:
             return current
         for warning in consumers.warnings(current) if consumers else []:

@@ -150,6 +150,7 @@ class JobHandle:
                 if len(status.stages) > 1
                 else {}
             )
+            retrying = None
             while True:
                 status = self.status()
                 failed = f"failed {status.failed}"
@@ -160,6 +161,9 @@ class JobHandle:
                         progress.update(stage_bars[stage.name], completed=stage.done, rate=rate)
                 if status.finished:
                     return status
+                if status.retrying and status.retrying != retrying:  # else the bars stand still, unexplained
+                    progress.console.print(f"retrying {status.retrying}", markup=False)
+                retrying = status.retrying
                 for warning in consumers.warnings(status) if consumers else []:
                     progress.console.print(warning, markup=False)
                 self._check_workers()

@@ -50,6 +50,7 @@ class JobMeta(BaseModel):
     epoch: int = Field(0, description="raised by each cancel: chunks sent before it are dropped")
     round: int = Field(0, description="raised by each retry: its results win over the earlier rounds'")
     end_error: str | None = Field(None, description="why the job's end could not be written")
+    end_retrying: str | None = Field(None, description="what the job's end is retrying now, and why")
     results: str | None = Field(None, description="results.jsonl's URI, once written")
     report: str | None = None
 

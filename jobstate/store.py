@@ -9,7 +9,7 @@ A job's life, and who calls what:
 
     producer   create -> record_sent ... -> record_sent(enqueued=True)
     workers    start_chunk -> (standing, finish_items, hand_over)* -> end_chunk
-    job's end  claim_end -> finish_job
+    job's end  claim_end -> (note_end_retry)* -> finish_job
     commands   status, cancel, reopen_items / put_back (retry), prune, job_ids
     embedded   stop (its run stopped) -> resume (its workers run it again)
 """
@@ -28,7 +28,7 @@ from jobstate import keys
 from jobstate.meta import END_CLAIM, JobMeta
 from jobstate.results import JobBits
 from schemas.errors import UnknownJobError
-from schemas.messages import Chunk
+from schemas.messages import Chunk, JobEnd
 from schemas.progress import JobState, JobStatus, StageProgress
 
 SCAN_BATCH = 1000
@@ -95,6 +95,7 @@ class JobStore:
                 "mark_sent",
                 "stop",
                 "resume",
+                "note_end_retry",
             )
         }
 
@@ -265,6 +266,11 @@ class JobStore:
             )
         )
 
+    def note_end_retry(self, end: JobEnd, token: str, what: str) -> None:
+        """The end task holding the job's end retries it: `what` (and why) shows in its status until
+        the end is written."""
+        self._run("note_end_retry", [keys.job_meta(end.job_id)], [end.run_id, end.round, token, what])
+
     def end_claimed(self, meta: JobMeta) -> bool:
         """Whether an end task holds the job's end now (it is being written)."""
         return bool(self.client.hexists(keys.job_meta(meta.job_id), END_CLAIM))
@@ -356,6 +362,7 @@ class JobStore:
             finished_at=meta.finished_at,
             stopped_s=round(stopped_s, 3),
             error=meta.end_error,
+            retrying=meta.end_retrying if meta.finished_at is None else None,
             schedule=meta.schedule,
             stages=[
                 StageProgress(name=plan.name, done=counts.get(stage_field(plan.name), 0))

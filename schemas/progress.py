@@ -48,6 +48,7 @@ class JobStatus(BaseModel):
         0.0, description="seconds the job was stopped, or finished before a retry: not its running time"
     )
     error: str | None = Field(None, description="why the job's end could not be written")
+    retrying: str | None = Field(None, description="what is being retried now, and why (the job's end)")
     schedule: str | None = Field(None, description="the schedule whose firing submitted the job")
     stages: list[StageProgress] = []
 

@@ -85,6 +85,11 @@ def end_job_task(self: Any, payload: dict[str, Any]) -> None:
             log.warning(
                 "job %s: its end stopped (%s); trying again in %.1f s", end.job_id, stopped, countdown
             )
+            what = (
+                f"the job's end (results.jsonl, report.html): {type(stopped.error).__name__}: {stopped}; "
+                f"retry {retries + 1} of {END_RETRIES.retries} in {countdown:.0f} s"
+            )
+            WorkerRuntime.end_context().store.note_end_retry(end, self.request.id, what)
             raise self.retry(exc=stopped.error, countdown=countdown) from None
         except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
             log.error("job %s: lost the broker writing its end (%s); requeued", end.job_id, exc)

@@ -50,6 +50,6 @@ if ARGV[4] == '1' and moved > 0 then
   if ended[1] and ended[2] then
     redis.call('HINCRBYFLOAT', KEYS[1], 'stopped_s', math.max(tonumber(ARGV[6]) - tonumber(ended[1]), 0))
   end
-  redis.call('HDEL', KEYS[1], 'finished_at', 'cancelled_at', 'end_claim', 'end_error', 'end_sent')
+  redis.call('HDEL', KEYS[1], 'finished_at', 'cancelled_at', 'end_claim', 'end_error', 'end_sent', 'end_retrying')
 end
 return reply

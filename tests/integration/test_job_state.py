@@ -2,7 +2,7 @@
 SIGTERM, after being killed and after losing its Redis, and its state answers `status` and
 `failures` after (and `retry`: tests/integration/test_embedded_run.py); a cancel is accounted for
 at once and stops a running chunk at its next call; a job's end that cannot be written fails the
-job at once, and one end more changes nothing."""
+job at once, one end more changes nothing, and one being retried says what it retries."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ from schemas.errors import ImgjobsError
 from schemas.messages import JobEnd
 from schemas.settings import Settings
 from tests.conftest import ROOT, Workers, imgjobs
+from tests.faultkit import upload_inputs
+from tests.faultproxy import FaultProxy
 from tests.helpers import write_image, write_job
 from tests.integration.test_observability import scrape
 from tests.integration.test_reliability import results, wait_finished
@@ -293,3 +295,43 @@ def test_a_job_end_that_cannot_be_written_fails_the_job_at_once_and_a_second_end
             line for line in scrape(port).splitlines() if line.startswith("imgjobs_job_end_seconds_count ")
         ]
         assert float(ends.split()[1]) == 2.0  # the failed end, and the good job's: one each
+
+
+def test_a_job_end_being_retried_says_what_it_retries(
+    tmp_path: Path, s3_bucket: str, s3_endpoint: str, workers: Workers
+) -> None:
+    rows = upload_inputs(s3_bucket, 2)
+    spec = write_job(tmp_path, rows, stage={"type": "resize", "model": "cpu"}, output=f"s3://{s3_bucket}/out")
+    with EmbeddedRedis(tmp_path / "redis") as server, FaultProxy(s3_endpoint) as proxy:
+        env = {"IMGJOBS_BROKER_URL": server.url}
+        # Every write of results.jsonl refused for a while, and each at its first refusal: the end retries.
+        s3 = {"AWS_ENDPOINT_URL": proxy.url, "AWS_MAX_ATTEMPTS": "1"}
+        workers.start("cpu", server.url, Registry.load(None), env=s3)
+        workers.wait_ready()
+        proxy.arm(
+            ["ServiceUnavailable"],
+            fraction=1.0,
+            duration_s=6,
+            methods=("PUT",),
+            path_contains="results.jsonl",
+        )
+        submitted = imgjobs("submit", str(spec), env=env)
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = submitted.stdout.strip()
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "jobs", "status", job_id, "--watch"],
+            cwd=ROOT,
+            env=os.environ | env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        store = JobStore(redis.Redis.from_url(server.url, decode_responses=True))
+        retrying = wait_until(lambda: store.status(job_id).retrying, 60, "the end's first retry")
+        assert retrying.startswith("the job's end (results.jsonl, report.html): StorageError: "), retrying
+        assert "results.jsonl" in retrying.split(": ", 2)[2] and " of 8 in " in retrying, retrying
+        _, stderr = watch.communicate(timeout=120)
+        assert watch.returncode == 0, stderr
+        assert "retrying the job's end (results.jsonl, report.html): StorageError: " in stderr
+        status = store.status(job_id)
+        assert (status.state.value, status.retrying) == ("succeeded", None)
