@@ -3,11 +3,14 @@ Redis clients are built in jobstate/connection.py, as the workers build theirs."
 
 from __future__ import annotations
 
+import os
 import sys
 
 from celery import Celery
 
 from schemas.errors import ConfigError
+from schemas.messages import JOB_END_QUEUE, WORKER_MODEL_ENV, WorkerModel
+from schemas.registry import ResolvedModel
 from schemas.settings import Settings, celery_config, redact_url
 
 
@@ -43,3 +46,13 @@ def worker_arguments(queues: str, pool: str, loglevel: str, hostname: str | None
         *("--queues", queues, "--concurrency", "1", "--pool", pool, *named),
         *("--without-gossip", "--without-mingle", "--loglevel", loglevel),
     ]
+
+
+def worker_command(model: ResolvedModel, loglevel: str) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment of `imgjobs worker`'s Celery worker: it loads `model` and consumes its
+    queue alone, and, for the `cpu` model, jobs' ends, so that no GPU waits on them."""
+    queues = f"{model.queue},{JOB_END_QUEUE}" if model.name == "cpu" else model.queue
+    hostname = f"{model.queue}.{os.getpid()}@%h"
+    argv = celery_command("workers.app", *worker_arguments(queues, "prefork", loglevel, hostname))
+    resolved = WorkerModel(name=model.name, entry=model.entry).model_dump_json()
+    return argv, dict(os.environ) | {WORKER_MODEL_ENV: resolved}

@@ -4,7 +4,6 @@ the job, and prints what it finds (jobs/console.py)."""
 from __future__ import annotations
 
 import gc
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,7 +13,7 @@ import time
 from contextlib import ExitStack
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import IO, Annotated, NoReturn
+from typing import Annotated, NoReturn
 
 import redis
 import typer
@@ -22,21 +21,24 @@ from kombu.exceptions import OperationalError
 from rich.table import Table
 
 from jobs import redrive, scheduler
-from jobs.broker import celery_command, worker_arguments
+from jobs.broker import celery_command, worker_arguments, worker_command
 from jobs.console import (
+    HelpGroup,
     err,
-    local_time,
+    help_for_people,
     out,
     print_estimate,
     print_failure_groups,
     print_failures,
     print_jobs,
+    print_schedules,
+    print_status,
     print_summary,
 )
 from jobs.embedded import Interrupted, stopped_by_signals
 from jobs.estimate import estimate
-from jobs.flags import Listing, RetryChoice, error_type
-from jobs.manifest import ValidatedJob, validate_job
+from jobs.flags import Listing, RetryChoice, check_job_id, error_type
+from jobs.manifest import ValidatedJob, check_job
 from jobs.metrics import BrokerCollector
 from jobs.producer import prepared
 from jobs.producer import submit as submit_job
@@ -58,22 +60,22 @@ from schemas.errors import (
     BrokerUnavailableError,
     ConfigError,
     ImgjobsError,
-    Problem,
     SpecError,
     StorageRefusedError,
     UnknownJobError,
 )
-from schemas.job import JOB_ID_PATTERN, Priority
-from schemas.messages import JOB_END_QUEUE, WORKER_MODEL_ENV, WorkerModel
+from schemas.job import Priority
 from schemas.progress import JobState, JobStatus
 from schemas.schedule import parse_duration
 from schemas.settings import Settings
 
 app = typer.Typer(
+    cls=HelpGroup,
     help="Batch image-to-image jobs with diffusers on Celery workers.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 EXIT_FAILED = 1
 EXIT_INVALID = 2
@@ -108,16 +110,7 @@ DryRunOption = Annotated[
 JobArgument = Annotated[Path, typer.Argument(help="job spec, YAML or JSON", show_default=False)]
 
 
-def _job_id(value: str) -> str:
-    if not JOB_ID_PATTERN.match(value):
-        raise ConfigError(
-            f"{value!r} is not a job id: a job's id is its name (lowercase letters, digits and '-') and a "
-            "hash, as `imgjobs submit` and `imgjobs jobs` print it"
-        )
-    return value
-
-
-JobIdArgument = Annotated[str, typer.Argument(show_default=False, callback=_job_id)]
+JobIdArgument = Annotated[str, typer.Argument(show_default=False, callback=check_job_id)]
 ReasonOption = Annotated[
     str | None,
     typer.Option(help="only failures of this error type, e.g. InputImageError", callback=error_type),
@@ -145,49 +138,13 @@ def validate(
         typer.Option("--check-inputs", help="also decode every local input, as workers will (slower)"),
     ] = False,
 ) -> None:
-    """Check the job spec and every item; print every problem with file, line and field. Local
-    inputs must exist (with --check-inputs, decode), a local output must be writable, and every
-    model's source must load."""
-    settings = Settings.from_env()
-    registry = _registry(models, settings, check_sources=True)
-    if not check_inputs:
-        validated = validate_job(job, registry, check_local=True)
-    else:
-        with tempfile.TemporaryFile("w+", encoding="utf-8") as local_inputs:
-            problems: list[Problem] = []
-            try:
-                validated = validate_job(job, registry, check_local=True, local_inputs=local_inputs)
-            except SpecError as exc:
-                problems = list(exc.problems)
-            local_inputs.seek(0)
-            problems += _undecodable_inputs(local_inputs)
-        if problems:
-            # The spec's problems first, then the manifest's by line, as validation alone orders them.
-            raise SpecError(
-                sorted(problems, key=lambda problem: (problem.file != str(job), problem.line or 0))
-            )
+    """Check the job spec and every item, as seen from this machine; print every problem with file,
+    line and field. Local inputs must exist (with --check-inputs, decode as workers will), a local
+    output must be writable, and the local model folders the job uses must be diffusers folders with
+    their variant's weights."""
+    registry = _registry(models, Settings.from_env(), check_sources=True)
+    validated = check_job(job, registry, decode=check_inputs)
     out.print(f"ok: {validated.total} item(s), job id {validated.job_id}")
-
-
-def _undecodable_inputs(local_inputs: IO[str]) -> list[Problem]:
-    """The local inputs workers could not decode, each a problem of its manifest line. Decoded by
-    workers/check_inputs.py, in its own interpreter: the producer never imports the workers' code."""
-    if importlib.util.find_spec("workers") is None:
-        raise ConfigError(
-            "--check-inputs decodes with the workers' code, which this installation lacks (the producer "
-            "image); run it where imgjobs's workers are installed"
-        )
-    checked = subprocess.run(
-        [sys.executable, "-m", "workers.check_inputs"],
-        stdin=local_inputs,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if checked.returncode != 0:
-        raise ImgjobsError(f"--check-inputs: decoding the inputs failed:\n{checked.stderr[-2000:]}")
-    failed = [json.loads(line) for line in checked.stdout.splitlines()]
-    return [Problem(entry["file"], entry["line"], entry["field"], entry["error"]) for entry in failed]
 
 
 @app.command()
@@ -338,16 +295,7 @@ def _status_lines(job: JobHandle, as_json: bool, watch: bool = False) -> JobStat
         if as_json:
             print(json.dumps(status_document(current, meter.rate(current))), flush=True)
         else:
-            cancelled = f" (cancelled {current.cancelled})" if current.cancelled else ""
-            out.print(
-                f"{current.job_id}: {current.state.value}  total {current.total}  pending {current.pending}  "
-                f"running {current.running}  succeeded {current.succeeded}  "
-                f"failed {current.failed}{cancelled}"
-            )
-            if current.error:
-                out.print(f"error: {current.error}", markup=False)
-            if current.retrying:
-                out.print(f"retrying {current.retrying}", markup=False)
+            print_status(current)
         if not watch or current.finished:
             return current
         for warning in consumers.warnings(current) if consumers else []:
@@ -517,14 +465,7 @@ def worker(
     broker = open_session().remote()
     resolved = _registry(models, broker.settings, check_sources=True).resolve(model, base_dir=Path.cwd())
     broker.client()  # fail here, in one line, rather than in Celery's retry loop
-    queue = resolved.queue
-    # The CPU workers also write jobs' ends, so that no GPU waits on them.
-    queues = f"{queue},{JOB_END_QUEUE}" if resolved.name == "cpu" else queue
-    env = os.environ | {
-        WORKER_MODEL_ENV: WorkerModel(name=resolved.name, entry=resolved.entry).model_dump_json()
-    }
-    hostname = f"{queue}.{os.getpid()}@%h"
-    argv = celery_command("workers.app", *worker_arguments(queues, "prefork", loglevel, hostname))
+    argv, env = worker_command(resolved, loglevel)
     # Replace this process, so signals from a supervisor reach Celery directly.
     os.execve(sys.executable, argv, env)
 
@@ -584,7 +525,7 @@ def demo(
 
 
 schedule_app = typer.Typer(
-    help="Scheduled pipelines from IMGJOBS_SCHEDULES (schedules.yaml).", no_args_is_help=True
+    cls=HelpGroup, help="Scheduled pipelines from IMGJOBS_SCHEDULES (schedules.yaml).", no_args_is_help=True
 )
 app.add_typer(schedule_app, name="schedule")
 
@@ -595,25 +536,7 @@ def schedule_list() -> None:
     session = open_session()
     schedules = scheduler.load_schedules(session.settings).schedules
     client = session.shared_client()
-    table = Table("name", "when", "source", "output", "last fired", "next firing", "last job", "seen")
-    for entry in schedules:
-        when = f"cron {entry.cron} (UTC)" if entry.cron else f"every {entry.every_s}s"
-        if client is None:  # no broker: the file alone
-            table.add_row(entry.name, when, entry.source, entry.output, "?", "?", "?", "?")
-            continue
-        standing = scheduler.standing(client, entry)
-        next_firing = local_time(standing.next_firing_at) if standing.next_firing_at else "when beat starts"
-        table.add_row(
-            entry.name,
-            when,
-            entry.source,
-            entry.output,
-            local_time(standing.last_fired_at) or "never",
-            next_firing,
-            standing.last_job_id or "",
-            str(standing.seen),
-        )
-    out.print(table)
+    print_schedules([(entry, scheduler.standing(client, entry) if client else None) for entry in schedules])
 
 
 @schedule_app.command("run-now")
@@ -645,6 +568,9 @@ def schedule_worker(loglevel: Annotated[str, typer.Option(help="Celery log level
     """Runs the firings beat sends: listing the source and submitting jobs (no model, no torch)."""
     arguments = worker_arguments(scheduler.SCHEDULE_QUEUE, "solo", loglevel)
     _exec_celery(celery_command("jobs.schedule_app", *arguments))
+
+
+help_for_people(app, schedule_app)
 
 
 def _tune_garbage_collector() -> None:

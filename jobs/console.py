@@ -4,22 +4,58 @@ the commands, as plain prints that scripts parse."""
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
+import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
 from jobs.estimate import StageEstimate
 from jobs.views import FailureGroup, average_rate
 from schemas.messages import ItemResult
 from schemas.progress import JobStatus
 
+if TYPE_CHECKING:
+    from jobs.scheduler import ScheduleStanding
+    from schemas.schedule import ScheduleEntry
+
 # Piped or redirected, tables keep their full width: a script's columns are not cut at 80 characters.
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 100_000)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _flags_without_type(params: list[Any]) -> list[Any]:
+    for param in params:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""  # a flag takes no value: no `<bool>` beside it
+    return params
+
+
+class HelpGroup(TyperGroup):
+    """The command line's groups, as `-h` shows them: flags with no value type."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_type(super().get_params(ctx))
+
+
+class HelpCommand(TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_type(super().get_params(ctx))
+
+
+def help_for_people(*groups: typer.Typer) -> None:
+    """Each command's docstring as its help in one paragraph, which the list of commands wraps to the
+    terminal (it would break lines where the source does), and flags shown with no value type."""
+    for group in groups:
+        for info in group.registered_commands:
+            info.cls = HelpCommand
+            info.help = " ".join((inspect.getdoc(info.callback) or "").split()) or info.help
 
 
 def local_time(timestamp: float | None) -> str:
@@ -64,6 +100,19 @@ def print_estimate(job_id: str, total: int, stages: Sequence[StageEstimate]) -> 
     if gpu:
         total_s = "unknown" if None in gpu else f"{sum(s for s in gpu if s is not None):.1f}"
         out.print(f"GPU-seconds (every model not on the cpu): {total_s}")
+
+
+def print_status(status: JobStatus) -> None:
+    """`imgjobs status`: the job's state and counts in a line, then why its end failed or what it retries."""
+    cancelled = f" (cancelled {status.cancelled})" if status.cancelled else ""
+    out.print(
+        f"{status.job_id}: {status.state.value}  total {status.total}  pending {status.pending}  "
+        f"running {status.running}  succeeded {status.succeeded}  failed {status.failed}{cancelled}"
+    )
+    if status.error:
+        out.print(f"error: {status.error}", markup=False)
+    if status.retrying:
+        out.print(f"retrying {status.retrying}", markup=False)
 
 
 def print_summary(status: JobStatus, groups: Sequence[FailureGroup] = ()) -> None:
@@ -129,5 +178,29 @@ def print_failures(job_id: str, failed: Sequence[ItemResult]) -> None:
         error = result.error
         table.add_row(
             result.id, result.failed_stage or "", error.type if error else "", error.message if error else ""
+        )
+    out.print(table)
+
+
+def print_schedules(schedules: Sequence[tuple[ScheduleEntry, ScheduleStanding | None]]) -> None:
+    """`imgjobs schedule list`: each schedule's file entry, and how it stands (None: no broker to ask)."""
+    table = Table("name", "when", "source", "output", "last fired", "next firing", "last job", "seen")
+    for entry, standing in schedules:
+        when = f"cron {entry.cron} (UTC)" if entry.cron else f"every {entry.every_s}s"
+        if standing is None:
+            table.add_row(entry.name, when, entry.source, entry.output, "?", "?", "?", "?")
+            continue
+        next_firing = local_time(standing.next_firing_at) if standing.next_firing_at else "when beat starts"
+        last_fired = local_time(standing.last_fired_at) or "never"
+        last_job = standing.last_job_id or ""
+        table.add_row(
+            entry.name,
+            when,
+            entry.source,
+            entry.output,
+            last_fired,
+            next_firing,
+            last_job,
+            str(standing.seen),
         )
     out.print(table)

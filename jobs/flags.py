@@ -14,7 +14,7 @@ from jobs.console import err
 from jobs.registry import did_you_mean
 from jobs.sources import write_listing_job
 from schemas.errors import ConfigError, ImgjobsError, ItemError, Problem, SpecError
-from schemas.job import RETRY_SETTABLE, Item
+from schemas.job import JOB_ID_PATTERN, RETRY_SETTABLE, Item
 
 
 def key_values(pairs: list[str], flag: str = "--param") -> dict[str, object]:
@@ -29,6 +29,16 @@ def key_values(pairs: list[str], flag: str = "--param") -> dict[str, object]:
         except yaml.YAMLError as exc:
             raise ConfigError(f"{flag} {pair!r}: not a valid value: {getattr(exc, 'problem', exc)}") from None
     return parsed
+
+
+def check_job_id(value: str) -> str:
+    """A job id argument: a job's name and hash, which never names a path."""
+    if not JOB_ID_PATTERN.match(value):
+        raise ConfigError(
+            f"{value!r} is not a job id: a job's id is its name (lowercase letters, digits and '-') and a "
+            "hash, as `imgjobs submit` and `imgjobs jobs` print it"
+        )
+    return value
 
 
 def _error_types(root: type[ImgjobsError] = ImgjobsError) -> set[str]:
