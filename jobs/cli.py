@@ -3,6 +3,7 @@ the job, and prints what it finds (jobs/console.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -34,7 +35,9 @@ from jobs.console import (
     print_schedules,
     print_status,
     print_summary,
+    print_workers,
 )
+from jobs.consumers import live_workers
 from jobs.embedded import Interrupted, stopped_by_signals
 from jobs.estimate import estimate
 from jobs.flags import Listing, RetryChoice, check_job_id, error_type
@@ -327,6 +330,20 @@ def list_jobs(
     print_jobs(listed, len(statuses))
     if any(status.state == JobState.STOPPED for status in listed):
         err.print("stopped: nothing runs them now; `imgjobs status JOB` says how to resume each")
+
+
+@app.command("workers")
+def list_workers(
+    as_json: Annotated[bool, typer.Option("--json", help="print a JSON list of worker objects")] = False,
+) -> None:
+    """The workers that answer now, asked through Celery's remote control: host, model, device,
+    memory, uptime and the chunk each runs, with its job and progress. With no IMGJOBS_BROKER_URL,
+    those of the embedded runs running now."""
+    found = [worker for app_, store in open_session().brokers() for worker in live_workers(app_, store)]
+    if as_json:
+        print(json.dumps([dataclasses.asdict(worker) for worker in found]))
+        return
+    print_workers(found)
 
 
 @app.command()

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from typer.core import TyperCommand, TyperGroup
 
+from jobs.consumers import LiveWorker
 from jobs.estimate import StageEstimate
 from jobs.views import FailureGroup, average_rate
 from schemas.messages import ItemResult
@@ -178,6 +179,36 @@ def print_failures(job_id: str, failed: Sequence[ItemResult]) -> None:
         error = result.error
         table.add_row(
             result.id, result.failed_stage or "", error.type if error else "", error.message if error else ""
+        )
+    out.print(table)
+
+
+def _bytes(count: int | None) -> str:
+    return "" if count is None else f"{count / 2**30:.1f} GB" if count >= 2**30 else f"{count / 2**20:.0f} MB"
+
+
+def print_workers(workers: Sequence[LiveWorker]) -> None:
+    """`imgjobs workers`: a row per worker, with the tasks it runs."""
+    table = Table(
+        "worker", "host", "model", "device", "memory", "uptime", "running", title=f"{len(workers)} worker(s)"
+    )
+    for worker in workers:
+        memory = _bytes(worker.rss_bytes) + (f", GPU {_bytes(worker.gpu_bytes)}" if worker.gpu_bytes else "")
+        running = [
+            f"{task.task} ({task.done}/{task.items} items, {task.running_s:.0f}s)"
+            if task.stage
+            else f"the end of {task.job_id} ({task.running_s:.0f}s)"
+            for task in worker.running
+        ]
+        uptime = f"{worker.uptime_s / 3600:.1f}h" if worker.uptime_s >= 3600 else f"{worker.uptime_s:.0f}s"
+        table.add_row(
+            worker.name,
+            worker.host,
+            worker.model or "",
+            worker.device or "loading",
+            memory,
+            uptime,
+            "\n".join(running) or "idle",
         )
     out.print(table)
 

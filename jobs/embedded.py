@@ -351,6 +351,16 @@ class EmbeddedState:
             raise ConfigError(f"the embedded broker of {self.folder} is starting; try again") from None
         yield str(found["url"])
 
+    def running_broker(self) -> str | None:
+        """The URL of the job's broker while another `imgjobs` process runs it; None when none does."""
+        if self._try_lock(0.0):
+            self._unlock()
+            return None
+        try:
+            return str(json.loads((self.folder / "broker.json").read_text(encoding="utf-8"))["url"])
+        except (OSError, ValueError, KeyError):
+            return None  # starting
+
     def _own_broker(self, registry: Path | None) -> Iterator[str]:
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.logs.mkdir(exist_ok=True)

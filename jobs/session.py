@@ -252,6 +252,10 @@ class Session(ABC):
         return nullcontext()
 
     @abstractmethod
+    def brokers(self) -> Iterator[tuple[Celery, JobStore]]:
+        """The brokers whose workers run jobs now, each as a Celery app and the job-state owner."""
+
+    @abstractmethod
     def new_job(self, job: ValidatedJob, registry: Registry) -> AbstractContextManager[JobHandle]:
         """The job about to be submitted, for the block."""
 
@@ -303,6 +307,9 @@ class RemoteSession(Session):
 
     def statuses(self) -> Iterator[JobStatus]:
         return JobStore(self.client()).statuses()
+
+    def brokers(self) -> Iterator[tuple[Celery, JobStore]]:
+        yield producer_app(self.settings, self.url), JobStore(self.client())
 
     @contextmanager
     def rates(self, job_id: str) -> Iterator[RateBook | None]:
@@ -368,6 +375,13 @@ class EmbeddedSession(Session):
             for job_id in found
             if JOB_ID_PATTERN.match(job_id) and EmbeddedState(self.root, job_id).exists()
         ]
+
+    def brokers(self) -> Iterator[tuple[Celery, JobStore]]:
+        """The brokers of the embedded runs that run now (in other processes), with their workers."""
+        for job_id in self._job_ids():
+            url = EmbeddedState(self.root, job_id).running_broker()
+            if url is not None:
+                yield producer_app(self.settings, url), JobStore(connect_redis(url))
 
     def statuses(self) -> Iterator[JobStatus]:
         """The job of each embedded run kept in the state folder, read from its own broker (which this

@@ -18,6 +18,7 @@ from workers.chunk import RetryChunk, process_chunk
 from workers.events import emit
 from workers.job_end import RetryEnd, end_job
 from workers.observability import log_context, record_gpu_memory
+from workers.remote_control import tell_main_process
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger("imgjobs.worker")
@@ -69,6 +70,7 @@ def run_chunk(self: Any, payload: dict[str, Any]) -> None:
             log.exception("chunk %s: stopped by %s; requeued", chunk.chunk_id, type(exc).__name__)
             raise Reject(exc, requeue=True) from None
         record_gpu_memory()
+        tell_main_process(WorkerRuntime.context().model.device)
 
 
 @app.task(name=END_JOB_TASK, bind=True, max_retries=END_RETRIES.retries)

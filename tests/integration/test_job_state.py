@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -226,6 +227,20 @@ def test_cancel_is_accounted_at_once_and_stops_a_running_chunk_at_its_next_call(
         job_id = submitted.stdout.strip()
         store = JobStore(redis.Redis.from_url(server.url, decode_responses=True))
         wait_until(lambda: store.status(job_id).succeeded >= 1, 180, "a first item")
+
+        # The workers, as they answer Celery's remote control: the tiny-sd one runs a chunk of the job.
+        answered = imgjobs("workers", "--json", env=env)
+        assert answered.returncode == 0, answered.stderr
+        found = {worker["model"]: worker for worker in json.loads(answered.stdout)}
+        assert set(found) == {"tiny-sd", "cpu"}, found
+        busy, idle = found["tiny-sd"], found["cpu"]
+        assert busy["host"] == idle["host"] == socket.gethostname() and busy["device"] == "cpu"
+        assert busy["rss_bytes"] > 100 * 2**20 and busy["gpu_bytes"] is None and busy["uptime_s"] > 0
+        (task,) = busy["running"]
+        assert (task["job_id"], task["stage"], task["items"]) == (job_id, "s0", 4), task
+        assert 0 <= task["done"] <= 4 and task["running_s"] >= 0 and idle["running"] == []
+        table = imgjobs("workers", env=env)
+        assert table.returncode == 0 and f"{task['task']} (" in table.stdout and "idle" in table.stdout
 
         cancelled = imgjobs("cancel", job_id, env=env)
         assert cancelled.returncode == 0, cancelled.stderr
