@@ -19,7 +19,6 @@ from typing import Annotated, NoReturn
 import redis
 import typer
 from kombu.exceptions import OperationalError
-from rich.table import Table
 
 from jobs import redrive, scheduler
 from jobs.broker import celery_command, worker_arguments, worker_command
@@ -32,6 +31,7 @@ from jobs.console import (
     print_failure_groups,
     print_failures,
     print_jobs,
+    print_models,
     print_schedules,
     print_status,
     print_summary,
@@ -505,22 +505,26 @@ def metrics(
 
 @app.command("models")
 def list_models(
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(help="only these: names, or diffusers folders named directly", show_default=False),
+    ] = None,
     models: ModelsOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="print {name: entry} as JSON")] = False,
 ) -> None:
-    """List the model registry: built-in entries and those of models.yaml."""
+    """List the model registry, the built-in entries and those of models.yaml, each with where it comes
+    from; with names, those only, resolved as a stage's `model` is (a folder named directly too)."""
     registry = _registry(models, Settings.from_env())
+    chosen = [registry.resolve(name, base_dir=Path.cwd()) for name in names or sorted(registry.entries)]
+    listed = [(model, registry.origin(model.name)) for model in chosen]
     if as_json:
         print(
             json.dumps(
-                {name: entry.model_dump(mode="json") for name, entry in sorted(registry.entries.items())}
+                {model.name: {**model.entry.model_dump(mode="json"), "from": at} for model, at in listed}
             )
         )
         return
-    table = Table("name", "source", "dtype", "vae family", "description")
-    for name, entry in sorted(registry.entries.items()):
-        table.add_row(name, entry.source, entry.dtype, entry.vae_family or "", entry.description)
-    out.print(table)
+    print_models(listed)
 
 
 @app.command()

@@ -24,6 +24,7 @@ from schemas.progress import JobStatus
 
 if TYPE_CHECKING:
     from jobs.scheduler import ScheduleStanding
+    from schemas.registry import ResolvedModel
     from schemas.schedule import ScheduleEntry
 
 # Piped or redirected, tables keep their full width: a script's columns are not cut at 80 characters.
@@ -233,5 +234,16 @@ def print_schedules(schedules: Sequence[tuple[ScheduleEntry, ScheduleStanding | 
             next_firing,
             last_job,
             str(standing.seen),
+        )
+    out.print(table)
+
+
+def print_models(models: Sequence[tuple[ResolvedModel, str]]) -> None:
+    """`imgjobs models`: each model with where its entry comes from."""
+    table = Table("name", "source", "dtype", "vae family", "from", "description")
+    for model, origin in models:
+        entry = model.entry
+        table.add_row(
+            model.name, entry.source, entry.dtype, entry.vae_family or "", origin, entry.description
         )
     out.print(table)

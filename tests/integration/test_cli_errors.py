@@ -160,8 +160,15 @@ def test_models_lists_builtins_and_file_entries(models_yaml: Path) -> None:
     } <= set(entries)
     assert entries["sd15"]["source"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert entries["tiny-sd"]["source"] == str(models_yaml.parent / "tiny-sd")
+    assert (entries["cpu"]["from"], entries["tiny-sd"]["from"]) == ("built in", str(models_yaml.resolve()))
     table = imgjobs("models", "--models", str(models_yaml))
-    assert table.returncode == 0 and "tiny-sd" in table.stdout
+    assert table.returncode == 0 and "tiny-sd" in table.stdout and "built in" in table.stdout
+    folder = str(models_yaml.parent / "tiny-sd")  # a diffusers folder named directly, as a stage may
+    named = json.loads(imgjobs("models", "cpu", folder, "--json").stdout)
+    assert {name: entry["from"] for name, entry in named.items()} == {
+        "cpu": "built in",
+        folder: "a folder named directly",
+    }
 
 
 def test_worker_whose_model_cannot_load_stops(tmp_path: Path) -> None:
