@@ -23,6 +23,7 @@ from pathlib import Path
 import redis
 import yaml
 from celery import Celery
+from kombu.exceptions import OperationalError
 
 from jobs.broker import producer_app, require_broker_url
 from jobs.console import err, progress_bar
@@ -90,10 +91,7 @@ class JobHandle:
         return self._app
 
     def status(self) -> JobStatus:
-        try:
-            return self.store.status(self.job_id)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise BrokerLost(f"lost {self.broker_name}: {exc}") from None
+        return self.store.status(self.job_id)
 
     def submit(self, job: ValidatedJob) -> Submission:
         return submit(job, self.settings, self.broker_url)
@@ -132,10 +130,10 @@ class JobHandle:
             except (ImgjobsError, redis.RedisError):
                 done = "stopped"
             raise Stopped(f"interrupted: {done}; {again or self.resume}", signum) from None
-        except BrokerLost as exc:
+        except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
             for worker in self.workers:
                 worker.kill()  # a warm shutdown would wait on the broker that is gone
-            raise BrokerLost(f"{exc}; {again or self.resume}") from None
+            raise BrokerLost(f"lost {self.broker_name}: {exc}; {again or self.resume}") from None
 
     def _watch(self) -> JobStatus:
         consumers = self.consumer_watch()

@@ -280,6 +280,31 @@ def test_watching_a_job_no_worker_takes_says_so_then_exits_as_run_does(
                 watch.wait()
 
 
+def test_watching_a_job_whose_broker_goes_away_says_so_in_one_line(tmp_path: Path) -> None:
+    spec = write_job(tmp_path, [{"id": "a", "image": "a.png"}], stage={"type": "resize", "model": "cpu"})
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        env = {"IMGJOBS_BROKER_URL": server.url}
+        submitted = imgjobs("submit", str(spec), env=env)
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = submitted.stdout.strip()
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "jobs", "status", job_id, "--watch", "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=os.environ | env,
+        )
+        assert watch.stdout is not None
+        assert json.loads(watch.stdout.readline())["state"] == "pending"  # it polls: no worker takes it
+        assert server.process is not None
+        server.process.kill()
+        _, stderr = watch.communicate(timeout=60)
+    assert watch.returncode == 1, stderr
+    line = one_error_line(stderr)
+    assert line.startswith(f"error: lost the broker at {server.url}: "), line
+    assert line.endswith(f"; `imgjobs status {job_id} --watch` follows it again"), line
+
+
 def test_validate_finds_missing_inputs_folders_and_an_output_that_cannot_be_written(tmp_path: Path) -> None:
     write_image(tmp_path / "there.png", size=(8, 8))
     (tmp_path / "afolder").mkdir()
