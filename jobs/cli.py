@@ -250,7 +250,7 @@ def run(
             _print_estimate(validated, session)
             return
         with session.new_job(validated, registry) as handle:
-            submission = handle.submit(validated)
+            submission = submit_job(validated, session.settings, handle.broker_url)
             if submission.already_submitted:
                 err.print(f"job {submission.job_id} was submitted before on this broker; following it")
             elif submission.resumed:

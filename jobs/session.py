@@ -37,7 +37,7 @@ from jobs.embedded import (
     validation_note,
 )
 from jobs.manifest import MAX_SPEC_BYTES, ValidatedJob
-from jobs.producer import Submission, send_chunks, submit
+from jobs.producer import send_chunks
 from jobs.registry import Registry
 from jobs.views import average_rate, job_name, suggested_ids
 from jobstate.connection import connect_redis
@@ -92,9 +92,6 @@ class JobHandle:
 
     def status(self) -> JobStatus:
         return self.store.status(self.job_id)
-
-    def submit(self, job: ValidatedJob) -> Submission:
-        return submit(job, self.settings, self.broker_url)
 
     def send_chunks(self, meta: JobMeta, chunks: Sequence[Chunk]) -> None:
         send_chunks(self.app, meta, chunks)
