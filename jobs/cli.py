@@ -58,6 +58,7 @@ from jobs.views import (
     parse_since,
     status_document,
 )
+from jobstate.connection import connect_redis
 from jobstate.store import JobStore
 from schemas.errors import (
     BrokerUnavailableError,
@@ -481,7 +482,7 @@ def worker(
     """Start a Celery worker that loads MODEL once and consumes only that model's queue."""
     broker = open_session().remote()
     resolved = _registry(models, broker.settings, check_sources=True).resolve(model, base_dir=Path.cwd())
-    broker.client()  # fail here, in one line, rather than in Celery's retry loop
+    connect_redis(broker.url)  # fail here, in one line, rather than in Celery's retry loop
     argv, env = worker_command(resolved, loglevel)
     # Replace this process, so signals from a supervisor reach Celery directly.
     os.execve(sys.executable, argv, env)

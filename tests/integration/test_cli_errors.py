@@ -96,13 +96,7 @@ def test_no_job_id_names_a_path(tmp_path: Path, private_state_dir: Path) -> None
     (outside / "redis").mkdir(parents=True)  # as an embedded job's folder holds
     (private_state_dir / "jobs").mkdir(parents=True)
     climbing = os.path.relpath(outside, private_state_dir / "jobs")
-    for command, job_id in [
-        ("status", climbing),
-        ("retry", climbing),
-        ("failures", "../"),
-        ("logs", "a/b"),
-        ("cancel", "."),
-    ]:
+    for command, job_id in [("status", climbing), ("retry", climbing), ("cancel", "../")]:
         refused = imgjobs(command, job_id)
         assert f"{job_id!r} is not a job id" in one_error_line(refused.stderr), (command, refused.stderr)
         assert refused.returncode == 2
