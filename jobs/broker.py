@@ -1,17 +1,17 @@
-"""Connections from the producer side: Redis for job state, a Celery app that sends tasks by name."""
+"""The producer side's broker: IMGJOBS_BROKER_URL, checked, and a Celery app that sends tasks by name.
+Redis clients are built in jobstate/connection.py, as the workers build theirs."""
 
 from __future__ import annotations
 
-import redis
+import os
+import sys
+
 from celery import Celery
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
-from schemas.errors import BrokerUnavailableError, ConfigError
+from schemas.errors import ConfigError
+from schemas.messages import JOB_END_QUEUE, WORKER_MODEL_ENV, WorkerModel
+from schemas.registry import ResolvedModel
 from schemas.settings import Settings, celery_config, redact_url
-
-CONNECT_TIMEOUT_S = 5.0
-CONNECT_ATTEMPTS = 3
 
 
 def require_broker_url(settings: Settings) -> str:
@@ -26,30 +26,37 @@ def require_broker_url(settings: Settings) -> str:
     return settings.broker_url
 
 
-def connect_redis(broker_url: str) -> redis.Redis:
-    """A client that answered a ping, after a few tries with backoff (a broker restarting is normal)."""
-    try:
-        client = redis.Redis.from_url(
-            broker_url,
-            socket_connect_timeout=CONNECT_TIMEOUT_S,
-            socket_timeout=30,
-            decode_responses=True,
-            retry=Retry(ExponentialBackoff(cap=2.0, base=0.2), CONNECT_ATTEMPTS - 1),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        )
-    except ValueError as exc:  # a bad port, database or scheme; redis-py's message may quote the password
-        raise ConfigError(
-            f"IMGJOBS_BROKER_URL {redact_url(broker_url)} is not a valid Redis URL"
-            f" ({type(exc).__name__}); percent-encode '/', '?', '#' and '@' in a password"
-        ) from None
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        raise BrokerUnavailableError(f"cannot reach the broker at {redact_url(broker_url)}: {exc}") from None
-    return client
-
-
 def producer_app(settings: Settings, broker_url: str) -> Celery:
     app = Celery("imgjobs-producer")
     app.conf.update(celery_config(settings, broker_url))
     return app
+
+
+def celery_command(app_module: str, *arguments: str) -> list[str]:
+    """The argv of Celery's own command line on the app in `app_module`."""
+    return [sys.executable, "-m", "celery", "-A", app_module, *arguments]
+
+
+def worker_arguments(queues: str, pool: str, loglevel: str, hostname: str | None = None) -> list[str]:
+    """`celery worker`'s arguments for one task at a time from `queues`, with no gossip or mingle
+    (nothing here asks other workers for their state at start)."""
+    named = ["--hostname", hostname] if hostname else []
+    return [
+        "worker",
+        *("--queues", queues, "--concurrency", "1", "--pool", pool, *named),
+        *("--without-gossip", "--without-mingle", "--loglevel", loglevel),
+    ]
+
+
+def worker_command(
+    model: ResolvedModel, loglevel: str, quiet: bool = False
+) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment of `imgjobs worker`'s Celery worker: it loads `model` and consumes its
+    queue alone, and, for the `cpu` model, jobs' ends, so that no GPU waits on them. `quiet`: without
+    Celery's banner, which is text on stdout (a JSON log has only JSON lines)."""
+    queues = f"{model.queue},{JOB_END_QUEUE}" if model.name == "cpu" else model.queue
+    hostname = f"{model.queue}.{os.getpid()}@%h"
+    banner = ["--quiet"] if quiet else []
+    argv = celery_command("workers.app", *banner, *worker_arguments(queues, "prefork", loglevel, hostname))
+    resolved = WorkerModel(name=model.name, entry=model.entry).model_dump_json()
+    return argv, dict(os.environ) | {WORKER_MODEL_ENV: resolved}

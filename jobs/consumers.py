@@ -1,21 +1,27 @@
-"""Whether any worker consumes the queues a job waits on, asked of the workers themselves through
-Celery's remote control (a broadcast over the broker). With a broker of its own, `run` and
-`status --watch` say so instead of waiting in silence for a worker that was never started."""
+"""What the workers say of themselves through Celery's remote control (a broadcast over the broker):
+whether any consumes the queues a job waits on (with a broker of its own, `run` and `status --watch`
+say so instead of waiting in silence for a worker that was never started), and what each is and runs
+(`imgjobs workers`, answered by workers/remote_control.py)."""
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from celery import Celery
 
 from jobstate.meta import JobMeta
-from schemas.messages import JOB_END_QUEUE
+from jobstate.store import JobStore
+from schemas.messages import JOB_END_QUEUE, WORKER_REPORT, Chunk
 from schemas.progress import JobStatus
 
 QUIET_BEFORE_ASKING_S = 5.0  # no progress for this long before the workers are asked
 ASK_EVERY_S = 30.0
 REPLY_TIMEOUT_S = 1.0
+REPORT_TIMEOUT_S = 2.0  # `imgjobs workers` waits this long for the answers
 
 
 def queues_waited_on(meta: JobMeta, status: JobStatus) -> list[str]:
@@ -65,3 +71,65 @@ class ConsumerWatch:
         new = [queue for queue in missing if queue not in self.warned]
         self.warned = set(missing)
         return [f"waiting: no worker is consuming {queue}" for queue in new]
+
+
+@dataclass(frozen=True)
+class RunningTask:
+    """A task a worker runs now: a chunk, with how far it got, or a job's end."""
+
+    job_id: str
+    task: str  # a chunk's id, or "end"
+    stage: str | None  # s0, s1, ...; None for a job's end
+    items: int  # the chunk's items
+    done: int  # of them finished
+    running_s: float
+
+
+@dataclass(frozen=True)
+class LiveWorker:
+    """A worker as it answers `imgjobs workers`."""
+
+    name: str  # Celery's node name: imgjobs.<model>.<pid>@<host>
+    host: str
+    model: str | None
+    device: str | None  # None until its model has loaded
+    rss_bytes: int  # its processes' resident memory
+    gpu_bytes: int | None  # the accelerator memory its model's process holds
+    uptime_s: float
+    running: list[RunningTask]
+
+
+def live_workers(app: Celery, store: JobStore, timeout_s: float = REPORT_TIMEOUT_S) -> list[LiveWorker]:
+    """Every worker of the broker that answers within `timeout_s`, by name; its chunks' progress is
+    read from the job-state owner."""
+    replies = app.control.broadcast(WORKER_REPORT, reply=True, timeout=timeout_s) or []
+    found = {name: answer for reply in replies for name, answer in reply.items() if isinstance(answer, dict)}
+    now = time.time()
+    return [
+        LiveWorker(
+            name=name,
+            host=name.rpartition("@")[2],
+            model=answer.get("model"),
+            device=answer.get("device"),
+            rss_bytes=int(answer.get("rss_bytes") or 0),
+            gpu_bytes=answer.get("gpu_bytes"),
+            uptime_s=float(answer.get("uptime_s") or 0.0),
+            running=[_progress(task, store, now) for task in answer.get("tasks", [])],
+        )
+        for name, answer in sorted(found.items())
+    ]
+
+
+def _progress(task: dict[str, Any], store: JobStore, now: float) -> RunningTask:
+    running_s = round(now - float(task.get("started_at") or now), 1)
+    if task.get("task") != "chunk":
+        return RunningTask(str(task.get("job_id")), "end", None, 0, 0, running_s)
+    chunk = Chunk.model_validate({key: value for key, value in task.items() if key in Chunk.model_fields})
+    meta = store.find(chunk.job_id)
+    items = len(meta.positions(chunk.part)) if meta else 0
+    if chunk.slots is not None:
+        items = sum(bin(byte).count("1") for byte in base64.b64decode(chunk.slots))
+    left = store.in_flight(chunk.job_id).get(chunk.chunk_id, 0)
+    return RunningTask(
+        chunk.job_id, chunk.chunk_id, f"s{chunk.stage_index}", items, max(items - left, 0), running_s
+    )

@@ -10,7 +10,8 @@ resumes it, and `imgjobs status`, `failures` and `retry` work on it afterwards:
       jobs/<job id>/logs/       worker-<model>-<n>.log
       jobs/<job id>/lock        held by the process that runs the job's broker
       jobs/<job id>/broker.json where that broker listens while it runs (mode 0600)
-      jobs/<job id>/run.json    the models.yaml and input folders the run used, for a later `imgjobs retry`
+      jobs/<job id>/run.json    the spec, models.yaml and input folders the run used, for a later
+                                `imgjobs retry` and to say how to resume it
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ from types import TracebackType
 import redis
 from kombu import Connection
 
+from jobstate.connection import PROBE, connect_redis, redis_client
 from jobstate.store import JobStore
 from schemas.errors import BrokerUnavailableError, ConfigError
+from schemas.job import JOB_ID_PATTERN
 from schemas.registry import ResolvedModel
 
 READY_TIMEOUT_S = 15.0
@@ -147,7 +150,7 @@ class EmbeddedRedis:
     def _wait_ready(self) -> None:
         assert self.process is not None
         deadline = time.monotonic() + READY_TIMEOUT_S
-        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=1)
+        client = redis_client(self.url, PROBE)
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise BrokerUnavailableError(
@@ -234,6 +237,13 @@ class LocalWorker:
         except OSError:
             return ""
 
+    def kill(self) -> None:
+        """At once, with its pool process: for a worker whose broker is gone, which a warm shutdown
+        would wait on. The chunk in hand, never acknowledged, runs again when the job does."""
+        if self.alive():
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
     def stop(self) -> None:
         """Warm shutdown (SIGTERM lets the current chunk finish), then SIGKILL after a grace period."""
         if self.alive():
@@ -273,10 +283,41 @@ def state_root(configured: Path | None) -> Path:
     return Path(base) / "imgjobs"
 
 
+@contextlib.contextmanager
+def validation_note(root: Path, spec: Path) -> Iterator[None]:
+    """A note in the state folder while `imgjobs run` validates a job, whose id (and state folder) it
+    knows only once it has read every item: `imgjobs status` of the job can then say so."""
+    folder = root / "validating"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    note = folder / f"{os.getpid()}.json"
+    note.write_text(json.dumps({"spec": str(spec.resolve())}), encoding="utf-8")
+    try:
+        yield
+    finally:
+        note.unlink(missing_ok=True)
+
+
+def validating_runs(root: Path) -> Iterator[tuple[int, Path]]:
+    """(pid, spec) of each `imgjobs run` validating a job now."""
+    for note in sorted((root / "validating").glob("*.json")):
+        try:
+            pid = int(note.stem)
+            os.kill(pid, 0)
+            spec = Path(json.loads(note.read_text(encoding="utf-8"))["spec"])
+        except ProcessLookupError:
+            note.unlink(missing_ok=True)  # the note of a run killed while it validated
+            continue
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        yield pid, spec
+
+
 class EmbeddedState:
     """One job's embedded broker and logs, kept between runs (see the module's docstring)."""
 
     def __init__(self, root: Path, job_id: str) -> None:
+        if not JOB_ID_PATTERN.match(job_id):
+            raise ConfigError(f"{job_id!r} is not a job id")  # it would name a folder outside `root`
         self.job_id = job_id
         self.folder = root / "jobs" / job_id
         self.logs = self.folder / "logs"
@@ -310,6 +351,16 @@ class EmbeddedState:
             raise ConfigError(f"the embedded broker of {self.folder} is starting; try again") from None
         yield str(found["url"])
 
+    def running_broker(self) -> str | None:
+        """The URL of the job's broker while another `imgjobs` process runs it; None when none does."""
+        if self._try_lock(0.0):
+            self._unlock()
+            return None
+        try:
+            return str(json.loads((self.folder / "broker.json").read_text(encoding="utf-8"))["url"])
+        except (OSError, ValueError, KeyError):
+            return None  # starting
+
     def _own_broker(self, registry: Path | None) -> Iterator[str]:
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.logs.mkdir(exist_ok=True)
@@ -323,7 +374,7 @@ class EmbeddedState:
             requeue_unacknowledged(server.url)
             # Those chunks were stopped with the run, not by a worker's death: they run no more, and
             # their deliveries so far must not count toward dead-lettering them.
-            JobStore(redis.Redis.from_url(server.url)).forget_running(self.job_id)
+            JobStore(connect_redis(server.url)).stop(self.job_id)
             address = self.folder / "broker.json"
             address.touch(mode=0o600)
             address.write_text(json.dumps({"url": server.url, "pid": os.getpid()}), encoding="utf-8")
@@ -337,9 +388,15 @@ class EmbeddedState:
         models = self._remembered().get("models")
         return Path(models) if isinstance(models, str) else None
 
-    def remember_input_roots(self, roots: str) -> None:
-        """The folders the run's workers may read local inputs from, for a later retry's workers."""
-        self._remember(input_roots=roots)
+    def remember_run(self, spec: Path, input_roots: str) -> None:
+        """The job's spec, to say how to resume it, and its own folders, which its workers may read
+        local inputs from, for a later retry's."""
+        self._remember(spec=str(spec), input_roots=input_roots)
+
+    def spec(self) -> Path | None:
+        """The spec the job's last run ran, if any."""
+        spec = self._remembered().get("spec")
+        return Path(spec) if isinstance(spec, str) else None
 
     def input_roots(self) -> str | None:
         roots = self._remembered().get("input_roots")
@@ -394,7 +451,7 @@ def _wait_for_exit(pid_file: Path, timeout_s: float = 10.0) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):
     """A signal asked the command to stop (SIGTERM, SIGHUP, Ctrl-C); raised where the command is,
     so that what it started stops on the way out."""
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.util
 import io
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from array import array
@@ -30,10 +33,11 @@ from jobs.recipe import plan_recipe
 from jobs.registry import Location, Registry, error_message, yaml_child, yaml_line
 from jobs.shards import indexed, is_shard_source, shard_uris, with_shard_error
 from jobstate.meta import JobMeta, chunk_size_for
-from schemas.errors import ConfigError, Problem, SpecError
+from schemas.errors import ConfigError, ImgjobsError, Problem, SpecError
 from schemas.job import (
     DEFAULT_SHARD_SIZE,
     IMAGE_URI_SCHEMES,
+    JOB_HASH_CHARS,
     Item,
     JobSpec,
     ResolvedParams,
@@ -736,7 +740,7 @@ def validate_job(
         if len(item_problems) >= MAX_PROBLEMS:
             stopped = Problem(file, line, None, f"stopped after {MAX_PROBLEMS} problems")
             break
-    job_id = f"{spec.name}-{digest.hexdigest()[:12]}"
+    job_id = f"{spec.name}-{digest.hexdigest()[:JOB_HASH_CHARS]}"
     if unreadable and roots is not None:
         # Workers may also read the job's own output folder (what earlier stages wrote there).
         job_folder = LocalRoots(real_folders(os.path.join(output, job_id)))
@@ -791,3 +795,54 @@ def _reaches(uri: str, path: str) -> str:
         return ""
     through = "a symbolic link" if ".." not in Path(uri).parts else "'..'"
     return f" (through {through}, it is {real})"
+
+
+def check_job(
+    spec_path: Path, registry: Registry, decode: bool = False, embedded_roots: str | None = None
+) -> ValidatedJob:
+    """The job validated as `imgjobs validate` does, as seen from this machine: local inputs exist and
+    a local output can be written (with `embedded_roots`, as validate_job says, where an embedded run's
+    workers may read them); with `decode`, local inputs are decoded too, as workers will."""
+    if not decode:
+        return validate_job(spec_path, registry, check_local=True, embedded_roots=embedded_roots)
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as local_inputs:
+        problems: list[Problem] = []
+        try:
+            validated = validate_job(
+                spec_path,
+                registry,
+                check_local=True,
+                local_inputs=local_inputs,
+                embedded_roots=embedded_roots,
+            )
+        except SpecError as exc:
+            problems = list(exc.problems)
+        local_inputs.seek(0)
+        problems += _undecodable_inputs(local_inputs)
+    if problems:
+        # The spec's problems first, then the manifest's by line, as validation alone orders them.
+        raise SpecError(
+            sorted(problems, key=lambda problem: (problem.file != str(spec_path), problem.line or 0))
+        )
+    return validated
+
+
+def _undecodable_inputs(local_inputs: TextIO) -> list[Problem]:
+    """The local inputs workers could not decode, each a problem of its manifest line. Decoded by
+    workers/check_inputs.py, in its own interpreter: the producer never imports the workers' code."""
+    if importlib.util.find_spec("workers") is None:
+        raise ConfigError(
+            "--check-inputs decodes with the workers' code, which this installation lacks (the producer "
+            "image); run it where imgjobs's workers are installed"
+        )
+    checked = subprocess.run(
+        [sys.executable, "-m", "workers.check_inputs"],
+        stdin=local_inputs,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if checked.returncode != 0:
+        raise ImgjobsError(f"--check-inputs: decoding the inputs failed:\n{checked.stderr[-2000:]}")
+    failed = [json.loads(line) for line in checked.stdout.splitlines()]
+    return [Problem(entry["file"], entry["line"], entry["field"], entry["error"]) for entry in failed]

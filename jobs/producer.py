@@ -12,9 +12,10 @@ from pathlib import Path
 
 from celery import Celery
 
-from jobs.broker import connect_redis, producer_app
+from jobs.broker import producer_app
 from jobs.manifest import ValidatedJob, embedded_roots, validate_job
 from jobs.registry import Registry
+from jobstate.connection import connect_redis
 from jobstate.meta import JobMeta
 from jobstate.parts import JobParts
 from jobstate.storage import open_storage

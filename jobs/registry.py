@@ -457,6 +457,12 @@ class Registry:
                 problems.append((field, message))
         return adapters, problems
 
+    def origin(self, name: str) -> str:
+        """Where the model `name` comes from: built in, this registry's file, or a folder named directly."""
+        if name not in self.entries:
+            return "a folder named directly"
+        return "built in" if self.entries[name] is BUILTIN_MODELS.get(name) else str(self.path)
+
     def resolve(self, name: str, base_dir: Path | None = None) -> ResolvedModel:
         """A registry name, or a diffusers folder (relative to `base_dir`) named directly."""
         if name in self.entries:

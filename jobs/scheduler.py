@@ -34,7 +34,7 @@ from celery import Celery
 from celery.schedules import crontab
 from pydantic import ValidationError
 
-from jobs.broker import connect_redis, require_broker_url
+from jobs.broker import require_broker_url
 from jobs.embedded import state_root
 from jobs.manifest import ParamsResolver, locate
 from jobs.producer import prepared, submit
@@ -49,6 +49,7 @@ from jobs.sources import (
     lists_output,
 )
 from jobstate import keys
+from jobstate.connection import connect_redis
 from jobstate.store import JobStore
 from schemas.errors import ConfigError
 from schemas.job import Item, JobSpec

@@ -3,6 +3,7 @@ the rate and the ETA, filters of the job list, and failures grouped by reason.""
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import time
 from collections import deque
@@ -10,8 +11,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from string import hexdigits
 from typing import Any
 
+from schemas.job import JOB_HASH_CHARS
 from schemas.messages import ItemResult
 from schemas.progress import JobState, JobStatus
 from schemas.schedule import parse_duration
@@ -28,12 +31,12 @@ def iso_time(timestamp: float | None) -> str | None:
 
 
 def average_rate(status: JobStatus, done: int | None = None, now: float | None = None) -> float:
-    """Items finished per second since the job started (until it finished)."""
+    """Items finished per second of the job's running time (since it started, until it finished, less
+    the time it was stopped)."""
     done = status.done if done is None else done
     if not status.started_at or not done:
         return 0.0
-    until = status.finished_at or (time.time() if now is None else now)
-    return done / max(until - status.started_at, 1e-6)
+    return done / max(status.running_s(time.time() if now is None else now), 1e-6)
 
 
 class RateMeter:
@@ -136,6 +139,27 @@ def parse_since(value: str, now: float | None = None) -> float:
         raise ValueError(
             f"{value!r} is neither a duration (90s, 15m, 12h, 7d) nor an ISO date or time (2026-12-01T22:00)"
         ) from None
+
+
+def job_name(job_id: str) -> str:
+    """The name a job id starts with: the id without its hash (jobs/manifest.py)."""
+    name, _, digest = job_id.rpartition("-")
+    return name if name and len(digest) == JOB_HASH_CHARS and all(c in hexdigits for c in digest) else job_id
+
+
+def suggested_ids(job_id: str, known: Iterable[str], most: int = 3) -> str | None:
+    """ "did you mean ...?" for an unknown job id: the known jobs of its name (the id's hash mistyped,
+    or the name alone given), else those whose id is spelt most alike; None if none is close."""
+    ids = sorted(set(known))
+    name = job_name(job_id)
+    alike = [known_id for known_id in ids if job_name(known_id) == name] or difflib.get_close_matches(
+        job_id, ids, n=most
+    )
+    if not alike:
+        return None
+    shown = ", ".join(repr(known_id) for known_id in alike[:most])
+    more = f" and {len(alike) - most} more" if len(alike) > most else ""
+    return f"did you mean {shown}{more}?" if len(alike) == 1 else f"did you mean one of {shown}{more}?"
 
 
 def log_lines_naming(job_id: str, folders: Iterable[Path]) -> Iterator[tuple[Path, str]]:

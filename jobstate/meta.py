@@ -44,12 +44,16 @@ class JobMeta(BaseModel):
     started_at: float | None = None
     finished_at: float | None = Field(None, description="when the job's end was written (or failed)")
     cancelled_at: float | None = None
+    touched_at: float | None = Field(None, description="when a chunk of it last started or finished items")
+    stopped_at: float | None = Field(None, description="stopped (its run stopped) since then, until resumed")
+    stopped_s: float = Field(0.0, description="time it spent stopped, or finished before a retry reopened it")
     epoch: int = Field(0, description="raised by each cancel: chunks sent before it are dropped")
     round: int = Field(0, description="raised by each retry: its results win over the earlier rounds'")
     end_error: str | None = Field(None, description="why the job's end could not be written")
     unrecorded: str | None = Field(
         None, description="why the results of failed items could not be written (the last such error)"
     )
+    end_retrying: str | None = Field(None, description="what the job's end is retrying now, and why")
     results: str | None = Field(None, description="results.jsonl's URI, once written")
     report: str | None = None
 

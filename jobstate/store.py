@@ -10,8 +10,9 @@ A job's life, and who calls what:
     producer   create -> record_sent ... -> record_sent(enqueued=True)
     workers    start_chunk -> (standing, finish_items, hand_over)* -> end_chunk; around writing an
                output shard: take_shard -> keep_shard* -> drop_shard
-    job's end  claim_end -> finish_job
+    job's end  claim_end -> (note_end_retry)* -> finish_job
     commands   status, cancel, reopen_items / put_back (retry), prune, job_ids
+    embedded   stop (its run stopped) -> resume (its workers run it again)
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from jobstate import keys
 from jobstate.meta import END_CLAIM, JobMeta
 from jobstate.results import JobBits
 from schemas.errors import UnknownJobError
-from schemas.messages import Chunk
+from schemas.messages import Chunk, JobEnd
 from schemas.progress import JobState, JobStatus, StageProgress
 
 SCAN_BATCH = 1000
@@ -96,6 +97,9 @@ class JobStore:
                 "mark_sent",
                 "shard_lease",
                 "note_unrecorded",
+                "stop",
+                "resume",
+                "note_end_retry",
             )
         }
 
@@ -198,6 +202,7 @@ class JobStore:
                 chunk.epoch,
                 chunk.chunk_id,
                 stage_field(stage_name),
+                time.time(),
                 *(part for position, failed in outcomes for part in (position, "f" if failed else "s")),
             ],
         )
@@ -246,11 +251,16 @@ class JobStore:
         )
         return due - 1 if due else None
 
-    def forget_running(self, job_id: str) -> None:
-        """No chunk of the job runs, and deliveries counted so far do not count: for an embedded run's
-        start, when no worker of its broker can be alive, and its own stop (not a worker's death)
-        left chunks unacknowledged."""
-        self.client.delete(keys.job_inflight(job_id), keys.job_deliveries(job_id))
+    def stop(self, job_id: str) -> None:
+        """The job's run stopped: no chunk of it runs, deliveries counted so far do not count, and a job
+        not finished is `stopped` until `resume`. For an embedded run's broker, which starts with no
+        worker of it alive: its run's stop (not a worker's death) left chunks unacknowledged."""
+        keys_ = [keys.job_meta(job_id), keys.job_inflight(job_id), keys.job_deliveries(job_id)]
+        self._run("stop", keys_, [time.time()])
+
+    def resume(self, job_id: str) -> None:
+        """Workers run the stopped job again; the time it was stopped is left out of its running time."""
+        self._run("resume", [keys.job_meta(job_id)], [time.time()])
 
     # -- output shards -----------------------------------------------------------------------------
 
@@ -280,6 +290,11 @@ class JobStore:
                 [meta.run_id, round_, token],
             )
         )
+
+    def note_end_retry(self, end: JobEnd, token: str, what: str) -> None:
+        """The end task holding the job's end retries it: `what` (and why) shows in its status until
+        the end is written."""
+        self._run("note_end_retry", [keys.job_meta(end.job_id)], [end.run_id, end.round, token, what])
 
     def end_claimed(self, meta: JobMeta) -> bool:
         """Whether an end task holds the job's end now (it is being written)."""
@@ -341,12 +356,17 @@ class JobStore:
         running = min(sum(max(int(value), 0) for value in inflight), meta.total - done)
         unfinished = meta.total - done - running
         cancelled = unfinished if meta.cancelled_at is not None else 0
+        stopped_s = meta.stopped_s
+        if meta.stopped_at is not None and meta.started_at is not None:
+            stopped_s += max(time.time() - max(meta.stopped_at, meta.started_at), 0.0)
         if meta.end_error is not None:
             state = JobState.FAILED
         elif meta.cancelled_at is not None:
             state = JobState.CANCELLED
         elif meta.finished_at is not None:
             state = JobState.FAILED if failed else JobState.SUCCEEDED
+        elif meta.stopped_at is not None:
+            state = JobState.STOPPED
         elif meta.started_at is not None:
             state = JobState.RUNNING
         else:
@@ -365,7 +385,9 @@ class JobStore:
             submitted_at=meta.submitted_at,
             started_at=meta.started_at,
             finished_at=meta.finished_at,
+            stopped_s=round(stopped_s, 3),
             error=meta.end_error,
+            retrying=meta.end_retrying if meta.finished_at is None else None,
             schedule=meta.schedule,
             stages=[
                 StageProgress(name=plan.name, done=counts.get(stage_field(plan.name), 0))
@@ -425,7 +447,16 @@ class JobStore:
         reply = self._run(
             "reopen_items",
             self._item_keys(meta),
-            [meta.run_id, meta.epoch, len(stages), int(reopen), int(cancelled), *stages, *positions],
+            [
+                meta.run_id,
+                meta.epoch,
+                len(stages),
+                int(reopen),
+                int(cancelled),
+                time.time(),
+                *stages,
+                *positions,
+            ],
         )
         return int(reply[0]), [int(value) for value in reply[1:]]
 

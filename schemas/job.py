@@ -22,6 +22,10 @@ from schemas.registry import LoraRef, duplicate_source
 # \Z, not $: $ also matches before a final newline.
 ITEM_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 JOB_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
+# A job id is its name, '-' and a hash (jobs/manifest.py): the name's alphabet, so that no id names a
+# path (it is a folder of the state folder and a prefix of the output).
+JOB_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,99}\Z")
+JOB_HASH_CHARS = 12  # hex digits of the hash of the job's spec and items
 IMAGE_URI_SCHEMES = ("file://", "s3://", "http://", "https://")
 
 BUILTIN_STRENGTH = 0.8

@@ -28,6 +28,8 @@ END_JOB_TASK = "imgjobs.end_job"
 JOB_END_QUEUE = "imgjobs.end"
 # Set by `imgjobs worker` for the Celery worker it starts: the resolved model, as WorkerModel JSON.
 WORKER_MODEL_ENV = "IMGJOBS_WORKER_MODEL"
+# The remote control command a worker answers `imgjobs workers` with (workers/remote_control.py).
+WORKER_REPORT = "imgjobs_worker"
 
 # A job's priority as Celery's message priority. Celery's Redis transport (kombu) emulates priorities
 # with one Redis list per step of its `priority_steps` (celery_config sets these three), and a worker

@@ -26,6 +26,7 @@ from schemas.settings import Settings, celery_config, worker_broker_url
 from workers import events
 from workers.observability import Observability, configure_logging, serve_metrics
 from workers.rate_recorder import RateRecorder
+from workers.remote_control import tell_main_process
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger("imgjobs.worker")
@@ -111,6 +112,7 @@ def _load_model(**_: Any) -> None:
     try:
         events.subscribe(Observability())  # first: loading the model raises events too (its adapters)
         ctx = WorkerRuntime.start(settings, send_chunk, send_end)
+        tell_main_process(ctx.model.device)
         events.subscribe(RateRecorder(RateBook(ctx.store.client)))
         if settings.metrics_port:
             serve_metrics(settings.metrics_port)

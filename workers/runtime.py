@@ -8,11 +8,9 @@ import time
 from collections.abc import Callable
 from typing import ClassVar
 
-import redis
 from celery.exceptions import SoftTimeLimitExceeded
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
+from jobstate.connection import WORKER, redis_client
 from jobstate.store import JobStore
 from schemas.errors import ConfigError
 from schemas.messages import WORKER_MODEL_ENV, ChunkSender, JobEnd, WorkerModel
@@ -53,16 +51,7 @@ class WorkerRuntime:
             "model %s loaded from %s in %.1fs", model.name, model.entry.source, time.perf_counter() - started
         )
         assert settings.broker_url is not None
-        # Ride out a broker restart or failover (about a minute) instead of failing the chunk in hand.
-        client = redis.Redis.from_url(
-            settings.broker_url,
-            decode_responses=True,
-            socket_connect_timeout=10,
-            socket_timeout=30,
-            retry=Retry(ExponentialBackoff(cap=5.0, base=0.2), retries=20),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-            health_check_interval=30,
-        )
+        client = redis_client(settings.broker_url, WORKER)
         cls._context = ChunkContext(
             model=loaded,
             settings=settings,

@@ -18,6 +18,7 @@ from workers.chunk import RetryChunk, process_chunk
 from workers.events import emit
 from workers.job_end import RetryEnd, end_job
 from workers.observability import log_context, record_gpu_memory
+from workers.remote_control import tell_main_process
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger("imgjobs.worker")
@@ -69,6 +70,7 @@ def run_chunk(self: Any, payload: dict[str, Any]) -> None:
             log.exception("chunk %s: stopped by %s; requeued", chunk.chunk_id, type(exc).__name__)
             raise Reject(exc, requeue=True) from None
         record_gpu_memory()
+        tell_main_process(WorkerRuntime.context().model.device)
 
 
 @app.task(name=END_JOB_TASK, bind=True, max_retries=END_RETRIES.retries)
@@ -85,6 +87,11 @@ def end_job_task(self: Any, payload: dict[str, Any]) -> None:
             log.warning(
                 "job %s: its end stopped (%s); trying again in %.1f s", end.job_id, stopped, countdown
             )
+            what = (
+                f"the job's end (results.jsonl, report.html): {type(stopped.error).__name__}: {stopped}; "
+                f"retry {retries + 1} of {END_RETRIES.retries} in {countdown:.0f} s"
+            )
+            WorkerRuntime.end_context().store.note_end_retry(end, self.request.id, what)
             raise self.retry(exc=stopped.error, countdown=countdown) from None
         except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
             log.error("job %s: lost the broker writing its end (%s); requeued", end.job_id, exc)

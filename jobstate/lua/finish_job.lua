@@ -4,6 +4,7 @@
 local meta = redis.call('HMGET', KEYS[1], 'run_id', 'round', 'end_claim')
 if meta[1] ~= ARGV[1] or tonumber(meta[2] or '0') ~= tonumber(ARGV[2]) or meta[3] ~= ARGV[3] then return 0 end
 redis.call('HSET', KEYS[1], 'finished_at', ARGV[4])
+redis.call('HDEL', KEYS[1], 'end_retrying')
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'results', ARGV[5], 'report', ARGV[6]) end
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'end_error', ARGV[7]) end
 return 1

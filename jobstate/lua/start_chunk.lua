@@ -24,6 +24,7 @@ if tonumber(meta[2] or '0') ~= tonumber(ARGV[4]) or meta[3] then
 end
 local delivery = redis.call('HINCRBY', KEYS[4], ARGV[2], 1)
 redis.call('HSETNX', KEYS[1], 'started_at', ARGV[5])
+redis.call('HSET', KEYS[1], 'touched_at', ARGV[5])
 local first, count, mask = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
 local base = math.floor(first / 8)
 local last = math.floor((first + count - 1) / 8)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -15,7 +16,7 @@ import redis
 
 from jobs.embedded import EmbeddedRedis, free_port
 from jobs.registry import Registry
-from tests.conftest import Workers, imgjobs
+from tests.conftest import ROOT, Workers, imgjobs
 from tests.helpers import write_image, write_job
 
 
@@ -70,6 +71,15 @@ def test_missing_and_unreachable_broker(tmp_path: Path) -> None:
     line = one_error_line(unreachable.stderr)
     assert "cannot reach the broker at redis://:***@127.0.0.1" in line and "hunter2" not in line
     assert unreachable.returncode == 2
+    with EmbeddedRedis(tmp_path / "redis", password="hunter2") as server:
+        where = f"Redis at 127.0.0.1:{server.port}"
+        bare = imgjobs("status", "some-job", env={"IMGJOBS_BROKER_URL": f"redis://127.0.0.1:{server.port}/0"})
+        assert one_error_line(bare.stderr).startswith(f"error: {where} asks for a password")
+        wrong = f"redis://:guessed@127.0.0.1:{server.port}/0"
+        refused = imgjobs("status", "some-job", env={"IMGJOBS_BROKER_URL": wrong})
+        line = one_error_line(refused.stderr)
+        assert line.startswith(f"error: {where} refused the user or password") and "guessed" not in line
+        assert bare.returncode == refused.returncode == 2
 
 
 def test_unknown_model_and_unknown_job(tmp_path: Path) -> None:
@@ -79,6 +89,49 @@ def test_unknown_model_and_unknown_job(tmp_path: Path) -> None:
         assert "unknown model 'no-such-model'" in one_error_line(worker.stderr) and worker.returncode == 2
         status = imgjobs("status", "nope", "--json", env=env)
         assert "no job 'nope'" in one_error_line(status.stderr)
+
+
+def test_no_job_id_names_a_path(tmp_path: Path, private_state_dir: Path) -> None:
+    outside = tmp_path / "outside"
+    (outside / "redis").mkdir(parents=True)  # as an embedded job's folder holds
+    (private_state_dir / "jobs").mkdir(parents=True)
+    climbing = os.path.relpath(outside, private_state_dir / "jobs")
+    for command, job_id in [("status", climbing), ("retry", climbing), ("cancel", "../")]:
+        refused = imgjobs(command, job_id)
+        assert f"{job_id!r} is not a job id" in one_error_line(refused.stderr), (command, refused.stderr)
+        assert refused.returncode == 2
+    assert [path.name for path in outside.rglob("*")] == ["redis"], "nothing was started or written there"
+
+
+def test_status_of_a_job_whose_run_still_validates_it_says_so(
+    tmp_path: Path, private_state_dir: Path
+) -> None:
+    write_image(tmp_path / "in" / "a.png", size=(8, 8))
+    rows = [{"id": f"i{n}", "image": "in/a.png"} for n in range(50_000)]  # seconds of validation
+    spec = write_job(tmp_path, rows, name="big", stage={"type": "resize", "model": "cpu"})
+    run = subprocess.Popen(
+        [sys.executable, "-m", "jobs", "run", str(spec)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not list((private_state_dir / "validating").glob("*.json")):
+            assert run.poll() is None and time.monotonic() < deadline, "no run validating"
+            time.sleep(0.02)
+        run.send_signal(signal.SIGSTOP)  # held in its validation, which knows the job's id only at its end
+        status = imgjobs("status", "big-0123456789ab")
+        assert status.returncode == 2
+        line = one_error_line(status.stderr)
+        assert f"`imgjobs run {spec}` (pid {run.pid}) is validating a job of its name" in line, line
+    finally:
+        run.send_signal(signal.SIGCONT)
+        run.send_signal(signal.SIGTERM)
+        _, stderr = run.communicate(timeout=60)
+    assert (run.returncode, stderr) == (128 + signal.SIGTERM, "interrupted\n")
+    assert not list((private_state_dir / "validating").glob("*.json"))
 
 
 def test_bad_env_var_is_named(tmp_path: Path) -> None:
@@ -101,8 +154,15 @@ def test_models_lists_builtins_and_file_entries(models_yaml: Path) -> None:
     } <= set(entries)
     assert entries["sd15"]["source"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert entries["tiny-sd"]["source"] == str(models_yaml.parent / "tiny-sd")
+    assert (entries["cpu"]["from"], entries["tiny-sd"]["from"]) == ("built in", str(models_yaml.resolve()))
     table = imgjobs("models", "--models", str(models_yaml))
-    assert table.returncode == 0 and "tiny-sd" in table.stdout
+    assert table.returncode == 0 and "tiny-sd" in table.stdout and "built in" in table.stdout
+    folder = str(models_yaml.parent / "tiny-sd")  # a diffusers folder named directly, as a stage may
+    named = json.loads(imgjobs("models", "cpu", folder, "--json").stdout)
+    assert {name: entry["from"] for name, entry in named.items()} == {
+        "cpu": "built in",
+        folder: "a folder named directly",
+    }
 
 
 def test_worker_whose_model_cannot_load_stops(tmp_path: Path) -> None:
@@ -212,6 +272,31 @@ def test_watching_a_job_no_worker_takes_says_so_then_exits_as_run_does(
             if watch.poll() is None:
                 watch.kill()
                 watch.wait()
+
+
+def test_watching_a_job_whose_broker_goes_away_says_so_in_one_line(tmp_path: Path) -> None:
+    spec = write_job(tmp_path, [{"id": "a", "image": "a.png"}], stage={"type": "resize", "model": "cpu"})
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        env = {"IMGJOBS_BROKER_URL": server.url}
+        submitted = imgjobs("submit", str(spec), env=env)
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = submitted.stdout.strip()
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "jobs", "status", job_id, "--watch", "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=os.environ | env,
+        )
+        assert watch.stdout is not None
+        assert json.loads(watch.stdout.readline())["state"] == "pending"  # it polls: no worker takes it
+        assert server.process is not None
+        server.process.kill()
+        _, stderr = watch.communicate(timeout=60)
+    assert watch.returncode == 1, stderr
+    line = one_error_line(stderr)
+    assert line.startswith(f"error: lost the broker at {server.url}: "), line
+    assert line.endswith(f"; `imgjobs status {job_id} --watch` follows it again"), line
 
 
 def test_validate_finds_missing_inputs_folders_and_an_output_that_cannot_be_written(tmp_path: Path) -> None:

@@ -96,6 +96,10 @@ def test_list_status_logs_estimate_and_chosen_retry(
         bad_since = imgjobs("jobs", "--since", "yesterday", env=env)
         assert bad_since.returncode == 2 and bad_since.stderr.startswith("error: --since: 'yesterday'")
 
+        by_name = imgjobs("status", "nightly-cats", env=env)
+        assert by_name.returncode == 2
+        assert by_name.stderr == f"error: no job 'nightly-cats' on this broker; did you mean {job_id!r}?\n"
+
         logged = imgjobs("logs", job_id, env=env)
         assert logged.returncode == 0, logged.stderr
         assert "InputImageError" in logged.stdout and "late" in logged.stdout and "late.png" in logged.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,7 @@ def test_run_exits_1_when_an_item_fails_and_records_it(tmp_path: Path, models_ya
     ]
     spec = write_job(tmp_path, rows)
     ran = imgjobs("run", str(spec), "--models", str(models_yaml))
+    finished = time.time()
     assert ran.returncode == 1, ran.stderr
     assert "failed" in ran.stdout
     assert re.search(r"InputImageError\s*│\s*2\s*│\s*empty", ran.stdout), "the summary groups failures"
@@ -98,18 +100,33 @@ def test_run_exits_1_when_an_item_fails_and_records_it(tmp_path: Path, models_ya
 
     # The run's state stays: `failures` and `retry` of its job id need no broker.
     job_id = results_file.parent.name
+    again = imgjobs("run", str(spec), "--models", str(models_yaml))  # only the summary, and what to do
+    assert (
+        again.returncode == 1 and f"`imgjobs retry {job_id}` runs its 2 failed item(s) again" in again.stderr
+    )
     failed = [json.loads(line)["id"] for line in imgjobs("failures", job_id, "--json").stdout.splitlines()]
     assert sorted(failed) == ["empty", "gone"]
+    misspelt = imgjobs("failures", job_id, "--reason", "InputImageErorr")
+    assert misspelt.returncode == 2 and misspelt.stderr == (
+        "error: --reason InputImageErorr: no item fails with an error of that type; "
+        "did you mean 'InputImageError'?\n"
+    )
     (listed,) = json.loads(imgjobs("jobs", "--json").stdout)  # the embedded runs of the state folder
+    mistyped = imgjobs("status", job_id[:-1] + "x")
+    assert mistyped.returncode == 2 and mistyped.stderr.startswith(f"error: no job '{job_id[:-1]}x': ")
+    assert mistyped.stderr.endswith(f"; did you mean {job_id!r}?\n"), mistyped.stderr
     assert (listed["job_id"], listed["state"], listed["failed"]) == (job_id, "failed", 2)
     logged = imgjobs("logs", job_id)
     assert logged.returncode == 0 and "InputImageError" in logged.stdout, logged.stderr
     assert "worker log line(s) name the job" in logged.stdout and "worker-tiny-sd-0.log: " in logged.stdout
     kept = Path(results["a"]["outputs"]["s0-img2img"]).stat().st_mtime_ns
     write_image(tmp_path / "in" / "gone.png")  # the missing input arrives
+    retried_at = time.time()
     retried = imgjobs("retry", job_id, "--reason", "InputImageError")
     assert retried.returncode == 1, retried.stderr  # "empty" fails again
     assert "2 failed item(s) run again" in retried.stderr
+    (listed,) = json.loads(imgjobs("jobs", "--json").stdout)
+    assert listed["stopped_s"] >= retried_at - finished, "the time it was finished is not its running time"
     results = {r["id"]: r for r in map(json.loads, results_file.read_text().splitlines())}
     assert (results["gone"]["status"], results["empty"]["status"]) == ("succeeded", "failed")
     assert Path(results["a"]["outputs"]["s0-img2img"]).stat().st_mtime_ns == kept, "a was not run again"
@@ -154,3 +171,10 @@ def test_an_embedded_run_reads_the_local_inputs_of_its_own_folder_only(
     assert results["a"]["status"] == "succeeded"
     assert results["b"]["status"] == "failed"
     assert "IMGJOBS_LOCAL_INPUT_ROOTS" in results["b"]["error"]["message"]
+
+    # As the message says: set it, and retry.
+    roots = {"IMGJOBS_LOCAL_INPUT_ROOTS": str(outside.parent)}
+    retried = imgjobs("retry", results_file.parent.name, env=roots)
+    assert retried.returncode == 0, retried.stderr
+    results = {row["id"]: row for row in map(json.loads, results_file.read_text().splitlines())}
+    assert results["b"]["status"] == "succeeded", results["b"]

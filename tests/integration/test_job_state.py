@@ -1,17 +1,20 @@
 """A job's state through real worker processes on real Redis: an embedded run resumes after a
-SIGTERM and after being killed, and its state answers `status` and `failures` after (and `retry`:
-tests/integration/test_embedded_run.py); a cancel is accounted for at once and stops a running
-chunk at its next call; a job's end that cannot be written fails the job at once, and one end more
-changes nothing."""
+SIGTERM, after being killed and after losing its Redis, and its state answers `status` and
+`failures` after (and `retry`: tests/integration/test_embedded_run.py); a cancel is accounted for
+at once and stops a running chunk at its next call; a job's end that cannot be written fails the
+job at once, one end more changes nothing, and one being retried says what it retries."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,8 @@ from schemas.errors import ImgjobsError
 from schemas.messages import JobEnd
 from schemas.settings import Settings
 from tests.conftest import ROOT, Workers, imgjobs
+from tests.faultkit import upload_inputs
+from tests.faultproxy import FaultProxy
 from tests.helpers import write_image, write_job
 from tests.integration.test_observability import scrape
 from tests.integration.test_reliability import results, wait_finished
@@ -107,23 +112,34 @@ def fingerprints(folder: Path) -> dict[str, tuple[int, int]]:
     }
 
 
-def test_an_embedded_run_resumes_after_a_sigterm_and_after_a_kill(
+def embedded_broker(state: Path, what: str) -> str:
+    """The URL of the job's embedded broker, once its run has started it."""
+    return str(
+        wait_until(
+            lambda: (
+                (state / "broker.json").exists() and json.loads((state / "broker.json").read_text())["url"]
+            ),
+            120,
+            what,
+        )
+    )
+
+
+def test_an_embedded_run_resumes_after_a_sigterm_a_kill_and_the_loss_of_its_redis(
     tmp_path: Path, models_yaml: Path, private_state_dir: Path
 ) -> None:
     spec, ids = job_of(tmp_path, 12)
     job_id = job_id_of(spec, models_yaml)
     state = private_state_dir / "jobs" / job_id
+    stopped_for = 0.0  # at least: from a run's exit to the next run's broker, before its workers resume
 
     first = embedded_run(spec, models_yaml)
-    broker_url = wait_until(
-        lambda: (state / "broker.json").exists() and json.loads((state / "broker.json").read_text())["url"],
-        120,
-        "the embedded broker",
-    )
+    broker_url = embedded_broker(state, "the embedded broker")
     wait_until(lambda: succeeded(broker_url, job_id) >= 2, 180, "a first chunk")
     assert status_of(job_id)["state"] == "running"  # with no broker set: the running one answers
     first.send_signal(signal.SIGTERM)
     _, stderr = first.communicate(timeout=120)
+    exited = time.time()
     assert first.returncode == 128 + signal.SIGTERM, stderr
     assert "interrupted: " in stderr and f"/12 finished; run `imgjobs run {spec}` again to resume" in stderr
     # Before, its redis-server and workers went on running, parented to init.
@@ -132,18 +148,46 @@ def test_an_embedded_run_resumes_after_a_sigterm_and_after_a_kill(
     assert 2 <= len(after_first) < 12
 
     second = embedded_run(spec, models_yaml)
-    broker_url = wait_until(
-        lambda: (state / "broker.json").exists() and json.loads((state / "broker.json").read_text())["url"],
-        120,
-        "the embedded broker again",
-    )
+    broker_url = embedded_broker(state, "the embedded broker again")
+    stopped_for += time.time() - exited
     wait_until(lambda: succeeded(broker_url, job_id) >= len(after_first) + 2, 180, "more items")
     second.kill()  # no chance to stop anything: its children go with it, and the next run requeues
     second.communicate(timeout=30)
+    exited = time.time()
     assert wait_until(lambda: not processes_on(broker_url), 30, "no process left after a kill") is True
 
+    # Nothing runs it now: it says so, and how to resume it; watching it ends at once, not in success.
+    watched = imgjobs("status", job_id, "--watch")
+    assert watched.returncode == 1, watched.stderr
+    resume = f"run `imgjobs run {spec}` again to resume"
+    assert watched.stderr == f"job {job_id}: stopped: nothing runs it now; {resume}\n"
+    assert watched.stdout.startswith(f"{job_id}: stopped  total 12")
+    (listed,) = json.loads(imgjobs("jobs", "--json").stdout)
+    assert listed["state"] == "stopped"
+
+    # Its Redis killed under it: one line, at once, that says what was lost and how to resume.
+    lost = embedded_run(spec, models_yaml)
+    broker_url = embedded_broker(state, "the embedded broker of the run that loses it")
+    stopped_for += time.time() - exited
+    store = JobStore(redis.Redis.from_url(broker_url, decode_responses=True))
+    wait_until(lambda: store.status(job_id).state.value == "running", 120, "its workers running it")
+    os.kill(int((state / "redis" / "redis.pid").read_text()), signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = lost.communicate(timeout=120)
+    exited = time.time()
+    assert time.monotonic() - killed < 15, "it stops at once, not after its workers' warm shutdown"
+    assert lost.returncode == 1 and "Traceback" not in stderr, stderr
+    (error,) = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert error.startswith(
+        f"error: lost the job's embedded Redis (its log: {state / 'redis' / 'redis.log'})"
+    )
+    assert error.endswith(f"; {resume}"), error
+    assert wait_until(lambda: not processes_on(broker_url), 30, "no process left after the loss") is True
+
     third = embedded_run(spec, models_yaml)
-    _stdout, stderr = third.communicate(timeout=300)
+    broker_url = embedded_broker(state, "the embedded broker of the last run")
+    stopped_for += time.time() - exited
+    stdout, stderr = third.communicate(timeout=300)
     assert third.returncode == 0, stderr
     assert f"worker logs: {state / 'logs'}" in stderr
     final = fingerprints(tmp_path / "out" / job_id)
@@ -152,6 +196,13 @@ def test_an_embedded_run_resumes_after_a_sigterm_and_after_a_kill(
 
     status = status_of(job_id)  # the job's state after the run: no broker configured
     assert (status["state"], status["succeeded"]) == ("succeeded", 12)
+    # Its time is its running time: the time between its runs is left out, of the summary's too.
+    assert status["stopped_s"] >= stopped_for - 0.5, (status, stopped_for)
+    finished, started = (
+        datetime.fromisoformat(status[key]).timestamp() for key in ("finished_at", "started_at")
+    )
+    summary_s = float(re.findall(r"time\s*│\s*([0-9.]+)s", stdout)[0])
+    assert summary_s == pytest.approx(finished - started - status["stopped_s"], abs=0.2), stdout
     listed = imgjobs("failures", job_id, "--json")
     assert (listed.returncode, listed.stdout) == (0, "")
     assert imgjobs("status", "no-such-job").returncode == 2
@@ -176,6 +227,20 @@ def test_cancel_is_accounted_at_once_and_stops_a_running_chunk_at_its_next_call(
         job_id = submitted.stdout.strip()
         store = JobStore(redis.Redis.from_url(server.url, decode_responses=True))
         wait_until(lambda: store.status(job_id).succeeded >= 1, 180, "a first item")
+
+        # The workers, as they answer Celery's remote control: the tiny-sd one runs a chunk of the job.
+        answered = imgjobs("workers", "--json", env=env)
+        assert answered.returncode == 0, answered.stderr
+        found = {worker["model"]: worker for worker in json.loads(answered.stdout)}
+        assert set(found) == {"tiny-sd", "cpu"}, found
+        busy, idle = found["tiny-sd"], found["cpu"]
+        assert busy["host"] == idle["host"] == socket.gethostname() and busy["device"] == "cpu"
+        assert busy["rss_bytes"] > 100 * 2**20 and busy["gpu_bytes"] is None and busy["uptime_s"] > 0
+        (task,) = busy["running"]
+        assert (task["job_id"], task["stage"], task["items"]) == (job_id, "s0", 4), task
+        assert 0 <= task["done"] <= 4 and task["running_s"] >= 0 and idle["running"] == []
+        table = imgjobs("workers", env=env)
+        assert table.returncode == 0 and f"{task['task']} (" in table.stdout and "idle" in table.stdout
 
         cancelled = imgjobs("cancel", job_id, env=env)
         assert cancelled.returncode == 0, cancelled.stderr
@@ -245,3 +310,43 @@ def test_a_job_end_that_cannot_be_written_fails_the_job_at_once_and_a_second_end
             line for line in scrape(port).splitlines() if line.startswith("imgjobs_job_end_seconds_count ")
         ]
         assert float(ends.split()[1]) == 2.0  # the failed end, and the good job's: one each
+
+
+def test_a_job_end_being_retried_says_what_it_retries(
+    tmp_path: Path, s3_bucket: str, s3_endpoint: str, workers: Workers
+) -> None:
+    rows = upload_inputs(s3_bucket, 2)
+    spec = write_job(tmp_path, rows, stage={"type": "resize", "model": "cpu"}, output=f"s3://{s3_bucket}/out")
+    with EmbeddedRedis(tmp_path / "redis") as server, FaultProxy(s3_endpoint) as proxy:
+        env = {"IMGJOBS_BROKER_URL": server.url}
+        # Every write of results.jsonl refused for a while, and each at its first refusal: the end retries.
+        s3 = {"AWS_ENDPOINT_URL": proxy.url, "AWS_MAX_ATTEMPTS": "1"}
+        workers.start("cpu", server.url, Registry.load(None), env=s3)
+        workers.wait_ready()
+        proxy.arm(
+            ["ServiceUnavailable"],
+            fraction=1.0,
+            duration_s=6,
+            methods=("PUT",),
+            path_contains="results.jsonl",
+        )
+        submitted = imgjobs("submit", str(spec), env=env)
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = submitted.stdout.strip()
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "jobs", "status", job_id, "--watch"],
+            cwd=ROOT,
+            env=os.environ | env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        store = JobStore(redis.Redis.from_url(server.url, decode_responses=True))
+        retrying = wait_until(lambda: store.status(job_id).retrying, 60, "the end's first retry")
+        assert retrying.startswith("the job's end (results.jsonl, report.html): StorageError: "), retrying
+        assert "results.jsonl" in retrying.split(": ", 2)[2] and " of 8 in " in retrying, retrying
+        _, stderr = watch.communicate(timeout=120)
+        assert watch.returncode == 0, stderr
+        assert "retrying the job's end (results.jsonl, report.html): StorageError: " in stderr
+        status = store.status(job_id)
+        assert (status.state.value, status.retrying) == ("succeeded", None)

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+import typer
+from typer.testing import CliRunner
 
 from jobs.cli import app
 from jobs.manifest import validate_job
@@ -189,3 +191,23 @@ def test_an_unknown_registry_field_suggests_the_near_one_with_its_line(tmp_path:
     assert str(caught.value) == (
         f"model registry {models}:4: models.tiny.sorce: unknown field; did you mean 'source'?"
     )
+
+
+def test_help_reads_as_sentences_answers_dash_h_and_shows_no_type_for_flags() -> None:
+    runner = CliRunner()
+    wide = {"COLUMNS": "500"}
+    top = runner.invoke(app, ["-h"], env=wide)
+    assert top.exit_code == 0, top.output
+    lines = top.output.splitlines()
+    first = next(index for index, line in enumerate(lines) if "─ Commands ─" in line)
+    rows = lines[
+        first + 1 : next(index for index in range(first, len(lines)) if lines[index].startswith("╰"))
+    ]
+    names = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+    # At 500 columns each command's help is one line: none breaks where its docstring's lines do.
+    assert sorted(row.split()[1] for row in rows) == names, rows
+    for command in [[name] for name in names] + [["schedule", "list"]]:
+        shown = runner.invoke(app, [*command, "-h"], env=wide)
+        assert shown.exit_code == 0 and "Usage:" in shown.output, (command, shown.output)
+        assert "<bool>" not in shown.output, command
+    assert "must load" not in runner.invoke(app, ["validate", "-h"], env=wide).output

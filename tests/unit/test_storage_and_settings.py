@@ -16,8 +16,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from jobs.broker import connect_redis
 from jobstate import storage
+from jobstate.connection import connect_redis
 from jobstate.storage import LocalStorage, S3Storage, check_key, open_storage
 from schemas.errors import ConfigError, StorageError, StorageRefusedError
 from schemas.settings import Settings, celery_config, redact_url

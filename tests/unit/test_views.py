@@ -14,7 +14,15 @@ from jobs.estimate import estimate
 from jobs.manifest import validate_job
 from jobs.registry import Registry
 from jobs.scheduler import next_firing
-from jobs.views import JobFilter, RateMeter, failures_by_reason, newest_first, parse_since, status_document
+from jobs.views import (
+    JobFilter,
+    RateMeter,
+    failures_by_reason,
+    newest_first,
+    parse_since,
+    status_document,
+    suggested_ids,
+)
 from jobstate.rates import WINDOW_ITEMS, Rate, RateBook, RateSample
 from schemas.job import Item, ResolvedParams, denoising_steps, with_overrides
 from schemas.messages import ErrorInfo, ItemResult, StageRecord
@@ -107,6 +115,14 @@ def test_failures_are_grouped_by_reason_largest_first() -> None:
         ("InputImageError", 2, "a", "a.png"),
         ("StageError", 1, "z", "m"),
     ]
+
+
+def test_an_unknown_job_id_is_answered_with_the_jobs_of_its_name() -> None:
+    known = ["cats-0123456789ab", "cats-ba9876543210", "dogs-0123456789ab", "catz-4"]
+    assert suggested_ids("cats", known) == "did you mean one of 'cats-0123456789ab', 'cats-ba9876543210'?"
+    assert suggested_ids("dogs-0123456789ac", known) == "did you mean 'dogs-0123456789ab'?"
+    assert suggested_ids("catz-5", known) == "did you mean 'catz-4'?"  # no hash: spelt alike
+    assert suggested_ids("birds", known) is None
 
 
 def test_denoising_steps_follow_diffusers_img2img_schedule() -> None:
