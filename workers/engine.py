@@ -226,6 +226,7 @@ class StageEngine:
             params=params,
             timings={phase: round(seconds, 4) for phase, seconds in timings.items()},
             nsfw=nsfw,
+            **self.model.ran(params)._asdict(),
         )
 
     def result(

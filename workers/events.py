@@ -65,6 +65,13 @@ class EngineEvents:
     def adapters_switched(self, model: str, active: Sequence[str], seconds: float) -> None:
         """The model switched to the adapter set `active` (their sources; empty: none)."""
 
+    def scheduler_built(self, model: str, sampler: str, pipeline: str) -> None:
+        """The model built the scheduler of `sampler` ("dpmpp_2m karras", or "own": the checkpoint's)
+        for its pipeline of class `pipeline`, from the checkpoint's scheduler config: once each."""
+
+    def sampler_switched(self, model: str, sampler: str, pipeline: str) -> None:
+        """The model's pipeline of class `pipeline` now runs `sampler` (as in scheduler_built)."""
+
 
 Listener = TypeVar("Listener", bound=EngineEvents)
 _listeners: list[EngineEvents] = []
@@ -130,6 +137,12 @@ class _Broadcast(EngineEvents):
 
     def adapters_switched(self, model: str, active: Sequence[str], seconds: float) -> None:
         _each(lambda listener: listener.adapters_switched(model, active, seconds))
+
+    def scheduler_built(self, model: str, sampler: str, pipeline: str) -> None:
+        _each(lambda listener: listener.scheduler_built(model, sampler, pipeline))
+
+    def sampler_switched(self, model: str, sampler: str, pipeline: str) -> None:
+        _each(lambda listener: listener.sampler_switched(model, sampler, pipeline))
 
 
 # What the engine, the recorder, the tasks and the job's end raise their events on.
