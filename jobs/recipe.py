@@ -91,13 +91,13 @@ def _with_sampling(
     if stage.preset is None and stage.sampler is None and entry.sampler is not None:
         # The model's sampler, by its name in the table: a schedule its name carries ("DPM++ 2M
         # Karras") is the model's, which the stage's own schedule replaces.
-        own = choose(entry.sampler, entry.schedule)
-        schedule = stage.schedule or own.schedule
+        models = choose(entry.sampler, entry.schedule)
+        schedule = stage.schedule or models.schedule
         try:
-            choose(own.sampler.name, schedule)
+            choose(models.sampler.name, schedule)
         except ValueError as exc:
             return stage, [("schedule", f"with {model.name}'s sampler: {exc}")]
-        stage = stage.model_copy(update={"sampler": own.sampler.name, "schedule": schedule})
+        stage = stage.model_copy(update={"sampler": models.sampler.name, "schedule": schedule})
     if stage.preset is None and stage.sampler is None and stage.schedule is not None:
         unnamed = f"name the sampler it is for: neither the stage nor {model.name} names one"
         return stage, [("schedule", unnamed)]

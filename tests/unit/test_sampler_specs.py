@@ -152,7 +152,7 @@ def test_spec_problems_are_on_the_stages_line_and_item_problems_on_the_items(
 def test_a_stage_runs_its_models_sampler_unless_it_names_its_own_or_a_preset(
     tmp_path: Path, registry: Registry
 ) -> None:
-    stages = [
+    stages: list[dict[str, Any]] = [
         {"type": "img2img", "model": "sd-fast"},
         {"type": "img2img", "model": "sd-fast", "schedule": "exponential"},
         {"type": "img2img", "model": "sd-fast", "sampler": "euler_a"},

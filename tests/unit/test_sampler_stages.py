@@ -209,20 +209,34 @@ def test_a_worker_builds_each_samplers_scheduler_once_and_switches_only_when_it_
     resolved = local_model("tiny-sd", tiny_sd_dir)
     model = LoadedModel("tiny-sd", resolved.entry)
     own = model.pipeline.scheduler
-    chunks: list[tuple[str | None, str | None]] = [("dpmpp_2m", "karras"), ("dpmpp_2m", "karras")]
-    chunks += [("euler_a", None), ("dpmpp_2m", "karras")]
-    chunks += [(None, None), ("dpmpp_2m", "karras"), ("dpmpp_2m", None)]
+    chunks: list[tuple[str | None, str | None]] = [("euler_a", "trailing"), ("euler_a", "trailing")]
+    chunks += [("dpmpp_2m", "karras"), ("euler_a", "trailing"), (None, None), ("dpmpp_2m", "karras")]
+    chunks += [("dpmpp_2m", None)]
+    ran: dict[tuple[str | None, str | None], Any] = {}
     with subscribed(SchedulerEvents()) as events:
         for sampler, schedule in chunks:
             run(model, resolved, params_of(sampler, schedule))
-    assert events.built == ["dpmpp_2m karras", "euler_a", "dpmpp_2m"]
-    pipeline = "StableDiffusionImg2ImgPipeline"
-    assert events.switched == [
-        (sampler, pipeline)
-        for sampler in ("dpmpp_2m karras", "euler_a", "dpmpp_2m karras", "own", "dpmpp_2m karras")
-    ] + [("dpmpp_2m", pipeline)]
-    # Built from the checkpoint's config as loaded, not from the Karras one the pipeline ran before.
-    assert model.pipeline.scheduler.config.use_karras_sigmas is False
+            ran[(sampler, schedule)] = model.pipeline.scheduler
+    assert events.built == ["euler_a trailing", "dpmpp_2m karras", "dpmpp_2m"]
+    switched = [
+        "euler_a trailing",
+        "dpmpp_2m karras",
+        "euler_a trailing",
+        "own",
+        "dpmpp_2m karras",
+        "dpmpp_2m",
+    ]
+    assert events.switched == [(sampler, "StableDiffusionImg2ImgPipeline") for sampler in switched]
+    # Each was built from the checkpoint's config as loaded (leading spacing), not from the one the
+    # pipeline ran before it (trailing, then Karras).
+    spacing = {key: scheduler.config.timestep_spacing for key, scheduler in ran.items()}
+    assert spacing == {
+        ("euler_a", "trailing"): "trailing",
+        ("dpmpp_2m", "karras"): "leading",
+        (None, None): "leading",
+        ("dpmpp_2m", None): "leading",
+    }
+    assert ran[("dpmpp_2m", None)].config.use_karras_sigmas is False
     run(model, resolved, params_of())
     assert model.pipeline.scheduler is own and dict(own.config) == dict(
         diffusers.DDIMScheduler.from_pretrained(tiny_sd_dir / "scheduler").config
