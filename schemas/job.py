@@ -20,6 +20,7 @@ from schemas.samplers import (
     SAMPLERS,
     SamplerChoice,
     SamplerName,
+    Schedule,
     ScheduleName,
     choose,
     preset_names,
@@ -393,8 +394,8 @@ class ResolvedParams(_Strict):
     strength: Strength | None = None
     noise_level: int | None = None
     sampler: str | None = Field(None, description="the sampler chosen (SAMPLERS); None: the checkpoint's own")
-    schedule: Literal["karras", "exponential", "trailing"] | None = None
-    preset: str | None = None
+    schedule: Schedule | None = None
+    preset: str | None = Field(None, description="the stage's few-step preset (PRESETS)")
 
     @model_validator(mode="after")
     def _at_least_one_step(self) -> ResolvedParams:

@@ -29,7 +29,9 @@ from schemas.job import (
     BUILTIN_SIZE,
     BUILTIN_UPSCALE_GUIDANCE_SCALE,
     ResolvedParams,
+    StageSpec,
     denoising_steps,
+    stage_eta,
 )
 from schemas.messages import StagePlan
 from schemas.registry import (
@@ -427,12 +429,14 @@ class LoadedModel:
         """The pipeline whose scheduler denoises: Kandinsky's decoder, else the pipeline itself."""
         return getattr(pipeline, "decoder_pipe", pipeline)
 
-    def use_sampler(self, pipeline: Any, params: ResolvedParams) -> None:
+    def use_sampler(self, pipeline: Any, params: ResolvedParams, stage: StageSpec) -> dict[str, Any]:
         """Make `pipeline` (the resident one or one derived from it) run the sampler `params` name, or
-        the checkpoint's own scheduler. Each (pipeline, sampler) scheduler is built once, from the
-        checkpoint's scheduler config as loaded with the sampler's flags, and kept; asking for the one
-        the pipeline runs costs nothing, so a worker switches only when a chunk's sampler differs. A
-        StageError says why diffusers would make a bad image with it (run_problem)."""
+        the checkpoint's own scheduler; returns the call's arguments the sampler takes beyond it (eta,
+        where the stage or its preset sets one: diffusers' default of 0 would turn TCD's noise off).
+        Each (pipeline, sampler) scheduler is built once, from the checkpoint's scheduler config as
+        loaded with the sampler's flags, and kept; asking for the one the pipeline runs costs nothing,
+        so a worker switches only when a chunk's sampler differs. A StageError says why diffusers
+        would make a bad image with it (run_problem)."""
         choice = self._choice(params)
         if choice is not None:
             problem = sampler_problem_for_pipeline(self.class_name)
@@ -451,6 +455,8 @@ class LoadedModel:
         problem = scheduler_problem(scheduler, choice, params.steps, params.strength, text2img)
         if problem is not None:
             raise StageError(f"{_shown(choice) if choice else type(scheduler).__name__}: {problem}")
+        eta = stage_eta(stage)
+        return {} if eta is None else {"eta": eta}
 
     @staticmethod
     def _choice(params: ResolvedParams) -> SamplerChoice | None:

@@ -13,8 +13,6 @@ import torch
 from PIL import Image
 
 from schemas.errors import StageError
-from schemas.job import stage_eta
-from schemas.messages import StagePlan
 
 log = logging.getLogger(__name__)
 
@@ -178,14 +176,6 @@ def generators(seeds: list[int]) -> list[torch.Generator]:
     """One CPU generator per item: diffusers draws each item's noise from its own generator, so an
     item's result does not depend on its batch, and CPU generators give the same numbers on any device."""
     return [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
-
-
-def sampler_arguments(plan: StagePlan) -> dict[str, Any]:
-    """The pipeline's arguments for its sampler beyond the scheduler itself: eta, where the stage or its
-    preset sets one (diffusers passes it to the step of the schedulers that take it, DDIM and TCD;
-    its own default, 0, would turn TCD's noise off)."""
-    eta = stage_eta(plan.spec)
-    return {} if eta is None else {"eta": eta}
 
 
 def batch_input(batch: StageBatch) -> Any:

@@ -11,15 +11,7 @@ from schemas.job import Img2ImgStage, ResolvedParams
 from schemas.messages import StagePlan
 from workers.models import LoadedModel
 from workers.prompts import prompt_arguments
-from workers.stages.common import (
-    StageBatch,
-    StageOutput,
-    batch_input,
-    call_pipeline,
-    check_batch,
-    generators,
-    sampler_arguments,
-)
+from workers.stages.common import StageBatch, StageOutput, batch_input, call_pipeline, check_batch, generators
 from workers.stages.kandinsky import image_embeddings, is_kandinsky
 
 
@@ -51,7 +43,7 @@ def run_img2img(
     spec = check_inputs(plan, params, batch)
     pipeline = model.img2img(plan.controlnet)
     model.use_adapters(plan.loras)
-    model.use_sampler(pipeline, params)
+    sampling = model.use_sampler(pipeline, params, plan.spec)
     seeded = generators(batch.seeds)
     kwargs: dict[str, Any] = {
         "image": batch_input(batch),
@@ -72,7 +64,7 @@ def run_img2img(
             pipeline.decoder_pipe, kwargs, want_images=want_images, want_latents=want_latents
         )
     kwargs |= prompt_arguments(pipeline, batch.prompts, batch.negative_prompts, spec.prompt_syntax)
-    kwargs |= sampler_arguments(plan)
+    kwargs |= sampling
     if plan.controlnet is not None:
         kwargs["control_image"] = batch.control_images
         kwargs["controlnet_conditioning_scale"] = spec.controlnet_conditioning_scale

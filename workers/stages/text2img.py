@@ -10,14 +10,7 @@ from schemas.job import ResolvedParams
 from schemas.messages import StagePlan
 from workers.models import LoadedModel
 from workers.prompts import prompt_arguments
-from workers.stages.common import (
-    StageBatch,
-    StageOutput,
-    call_pipeline,
-    check_batch,
-    generators,
-    sampler_arguments,
-)
+from workers.stages.common import StageBatch, StageOutput, call_pipeline, check_batch, generators
 from workers.stages.kandinsky import image_embeddings, is_kandinsky
 
 
@@ -35,7 +28,7 @@ def run_text2img(
         raise StageError("text2img takes no input image")
     pipeline = model.text2img()
     model.use_adapters(plan.loras)
-    model.use_sampler(pipeline, params)
+    sampling = model.use_sampler(pipeline, params, plan.spec)
     width, height = params.size
     seeded = generators(batch.seeds)
     kwargs: dict[str, Any] = {
@@ -53,5 +46,5 @@ def run_text2img(
             pipeline.decoder_pipe, kwargs, want_images=want_images, want_latents=want_latents
         )
     kwargs |= prompt_arguments(pipeline, batch.prompts, batch.negative_prompts, plan.prompt_syntax)
-    kwargs |= sampler_arguments(plan)
+    kwargs |= sampling
     return call_pipeline(pipeline, kwargs, want_images=want_images, want_latents=want_latents)
