@@ -38,6 +38,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
         (root / name / "model_index.json").write_text(json.dumps(index))
         lines += [f"  {name}:", f"    source: {name}"]
     lines += ["  sd-fast:", "    source: sd", "    sampler: DPM++ 2M Karras"]
+    lines += ["  x4-fast:", "    source: x4", "    sampler: euler"]
     (root / "models.yaml").write_text("\n".join(lines) + "\n")
     return Registry.load(root / "models.yaml")
 
@@ -118,6 +119,10 @@ def img2img(**fields: Any) -> dict[str, Any]:
             "stages.0: steps: pndm (PLMS) goes wrong with 2 of 10",
         ),
         (img2img(sampler="lcm", steps=60), "stages.0: steps: lcm runs at most 50 steps"),
+        (
+            {"type": "upscale", "model": "x4-fast"},
+            "stages.0.model: x4-fast has a sampler; upscalers run their own",
+        ),
     ],
 )
 def test_a_combination_that_cannot_work_is_refused_in_one_line_naming_the_field(
@@ -147,6 +152,12 @@ def test_spec_problems_are_on_the_stages_line_and_item_problems_on_the_items(
         and problem.line is not None
         and problem.field == "stages.0.sampler"
     )
+
+
+def test_an_item_cannot_choose_a_sampler(tmp_path: Path, registry: Registry) -> None:
+    items: list[dict[str, object]] = [{**ITEMS[0], "sampler": "euler"}]
+    (found,) = problems(tmp_path, registry, [img2img(sampler="dpmpp_2m")], items=items)
+    assert found.startswith("sampler: unknown field; the fields are id, image"), found
 
 
 def test_a_stage_runs_its_models_sampler_unless_it_names_its_own_or_a_preset(
