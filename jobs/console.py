@@ -86,7 +86,8 @@ def print_notes(job: ValidatedJob, distributed: bool) -> None:
 def print_estimate(job_id: str, total: int, stages: Sequence[StageEstimate]) -> None:
     """A dry run's plan: a row per stage, then the worker-seconds per model and the GPU-seconds."""
     out.print(f"dry run: job {job_id}, {total} item(s); nothing was sent or written")
-    table = Table("stage", "model", "chunks", "pipeline calls", "denoising steps", "expected", "from")
+    columns = ("stage", "model", "chunks", "pipeline calls", "denoising steps", "UNet evaluations")
+    table = Table(*columns, "expected", "from")
     for stage in stages:
         expected = f"{stage.seconds:.1f}s" if stage.seconds is not None else "unknown"
         table.add_row(
@@ -95,6 +96,7 @@ def print_estimate(job_id: str, total: int, stages: Sequence[StageEstimate]) -> 
             str(stage.chunks),
             str(stage.calls),
             str(stage.steps),
+            str(stage.evaluations),
             expected,
             stage.source,
         )

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from jobs.manifest import ValidatedJob
 from jobstate.rates import Rate, shape_of
-from schemas.job import Item, ResolvedParams, denoising_steps, resolve_params
+from schemas.job import Item, ResolvedParams, denoising_steps, evaluations, resolve_params
 from schemas.messages import StagePlan
 
 
@@ -22,6 +22,7 @@ class StageEstimate:
     chunks: int
     calls: int  # pipeline calls: a part's items of equal parameters go in calls of the model's batch
     steps: int  # denoising steps, all items
+    evaluations: int  # UNet evaluations, all items: what the time is estimated by
     seconds: float | None  # None: no worker has recorded a rate at a shape this stage runs
     source: str  # where `seconds` comes from, in words
 
@@ -38,8 +39,10 @@ def estimate(job: ValidatedJob, rates_of: Callable[[str], dict[str, Rate]]) -> l
 def _stage_estimate(job: ValidatedJob, plan: StagePlan, rates: dict[str, Rate]) -> StageEstimate:
     batch = plan.model.entry.batch_size
     calls = 0
-    steps_by_shape: Counter[str] = Counter()
+    steps = 0
+    evaluations_by_shape: Counter[str] = Counter()
     items_by_shape: Counter[str] = Counter()
+    scheduler = plan.model.entry.scheduler  # the checkpoint's, for a stage that names no sampler
     parts = 0
     for items in _parts(job):
         parts += 1
@@ -48,7 +51,8 @@ def _stage_estimate(job: ValidatedJob, plan: StagePlan, rates: dict[str, Rate]) 
             calls += -(-count // batch)
             shape = shape_of(plan.spec.type, params.size)
             items_by_shape[shape] += count
-            steps_by_shape[shape] += denoising_steps(params) * count
+            steps += denoising_steps(params) * count
+            evaluations_by_shape[shape] += evaluations(params, scheduler) * count
     known = [shape for shape in items_by_shape if shape in rates]
     unknown = sorted(set(items_by_shape) - set(known))
     if unknown:
@@ -56,7 +60,7 @@ def _stage_estimate(job: ValidatedJob, plan: StagePlan, rates: dict[str, Rate]) 
         source = f"no rate recorded for {plan.model.name} at {', '.join(unknown)}"
     else:
         seconds = sum(
-            rates[shape].seconds_for(items_by_shape[shape], steps_by_shape[shape]) for shape in known
+            rates[shape].seconds_for(items_by_shape[shape], evaluations_by_shape[shape]) for shape in known
         )
         recorded = sum(rates[shape].items for shape in known)
         source = (
@@ -68,7 +72,8 @@ def _stage_estimate(job: ValidatedJob, plan: StagePlan, rates: dict[str, Rate]) 
         device=plan.model.entry.device,
         chunks=parts,
         calls=calls,
-        steps=sum(steps_by_shape.values()),
+        steps=steps,
+        evaluations=sum(evaluations_by_shape.values()),
         seconds=seconds,
         source=source,
     )

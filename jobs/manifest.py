@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -287,8 +287,10 @@ class ParamsResolver:
 
     MEMO_SIZE = 4096
 
-    def __init__(self, spec: JobSpec) -> None:
+    def __init__(self, spec: JobSpec, recipe: Sequence[StagePlan] = ()) -> None:
         self.spec = spec
+        # The stages as planned where every one is: with what their models add (a sampler).
+        self.stages = [plan.spec for plan in recipe] if len(recipe) == len(spec.stages) else spec.stages
         self._memo: dict[tuple[object, ...], tuple[list[StageParams], bool]] = {}
         self.starts_with_text = spec.stages[0].type == "text2img"
         self.has_controlnet = any(getattr(stage, "controlnet", None) for stage in spec.stages)
@@ -299,7 +301,7 @@ class ParamsResolver:
         if known is None:
             if len(self._memo) >= self.MEMO_SIZE:
                 self._memo.clear()
-            resolved = [self._resolve(item, stage) for stage in self.spec.stages]
+            resolved = [self._resolve(item, stage) for stage in self.stages]
             known = self._memo[key] = (resolved, any(isinstance(params, list) for params in resolved))
         return known
 
@@ -669,7 +671,7 @@ def validate_job(
         output,
     )
     duplicates = _DuplicateIds()
-    resolver = ParamsResolver(spec)
+    resolver = ParamsResolver(spec, recipe)
     item_problems: list[Problem] = []
     unreadable: dict[int, str] = {}  # index in item_problems -> the input's real path
     long_prompts = 0

@@ -11,9 +11,27 @@ from pathlib import Path
 
 from jobs.registry import Registry
 from schemas.errors import ConfigError, Problem
-from schemas.job import Img2ImgStage, JobSpec, ResizeStage, SaveKind, StageSpec, UpscaleStage, stage_name
+from schemas.job import (
+    Img2ImgStage,
+    JobSpec,
+    ResizeStage,
+    SaveKind,
+    StageSpec,
+    Text2ImgStage,
+    UpscaleStage,
+    eta_problem,
+    stage_choice,
+    stage_name,
+)
 from schemas.messages import StagePlan
-from schemas.registry import RESIZE_PIPELINE, UPSCALER_PIPELINES, X2_LATENT_UPSCALER, ResolvedModel
+from schemas.registry import RESIZE_PIPELINE, UPSCALER_PIPELINES, X2_LATENT_UPSCALER, LoraRef, ResolvedModel
+from schemas.samplers import (
+    FAMILIES,
+    PRESETS,
+    choose,
+    sampler_problem_for_pipeline,
+    scheduler_problem,
+)
 
 
 def _takes_latents(stage: StageSpec, model: ResolvedModel) -> bool:
@@ -56,6 +74,68 @@ def _model_problem(stage: StageSpec, model: ResolvedModel) -> str | None:
     return None
 
 
+def _with_sampling(
+    stage: Img2ImgStage | Text2ImgStage, model: ResolvedModel
+) -> tuple[Img2ImgStage | Text2ImgStage, list[tuple[str, str]]]:
+    """The stage as it runs on `model`: its model's sampler where it names neither its own nor a
+    preset, its preset's adapter among its loras; and (field, message) for each problem."""
+    entry = model.entry
+    own = [field for field in ("preset", "sampler", "schedule", "eta") if getattr(stage, field) is not None]
+    if not own and entry.sampler is None:
+        return stage, []
+    problem = sampler_problem_for_pipeline(entry.pipeline) or scheduler_problem(entry.scheduler)
+    if problem is not None:
+        field = own[0] if own else "model"
+        whose = f"{model.name} has a sampler, but " if not own else ""
+        return stage, [(field, f"{whose}{model.name}: {problem}")]
+    if stage.preset is None and stage.sampler is None and entry.sampler is not None:
+        # The model's sampler, by its name in the table: a schedule its name carries ("DPM++ 2M
+        # Karras") is the model's, which the stage's own schedule replaces.
+        models = choose(entry.sampler, entry.schedule)
+        schedule = stage.schedule or models.schedule
+        try:
+            choose(models.sampler.name, schedule)
+        except ValueError as exc:
+            return stage, [("schedule", f"with {model.name}'s sampler: {exc}")]
+        stage = stage.model_copy(update={"sampler": models.sampler.name, "schedule": schedule})
+    if stage.preset is None and stage.sampler is None and stage.schedule is not None:
+        unnamed = f"name the sampler it is for: neither the stage nor {model.name} names one"
+        return stage, [("schedule", unnamed)]
+    problems: list[tuple[str, str]] = []
+    found = eta_problem(stage_choice(stage), stage.eta)
+    if found is not None:
+        field, _, message = found.partition(": ")
+        problems.append((field, message))
+    if stage.preset is not None:
+        adapter, problem = _preset_adapter(stage, model)
+        if problem is not None:
+            problems.append(("preset_lora", problem))
+        elif adapter is not None and adapter.source not in {lora.source for lora in stage.loras}:
+            stage = stage.model_copy(update={"loras": (*stage.loras, adapter)})
+    return stage, problems
+
+
+def _preset_adapter(
+    stage: Img2ImgStage | Text2ImgStage, model: ResolvedModel
+) -> tuple[LoraRef | None, str | None]:
+    """The adapter a preset adds to its stage: preset_lora, else the one the preset publishes for the
+    model's family; or why there is none."""
+    preset = PRESETS[str(stage.preset)]
+    if stage.preset_lora is False or not preset.needs_adapter:
+        return None, None
+    if stage.preset_lora is not None:
+        return stage.preset_lora, None
+    family = FAMILIES.get(model.entry.pipeline or "")
+    published = preset.adapter_for(family)
+    if published is None:
+        kind = model.entry.pipeline or "a checkpoint whose class is known only once a worker loads it"
+        return None, (
+            f"preset {preset.name} publishes LoRAs for SD 1.x and SDXL checkpoints, and {model.name} is "
+            f"{kind}: give its adapter as preset_lora (or preset_lora: false for a distilled checkpoint)"
+        )
+    return LoraRef(source=published.source, weight_name=published.weight_name), None
+
+
 def plan_recipe(
     spec: JobSpec, registry: Registry, base_dir: Path, file: str
 ) -> tuple[list[StagePlan], list[Problem]]:
@@ -80,6 +160,13 @@ def plan_recipe(
         model = resolve(stage.model, "model")
         if model is not None and (problem := _model_problem(stage, model)):
             problems.append(Problem(file, None, f"{where}.model", problem))
+        if model is not None and isinstance(stage, Img2ImgStage | Text2ImgStage):
+            stage, found = _with_sampling(stage, model)
+            problems.extend(Problem(file, None, f"{where}.{field}", message) for field, message in found)
+        if model is not None and isinstance(stage, UpscaleStage) and model.entry.sampler is not None:
+            problems.append(
+                Problem(file, None, f"{where}.model", f"{model.name} has a sampler; upscalers run their own")
+            )
         if model is not None and not isinstance(stage, ResizeStage) and stage.loras:
             # The stage's adapters as workers load them: local paths relative to the job's folder.
             loras, found = registry.stage_loras(stage.loras, model, base_dir)

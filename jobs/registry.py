@@ -118,19 +118,30 @@ def yaml_line(root: yaml.Node | None, keys: Iterable[int | str]) -> int | None:
 
 
 def _with_local_pipeline(entry: ModelEntry) -> ModelEntry:
-    """Fill in the pipeline class from a local folder's model_index.json (a single file's: its config's),
-    when the entry has none."""
+    """Fill in the pipeline and scheduler classes from a local folder's model_index.json (a single
+    file's: its config's), where the entry has none."""
     folder = entry.config if is_single_file(entry.source) else entry.source
     if folder is None or not Path(folder).is_absolute():
         return entry  # a hub id or an s3:// prefix: its class is read where it loads
     index = Path(folder) / "model_index.json"
-    if entry.pipeline or not index.is_file():
+    if (entry.pipeline and entry.scheduler) or not index.is_file():
         return entry
     try:
-        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+        classes = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return entry
-    return entry.model_copy(update={"pipeline": class_name}) if isinstance(class_name, str) else entry
+    if not isinstance(classes, dict):
+        return entry
+    update: dict[str, str] = {}
+    class_name = classes.get("_class_name")
+    if entry.pipeline is None and isinstance(class_name, str):
+        update["pipeline"] = class_name
+    # A component is listed as [library, class].
+    listed = classes.get("scheduler")
+    scheduler = listed[1] if isinstance(listed, list) and len(listed) == 2 else None
+    if entry.scheduler is None and isinstance(scheduler, str):
+        update["scheduler"] = scheduler
+    return entry.model_copy(update=update) if update else entry
 
 
 def _meant_as_folder(source: str, base: Path) -> bool:
@@ -237,7 +248,7 @@ def lora_problem(lora: LoraRef, entry: ModelEntry, where: str) -> str | None:
         return None  # a hub id
     else:
         try:
-            problem = lora_fit_problem(lora_weights_file(Path(lora.source)), entry)
+            problem = lora_fit_problem(lora_weights_file(Path(lora.source), lora.weight_name), entry)
         except ValueError as exc:
             problem = str(exc)
     return f"{where}.source: {lora.source}: {problem}" if problem else None

@@ -15,9 +15,9 @@ Per job, Redis holds what is in flight; what is done lives in the job's storage 
     imgjobs:job:<id>:shard:<part>     string  the token of the worker writing output shard <part>, with a
                                               time to live: there only while a shard is written
 
-    imgjobs:rates:<model>             hash    "<shape>|items", "|steps", "|seconds": what the model's
-                                              pipeline calls took by shape, halved past 5,000 items
-                                              (owned by jobstate/rates.py)
+    imgjobs:unet-rates:<model>        hash    "<shape>|items", "|evaluations", "|seconds": what the
+                                              model's pipeline calls took by shape, in UNet evaluations,
+                                              halved past 5,000 items (owned by jobstate/rates.py)
 
     imgjobs:schedule:<name>:seen      set     "<uri>|<etag or content hash>" of every source object a
                                               schedule has submitted (owned by jobs/scheduler.py)
@@ -85,7 +85,7 @@ def job_keys(job_id: str) -> list[str]:
 
 
 def model_rates(model: str) -> str:
-    return f"{PREFIX}:rates:{model}"
+    return f"{PREFIX}:unet-rates:{model}"
 
 
 def schedule_seen(name: str) -> str:

@@ -1,11 +1,16 @@
 """What pipeline calls took, by model and shape: recorded by workers as they run chunks, read by
 `submit --dry-run` to estimate a job's time. The one reader and writer of the rates keys.
 
-A shape is "<stage type>:<width>x<height>" of the input a stage fits items to; the steps are the
-denoising steps the pipeline ran (an img2img stage runs int(steps * strength) of them). The sums
-are halved together whenever a shape's items pass WINDOW_ITEMS, so an estimate averages what the
-workers of a model ran at a shape, the most recent work weighing most: the rate follows a change of
-GPU or of settings within a few thousand items, not never.
+A shape is "<stage type>:<width>x<height>" of the input a stage fits items to. Work is counted in
+UNet evaluations, not steps (schemas/samplers.py): a second-order sampler evaluates the UNet twice a
+step, an img2img stage runs int(steps * strength) steps, classifier-free guidance doubles the batch.
+So a rate recorded at 50 PNDM steps with guidance estimates 20 steps of DPM++ 2M, or 4 of LCM
+without guidance, by what they evaluate. What a call spends once per item (encoding the prompt and
+the image, decoding the latents) is spread over its evaluations too: a few-step job estimated from
+many-step rates comes out low by that part. The sums are halved together whenever a shape's items
+pass WINDOW_ITEMS, so an estimate averages what the workers of a model ran at a shape, the most
+recent work weighing most: the rate follows a change of GPU or of settings within a few thousand
+items, not never.
 """
 
 from __future__ import annotations
@@ -25,14 +30,14 @@ _ADD_RATE = (resources.files("jobstate") / "lua" / "add_rate.lua").read_text(enc
 @dataclass(frozen=True)
 class Rate:
     items: int
-    steps: int  # denoising steps, summed over the items
+    evaluations: int  # UNet evaluations, summed over the items
     seconds: float  # inside pipeline calls
 
-    def seconds_for(self, items: int, steps: int) -> float:
-        """The expected seconds of `items` items running `steps` denoising steps in all: by step where
-        both this rate and the plan have steps, else by item."""
-        if self.steps and steps:
-            return self.seconds / self.steps * steps
+    def seconds_for(self, items: int, evaluations: int) -> float:
+        """The expected seconds of `items` items costing `evaluations` UNet evaluations in all: by
+        evaluation where both this rate and the plan have some, else by item."""
+        if self.evaluations and evaluations:
+            return self.seconds / self.evaluations * evaluations
         return self.seconds / max(self.items, 1) * items
 
 
@@ -41,7 +46,7 @@ class RateSample:
     model: str
     shape: str
     items: int
-    steps: int
+    evaluations: int
     seconds: float
 
 
@@ -61,7 +66,7 @@ class RateBook:
         for sample in samples:
             self._add_rate(
                 keys=[keys.model_rates(sample.model)],
-                args=[sample.shape, sample.items, sample.steps, repr(sample.seconds), WINDOW_ITEMS],
+                args=[sample.shape, sample.items, sample.evaluations, repr(sample.seconds), WINDOW_ITEMS],
                 client=pipe,
             )
         pipe.execute()
@@ -73,7 +78,9 @@ class RateBook:
             shape, _, measure = _text(field).rpartition("|")
             fields.setdefault(shape, {})[measure] = _text(value)
         return {
-            shape: Rate(int(got.get("items", 0)), int(got.get("steps", 0)), float(got.get("seconds", 0.0)))
+            shape: Rate(
+                int(got.get("items", 0)), int(got.get("evaluations", 0)), float(got.get("seconds", 0.0))
+            )
             for shape, got in fields.items()
             if int(got.get("items", 0)) > 0
         }

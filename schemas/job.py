@@ -16,6 +16,21 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from schemas.prompts import control_character_problem
 from schemas.registry import LoraRef, duplicate_source
+from schemas.samplers import (
+    PRESETS,
+    SAMPLERS,
+    SamplerChoice,
+    SamplerName,
+    Schedule,
+    ScheduleName,
+    choose,
+    preset_names,
+    preset_problem,
+    run_problem,
+    sampler_of_class,
+    unet_evaluations,
+)
+from schemas.samplers import denoising_steps as samplers_denoising_steps
 
 # Item ids become storage key segments, so they are restricted to a portable, traversal-free
 # alphabet rather than escaped: what the user sees in results.jsonl is the key they get.
@@ -142,6 +157,17 @@ DEFAULT_PROMPT_TEMPLATE = "{prompt}"
 SaveKind = Literal["image", "latent"]
 
 
+def _check_preset(value: str) -> str:
+    if value not in PRESETS:
+        raise ValueError(f"unknown preset {value!r}; presets: {preset_names()}")
+    return value
+
+
+PresetName = Annotated[str, AfterValidator(_check_preset)]
+Eta = Annotated[float, Field(ge=0.0, le=1.0)]
+SAMPLING_FIELDS = ("sampler", "schedule", "preset", "preset_lora", "eta")
+
+
 class _Stage(_Strict):
     model: str = Field(min_length=1, description="registry name or a diffusers folder")
     prompt_template: PromptTemplate = Field(
@@ -164,6 +190,23 @@ class _Stage(_Strict):
         description="LoRA adapters for this stage, added to its model's (a source the model lists too "
         "takes this weight)",
     )
+    sampler: SamplerName | None = Field(
+        None,
+        description="the scheduler the stage runs, by its imgjobs, A1111, ComfyUI, InvokeAI or diffusers "
+        "name (README, Samplers); default: its model's, else the checkpoint's own",
+    )
+    schedule: ScheduleName | None = Field(
+        None, description="karras, exponential or trailing (sgm_uniform); default: the checkpoint's spacing"
+    )
+    preset: PresetName | None = Field(
+        None, description="a few-step preset: adapter, sampler, steps and guidance together (lcm, tcd, ...)"
+    )
+    preset_lora: LoraRef | Literal[False] | None = Field(
+        None,
+        description="the preset's adapter instead of the one it publishes for the model's family; "
+        "false: none (a checkpoint distilled already)",
+    )
+    eta: Eta | None = Field(None, description="the noise a DDIM or TCD step adds back (tcd's preset: 0.3)")
 
     @model_validator(mode="after")
     def _distinct_loras(self) -> _Stage:
@@ -171,6 +214,62 @@ class _Stage(_Strict):
         if repeated is not None:
             raise ValueError(f"loras: {repeated} is listed twice")
         return self
+
+    @model_validator(mode="after")
+    def _check_sampling(self) -> _Stage:
+        """What the stage alone says about its sampler; what its model adds is checked when the job
+        is planned (jobs/recipe.py)."""
+        if self.preset is None:
+            if self.preset_lora is not None:
+                raise ValueError("preset_lora: it replaces a preset's adapter; set preset too")
+            if self.sampler is not None:
+                problem = eta_problem(choose(self.sampler, self.schedule), self.eta)
+                if problem:
+                    raise ValueError(problem)
+            return self
+        preset = PRESETS[self.preset]
+        for field in ("sampler", "schedule"):
+            if getattr(self, field) is not None:
+                raise ValueError(
+                    f"{field}: preset {preset.name} runs {preset.sampler}"
+                    f"{f' with the {preset.schedule} schedule' if preset.schedule else ''}; leave {field} out"
+                )
+        problem = preset_problem(preset, self.steps, self.guidance_scale) or eta_problem(
+            choose(preset.sampler, preset.schedule), self.eta
+        )
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+def eta_problem(choice: SamplerChoice | None, eta: float | None) -> str | None:
+    if eta is None or (choice is not None and choice.sampler.takes_eta):
+        return None
+    takes = ", ".join(row.name for row in SAMPLERS.values() if row.takes_eta)
+    named = f"{choice.sampler.name} takes none" if choice else "name a sampler that takes it"
+    return f"eta: {named} ({takes} do)"
+
+
+def stage_choice(stage: StageSpec) -> SamplerChoice | None:
+    """The sampler a planned stage runs: its preset's, else its own (its model's, filled in when the
+    job is planned); None: the checkpoint's own scheduler."""
+    if isinstance(stage, ResizeStage):
+        return None
+    if stage.preset is not None:
+        preset = PRESETS[stage.preset]
+        return choose(preset.sampler, preset.schedule)
+    if stage.sampler is None:
+        return None
+    return choose(stage.sampler, stage.schedule)
+
+
+def stage_eta(stage: StageSpec) -> float | None:
+    """The eta a stage passes to its pipeline: its own, else its preset's; None leaves diffusers'."""
+    if isinstance(stage, ResizeStage):
+        return None
+    if stage.eta is not None:
+        return stage.eta
+    return PRESETS[stage.preset].eta if stage.preset is not None else None
 
 
 class Img2ImgStage(_Stage):
@@ -216,6 +315,9 @@ class UpscaleStage(_Stage):
             raise ValueError(
                 "upscalers take plain prompts; prompt_syntax: compel is for img2img and text2img"
             )
+        for field in SAMPLING_FIELDS:
+            if getattr(self, field) is not None:
+                raise ValueError(f"{field}: upscalers run their checkpoint's own scheduler")
         return self
 
 
@@ -378,6 +480,9 @@ class ResolvedParams(_Strict):
     steps: Steps | None = None
     strength: Strength | None = None
     noise_level: int | None = None
+    sampler: str | None = Field(None, description="the sampler chosen (SAMPLERS); None: the checkpoint's own")
+    schedule: Schedule | None = None
+    preset: str | None = Field(None, description="the stage's few-step preset (PRESETS)")
 
     @model_validator(mode="after")
     def _at_least_one_step(self) -> ResolvedParams:
@@ -387,6 +492,22 @@ class ResolvedParams(_Strict):
                 f"steps x strength must give at least one denoising step (steps={self.steps}, "
                 f"strength={self.strength})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _sampler_can_run(self) -> ResolvedParams:
+        # An item's steps and guidance may change what its stage's sampler or preset can do. The
+        # checkpoint's own spacing is not known here: the worker checks it too (LoadedModel.use_sampler).
+        if self.preset is not None:
+            problem = preset_problem(PRESETS[self.preset], self.steps, self.guidance_scale)
+            if problem:
+                raise ValueError(problem)
+        if self.sampler is not None and self.steps is not None:
+            sampler = SAMPLERS[self.sampler]
+            text2img = self.strength is None
+            problem = run_problem(sampler, self.schedule, text2img, self.steps, self.strength)
+            if problem:
+                raise ValueError(f"{problem} ({sampler.name})")
         return self
 
 
@@ -429,20 +550,29 @@ def resolve_params(item: Item, stage: StageSpec, defaults: Defaults) -> Resolved
             resize=_first(item.resize, stage.resize, defaults.resize, fallback=BUILTIN_RESIZE),
         )
     upscale = isinstance(stage, UpscaleStage)
+    img2img = isinstance(stage, Img2ImgStage)
+    # A preset's steps and guidance are the stage's own: they come before the job's defaults.
+    preset = PRESETS[stage.preset] if stage.preset is not None else None
+    choice = stage_choice(stage)
     return ResolvedParams(
         resize=_first(item.resize, defaults.resize, fallback=BUILTIN_RESIZE),
         guidance_scale=_first(
             item.guidance_scale,
             stage.guidance_scale,
+            preset.guidance_scale if preset else None,
             defaults.guidance_scale,
             fallback=BUILTIN_UPSCALE_GUIDANCE_SCALE if upscale else BUILTIN_GUIDANCE_SCALE,
         ),
         steps=_first(
             item.steps,
             stage.steps,
+            preset.steps_for(img2img) if preset else None,
             defaults.steps,
             fallback=BUILTIN_UPSCALE_STEPS if upscale else BUILTIN_STEPS,
         ),
+        sampler=choice.sampler.name if choice else None,
+        schedule=choice.schedule if choice else None,
+        preset=stage.preset,
         size=_first(item.size, defaults.size, fallback=BUILTIN_SIZE),
         strength=(
             _first(item.strength, stage.strength, defaults.strength, fallback=BUILTIN_STRENGTH)
@@ -480,9 +610,14 @@ def denoising_steps(params: ResolvedParams) -> int:
     (1 - strength) of its schedule, as diffusers does; a resize stage runs none."""
     if params.steps is None:
         return 0
-    if params.strength is None:
-        return params.steps
-    return min(int(params.steps * params.strength), params.steps)
+    return samplers_denoising_steps(params.steps, params.strength)
+
+
+def evaluations(params: ResolvedParams, checkpoint_scheduler: str | None = None) -> int:
+    """What an item costs at a stage, in UNet evaluations: its sampler's (else the checkpoint's
+    scheduler class's, where known) loop, doubled by classifier-free guidance."""
+    sampler = SAMPLERS[params.sampler] if params.sampler else sampler_of_class(checkpoint_scheduler)
+    return unet_evaluations(sampler, params.steps, params.strength, params.guidance_scale)
 
 
 def stage_name(index: int, stage: StageSpec) -> str:

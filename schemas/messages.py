@@ -110,6 +110,16 @@ class StageRecord(_Message):
         False,
         description="the model's tokenizer cut the prompt to its limit (77 CLIP tokens): the rest was unused",
     )
+    # What the stage ran (params say what was asked): kept together, last, so that the report's
+    # header finds them in a results line without parsing it (workers/report.py).
+    sampler: str | None = Field(
+        None, description="the sampler run: its name in the table (README, Samplers), else its class"
+    )
+    schedule: str | None = Field(None, description="its schedule; None: the checkpoint's own spacing")
+    steps_run: int | None = Field(None, description="denoising steps run: int(steps x strength) for img2img")
+    unet_evaluations: int | None = Field(
+        None, description="UNet evaluations per item: the steps' calls, doubled by classifier-free guidance"
+    )
 
 
 class ChunkItem(_Message):

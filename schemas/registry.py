@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from schemas.samplers import SamplerName, ScheduleName, choose
+
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")  # \Z: $ allows a final newline
 QUEUE_PREFIX = "imgjobs."
 X2_LATENT_UPSCALER = "StableDiffusionLatentUpscalePipeline"
@@ -52,12 +54,18 @@ class LoraRef(BaseModel):
         le=LORA_WEIGHT_LIMIT,
         description="the adapter's scale (set_adapters' adapter_weights); 0 turns it off",
     )
+    weight_name: str | None = Field(
+        None,
+        description="the weights file to load where the source (a folder or a hub repository) holds "
+        "several, e.g. Hyper-SD15-8steps-lora.safetensors",
+    )
 
     @property
     def adapter_name(self) -> str:
-        """The name it is loaded under: one per source, so an adapter is loaded once whatever weights
-        the stages give it."""
-        return "lora_" + hashlib.sha256(self.source.encode()).hexdigest()[:16]
+        """The name it is loaded under: one per source (and file in it), so an adapter is loaded once
+        whatever weights the stages give it."""
+        named = self.source if self.weight_name is None else f"{self.source}\n{self.weight_name}"
+        return "lora_" + hashlib.sha256(named.encode()).hexdigest()[:16]
 
 
 def merged_loras(model: tuple[LoraRef, ...], stage: tuple[LoraRef, ...]) -> tuple[LoraRef, ...]:
@@ -68,14 +76,21 @@ def merged_loras(model: tuple[LoraRef, ...], stage: tuple[LoraRef, ...]) -> tupl
     return (*kept, *own.values())
 
 
-def lora_weights_file(path: Path) -> Path:
-    """The weights file of a local LoRA source: the file itself, or in a folder the file diffusers'
-    save_lora_weights writes, else the folder's only .safetensors (or .bin) file. ValueError says why
-    there is none."""
+def lora_weights_file(path: Path, weight_name: str | None = None) -> Path:
+    """The weights file of a local LoRA source: the file itself, or in a folder the file named
+    `weight_name`, else the file diffusers' save_lora_weights writes, else the folder's only
+    .safetensors (or .bin) file. ValueError says why there is none."""
     if not path.is_dir():
         if not path.is_file():
             raise ValueError("no such file or folder")
+        if weight_name is not None and weight_name != path.name:
+            raise ValueError(f"weight_name {weight_name!r} is for a folder; this is the file {path.name}")
         return path
+    if weight_name is not None:
+        named = path / weight_name
+        if Path(weight_name).name != weight_name or not named.is_file():
+            raise ValueError(f"no file {weight_name!r} in the folder")
+        return named
     if (path / LORA_WEIGHT_NAME).is_file():
         return path / LORA_WEIGHT_NAME
     for suffix in (".safetensors", ".bin"):
@@ -148,6 +163,17 @@ class ModelEntry(BaseModel):
     vae_family: str | None = Field(None, description="models with equal families share a latent space")
     pipeline: str | None = Field(
         None, description="the checkpoint's pipeline class; read from model_index.json for local folders"
+    )
+    scheduler: str | None = Field(
+        None, description="the checkpoint's scheduler class; read from model_index.json for local folders"
+    )
+    sampler: SamplerName | None = Field(
+        None,
+        description="the sampler every stage on this model runs unless the stage names its own or a "
+        "preset (README, Samplers); default: the checkpoint's own scheduler",
+    )
+    schedule: ScheduleName | None = Field(
+        None, description="the sampler's schedule: karras, exponential or trailing (sgm_uniform)"
     )
     description: str = ""
     # The guide's speed-ups, per model.
@@ -243,6 +269,10 @@ class ModelEntry(BaseModel):
         repeated = duplicate_source(self.loras)
         if repeated is not None:
             raise ValueError(f"loras: {repeated} is listed twice")
+        if self.sampler is not None:
+            choose(self.sampler, self.schedule)
+        elif self.schedule is not None:
+            raise ValueError("schedule: name the sampler it is for (sampler: dpmpp_2m, ...)")
         return self
 
     @property
@@ -298,10 +328,14 @@ BUILTIN_MODELS: dict[str, ModelEntry] = {
         chunk_size=1024,
         description="CPU stages (resize); no model",
     ),
+    # The SD 1.5 checkpoints' classes, as their model_index.json says: a few-step preset picks its
+    # adapter by the pipeline class, and --dry-run counts the scheduler's UNet evaluations.
     "sd15": ModelEntry(
         source="stable-diffusion-v1-5/stable-diffusion-v1-5",
         variant="fp16",
         vae_family="sd",
+        pipeline="StableDiffusionPipeline",
+        scheduler="PNDMScheduler",
         description="Stable Diffusion 1.5 img2img",
     ),
     "sdxl-refiner": ModelEntry(
@@ -317,11 +351,13 @@ BUILTIN_MODELS: dict[str, ModelEntry] = {
     "comic-diffusion": ModelEntry(
         source="ogkalu/Comic-Diffusion",
         vae_family="sd",
+        pipeline="StableDiffusionPipeline",
         description="style: 'charliebo artstyle'",
     ),
     "pixel-art-style": ModelEntry(
         source="kohbanye/pixel-art-style",
         vae_family="sd",
+        pipeline="StableDiffusionPipeline",
         description="style: 'pixelartstyle'",
     ),
     "sd-x2-latent-upscaler": ModelEntry(

@@ -84,9 +84,23 @@ def succeeded(item_id: str, outputs: dict[str, str] | None = None, **fields: Any
             "model": "cpu",
             "prompt": f"prompt of {item_id}",
             "params": PARAMS,
-            "stages": [StageRecord(name="s1-resize", model="cpu", params=PARAMS)],
+            "stages": [ran("s0-img2img"), StageRecord(name="s1-resize", model="cpu", params=PARAMS)],
             **fields,
         }
+    )
+
+
+def ran(stage: str, steps: int = 2) -> StageRecord:
+    """The record of an img2img stage that ran DPM++ 2M Karras, `steps` steps with guidance."""
+    params = ResolvedParams(size=(16, 16), steps=4, strength=0.6, sampler="dpmpp_2m", schedule="karras")
+    return StageRecord(
+        name=stage,
+        model="tiny-sd",
+        params=params,
+        sampler="dpmpp_2m",
+        schedule="karras",
+        steps_run=steps,
+        unet_evaluations=2 * steps,
     )
 
 

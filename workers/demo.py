@@ -15,10 +15,11 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from workers.tiny_models import write_all_tiny_models
+from workers.tiny_models import write_all_tiny_models, write_tiny_lora
 
 DEMO_ITEMS = 12
 DEMO_SIZE = 64
+DEMO_LORA = "loras/tiny-lcm-lora"  # stands in for LCM-LoRA in the few-step example
 PROMPTS = ["astronaut in a jungle, cold color palette", "a cat wizard, detailed", "a red fox in snow, 8k"]
 
 # VAE families: models that share one can hand latents to each other.
@@ -107,6 +108,22 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "items": "items-compel.jsonl",
         "stages": [{"type": "img2img", "model": "tiny-sd", "prompt_syntax": "compel", "steps": 8}],
     },
+    # Samplers and few-step presets (README): DPM++ 2M Karras at 20 steps, the usual stand-in for 50
+    # of the checkpoint's own; and LCM in 4 steps without guidance. LCM-LoRA itself is on the hub: the
+    # demo's stand-in is a tiny random LoRA for tiny-sd, given as the preset's adapter.
+    "fast-sampler": {
+        "stages": [{"type": "img2img", "model": "tiny-sd", "sampler": "DPM++ 2M Karras", "steps": 20}]
+    },
+    "few-step-lcm": {
+        "stages": [
+            {
+                "type": "img2img",
+                "model": "tiny-sd",
+                "preset": "lcm",
+                "preset_lora": {"source": f"../{DEMO_LORA}"},
+            }
+        ]
+    },
 }
 
 
@@ -143,11 +160,14 @@ def _job(name: str, items: str, stages: list[dict[str, object]], defaults: dict[
 
 
 def write_demo(folder: Path) -> Path:
-    """Writes models/, models.yaml, inputs/, items files, job.yaml and examples/*.json; returns job.yaml."""
+    """Writes models/, loras/, models.yaml, inputs/, items files, job.yaml and examples/*.json; returns
+    job.yaml."""
     folder.mkdir(parents=True, exist_ok=True)
     models = folder / "models"
     if not all((models / name).is_dir() for name in MODELS):
         write_all_tiny_models(models)
+    if not (folder / DEMO_LORA).is_dir():
+        write_tiny_lora(folder / DEMO_LORA, models / "tiny-sd", seed=3)
     registry = ["models:"]
     for name, (family, description) in MODELS.items():
         registry += [f"  {name}:", f"    source: models/{name}", "    dtype: float32"]

@@ -297,6 +297,7 @@ class StageEngine:
             if isinstance(spec, ResizeStage)
             else resolve_prompt(work.member.item, spec, self.job.defaults),
             prompt_truncated=cut_short,
+            **self.model.ran(work.params)._asdict(),
         )
 
     def result(

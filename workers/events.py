@@ -83,6 +83,13 @@ class EngineEvents:
         """torch.compile compiled (or, past its limit, refused to compile) during a call of `chunk`,
         which waited for it; None: while the model loaded and warmed up."""
 
+    def scheduler_built(self, model: str, sampler: str, pipeline: str) -> None:
+        """The model built the scheduler of `sampler` ("dpmpp_2m karras", or "own": the checkpoint's)
+        for its pipeline of class `pipeline`, from the checkpoint's scheduler config: once each."""
+
+    def sampler_switched(self, model: str, sampler: str, pipeline: str) -> None:
+        """The model's pipeline of class `pipeline` now runs `sampler` (as in scheduler_built)."""
+
 
 Listener = TypeVar("Listener", bound=EngineEvents)
 _listeners: list[EngineEvents] = []
@@ -151,6 +158,12 @@ class _Broadcast(EngineEvents):
 
     def compiled(self, chunk: ChunkInfo | None, compilation: CompileInfo) -> None:
         _each(lambda listener: listener.compiled(chunk, compilation))
+
+    def scheduler_built(self, model: str, sampler: str, pipeline: str) -> None:
+        _each(lambda listener: listener.scheduler_built(model, sampler, pipeline))
+
+    def sampler_switched(self, model: str, sampler: str, pipeline: str) -> None:
+        _each(lambda listener: listener.sampler_switched(model, sampler, pipeline))
 
 
 # What the engine, the recorder, the tasks and the job's end raise their events on.

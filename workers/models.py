@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, MutableMapping
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
@@ -30,6 +30,9 @@ from schemas.job import (
     BUILTIN_SIZE,
     BUILTIN_UPSCALE_GUIDANCE_SCALE,
     ResolvedParams,
+    StageSpec,
+    denoising_steps,
+    stage_eta,
 )
 from schemas.messages import StagePlan
 from schemas.registry import (
@@ -43,6 +46,17 @@ from schemas.registry import (
     is_s3,
     is_single_file,
     lora_weights_file,
+)
+from schemas.samplers import (
+    SAMPLERS,
+    Sampler,
+    SamplerChoice,
+    base_flags,
+    run_problem,
+    sampler_of_class,
+    sampler_problem_for_pipeline,
+    schedule_of_config,
+    unet_evaluations,
 )
 from schemas.settings import Settings
 from workers.compiles import watch
@@ -286,6 +300,60 @@ def apply_speedups(pipeline: Any, entry: ModelEntry, device: str) -> Any:
     return pipeline
 
 
+def build_scheduler(own_class: str, own_config: dict[str, Any], choice: SamplerChoice | None) -> Any:
+    """A scheduler of the checkpoint's own class and config (`choice` None), or of the sampler's class
+    built from that config with the sampler's flags (and base_flags, so that what the checkpoint's
+    config chose for its own sampler does not carry over)."""
+    import diffusers
+
+    if choice is None:
+        return getattr(diffusers, own_class).from_config(own_config)
+    scheduler_class = getattr(diffusers, choice.sampler.scheduler)
+    takes = inspect.signature(scheduler_class.__init__).parameters
+    flags = {name: value for name, value in base_flags(choice.sampler.scheduler).items() if name in takes}
+    return scheduler_class.from_config(own_config, **(flags | choice.scheduler_flags))
+
+
+def scheduler_problem(
+    scheduler: Any, choice: SamplerChoice | None, steps: int | None, strength: float | None, text2img: bool
+) -> str | None:
+    """run_problem for a built scheduler, knowing its spacing and, for text2img, where its schedule
+    starts (the pipeline sets its timesteps again before its loop, so setting them here changes
+    nothing it runs)."""
+    if steps is None:
+        return None
+    config = dict(scheduler.config)
+    sampler = choice.sampler if choice else sampler_of_class(type(scheduler).__name__, config)
+    schedule = choice.schedule if choice else schedule_of_config(config)
+    spacing = config.get("timestep_spacing")
+    problem = run_problem(sampler, schedule, text2img, steps, strength, spacing)
+    if problem is None and text2img:
+        scheduler.set_timesteps(steps, device="cpu")
+        first = float(scheduler.timesteps[0])
+        train = int(config.get("num_train_timesteps", 1000))
+        problem = run_problem(sampler, schedule, text2img, steps, strength, spacing, first, train)
+    return problem
+
+
+class Ran(NamedTuple):
+    """What a stage runs for an item: the sampler (its table name, else the scheduler's class), its
+    schedule (None: the checkpoint's spacing), the denoising steps and the UNet evaluations."""
+
+    sampler: str | None
+    schedule: str | None
+    steps_run: int | None
+    unet_evaluations: int | None
+
+
+OWN = "own"  # the checkpoint's own scheduler, in events
+
+
+def _shown(choice: SamplerChoice | None) -> str:
+    if choice is None:
+        return OWN
+    return choice.sampler.name + (f" {choice.schedule}" if choice.schedule else "")
+
+
 class LoadedModel:
     def __init__(self, name: str, entry: ModelEntry, model_cache: Path | None = None) -> None:
         """`model_cache`: where s3:// sources are downloaded to; unset, IMGJOBS_MODEL_CACHE's folder."""
@@ -302,6 +370,12 @@ class LoadedModel:
         self._active: tuple[tuple[str, float], ...] | None = ()
         self._adapters_fixed = False
         self.adapter_switches = 0
+        # Schedulers: one per (pipeline, sampler), each built from the checkpoint's own config as it
+        # was at load. A derived pipeline gets its own (from_pipe shares the resident one's), since a
+        # scheduler keeps per-call state (its step index) and two pipelines must not step one.
+        self._schedulers: dict[tuple[int, SamplerChoice | None], Any] = {}
+        self._scheduler_class = ""
+        self._scheduler_config: dict[str, Any] = {}
         self.warmup_s: float | None = None
         # CPU stages (resize) have no pipeline to load.
         self.pipeline: Any = None
@@ -311,6 +385,10 @@ class LoadedModel:
         if compiles is not None:
             compiles.skip()
         self.pipeline = load_checkpoint(entry, self.fetch)
+        denoising = self._denoising(self.pipeline)
+        self._scheduler_class = type(denoising.scheduler).__name__
+        self._scheduler_config = dict(denoising.scheduler.config)
+        self._schedulers[(id(denoising), None)] = denoising.scheduler
         # The model's own adapters go in before compiling, which fixes them (see use_adapters).
         self.use_adapters(entry.loras)
         self.pipeline = apply_speedups(self.pipeline, entry, self.device)
@@ -370,14 +448,14 @@ class LoadedModel:
             source = self.fetch(lora.source)
             path = Path(source)
             if path.is_absolute():
-                weights = lora_weights_file(path)
+                weights = lora_weights_file(path, lora.weight_name)
                 self.pipeline.load_lora_weights(
                     str(weights.parent), weight_name=weights.name, adapter_name=name
                 )
             elif is_single_file(source) or source.startswith((".", "~")):
                 raise ValueError("a relative path, which a worker cannot place: give an absolute path")
-            else:
-                self.pipeline.load_lora_weights(source, adapter_name=name)  # a hub id
+            else:  # a hub id
+                self.pipeline.load_lora_weights(source, weight_name=lora.weight_name, adapter_name=name)
         except (ConfigError, OSError, ValueError, TypeError, RuntimeError, KeyError) as exc:
             # It may be in some modules already, and active there.
             self._active = None
@@ -394,6 +472,69 @@ class LoadedModel:
                 self.pipeline.delete_adapters(name)
         except (ValueError, KeyError, RuntimeError, AttributeError):
             log.warning("model %s: could not remove the adapter %s", self.name, name, exc_info=True)
+
+    @staticmethod
+    def _denoising(pipeline: Any) -> Any:
+        """The pipeline whose scheduler denoises: Kandinsky's decoder, else the pipeline itself."""
+        return getattr(pipeline, "decoder_pipe", pipeline)
+
+    def use_sampler(self, pipeline: Any, params: ResolvedParams, stage: StageSpec) -> dict[str, Any]:
+        """Make `pipeline` (the resident one or one derived from it) run the sampler `params` name, or
+        the checkpoint's own scheduler; returns the call's arguments the sampler takes beyond it (eta,
+        where the stage or its preset sets one: diffusers' default of 0 would turn TCD's noise off).
+        Each (pipeline, sampler) scheduler is built once, from the checkpoint's scheduler config as
+        loaded with the sampler's flags, and kept; asking for the one the pipeline runs costs nothing,
+        so a worker switches only when a chunk's sampler differs. A StageError says why diffusers
+        would make a bad image with it (run_problem)."""
+        choice = self._choice(params)
+        if choice is not None:
+            problem = sampler_problem_for_pipeline(self.class_name)
+            if problem is not None:
+                raise StageError(f"model {self.name}: {problem}")
+        denoising = self._denoising(pipeline)
+        key = (id(denoising), choice)
+        scheduler = self._schedulers.get(key)
+        if scheduler is None:
+            scheduler = self._schedulers[key] = self._build_scheduler(choice)
+            emit.scheduler_built(self.name, _shown(choice), type(denoising).__name__)
+        if denoising.scheduler is not scheduler:
+            denoising.scheduler = scheduler
+            emit.sampler_switched(self.name, _shown(choice), type(denoising).__name__)
+        text2img = params.strength is None and not self.is_upscaler
+        problem = scheduler_problem(scheduler, choice, params.steps, params.strength, text2img)
+        if problem is not None:
+            raise StageError(f"{_shown(choice) if choice else type(scheduler).__name__}: {problem}")
+        eta = stage_eta(stage)
+        return {} if eta is None else {"eta": eta}
+
+    @staticmethod
+    def _choice(params: ResolvedParams) -> SamplerChoice | None:
+        if params.sampler is None:
+            return None
+        return SamplerChoice(SAMPLERS[params.sampler], params.schedule)
+
+    def _build_scheduler(self, choice: SamplerChoice | None) -> Any:
+        return build_scheduler(self._scheduler_class, self._scheduler_config, choice)
+
+    def ran(self, params: ResolvedParams) -> Ran:
+        """What this model runs for an item with these parameters (a resize stage: nothing)."""
+        if self.pipeline is None or params.steps is None:
+            return Ran(None, None, None, None)
+        choice = self._choice(params)
+        sampler: Sampler | None
+        if choice is not None:
+            sampler, schedule = choice.sampler, choice.schedule
+        else:
+            sampler = sampler_of_class(self._scheduler_class, self._scheduler_config)
+            schedule = schedule_of_config(self._scheduler_config)
+        denoiser = getattr(self._denoising(self.pipeline), "unet", None)
+        embedded = getattr(getattr(denoiser, "config", None), "time_cond_proj_dim", None) is not None
+        return Ran(
+            sampler.name if sampler else self._scheduler_class,
+            schedule,
+            denoising_steps(params),
+            unet_evaluations(sampler, params.steps, params.strength, params.guidance_scale, embedded),
+        )
 
     @property
     def class_name(self) -> str:
@@ -468,6 +609,9 @@ class LoadedModel:
         if key not in self._derived:
             derived = build()
             derived.set_progress_bar_config(disable=True)
+            # from_pipe hands it the resident pipeline's scheduler, whichever sampler that runs now.
+            denoising = self._denoising(derived)
+            denoising.scheduler = self._schedulers[(id(denoising), None)] = self._build_scheduler(None)
             self._derived[key] = derived
         return self._derived[key]
 

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 import redis
 
 from jobstate.rates import RateBook, RateSample, shape_of
-from schemas.job import denoising_steps
 from schemas.messages import ItemResult, StageRecord
 from workers.events import ChunkInfo, EngineEvents
 
@@ -22,7 +21,8 @@ class RateRecorder(EngineEvents):
     def __init__(self, book: RateBook) -> None:
         self.book = book
         self._lock = threading.Lock()
-        self._pending: dict[tuple[str, str], list[float]] = {}  # (model, shape) -> items, steps, seconds
+        # (model, shape) -> items, UNet evaluations, seconds
+        self._pending: dict[tuple[str, str], list[float]] = {}
 
     def chunk_started(self, chunk: ChunkInfo) -> None:
         with self._lock:
@@ -37,8 +37,8 @@ class RateRecorder(EngineEvents):
     def chunk_done(self, chunk: ChunkInfo, elapsed_s: float, busy_s: float, unet_s: float) -> None:
         with self._lock:
             samples = [
-                RateSample(model, shape, int(items), int(steps), seconds)
-                for (model, shape), (items, steps, seconds) in self._pending.items()
+                RateSample(model, shape, int(items), int(evaluations), seconds)
+                for (model, shape), (items, evaluations, seconds) in self._pending.items()
             ]
             self._pending.clear()
         if samples:
@@ -58,5 +58,5 @@ class RateRecorder(EngineEvents):
                     (record.model, shape_of(stage_type, record.params.size)), [0, 0, 0.0]
                 )
                 totals[0] += 1
-                totals[1] += denoising_steps(record.params)
+                totals[1] += record.unet_evaluations or 0
                 totals[2] += seconds

@@ -86,6 +86,55 @@ Thumbnails = Callable[[Sequence[str]], Mapping[str, str | None]]
 INPUT_NOT_IN_PREFIX = "outside the job's folder"  # past report.html, inputs are linked, not fetched
 
 
+# A stage's record in a results line (StageRecord's JSON, which ends with what the stage ran): its
+# name, and the sampler, schedule, steps and UNet evaluations it ran. Found without parsing the line;
+# a record's params and timings hold no nested object.
+_STRING = r'"(?:[^"\\]|\\.)*"'
+_RAN = re.compile(
+    r'\{"name":"(?P<stage>[^"]+)","model":' + _STRING + r',"params":\{[^{}]*\},"timings":\{[^{}]*\},'
+    r'"nsfw":(?:true|false),"sampler":(?P<sampler>null|'
+    + _STRING
+    + r'),"schedule":(?P<schedule>null|'
+    + _STRING
+    + r'),"steps_run":(?P<steps>null|\d+),"unet_evaluations":(?P<evaluations>null|\d+)\}'
+)
+
+
+@dataclass
+class StageRuns:
+    """What a stage ran for the items that reached it: its samplers, and the range of its steps and
+    of its UNet evaluations an item."""
+
+    samplers: set[str] = field(default_factory=set)
+    steps: tuple[int, int] | None = None
+    evaluations: tuple[int, int] | None = None
+
+    def add(self, sampler: str, steps: int | None, evaluations: int | None) -> None:
+        self.samplers.add(sampler)
+        self.steps = _widened(self.steps, steps)
+        self.evaluations = _widened(self.evaluations, evaluations)
+
+    def shown(self) -> str:
+        """e.g. "dpmpp_2m karras: 3-6 steps, 6-12 UNet evaluations an item"."""
+        if not self.samplers:
+            return ""
+        counts = [f"{_range(self.steps)} steps"] if self.steps is not None else []
+        if self.evaluations is not None:
+            counts.append(f"{_range(self.evaluations)} UNet evaluations an item")
+        samplers = ", ".join(sorted(self.samplers))
+        return f"{samplers}: {', '.join(counts)}" if counts else samplers
+
+
+def _widened(span: tuple[int, int] | None, value: int | None) -> tuple[int, int] | None:
+    if value is None:
+        return span
+    return (value, value) if span is None else (min(span[0], value), max(span[1], value))
+
+
+def _range(span: tuple[int, int]) -> str:
+    return str(span[0]) if span[0] == span[1] else f"{span[0]}-{span[1]}"
+
+
 @dataclass
 class Summary:
     """The counts every page's header shows, from one pass over the results."""
@@ -96,11 +145,24 @@ class Summary:
     cancelled: int = 0
     flagged: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
+    runs: dict[str, StageRuns] = field(default_factory=dict)  # by stage name
 
     def add(self, line: str) -> None:
         """Count one results line, parsing it only when it failed (for its reason)."""
         self.items += 1
         self.flagged += NSFW_MARK in line
+        for found in _RAN.finditer(line):
+            sampler = found["sampler"]
+            if sampler == "null":
+                continue  # a stage that runs no sampler (resize)
+            schedule = found["schedule"]
+            ran = json.loads(sampler) + ("" if schedule == "null" else f" {json.loads(schedule)}")
+            steps, evaluations = found["steps"], found["evaluations"]
+            self.runs.setdefault(found["stage"], StageRuns()).add(
+                ran,
+                None if steps == "null" else int(steps),
+                None if evaluations == "null" else int(evaluations),
+            )
         result = parsed_if_failed(line)
         if result is None:
             self.succeeded += 1
@@ -291,12 +353,13 @@ def _plain(value: object) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _stage_row(plan: StagePlan) -> str:
+def _stage_row(plan: StagePlan, runs: StageRuns | None) -> str:
     params = plan.spec.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
     for shown_apart in ("type", "model", "save", "handover"):
         params.pop(shown_apart, None)
     shown = ", ".join(f"{name}={_plain(value)}" for name, value in params.items())
-    cells = (plan.name, plan.spec.type, plan.model.name, shown, ", ".join(plan.save), plan.handover)
+    ran = runs.shown() if runs is not None else ""
+    cells = (plan.name, plan.spec.type, plan.model.name, shown, ran, ", ".join(plan.save), plan.handover)
     return "<tr>" + "".join(f"<td>{_escape(cell)}</td>" for cell in cells) + "</tr>"
 
 
@@ -320,6 +383,7 @@ def render_header(meta: JobMeta, summary: Summary, place: Place) -> str:
     if summary.flagged:
         states.append(("flagged nsfw", summary.flagged))
     reasons = sorted(summary.reasons.items(), key=lambda pair: (-pair[1], pair[0]))
+    stage_rows = "".join(_stage_row(plan, summary.runs.get(plan.name)) for plan in meta.recipe)
     reasons_table = (
         f'<table class="reasons"><tr><th>failure reason</th><th>items</th></tr>{_count_rows(reasons)}</table>'
         if reasons
@@ -330,8 +394,8 @@ def render_header(meta: JobMeta, summary: Summary, place: Place) -> str:
         f'<p class="job-id">{_escape(meta.job_id)}</p>'
         f"<p>output {_escape(meta.output)}"
         f"{''.join(f'; {_escape(k)} {_escape(_plain(v))}' for k, v in options.items())}</p>"
-        '<table class="stages"><tr><th>stage</th><th>type</th><th>model</th><th>parameters</th>'
-        f"<th>saves</th><th>hands over</th></tr>{''.join(_stage_row(plan) for plan in meta.recipe)}</table>"
+        '<table class="stages"><tr><th>stage</th><th>type</th><th>model</th><th>parameters</th><th>ran</th>'
+        f"<th>saves</th><th>hands over</th></tr>{stage_rows}</table>"
         f'<div class="tallies"><table class="counts">{_count_rows(states)}</table>{reasons_table}</div>'
         f"{_nav(summary, place)}</header>"
     )

@@ -54,8 +54,11 @@ def test_list_status_logs_estimate_and_chosen_retry(
         planned = imgjobs("submit", str(spec), "--dry-run", env=env)
         assert planned.returncode == 0, planned.stderr
         assert "no rate recorded for tiny-sd at img2img:32x32" in planned.stdout
-        # 2 parts; each item runs int(4 steps * 0.75) = 3 denoising steps.
-        assert re.search(r"s0-img2img\s*│\s*tiny-sd\s*│\s*2\s*│\s*2\s*│\s*12\s*│\s*unknown", planned.stdout)
+        # 2 parts; each item runs int(4 steps * 0.75) = 3 denoising steps, 6 UNet evaluations with guidance.
+        found = re.search(
+            r"s0-img2img\s*│\s*tiny-sd\s*│\s*2\s*│\s*2\s*│\s*12\s*│\s*24\s*│\s*unknown", planned.stdout
+        )
+        assert found, planned.stdout
         assert client.dbsize() == 0 and not (tmp_path / "out").exists(), "a dry run writes nothing"
 
         submitted = imgjobs("submit", str(spec), env=env)

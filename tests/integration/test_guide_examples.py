@@ -120,6 +120,7 @@ def test_sd15_img2img_and_its_report_in_a_browser(guide: Guide, tmp_path: Path) 
         "img2img",
         "tiny-sd",
         "steps=8, strength=0.8",
+        "ddim: 6 steps, 12 UNet evaluations an item",  # tiny-sd's own scheduler; guidance doubles
         "image",
         "none",
     ]
@@ -202,3 +203,25 @@ def test_compel_weighted_prompt(guide: Guide) -> None:
     _, results = guide.run("compel-weighted")
     assert results[0]["prompt"] == "a (cat)1.3 wizard, jungle--"
     assert guide.image(results[0]["outputs"]["s0-img2img"]).size == (64, 64)
+
+
+def test_a_fast_sampler_and_a_few_step_preset_record_what_they_ran(guide: Guide) -> None:
+    """DPM++ 2M Karras at 20 steps (strength 0.8: 16 run, two UNet rows each with guidance), and the
+    LCM preset (4 steps, 3 run, guidance 1: one row each), through the workers: each results row and
+    the report's header say what ran."""
+    ran = {"fast-sampler": ("dpmpp_2m", "karras", 16, 32), "few-step-lcm": ("lcm", None, 3, 3)}
+    for example, (sampler, schedule, steps, evaluations) in ran.items():
+        job_id, results = guide.run(example)
+        for result in results:
+            (stage,) = result["stages"]
+            assert (stage["sampler"], stage["schedule"]) == (sampler, schedule), example
+            assert (stage["steps_run"], stage["unet_evaluations"]) == (steps, evaluations), example
+            assert result["params"]["sampler"] == sampler
+            assert guide.image(result["outputs"]["s0-img2img"]).size == (64, 64)
+        assert results[0]["params"]["preset"] == ("lcm" if example == "few-step-lcm" else None)
+        key = f"out/{job_id}/report.html"
+        header = Page(guide.s3.get_object(Bucket=guide.bucket, Key=key)["Body"].read().decode())
+        shown = (
+            f"{sampler}{f' {schedule}' if schedule else ''}: {steps} steps, {evaluations} UNet evaluations"
+        )
+        assert header.tables["stages"][1][4] == f"{shown} an item", example

@@ -20,7 +20,7 @@ from schemas.job import Item
 from schemas.messages import ItemResult
 from tests.chunkkit import CPU, harness
 from tests.helpers import stage_plan, write_image
-from tests.reportkit import JOB_ID, Page, failed, job_meta, succeeded, write_output, write_report_of
+from tests.reportkit import JOB_ID, Page, failed, job_meta, ran, succeeded, write_output, write_report_of
 from workers import report
 from workers.report import Summary, render_pages
 
@@ -30,7 +30,7 @@ def test_the_header_shows_the_spec_and_counts_by_state_and_by_failure_reason(tmp
         succeeded("ok-1"),
         succeeded("ok-2", nsfw=True),
         failed("bad-input-1", "InputImageError", "in/1.png: No such file or directory"),
-        succeeded("ok-3"),
+        succeeded("ok-3", stages=[ran("s0-img2img", steps=3)]),
         failed("bad-input-2", "InputImageError", "in/2.png: not a recognized image"),
         failed("flagged", "NsfwFlaggedError", "s0-img2img: flagged", nsfw=True),
         failed("late-1", "JobCancelledError", "the job was cancelled before the item ran", stage="s1-resize"),
@@ -41,10 +41,20 @@ def test_the_header_shows_the_spec_and_counts_by_state_and_by_failure_reason(tmp
     for key in pages:
         page = Page(pages[key])
         assert "report-test" in page.text and JOB_ID in page.text
+        # What ran is read from the items' records: the sampler, and the range of steps run and of
+        # UNet evaluations an item; a resize runs neither.
         assert page.tables["stages"] == [
-            ["stage", "type", "model", "parameters", "saves", "hands over"],
-            ["s0-img2img", "img2img", "tiny-sd", "steps=4, strength=0.6", "", "image"],
-            ["s1-resize", "resize", "cpu", "format=webp, quality=70", "image", "none"],
+            ["stage", "type", "model", "parameters", "ran", "saves", "hands over"],
+            [
+                "s0-img2img",
+                "img2img",
+                "tiny-sd",
+                "steps=4, strength=0.6",
+                "dpmpp_2m karras: 2-3 steps, 4-6 UNet evaluations an item",
+                "",
+                "image",
+            ],
+            ["s1-resize", "resize", "cpu", "format=webp, quality=70", "", "image", "none"],
         ]
         assert "dataset true" in page.text
         assert page.counts() == {

@@ -147,11 +147,49 @@ def test_estimate_counts_calls_and_steps_and_uses_recorded_rates(tmp_path: Path,
     (unknown,) = estimate(job, lambda model: {})
     # Parts of 4 and 2 items; the item with its own steps runs in a call of its own.
     assert (unknown.chunks, unknown.calls, unknown.steps, unknown.seconds) == (2, 3, 5 * 3 + 6, None)
+    # tiny-sd's DDIM evaluates the UNet once a step, on two rows with guidance 7.5.
+    assert unknown.evaluations == 2 * (5 * 3 + 6)
     assert unknown.source == "no rate recorded for tiny-sd at img2img:32x32"
-    rates = {"img2img:32x32": Rate(items=10, steps=30, seconds=6.0)}  # 0.2 s a step
+    rates = {"img2img:32x32": Rate(items=10, evaluations=60, seconds=6.0)}  # 0.1 s an evaluation
     (known,) = estimate(job, lambda model: rates if model == "tiny-sd" else {})
-    assert known.seconds == pytest.approx(21 * 0.2)
+    assert known.seconds == pytest.approx(42 * 0.1)
     assert "rates of 10 item(s)" in known.source
+
+
+def test_an_estimate_counts_the_samplers_unet_evaluations_not_the_steps_recorded(
+    tmp_path: Path, registry: Registry
+) -> None:
+    """Rates recorded at 50 PNDM steps (strength 0.8: 40 steps, 41 calls with PLMS's warm-up, two rows
+    each with guidance) estimate DPM++ 2M at 20 steps by its 2 x 16 evaluations, and LCM at 4 steps
+    without guidance by its 3."""
+    book = Book()
+    recorder = RateRecorder(book)  # type: ignore[arg-type]
+    chunk = ChunkInfo(job_id="j", chunk_id="c", model="tiny-sd", stage="s0-img2img", items=10, delivery=1)
+    pndm = StageRecord(
+        name="s0-img2img",
+        model="tiny-sd",
+        params=ResolvedParams(size=(32, 32), steps=50, strength=0.8, guidance_scale=7.5),
+        timings={"infer_s": 8.2},
+        sampler="pndm",
+        steps_run=40,
+        unet_evaluations=82,
+    )
+    recorder.chunk_started(chunk)
+    recorder.items_handed_over(chunk, [pndm] * 10)
+    recorder.chunk_done(chunk, 90.0, 82.0, 60.0)
+    (sample,) = book.samples
+    rates = {sample.shape: Rate(sample.items, sample.evaluations, sample.seconds)}  # 0.1 s an evaluation
+    rows = [{"id": f"i{n}", "image": "https://example.com/a.png"} for n in range(10)]
+    stages: dict[str, dict[str, object]] = {
+        "fast": {"type": "img2img", "model": "tiny-sd", "sampler": "DPM++ 2M Karras", "steps": 20},
+        "lcm": {"type": "img2img", "model": "tiny-sd", "preset": "lcm", "preset_lora": False},
+    }
+    expected = {"fast": 10 * 2 * 16, "lcm": 10 * 3}
+    for name, stage in stages.items():
+        spec = write_job(tmp_path / name, rows, stage={"strength": 0.8, **stage})
+        (planned,) = estimate(validate_job(spec, registry, tmp_path / name / "parts"), lambda model: rates)
+        assert planned.evaluations == expected[name]
+        assert planned.seconds == pytest.approx(expected[name] * 0.1)
 
 
 class Book:
@@ -169,6 +207,8 @@ def record(name: str, seconds: float | None, steps: int = 4) -> StageRecord:
         model="sd",
         params=ResolvedParams(size=(64, 32), steps=steps, strength=0.5),
         timings=timings,
+        steps_run=steps // 2,
+        unet_evaluations=steps,  # guidance doubles the steps run
     )
 
 
@@ -184,14 +224,14 @@ def test_the_recorder_counts_each_item_of_the_chunks_stage_once() -> None:
     not_run = failed("y", "InputImageError").model_copy(update={"stages": [record("s1-img2img", None)]})
     recorder.items_finished(chunk, [finished, not_run])
     recorder.chunk_done(chunk, 1.0, 0.75, 0.5)
-    assert book.samples == [RateSample("sd", "img2img:64x32", items=2, steps=4, seconds=0.75)]
+    assert book.samples == [RateSample("sd", "img2img:64x32", items=2, evaluations=8, seconds=0.75)]
 
 
 def test_recorded_rates_follow_a_change_of_hardware_and_keep_their_ratio(redis_server: EmbeddedRedis) -> None:
     book = RateBook(redis.Redis.from_url(redis_server.url))
 
     def run(chunks: int, seconds_per_step: float, model: str = "sd") -> None:
-        # Chunks of 64 items of 30 denoising steps each, as workers add them.
+        # Chunks of 64 items of 30 UNet evaluations each, as workers add them.
         book.add([RateSample(model, "img2img:512x512", 64, 64 * 30, 64 * 30 * seconds_per_step)] * chunks)
 
     def seconds_per_step(model: str = "sd") -> float:

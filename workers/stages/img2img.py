@@ -45,6 +45,7 @@ def run_img2img(
     spec = check_inputs(plan, params, batch)
     pipeline = model.img2img(plan.controlnet)
     model.use_adapters(plan.loras)
+    sampling = model.use_sampler(pipeline, params, plan.spec)
     seeded = generators(batch.seeds)
     kwargs: dict[str, Any] = {
         "image": batch_input(batch),
@@ -65,6 +66,7 @@ def run_img2img(
             pipeline.decoder_pipe, kwargs, want_images=want_images, want_latents=want_latents
         )
     kwargs |= prompt_arguments(pipeline, batch.prompts, batch.negative_prompts, spec.prompt_syntax)
+    kwargs |= sampling
     if plan.controlnet is not None:
         kwargs["control_image"] = control_input(pipeline, batch)
         kwargs["controlnet_conditioning_scale"] = spec.controlnet_conditioning_scale

@@ -29,6 +29,7 @@ def run_text2img(
         raise StageError("text2img takes no input image")
     pipeline = model.text2img()
     model.use_adapters(plan.loras)
+    sampling = model.use_sampler(pipeline, params, plan.spec)
     width, height = params.size
     seeded = generators(batch.seeds)
     kwargs: dict[str, Any] = {
@@ -46,4 +47,5 @@ def run_text2img(
             pipeline.decoder_pipe, kwargs, want_images=want_images, want_latents=want_latents
         )
     kwargs |= prompt_arguments(pipeline, batch.prompts, batch.negative_prompts, plan.prompt_syntax)
+    kwargs |= sampling
     return call_pipeline(pipeline, kwargs, want_images=want_images, want_latents=want_latents)
