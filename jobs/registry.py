@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from schemas.errors import ConfigError, UnknownModelError
+from schemas.job import STAGE_ONLY_FIELDS, Item
 from schemas.registry import (
     BUILTIN_MODELS,
     MODEL_NAME_PATTERN,
@@ -84,6 +85,8 @@ def unknown_field(root: Any, loc: Location) -> str:
     while get_origin(target) is Annotated:
         target = get_args(target)[0]
     names = list(target.model_fields) if _is_model(target) else []
+    if target is Item and loc and loc[-1] in STAGE_ONLY_FIELDS:
+        return f"unknown field; an item cannot choose its {loc[-1]}: set it on the stage or the model's entry"
     hint = did_you_mean(str(loc[-1]), names) if loc else None
     if hint:
         return f"unknown field; {hint}"

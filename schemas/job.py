@@ -439,6 +439,10 @@ class Sample(_Strict):
     error: str | None = Field(None, description="why the shard could not be indexed whole: the item fails")
 
 
+# What a stage (or its model's entry) chooses for all its items: a chunk runs one sampler.
+STAGE_ONLY_FIELDS = ("sampler", "schedule", "preset", "preset_lora", "eta")
+
+
 class Item(_Strict):
     id: ItemId
     image: ImageUri | None = Field(None, description="required unless the first stage is text2img")

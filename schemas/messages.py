@@ -111,7 +111,8 @@ class StageRecord(_Message):
         description="the model's tokenizer cut the prompt to its limit (77 CLIP tokens): the rest was unused",
     )
     # What the stage ran (params say what was asked): kept together, last, so that the report's
-    # header finds them in a results line without parsing it (workers/report.py).
+    # header finds them in a results line without parsing it (workers/report.py, which knows every
+    # field's order: a field added here goes into its pattern too).
     sampler: str | None = Field(
         None, description="the sampler run: its name in the table (README, Samplers), else its class"
     )

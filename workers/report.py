@@ -86,13 +86,14 @@ Thumbnails = Callable[[Sequence[str]], Mapping[str, str | None]]
 INPUT_NOT_IN_PREFIX = "outside the job's folder"  # past report.html, inputs are linked, not fetched
 
 
-# A stage's record in a results line (StageRecord's JSON, which ends with what the stage ran): its
-# name, and the sampler, schedule, steps and UNet evaluations it ran. Found without parsing the line;
-# a record's params and timings hold no nested object.
+# A stage's record in a results line (StageRecord's JSON, its fields in their order, ending with what
+# the stage ran): its name, and the sampler, schedule, steps and UNet evaluations it ran. Found without
+# parsing the line; a record's params and timings hold no nested object.
 _STRING = r'"(?:[^"\\]|\\.)*"'
 _RAN = re.compile(
     r'\{"name":"(?P<stage>[^"]+)","model":' + _STRING + r',"params":\{[^{}]*\},"timings":\{[^{}]*\},'
-    r'"nsfw":(?:true|false),"sampler":(?P<sampler>null|'
+    r'"nsfw":(?:true|false),"prompt":(?:null|' + _STRING + r'),"prompt_truncated":(?:true|false),'
+    r'"sampler":(?P<sampler>null|'
     + _STRING
     + r'),"schedule":(?P<schedule>null|'
     + _STRING

@@ -157,7 +157,9 @@ def test_spec_problems_are_on_the_stages_line_and_item_problems_on_the_items(
 def test_an_item_cannot_choose_a_sampler(tmp_path: Path, registry: Registry) -> None:
     items: list[dict[str, object]] = [{**ITEMS[0], "sampler": "euler"}]
     (found,) = problems(tmp_path, registry, [img2img(sampler="dpmpp_2m")], items=items)
-    assert found.startswith("sampler: unknown field; the fields are id, image"), found
+    assert found.startswith(
+        "sampler: unknown field; an item cannot choose its sampler: set it on the stage"
+    ), found
 
 
 def test_a_stage_runs_its_models_sampler_unless_it_names_its_own_or_a_preset(
