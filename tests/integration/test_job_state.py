@@ -279,7 +279,8 @@ def test_a_job_end_that_cannot_be_written_fails_the_job_at_once_and_a_second_end
         # warning before it says that a distributed run's workers may not see local inputs.)
         ran = imgjobs("run", str(unwritable), env=env)
         said = [line for line in ran.stderr.splitlines() if not line.startswith("warning: ")]
-        assert ran.returncode == 2 and len(said) == 1 and said[0].startswith("error: cannot write "), ran.stderr
+        assert ran.returncode == 2 and len(said) == 1, ran.stderr
+        assert said[0].startswith("error: cannot write "), ran.stderr
         assert "Not a directory" in said[0]
         assert list(JobStore(redis.Redis.from_url(server.url)).job_ids()) == []
 
