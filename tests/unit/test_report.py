@@ -298,3 +298,13 @@ def test_a_long_error_message_is_clipped_on_both_views(tmp_path: Path) -> None:
     shown = Page(pages["_report/failed-1.html"]).tables["failures"][1][3]
     assert shown == "x" * report.MESSAGE_CHARS + "…"
     assert pages["report.html"].count("x" * report.MESSAGE_CHARS + "…") == 1
+
+
+def test_the_header_finds_what_ran_past_a_prompt_that_looks_like_json(tmp_path: Path) -> None:
+    """The stage records are found in the raw results lines: a prompt with quotes, braces and the
+    names of the fields after it must not hide them or be taken for them."""
+    tricky = 'a "cat", {"sampler":"euler"} (wizard)1.2'
+    record = ran("s0-img2img", steps=3).model_copy(update={"prompt": tricky, "prompt_truncated": True})
+    pages = write_report_of(tmp_path / "out", [succeeded("ok", stages=[record])])
+    row = Page(pages["report.html"]).tables["stages"][1]
+    assert row[4] == "dpmpp_2m karras: 3 steps, 6 UNet evaluations an item"
