@@ -43,17 +43,24 @@ def print_estimate(job_id: str, total: int, stages: Sequence[StageEstimate]) -> 
     out.print(f"dry run: job {job_id}, {total} item(s); nothing was sent or written")
     table = Table("stage", "model", "chunks", "pipeline calls", "denoising steps", "expected", "from")
     for stage in stages:
-        expected = f"{stage.seconds:.1f}s" if stage.seconds is not None else "unknown"
+        at_most = "≤ " if stage.attempts > 1 else ""
+        expected = f"{at_most}{stage.seconds:.1f}s" if stage.seconds is not None else "unknown"
         table.add_row(
             stage.stage,
             stage.model,
             str(stage.chunks),
-            str(stage.calls),
-            str(stage.steps),
+            f"{at_most}{stage.calls}",
+            f"{at_most}{stage.steps}",
             expected,
             stage.source,
         )
     out.print(table)
+    for stage in stages:
+        if stage.attempts > 1:
+            out.print(
+                f"{stage.stage} re-rolls items below its score gate: counted as {stage.attempts} runs of "
+                "every item, an upper bound"
+            )
     by_model: dict[str, float | None] = {}
     for stage in stages:
         known = by_model.get(stage.model, 0.0)

@@ -13,6 +13,8 @@
         ├── StageError            the pipeline rejected or failed on the item's inputs
         ├── TimeLimitError        the item's chunk ran past its time limit before the item finished
         ├── NsfwFlaggedError      the safety checker flagged the output, and the model fails such items
+        ├── LowScoreError         the output scored below its stage's score gate, which fails such items
+        ├── ScoringError          the output could not be scored (the scoring model failed)
         ├── JobCancelledError     the job was cancelled before the item ran
         └── PoisonChunkError      the item's chunk was delivered too often: its worker died each time
 
@@ -90,6 +92,14 @@ class TimeLimitError(ItemError):
 
 
 class NsfwFlaggedError(ItemError):
+    pass
+
+
+class LowScoreError(ItemError):
+    pass
+
+
+class ScoringError(ItemError):
     pass
 
 

@@ -12,7 +12,9 @@ sink first, so it is not done twice. An item whose input could not be read for a
 leaves the others running: with `retry_inputs` it stays open and the run ends on its error once the
 rest is done (the chunk runs again for it alone); without, it fails alone with its own error. A call
 that runs out of accelerator memory is halved and run again, down to one item: only an item that
-does not fit alone fails.
+does not fit alone fails. A stage with a `score` gates each call's outputs before they are written
+(workers/quality.py): scored, re-rolled where its gate says so, and failed alone where they cannot be
+scored; the hash of each kept output is taken where it is written.
 """
 
 from __future__ import annotations
@@ -33,22 +35,41 @@ from safetensors.torch import save as save_safetensors
 
 from jobstate.parts import CarriedItem
 from jobstate.storage import Storage
-from schemas.errors import ImgjobsError, InputImageError, NsfwFlaggedError, StageError
+from schemas.errors import ImgjobsError, InputImageError, LowScoreError, NsfwFlaggedError, StageError
 from schemas.job import (
     Defaults,
     Img2ImgStage,
     ResizeStage,
     ResolvedParams,
+    base_prompt,
     resolve_negative_prompt,
     resolve_prompt,
     resolve_seed,
 )
-from schemas.messages import ChunkItem, ItemResult, StageInput, StagePlan, StageRecord, item_result
+from schemas.messages import (
+    ChunkItem,
+    ItemResult,
+    QualityRecord,
+    StageInput,
+    StagePlan,
+    StageRecord,
+    item_result,
+)
 from schemas.settings import Settings
 from workers.events import ChunkInfo, emit
 from workers.imageio import LocalRoots, encode_image, fetch_bytes, load_input
 from workers.models import LoadedModel
-from workers.stages.common import SplitOutput, StageBatch, StageOutput, run_splitting, to_pil
+from workers.quality import ScoreGate, describe_shortfall
+from workers.scoring import dhash
+from workers.stages.common import (
+    SplitOutput,
+    StageBatch,
+    StageOutput,
+    output_rows,
+    run_splitting,
+    take_rows,
+    to_pil,
+)
 from workers.stages.img2img import run_img2img
 from workers.stages.resize import run_resize
 from workers.stages.text2img import run_text2img
@@ -110,9 +131,13 @@ class _Prepared:
     image: Image.Image | None = None
     latent: torch.Tensor | None = None
     control: Image.Image | None = None
+    reference: Image.Image | None = (
+        None  # the item's input image, as its first stage fitted it: scored against
+    )
     timings: dict[str, float] = field(default_factory=dict)
     written: dict[str, str] = field(default_factory=dict)
     nsfw: bool = False
+    quality: QualityRecord | None = None
 
 
 class _InLine:
@@ -164,6 +189,12 @@ class StageEngine:
         self.roots = LocalRoots.of(settings, job.folder)
         self.busy_s = 0.0
         self.input_error: ImgjobsError | None = None  # the first input read that may pass on retry
+        score, scorer = self.plan.score, self.plan.scorer
+        self.gate = (
+            ScoreGate(score, self.plan.name, scorer.name, lambda: model.scorer(scorer))
+            if score is not None and scorer is not None
+            else None
+        )
 
     # -- the stage
 
@@ -219,13 +250,20 @@ class StageEngine:
 
     # -- results
 
-    def _record(self, timings: dict[str, float], params: ResolvedParams, nsfw: bool = False) -> StageRecord:
+    def _record(
+        self,
+        timings: dict[str, float],
+        params: ResolvedParams,
+        nsfw: bool = False,
+        quality: QualityRecord | None = None,
+    ) -> StageRecord:
         return StageRecord(
             name=self.plan.name,
             model=self.plan.model.name,
             params=params,
             timings={phase: round(seconds, 4) for phase, seconds in timings.items()},
             nsfw=nsfw,
+            quality=quality,
         )
 
     def result(
@@ -270,8 +308,20 @@ class StageEngine:
         spec = self.plan.spec
         if isinstance(spec, Img2ImgStage) and spec.controlnet:
             prepared.control = self._control_image(work, prepared.image)
+        if self.gate is not None:
+            prepared.reference = self._reference(work, prepared)
         prepared.timings["fetch_s"] = time.perf_counter() - started
         return prepared
+
+    def _reference(self, work: WorkItem, prepared: _Prepared) -> Image.Image | None:
+        """What the output's input similarity is measured against: the item's input image, fitted to
+        the job's size as its first stage fitted it (read again at a later stage); none without one."""
+        source = work.member.item.image
+        if source is None:
+            return None
+        if self.stage_index == 0 and prepared.image is not None:
+            return prepared.image
+        return load_input(source, work.params.size, self.settings, work.params.resize, self.roots)
 
     def _control_image(self, work: WorkItem, image: Image.Image | None) -> Image.Image:
         if image is None:
@@ -331,7 +381,8 @@ class StageEngine:
                 self.plan,
                 params,
                 piece,
-                want_images="image" in self.plan.writes,
+                # A scored stage decodes its images even where it writes none: they are what is scored.
+                want_images="image" in self.plan.writes or self.gate is not None,
                 want_latents="latent" in self.plan.writes,
             )
 
@@ -362,25 +413,77 @@ class StageEngine:
             )
         if split.output is None:
             return None
-        return [p for row, p in enumerate(ready) if row not in split.failed], split.output
+        ran = [row for row in range(len(ready)) if row not in split.failed]
+        kept = [ready[row] for row in ran]
+        if self.gate is None:
+            return kept, split.output
+        if split.failed:
+            batch = take_rows(batch, ran, [batch.seeds[row] for row in ran])
+        return self._gate(kept, batch, split.output, run, sink)
+
+    def _gate(
+        self,
+        ready: list[_Prepared],
+        batch: StageBatch,
+        output: StageOutput,
+        run: Callable[[StageBatch], StageOutput],
+        sink: Sink,
+    ) -> tuple[list[_Prepared], StageOutput] | None:
+        """The call's outputs through the stage's score gate: each item's kept output, and its scores
+        on it; an item that could not be scored fails, alone."""
+        assert self.gate is not None
+
+        def run_again(piece: StageBatch) -> SplitOutput:
+            started = time.perf_counter()
+            try:
+                return run_splitting(run, piece, self.model.entry.static_batch)
+            finally:
+                emit.call_done(self.info, len(piece), time.perf_counter() - started)
+
+        started = time.perf_counter()
+        prompts = [base_prompt(p.work.member.item, self.job.defaults) or None for p in ready]
+        gated = self.gate.apply(batch, prompts, [p.reference for p in ready], output, run_again)
+        self.busy_s += time.perf_counter() - started
+        kept: list[int] = []
+        failed: list[tuple[WorkItem, ItemResult]] = []
+        for row, (prepared, quality) in enumerate(zip(ready, gated.rows, strict=True)):
+            prepared.reference = None  # not needed past here; a chunk may hold many
+            prepared.timings["score_s"] = quality.score_s
+            if quality.reroll_s:
+                prepared.timings["reroll_s"] = quality.reroll_s
+            if quality.error is not None:
+                failed.append((prepared.work, self.failed(prepared.work, quality.error, prepared.timings)))
+                continue
+            prepared.quality = quality.record
+            kept.append(row)
+        if failed:
+            sink.finished(failed)
+        if not kept:
+            return None
+        return [ready[row] for row in kept], output_rows(gated.output, kept)
 
     # -- outputs
 
     def _write_all(self, ready: list[_Prepared], output: StageOutput) -> list[_Prepared]:
-        """On an I/O thread: encode and write one call's outputs."""
+        """On an I/O thread: encode and write one call's outputs, and hash the scored ones."""
         for index, prepared in enumerate(ready):
             started = time.perf_counter()
             prepared.nsfw = bool(output.nsfw and output.nsfw[index])
-            prepared.written = self._write(prepared.work.member.item.id, output, index)
+            picture = to_pil(output.images[index]) if output.images is not None else None
+            if prepared.quality is not None and picture is not None:
+                prepared.quality = prepared.quality.model_copy(update={"phash": dhash(picture)})
+            prepared.written = self._write(prepared.work.member.item.id, output, index, picture)
             prepared.timings["write_s"] = time.perf_counter() - started
         return ready
 
-    def _write(self, item_id: str, output: StageOutput, index: int) -> dict[str, str]:
+    def _write(
+        self, item_id: str, output: StageOutput, index: int, picture: Image.Image | None
+    ) -> dict[str, str]:
         written: dict[str, str] = {}
-        if "image" in self.plan.writes and output.images is not None:
+        if "image" in self.plan.writes and picture is not None:
             spec, image_format = self.plan.spec, self.plan.image_format
             quality = spec.quality if isinstance(spec, ResizeStage) else None
-            data = encode_image(to_pil(output.images[index]), image_format, quality)
+            data = encode_image(picture, image_format, quality)
             key = output_key(item_id, self.plan, "image")
             written["image"] = self.storage.put(key, data, f"image/{image_format}")
             if self.job.dataset and self.is_last:
@@ -401,11 +504,14 @@ class StageEngine:
                 flagged = NsfwFlaggedError(f"{self.plan.name}: the safety checker flagged the output")
                 finished.append((work, self.failed(work, flagged, prepared.timings, nsfw=True)))
                 continue
-            records = [*work.member.stages, self._record(prepared.timings, work.params, prepared.nsfw)]
+            record = self._record(prepared.timings, work.params, prepared.nsfw, prepared.quality)
+            records = [*work.member.stages, record]
             outputs = dict(work.member.outputs)
             outputs.update({output_name(self.plan, kind): prepared.written[kind] for kind in self.plan.save})
-            if self.is_last:
-                finished.append((work, self.result(work, records, outputs)))
+            low = self._low_score(prepared.quality)
+            if self.is_last or low is not None:
+                # A failed low-scoring item keeps its saved output in its row: it is what to look at.
+                finished.append((work, self.result(work, records, outputs, low)))
                 continue
             carried = CarriedItem(
                 slot=work.slot,
@@ -418,3 +524,10 @@ class StageEngine:
             sink.finished(finished)
         if onward:
             sink.handed(onward)
+
+    def _low_score(self, quality: QualityRecord | None) -> LowScoreError | None:
+        """The error of an output below a gate that fails such items; None otherwise."""
+        score = self.plan.score
+        if quality is None or not quality.low_score or score is None or score.on_low_score != "fail":
+            return None
+        return LowScoreError(f"{self.plan.name}: {describe_shortfall(quality, score)}")

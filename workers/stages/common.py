@@ -74,6 +74,20 @@ def slice_batch(batch: StageBatch, start: int, stop: int) -> StageBatch:
     )
 
 
+def take_rows(batch: StageBatch, rows: list[int], seeds: list[int]) -> StageBatch:
+    """The batch's rows `rows` (in that order), run with `seeds` instead of their own."""
+    return StageBatch(
+        prompts=[batch.prompts[row] for row in rows],
+        negative_prompts=[batch.negative_prompts[row] for row in rows],
+        seeds=seeds,
+        images=[batch.images[row] for row in rows] if batch.images is not None else None,
+        latents=batch.latents[rows] if batch.latents is not None else None,
+        control_images=[batch.control_images[row] for row in rows]
+        if batch.control_images is not None
+        else None,
+    )
+
+
 def pad_batch(batch: StageBatch, size: int) -> StageBatch:
     """batch with copies of its last item appended up to `size` rows. Each row, a copy too, gets its own
     generator (see generators), so the real items draw exactly the noise they draw unpadded."""
@@ -100,6 +114,19 @@ def slice_output(output: StageOutput, count: int) -> StageOutput:
         images=output.images[:count] if output.images is not None else None,
         latents=output.latents[:count] if output.latents is not None else None,
         nsfw=output.nsfw[:count] if output.nsfw is not None else None,
+    )
+
+
+def output_rows(output: StageOutput, rows: list[int]) -> StageOutput:
+    """The rows `rows` of an output, in that order (the output itself when that is all of them)."""
+    source = output.images if output.images is not None else output.latents
+    count = 0 if source is None else len(source)
+    if rows == list(range(count)):
+        return output
+    return StageOutput(
+        images=output.images[rows] if output.images is not None else None,
+        latents=output.latents[rows] if output.latents is not None else None,
+        nsfw=[output.nsfw[row] for row in rows] if output.nsfw is not None else None,
     )
 
 
