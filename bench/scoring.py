@@ -1,10 +1,13 @@
 """What scoring an output costs (a stage's `score:`), against what the stage that made it costs.
 
-Scoring, per call of --batch items, is what the engine runs after the call (workers/quality.py):
-the outputs to 8-bit images, ClipScorer.targets (the prompts' and the inputs' embeddings),
-ClipScorer.scores (the outputs' embeddings, the CLIP score and the input similarity) and a dHash of
-each output; measured through workers/scoring.py, the workers' own code. Re-rolls are not scoring:
-each is one more call of the stage for the items below the gate.
+Scoring, per call of --batch items, is what the engine runs after the call, on the thread that
+waits for the accelerator (ScoreGate.apply with nothing to re-roll): ClipScorer.targets (the
+prompts' and the inputs' embeddings) and ClipScorer.scores (the outputs made 8-bit and prepared,
+their embeddings, the CLIP score and the input similarity), through workers/scoring.py, the workers'
+own code; `ratio` compares it with the stage. Done beside the call, on I/O threads, and timed apart:
+the inputs' preparation (as they are read) and the outputs' dHash (as they are written);
+`ratio_with_io_thread_work` counts them too. Re-rolls are not scoring: each is one more call of the
+stage for the items below the gate.
 
 --shapes tiny (default): the test fixtures' tiny SD and tiny CLIP, an img2img call at --batch items
   of --size pixels through the workers' run_img2img, and scoring of its outputs. On the CPU, in
@@ -98,43 +101,46 @@ def flops(run: Callable[[], Any]) -> int:
 
 
 class Scoring:
-    """One call's scoring, as the engine's gate runs it, and its parts."""
+    """One call's scoring, as the engine runs it, in its parts: the gate's work on the call's thread
+    (__call__), and what I/O threads do beside the call (the inputs' preparation, where they are
+    read; the hashes, where the outputs are written)."""
 
     def __init__(self, scorer: ClipScorer, outputs: np.ndarray, sources: list[Image.Image]) -> None:
         self.scorer = scorer
         self.outputs = outputs  # float in [0, 1], as a pipeline returns them
         self.sources = sources
         self.prompts: list[str | None] = [PROMPT] * len(sources)
+        self.inputs: list[torch.Tensor | None] = list(scorer.pixels(sources))
 
     def __call__(self) -> None:
-        pictures = [to_pil(image) for image in self.outputs]
-        targets = self.scorer.targets(self.prompts, self.sources)
-        self.scorer.scores(pictures, targets)
-        for picture in pictures:
-            dhash(picture)
+        """What the call's thread waits for: the prompts' and inputs' embeddings, the outputs'
+        preparation and embeddings, the scores (ScoreGate.apply with nothing to re-roll)."""
+        self.scorer.scores(list(self.outputs), self.scorer.targets(self.prompts, self.inputs))
 
     def preprocess(self) -> None:
-        """The PIL preprocessing alone, of the outputs and the inputs (CPU work)."""
-        pictures = [to_pil(image) for image in self.outputs]
-        self.scorer.processor(images=pictures + self.sources, return_tensors="pt")
+        """The outputs' preparation alone (CPU work, side by side on a GPU host): part of __call__."""
+        self.scorer.pixels(list(self.outputs))
+
+    def prepare_inputs(self) -> None:
+        """The inputs' preparation, on the I/O threads as they are read."""
+        self.scorer.pixels(self.sources)
 
     def hashes(self) -> None:
+        """The outputs' hashes, on the I/O threads as they are written."""
         for image in self.outputs:
             dhash(to_pil(image))
 
     def model_work(self) -> None:
-        """The CLIP towers alone, on preprocessed pixels and tokens: what FLOPs count."""
-        pictures = [to_pil(image) for image in self.outputs]
-        pixels = self.scorer.processor(images=pictures + self.sources, return_tensors="pt")["pixel_values"]
+        """The CLIP towers alone, on prepared pixels and tokens: what FLOPs count."""
+        pixels = self.scorer.pixels([*self.outputs, *self.sources])
         tokens = self.scorer.processor.tokenizer(
-            [PROMPT] * len(self.sources), padding=True, truncation=True, max_length=77, return_tensors="pt"
+            self.prompts, padding=True, truncation=True, max_length=77, return_tensors="pt"
         )
         model, device = self.scorer.model, self.scorer.device
         with torch.inference_mode():
             model.get_image_features(pixel_values=pixels.to(device, self.scorer.dtype))
-            model.get_text_features(
-                input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)
-            )
+            # Without the padding mask, which the meta device cannot build; it adds no matrix work.
+            model.get_text_features(input_ids=tokens["input_ids"].to(device))
 
 
 # -- tiny: the test fixtures, through the workers' own stage code
@@ -269,15 +275,12 @@ def sd15_pipeline(device: str, dtype: torch.dtype) -> Any:
     return pipeline.to(device, dtype)
 
 
-def real_sides(args: argparse.Namespace) -> tuple[Callable[[], Any], Scoring, dict[str, Any], dict[str, int]]:
-    device = args.device
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    size, batch = REAL_SIZE, args.batch
+def real_parts(device: str, dtype: torch.dtype, batch: int) -> tuple[dict[str, Callable[[], Any]], Scoring]:
+    """SD 1.5's parts at --batch (a UNet evaluation of a CFG pair, VAE encode, decode, a whole call)
+    and the scoring of --batch outputs, on `device`: "meta" to count FLOPs without computing."""
+    size = REAL_SIZE
     pipeline = sd15_pipeline(device, dtype)
-    if args.compile:
-        pipeline.unet = torch.compile(pipeline.unet)
     sources = inputs(batch, size)
-    effective = int(REAL_STEPS * REAL_STRENGTH)
     unet, vae = pipeline.unet, pipeline.vae
     latents = torch.randn(2 * batch, 4, size // 8, size // 8, device=device, dtype=dtype)
     context = torch.randn(2 * batch, 77, 768, device=device, dtype=dtype)
@@ -285,7 +288,7 @@ def real_sides(args: argparse.Namespace) -> tuple[Callable[[], Any], Scoring, di
 
     def unet_eval() -> None:
         with torch.inference_mode():
-            unet(latents, 500, context)
+            pipeline.unet(latents, 500, context)
 
     def encode() -> None:
         with torch.inference_mode():
@@ -307,30 +310,57 @@ def real_sides(args: argparse.Namespace) -> tuple[Callable[[], Any], Scoring, di
             output_type="np",
         ).images
 
-    scorer = clip_vit_l14(device, dtype)
-    rng = np.random.default_rng(1)
-    outputs = rng.random((batch, size, size, 3)).astype(np.float32)
-    scoring = Scoring(scorer, outputs, sources)
+    def compile_unet() -> None:
+        pipeline.unet = torch.compile(unet)
+
+    outputs = np.random.default_rng(1).random((batch, size, size, 3)).astype(np.float32)
+    scoring = Scoring(clip_vit_l14(device, dtype), outputs, sources)
+    parts = {
+        "unet_eval": unet_eval,
+        "encode": encode,
+        "decode": decode,
+        "full_call": full_call,
+        "compile_unet": compile_unet,
+    }
+    return parts, scoring
+
+
+def real_sides(args: argparse.Namespace) -> tuple[Callable[[], Any], Scoring, dict[str, Any], dict[str, int]]:
+    device, batch = args.device, args.batch
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    effective = int(REAL_STEPS * REAL_STRENGTH)
+    # FLOPs on the meta device: shapes only, nothing computed (at 512 a CPU takes minutes a call).
+    with torch.device("meta"):
+        counting, counted_scoring = real_parts("meta", dtype, batch)
     counted = {
-        "unet_eval": flops(unet_eval),
-        "vae_encode": flops(encode),
-        "vae_decode": flops(decode),
-        "clip": flops(scoring.model_work),
+        "unet_eval": flops(counting["unet_eval"]),
+        "vae_encode": flops(counting["encode"]),
+        "vae_decode": flops(counting["decode"]),
+        "clip": flops(counted_scoring.model_work),
     }
     counted["stage"] = counted["unet_eval"] * effective + counted["vae_encode"] + counted["vae_decode"]
+    progress(counted=counted)
+    parts, scoring = real_parts(device, dtype, batch)
+    if args.compile:
+        parts["compile_unet"]()
     shape = {
-        "stage": f"SD 1.5 img2img {size}x{size}, {REAL_STEPS} steps x {REAL_STRENGTH}, CFG, {dtype}",
+        "stage": f"SD 1.5 img2img {REAL_SIZE}², {REAL_STEPS} steps x {REAL_STRENGTH}, CFG, {dtype}",
         "scorer": f"CLIP ViT-L/14, {dtype}",
         "effective_steps": effective,
         "stage_timed_as": "one pipeline call"
         if args.full_call
         else "1 UNet eval x steps + VAE encode + decode",
         "compiled_unet": args.compile,
-        "unet_eval": unet_eval,
-        "encode": encode,
-        "decode": decode,
+        "unet_eval": parts["unet_eval"],
+        "encode": parts["encode"],
+        "decode": parts["decode"],
     }
-    return full_call, scoring, shape, counted
+    return parts["full_call"], scoring, shape, counted
+
+
+def progress(**measured: Any) -> None:
+    """A line on stderr as each measurement ends: a long run shows how far it got."""
+    print(json.dumps(measured, default=str), file=sys.stderr, flush=True)
 
 
 def end_cost(count: int) -> dict[str, Any]:
@@ -478,7 +508,7 @@ def main() -> None:
         timed(scoring, args.device)
         if not composed:
             timed(stage, args.device)
-        stage_s, scoring_s, preprocess_s, hash_s = [], [], [], []
+        stage_s, scoring_s, preprocess_s, inputs_s, hash_s = [], [], [], [], []
         for _ in range(args.reps):
             if composed:
                 # One UNet evaluation (a CFG pair) stands for each of the denoising steps.
@@ -489,10 +519,13 @@ def main() -> None:
                 stage_s.append(timed(stage, args.device))
             scoring_s.append(timed(scoring, args.device))
             preprocess_s.append(timed(scoring.preprocess, args.device))
+            inputs_s.append(timed(scoring.prepare_inputs, args.device))
             hash_s.append(timed(scoring.hashes, args.device))
+            progress(stage_s=stage_s[-1], scoring_s=scoring_s[-1], preprocess_s=preprocess_s[-1])
     batch = args.batch
     stage_item = statistics.median(stage_s) / batch
     scoring_item = statistics.median(scoring_s) / batch
+    beside_item = (statistics.median(inputs_s) + statistics.median(hash_s)) / batch
     result: dict[str, Any] = {
         "shapes": args.shapes,
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
@@ -504,7 +537,9 @@ def main() -> None:
         "scoring_s_per_item": round(scoring_item, 6),
         "ratio": round(scoring_item / stage_item, 5),
         "preprocess_s_per_item": round(statistics.median(preprocess_s) / batch, 6),
+        "inputs_prepare_s_per_item": round(statistics.median(inputs_s) / batch, 6),
         "dhash_s_per_item": round(statistics.median(hash_s) / batch, 6),
+        "ratio_with_io_thread_work": round((scoring_item + beside_item) / stage_item, 5),
     }
     if counted:
         result["stage_gflop_per_item"] = round(counted["stage"] / batch / 1e9, 1)

@@ -131,9 +131,7 @@ class _Prepared:
     image: Image.Image | None = None
     latent: torch.Tensor | None = None
     control: Image.Image | None = None
-    reference: Image.Image | None = (
-        None  # the item's input image, as its first stage fitted it: scored against
-    )
+    reference: torch.Tensor | None = None  # the item's input image, as the scoring model takes it
     timings: dict[str, float] = field(default_factory=dict)
     written: dict[str, str] = field(default_factory=dict)
     nsfw: bool = False
@@ -313,15 +311,18 @@ class StageEngine:
         prepared.timings["fetch_s"] = time.perf_counter() - started
         return prepared
 
-    def _reference(self, work: WorkItem, prepared: _Prepared) -> Image.Image | None:
+    def _reference(self, work: WorkItem, prepared: _Prepared) -> torch.Tensor | None:
         """What the output's input similarity is measured against: the item's input image, fitted to
-        the job's size as its first stage fitted it (read again at a later stage); none without one."""
+        the job's size as its first stage fitted it (read again at a later stage), as the scoring
+        model takes it; none without one."""
+        assert self.gate is not None
         source = work.member.item.image
         if source is None:
             return None
-        if self.stage_index == 0 and prepared.image is not None:
-            return prepared.image
-        return load_input(source, work.params.size, self.settings, work.params.resize, self.roots)
+        image = prepared.image if self.stage_index == 0 else None
+        if image is None:
+            image = load_input(source, work.params.size, self.settings, work.params.resize, self.roots)
+        return self.gate.prepare_input(image)
 
     def _control_image(self, work: WorkItem, image: Image.Image | None) -> Image.Image:
         if image is None:

@@ -33,7 +33,7 @@ from schemas.errors import ScoringError, StageError
 from schemas.job import ScoreSpec
 from schemas.messages import QualityRecord, ScoreAttempt
 from workers.scoring import ClipScorer, Scores, Targets
-from workers.stages.common import SplitOutput, StageBatch, StageOutput, take_rows, to_pil
+from workers.stages.common import SplitOutput, StageBatch, StageOutput, take_rows
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +106,21 @@ class ScoreGate:
 
     # -- one call
 
+    def prepare_input(self, image: Image.Image) -> torch.Tensor:
+        """An item's input image as the scoring model takes it: made where the input is read (on an
+        I/O thread on a GPU host), so that the call's scoring does not wait for it."""
+        return self.scorer().pixels([image])[0]
+
     def apply(
         self,
         batch: StageBatch,
         prompts: Sequence[str | None],
-        inputs: Sequence[Image.Image | None],
+        inputs: Sequence[torch.Tensor | None],
         output: StageOutput,
         run_again: RunAgain,
     ) -> Gated:
         """The call's outputs gated: `batch` is what ran (row for row with `output`), `prompts` the
-        items' prompts to score against, `inputs` their input images."""
+        items' prompts to score against, `inputs` their input images as prepare_input made them."""
         count = len(batch)
         rows = [RowQuality() for _ in range(count)]
         started = time.perf_counter()
@@ -158,7 +163,7 @@ class ScoreGate:
         scorer: ClipScorer,
         batch: StageBatch,
         prompts: Sequence[str | None],
-        inputs: Sequence[Image.Image | None],
+        inputs: Sequence[torch.Tensor | None],
         output: StageOutput,
         rows: list[RowQuality],
     ) -> tuple[Targets, dict[int, Scores]]:
@@ -261,11 +266,11 @@ def _fields(scores: Scores) -> dict[str, float | None]:
     return {"clip_score": scores.clip_score, "input_similarity": scores.input_similarity}
 
 
-def _images(output: StageOutput) -> list[Image.Image]:
-    """The output's images as written (8-bit), to be scored."""
+def _images(output: StageOutput) -> list[np.ndarray]:
+    """The output's images, to be scored (as they are written: ClipScorer makes them 8-bit)."""
     if output.images is None:
         raise ScoringError("the stage made no image to score")
-    return [to_pil(image) for image in output.images]
+    return list(output.images)
 
 
 class _Rows:

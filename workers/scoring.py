@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,10 +39,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from workers.stages.common import to_pil
+
 log = logging.getLogger(__name__)
 
 HASH_SIDE = 8  # a dHash of 8 x 8 = 64 bits
 DECIMALS = 4  # of a recorded score: far below what separates two images
+PREPARE_THREADS = 4
+
+# An image to score: a PIL image, or a pipeline's output row (float in [0, 1], or 8-bit).
+Picture = Image.Image | np.ndarray
 
 
 @dataclass(frozen=True)
@@ -92,14 +99,24 @@ class Targets:
 
 
 class ClipScorer:
-    """A CLIP checkpoint, loaded once per worker, that scores images against prompts and inputs."""
+    """A CLIP checkpoint, loaded once per worker, that scores images against prompts and inputs.
 
-    def __init__(self, model: Any, processor: Any, device: str, dtype: torch.dtype) -> None:
+    Preparing an image (the processor's resize, crop and normalization, a few milliseconds at 512 x
+    512) is CPU work on the thread that waits for the accelerator: on a GPU host the images of a call
+    are prepared side by side on PREPARE_THREADS threads (PIL resizes without the interpreter lock),
+    and the engine prepares the inputs while it reads them, before the call."""
+
+    def __init__(
+        self, model: Any, processor: Any, device: str, dtype: torch.dtype, threads: int | None = None
+    ) -> None:
         self.model = model
         self.processor = processor
         self.device = device
         self.dtype = dtype
         self.max_tokens = int(model.config.text_config.max_position_embeddings)
+        if threads is None:
+            threads = 0 if device == "cpu" else PREPARE_THREADS  # on the CPU the model needs the cores
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="imgjobs-score") if threads else None
 
     @classmethod
     def load(cls, path: str, device: str, dtype: torch.dtype) -> ClipScorer:
@@ -109,8 +126,19 @@ class ClipScorer:
         processor = CLIPProcessor.from_pretrained(path, backend="pil")
         return cls(model, processor, device, dtype)
 
-    def image_embeddings(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+    def pixels(self, images: Sequence[Picture]) -> torch.Tensor:
+        """The images as the model takes them, (count, 3, side, side); a pipeline's float output is
+        first made 8-bit, as it is written."""
+        if self._pool is not None and len(images) > 1:
+            return torch.stack(list(self._pool.map(self._prepared, images)))
+        return torch.stack([self._prepared(image) for image in images])
+
+    def _prepared(self, image: Picture) -> torch.Tensor:
+        picture = image if isinstance(image, Image.Image) else to_pil(image)
+        prepared: torch.Tensor = self.processor(images=[picture], return_tensors="pt")["pixel_values"][0]
+        return prepared
+
+    def image_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             features = self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
         return _embeddings(features)
@@ -127,8 +155,9 @@ class ClipScorer:
             )
         return _embeddings(features)
 
-    def targets(self, prompts: Sequence[str | None], inputs: Sequence[Image.Image | None]) -> Targets:
-        """The items' prompt and input embeddings, each kind in one batch."""
+    def targets(self, prompts: Sequence[str | None], inputs: Sequence[torch.Tensor | None]) -> Targets:
+        """The items' prompt and input embeddings, each kind in one batch; `inputs` are the input
+        images as `pixels` prepared them."""
         texts: list[torch.Tensor | None] = [None] * len(prompts)
         with_text = [row for row, prompt in enumerate(prompts) if prompt]
         if with_text:
@@ -136,16 +165,16 @@ class ClipScorer:
             for index, row in enumerate(with_text):
                 texts[row] = embedded[index]
         images: list[torch.Tensor | None] = [None] * len(inputs)
-        with_input = [row for row, image in enumerate(inputs) if image is not None]
-        if with_input:
-            embedded = self.image_embeddings([image for image in inputs if image is not None])
-            for index, row in enumerate(with_input):
+        given = [(row, pixels) for row, pixels in enumerate(inputs) if pixels is not None]
+        if given:
+            embedded = self.image_embeddings(torch.stack([pixels for _, pixels in given]))
+            for index, (row, _) in enumerate(given):
                 images[row] = embedded[index]
         return Targets(texts, images)
 
-    def scores(self, outputs: Sequence[Image.Image], targets: Targets) -> list[Scores]:
+    def scores(self, outputs: Sequence[Picture], targets: Targets) -> list[Scores]:
         """Each output's scores against its item's targets (row for row), in one batch."""
-        embedded = self.image_embeddings(outputs)
+        embedded = self.image_embeddings(self.pixels(outputs))
         found = []
         for row in range(len(outputs)):
             text, source = targets.texts[row], targets.inputs[row]

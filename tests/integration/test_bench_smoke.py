@@ -49,3 +49,18 @@ def test_report_benchmark_smoke(tmp_path: Path) -> None:
     last = bench("report.py", "--items", "3", "--work-dir", str(tmp_path))
     assert (last["items"], last["pages"]) == (3, 2) and last["report_s"] > 0 and last["png_bytes"] > 0
     assert list(tmp_path.iterdir()) == []  # what it wrote is gone
+
+
+def test_scoring_benchmark_smoke() -> None:
+    last = bench(
+        "scoring.py", "--reps", "1", "--batch", "2", "--size", "32", "--steps", "2", "--threads", "1"
+    )
+    assert last["shapes"] == "tiny" and last["batch"] == 2
+    for key in (
+        "stage_s_per_item",
+        "scoring_s_per_item",
+        "ratio",
+        "preprocess_s_per_item",
+        "dhash_s_per_item",
+    ):
+        assert last[key] > 0, key

@@ -287,7 +287,7 @@ def test_a_scoring_failure_fails_its_item_alone(
     class Unscorable(ClipScorer):
         """The scoring model refusing one item's prompt: the batch fails, then that item alone."""
 
-        def targets(self, prompts: Sequence[str | None], inputs: Sequence[Image.Image | None]) -> Targets:
+        def targets(self, prompts: Sequence[str | None], inputs: Sequence[torch.Tensor | None]) -> Targets:
             if any(prompt and "unscorable" in prompt for prompt in prompts):
                 raise ValueError("this prompt breaks the scorer")
             return super().targets(prompts, inputs)
