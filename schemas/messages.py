@@ -248,7 +248,8 @@ class ItemResult(_Message):
     overrides: dict[str, Any] | None = Field(
         None, description="item fields `imgjobs retry --set` changed for this run of the item"
     )
-    # Last: the report finds it as the line's last "quality" key (workers/quality_report.py).
+    # After `stages`, whose records hold their own: the report takes a line's last "quality" key for
+    # this one (workers/quality_report.py; tested there).
     quality: QualityRecord | None = Field(None, description="the scores of the last scored stage's output")
 
     @model_serializer(mode="wrap")
