@@ -89,18 +89,25 @@ def print_estimate(job_id: str, total: int, stages: Sequence[StageEstimate]) -> 
     columns = ("stage", "model", "chunks", "pipeline calls", "denoising steps", "UNet evaluations")
     table = Table(*columns, "expected", "from")
     for stage in stages:
-        expected = f"{stage.seconds:.1f}s" if stage.seconds is not None else "unknown"
+        at_most = "≤ " if stage.attempts > 1 else ""
+        expected = f"{at_most}{stage.seconds:.1f}s" if stage.seconds is not None else "unknown"
         table.add_row(
             stage.stage,
             stage.model,
             str(stage.chunks),
-            str(stage.calls),
-            str(stage.steps),
-            str(stage.evaluations),
+            f"{at_most}{stage.calls}",
+            f"{at_most}{stage.steps}",
+            f"{at_most}{stage.evaluations}",
             expected,
             stage.source,
         )
     out.print(table)
+    for stage in stages:
+        if stage.attempts > 1:
+            out.print(
+                f"{stage.stage} re-rolls items below its score gate: counted as {stage.attempts} runs of "
+                "every item, an upper bound"
+            )
     by_model: dict[str, float | None] = {}
     for stage in stages:
         known = by_model.get(stage.model, 0.0)

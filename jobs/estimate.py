@@ -25,6 +25,9 @@ class StageEstimate:
     evaluations: int  # UNet evaluations, all items: what the time is estimated by
     seconds: float | None  # None: no worker has recorded a rate at a shape this stage runs
     source: str  # where `seconds` comes from, in words
+    # The most runs of one item (a score gate's re-rolls): calls, steps and seconds count them all, so
+    # with more than 1 they are upper bounds.
+    attempts: int = 1
 
     @property
     def on_gpu(self) -> bool:
@@ -66,16 +69,19 @@ def _stage_estimate(job: ValidatedJob, plan: StagePlan, rates: dict[str, Rate]) 
         source = (
             f"rates of {recorded} item(s) that {plan.model.name}'s workers ran at {', '.join(sorted(known))}"
         )
+    # Each re-roll round of a call is at most one more call, of at most its items.
+    attempts = plan.attempts
     return StageEstimate(
         stage=plan.name,
         model=plan.model.name,
         device=plan.model.entry.device,
         chunks=parts,
-        calls=calls,
-        steps=steps,
-        evaluations=sum(evaluations_by_shape.values()),
-        seconds=seconds,
+        calls=calls * attempts,
+        steps=steps * attempts,
+        evaluations=sum(evaluations_by_shape.values()) * attempts,
+        seconds=None if seconds is None else seconds * attempts,
         source=source,
+        attempts=attempts,
     )
 
 

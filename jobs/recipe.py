@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jobs.registry import Registry
+from jobs.registry import Registry, is_clip_checkpoint, scorer_problem
 from schemas.errors import ConfigError, Problem
 from schemas.job import (
     Img2ImgStage,
@@ -61,6 +61,8 @@ def _latent_problem(
 
 def _model_problem(stage: StageSpec, model: ResolvedModel) -> str | None:
     pipeline = model.entry.pipeline
+    if is_clip_checkpoint(model.entry):
+        return f"{model.name} is a scoring model (a CLIP checkpoint): name it in a stage's score.model"
     if isinstance(stage, ResizeStage) != (pipeline == RESIZE_PIPELINE):
         return "resize runs on the model `cpu`, and only resize does"
     if pipeline is None:
@@ -143,6 +145,7 @@ def plan_recipe(
     models: list[ResolvedModel | None] = []
     stages: list[StageSpec] = []
     extras: list[tuple[ResolvedModel | None, ResolvedModel | None]] = []
+    scorers: list[ResolvedModel | None] = []
     for index, stage in enumerate(spec.stages):
         where = f"stages.{index}"
         if index > 0 and stage.type == "text2img":
@@ -180,6 +183,20 @@ def plan_recipe(
             )
         else:
             extras.append((None, None))
+        score = None if isinstance(stage, ResizeStage) else stage.score
+        scorer = resolve(score.model, "score.model") if score else None
+        if scorer is not None and (problem := scorer_problem(scorer)):
+            problems.append(Problem(file, None, f"{where}.score.model", problem))
+        if score is not None and score.min_input_similarity is not None and spec.stages[0].type == "text2img":
+            problems.append(
+                Problem(
+                    file,
+                    None,
+                    f"{where}.score.min_input_similarity",
+                    "the job's items have no input image to compare with (its first stage is text2img)",
+                )
+            )
+        scorers.append(scorer)
 
     recipe: list[StagePlan] = []
     last = len(spec.stages) - 1
@@ -212,6 +229,7 @@ def plan_recipe(
                 save=stage.save if stage.save is not None else default_save,
                 controlnet=controlnet,
                 depth_model=depth_model,
+                scorer=scorers[index],
             )
         )
     return recipe, problems

@@ -17,6 +17,7 @@ from schemas.errors import ConfigError, UnknownModelError
 from schemas.job import STAGE_ONLY_FIELDS, Item
 from schemas.registry import (
     BUILTIN_MODELS,
+    CLIP_MODEL,
     MODEL_NAME_PATTERN,
     LoraRef,
     ModelEntry,
@@ -354,6 +355,42 @@ def safetensors_shapes(path: Path) -> dict[str, list[int]]:
         for key, info in header.items()
         if key != "__metadata__" and isinstance(info, dict) and isinstance(info.get("shape"), list)
     }
+
+
+def _transformers_type(entry: ModelEntry) -> str | None:
+    """A local folder's transformers model_type (its config.json's), or None: a hub id, an s3:// prefix,
+    a diffusers pipeline folder, or no readable config."""
+    folder = Path(entry.source)
+    if not folder.is_absolute() or (folder / "model_index.json").is_file():
+        return None
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def is_clip_checkpoint(entry: ModelEntry) -> bool:
+    """Whether the entry is a scoring model: a CLIP checkpoint by its `pipeline`, or by a local folder's
+    config.json."""
+    return entry.pipeline == CLIP_MODEL or _transformers_type(entry) == "clip"
+
+
+def scorer_problem(model: ResolvedModel) -> str | None:
+    """Why the model cannot be a stage's scoring model: it is not a CLIP checkpoint (transformers'
+    CLIPModel, with its processor). A hub id or s3:// source whose class is not given is left to the
+    worker that loads it."""
+    entry = model.entry
+    if is_clip_checkpoint(entry):
+        return None
+    if entry.pipeline is not None:
+        return f"{model.name} is a {entry.pipeline}, not a CLIP checkpoint ({CLIP_MODEL})"
+    if Path(entry.source).is_absolute() and Path(entry.source).is_dir():
+        found = _transformers_type(entry)
+        what = f"its config.json says model_type {found!r}" if found else "no transformers config.json"
+        return f"{model.name} is not a CLIP checkpoint ({CLIP_MODEL}): {what}"
+    return None
 
 
 def s3_problem(uri: str) -> str | None:

@@ -16,6 +16,8 @@
         ├── TimeLimitError        the item's chunk ran past its time limit before the item finished
         ├── NsfwFlaggedError      the safety checker flagged the output, and the model fails such items
         ├── NonFiniteOutputError  the output (image or latents) holds NaN or infinity: a numeric overflow
+        ├── LowScoreError         the output scored below its stage's score gate, which fails such items
+        ├── ScoringError          the output could not be scored (the scoring model failed)
         ├── JobCancelledError     the job was cancelled before the item ran
         └── PoisonChunkError      the item's chunk was delivered too often: its worker died each time
 
@@ -110,6 +112,14 @@ class NonFiniteOutputError(ItemError):
     the GPU memory, and another compilation when compiled) for rare items, whose outputs would then
     come from another dtype than the rest of their job's. The message names the dtype; bfloat16 (the
     default on GPUs that have it) or float32 in the model's registry entry is the fix."""
+
+
+class LowScoreError(ItemError):
+    pass
+
+
+class ScoringError(ItemError):
+    pass
 
 
 class JobCancelledError(ItemError):

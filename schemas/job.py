@@ -12,7 +12,17 @@ import string
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 from schemas.prompts import control_character_problem
 from schemas.registry import LoraRef, duplicate_source
@@ -124,6 +134,15 @@ BUILTIN_RESIZE: ResizePolicy = "crop"
 RESIZE_DESCRIPTION = "crop (cover, then center-crop), fit (stretch) or pad (fit inside, pad with black)"
 
 
+def without_none(data: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """A model's serialized fields without those of `keys` that are None: for fields added later that
+    most objects leave unset, whose JSON (and what is digested or read from it) then stays as it was."""
+    for key in keys:
+        if key in data and data[key] is None:
+            del data[key]
+    return data
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -155,6 +174,48 @@ def _check_prompt_template(value: str) -> str:
 PromptTemplate = Annotated[str, AfterValidator(_check_prompt_template)]
 DEFAULT_PROMPT_TEMPLATE = "{prompt}"
 SaveKind = Literal["image", "latent"]
+MAX_REROLLS = 8
+
+
+class Reroll(_Strict):
+    """Run an item whose output scored below a gate again, with its seed + 1, + 2, ... up to `reroll`
+    more times (stopping at the first that passes), and keep the best-scoring output."""
+
+    reroll: int = Field(ge=1, le=MAX_REROLLS, description="most extra runs of an item below a gate")
+
+
+class ScoreSpec(_Strict):
+    """Score each output of the stage on the worker that made it, and gate on the scores."""
+
+    model: str = Field(
+        min_length=1, description="registry name of a CLIP checkpoint (transformers CLIPModel)"
+    )
+    min_clip_score: float | None = Field(
+        None, ge=0.0, le=100.0, description="CLIP score of output and prompt, 100 x max(cosine, 0)"
+    )
+    min_input_similarity: float | None = Field(
+        None, ge=-1.0, le=1.0, description="cosine of the CLIP image embeddings of output and input"
+    )
+    on_low_score: Literal["flag", "fail"] | Reroll = Field(
+        "flag",
+        description="below a gate: flag (keep, marked), fail (LowScoreError) or {reroll: N} (the best of "
+        "up to N more seeds, flagged if still below)",
+    )
+
+    @model_validator(mode="after")
+    def _gate_needs_a_threshold(self) -> ScoreSpec:
+        if self.on_low_score != "flag" and not self.gated:
+            raise ValueError("on_low_score: fail and reroll need min_clip_score or min_input_similarity")
+        return self
+
+    @property
+    def gated(self) -> bool:
+        return self.min_clip_score is not None or self.min_input_similarity is not None
+
+    @property
+    def rerolls(self) -> int:
+        """The most extra runs of one item: N of `{reroll: N}`, else 0."""
+        return self.on_low_score.reroll if isinstance(self.on_low_score, Reroll) else 0
 
 
 def _check_preset(value: str) -> str:
@@ -207,6 +268,15 @@ class _Stage(_Strict):
         "false: none (a checkpoint distilled already)",
     )
     eta: Eta | None = Field(None, description="the noise a DDIM or TCD step adds back (tcd's preset: 0.3)")
+    score: ScoreSpec | None = Field(
+        None, description="CLIP score, input similarity and a perceptual hash of each output; gates"
+    )
+
+    @model_serializer(mode="wrap")
+    def _score_only_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A job's id digests its spec as JSON: a stage that scores nothing keeps the JSON it had before
+        # stages could score, so the ids of such jobs stay as they were.
+        return without_none(handler(self), "score")
 
     @model_validator(mode="after")
     def _distinct_loras(self) -> _Stage:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from schemas.job import (
     Defaults,
@@ -15,10 +15,12 @@ from schemas.job import (
     ResizeStage,
     ResolvedParams,
     SaveKind,
+    ScoreSpec,
     StageSpec,
     base_prompt,
     resolve_negative_prompt,
     resolve_seed,
+    without_none,
 )
 from schemas.registry import LoraRef, ModelEntry, ResolvedModel, merged_loras
 
@@ -70,6 +72,12 @@ class StagePlan(_Message):
     save: tuple[SaveKind, ...] = Field(description="outputs kept after the item finishes")
     controlnet: ResolvedModel | None = None
     depth_model: ResolvedModel | None = None
+    scorer: ResolvedModel | None = Field(None, description="the CLIP checkpoint of the stage's `score`")
+
+    @model_serializer(mode="wrap")
+    def _scorer_only_when_scored(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A job's id digests its recipe as JSON: that of a job that scores nothing stays as it was.
+        return without_none(handler(self), "scorer")
 
     @property
     def prompt_syntax(self) -> str:
@@ -86,6 +94,15 @@ class StagePlan(_Message):
         return self.spec.format if isinstance(self.spec, ResizeStage) else "png"
 
     @property
+    def score(self) -> ScoreSpec | None:
+        return None if isinstance(self.spec, ResizeStage) else self.spec.score
+
+    @property
+    def attempts(self) -> int:
+        """The most runs of one item at this stage: 1, plus the re-rolls its score gate allows."""
+        return 1 + (self.score.rerolls if self.score else 0)
+
+    @property
     def writes(self) -> tuple[SaveKind, ...]:
         """Everything this stage writes: what is saved plus what the next stage reads."""
         handed = () if self.handover == "none" else (self.handover,)
@@ -95,6 +112,35 @@ class StagePlan(_Message):
 class StageInput(_Message):
     kind: Literal["image", "latent", "none"]
     uri: str | None = None
+
+
+class ScoreAttempt(_Message):
+    """One run of an item at a stage that re-rolls: its seed and the scores of its output."""
+
+    seed: int
+    clip_score: float | None = None
+    input_similarity: float | None = None
+
+
+class QualityRecord(_Message):
+    """The scores of one stage's output (the one kept), made on the worker that made it."""
+
+    stage: str = Field(description="the stage whose output was scored, e.g. s0-img2img")
+    model: str = Field(description="the scoring model (a CLIP checkpoint)")
+    clip_score: float | None = Field(
+        None,
+        description="100 x max(cosine, 0) of the output's and the prompt's CLIP embeddings; none "
+        "without a prompt",
+    )
+    input_similarity: float | None = Field(
+        None, description="cosine of the output's and the input image's CLIP embeddings; none without one"
+    )
+    phash: str | None = Field(None, description="64-bit difference hash (dHash) of the output, 16 hex digits")
+    low_score: bool = Field(False, description="below a gate of the stage (kept: flagged)")
+    seed: int = Field(description="the seed that made the kept output")
+    attempts: list[ScoreAttempt] = Field(
+        default_factory=list, description="every run when the item was re-rolled, in order; else empty"
+    )
 
 
 class StageRecord(_Message):
@@ -121,6 +167,11 @@ class StageRecord(_Message):
     unet_evaluations: int | None = Field(
         None, description="UNet evaluations per item: the steps' calls, doubled by classifier-free guidance"
     )
+    quality: QualityRecord | None = Field(None, description="the scores of this stage's output")
+
+    @model_serializer(mode="wrap")
+    def _quality_only_when_scored(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return without_none(handler(self), "quality")  # an unscored job's rows stay as they were
 
 
 class ChunkItem(_Message):
@@ -218,6 +269,28 @@ class ItemResult(_Message):
         None, description="item fields `imgjobs retry --set` changed for this run of the item"
     )
     key: str | None = Field(None, description="an input shard's sample key, where the id was derived from it")
+    # After `stages`, whose records hold their own: the report takes a line's last "quality" key for
+    # this one (workers/quality_report.py; tested there).
+    quality: QualityRecord | None = Field(None, description="the scores of the last scored stage's output")
+
+    @model_serializer(mode="wrap")
+    def _only_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # The rows of a job that reads no shards and scores nothing stay as they were.
+        return without_none(handler(self), "key", "quality")
+
+
+def score_columns(quality: QualityRecord | None) -> dict[str, Any]:
+    """An item's scores as flat columns, for tables that index a job's outputs without their images
+    (the dataset's metadata.jsonl); empty when nothing scored it."""
+    if quality is None:
+        return {}
+    return {
+        "clip_score": quality.clip_score,
+        "input_similarity": quality.input_similarity,
+        "phash": quality.phash,
+        "low_score": quality.low_score,
+        "score_seed": quality.seed,
+    }
 
 
 class WorkerModel(_Message):
@@ -255,6 +328,7 @@ def item_result(
         nsfw=any(record.nsfw for record in records),
         overrides=overrides,
         key=item.key,
+        quality=next((record.quality for record in reversed(records) if record.quality), None),
     )
 
 

@@ -314,6 +314,8 @@ def queue_for(model_name: str) -> str:
 
 
 RESIZE_PIPELINE = "resize"
+# The class of scoring models (a stage's `score.model`): transformers' CLIPModel, text and image towers.
+CLIP_MODEL = "CLIPModel"
 
 BUILTIN_MODELS: dict[str, ModelEntry] = {
     "cpu": ModelEntry(
@@ -377,5 +379,10 @@ BUILTIN_MODELS: dict[str, ModelEntry] = {
     "sd-x4-upscaler": ModelEntry(
         source="stabilityai/stable-diffusion-x4-upscaler",
         description="x4 upscaler",
+    ),
+    "clip-vit-large-patch14": ModelEntry(
+        source="openai/clip-vit-large-patch14",
+        pipeline=CLIP_MODEL,
+        description="CLIP ViT-L/14 for a stage's score: (the CLIP score's usual model)",
     ),
 }

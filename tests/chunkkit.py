@@ -111,6 +111,7 @@ def harness(
     job_id: str = "job",
     chunk_size: int | None = None,
     defaults: Defaults | None = None,
+    dataset: bool = False,
 ) -> Harness:
     """A job of `items` (absolute paths) on Redis and in `output`; the cpu model's resize stage unless
     `recipe` says otherwise. `storage` replaces the job's storage everywhere (to inject faults)."""
@@ -125,6 +126,7 @@ def harness(
         job_id=job_id,
         chunk_size=chunk_size,
         defaults=defaults or Defaults(size=PARAMS.size),
+        dataset=dataset,
         storage_for=storage_for,
     )
     return Harness(

@@ -25,10 +25,11 @@ JOB_ID = "report-test-0123abcd"
 PARAMS = ResolvedParams(size=(16, 16))
 
 
-def job_meta(output: Path, total: int) -> JobMeta:
-    """A two-stage job: img2img on tiny-sd handing its image to a resize that writes webp."""
+def job_meta(output: Path, total: int, score: dict[str, Any] | None = None) -> JobMeta:
+    """A two-stage job: img2img on tiny-sd handing its image to a resize that writes webp; with
+    `score`, the img2img stage scores its outputs so."""
     stages: list[dict[str, Any]] = [
-        {"type": "img2img", "strength": 0.6, "steps": 4},
+        {"type": "img2img", "strength": 0.6, "steps": 4, **({"score": score} if score else {})},
         {"type": "resize", "format": "webp", "quality": 70},
     ]
     spec = JobSpec.model_validate(
@@ -114,9 +115,12 @@ def failed(item_id: str, reason: str, message: str, stage: str = "s0-img2img", *
     )
 
 
-def write_report_of(output: Path, results: Sequence[ItemResult]) -> dict[str, str]:
-    """The report of `results` as the job's end writes it; every page's HTML by its key."""
-    meta = job_meta(output, len(results))
+def write_report_of(
+    output: Path, results: Sequence[ItemResult], score: dict[str, Any] | None = None
+) -> dict[str, str]:
+    """The report of `results` as the job's end writes it (its img2img stage scoring as `score` says);
+    every page's HTML by its key."""
+    meta = job_meta(output, len(results), score)
     job_dir = output / meta.job_id
     results_path = output / "results.jsonl"
     results_path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,6 +147,7 @@ class Page(HTMLParser):
         self.ids: list[str] = []
         self.sections: list[str] = []
         self.images: list[dict[str, str | None]] = []
+        self.elements: list[tuple[str, dict[str, str | None]]] = []  # every element, in order
         self.texts: list[str] = []
         self._table: str | None = None
         self._cell: list[str] | None = None
@@ -155,6 +160,7 @@ class Page(HTMLParser):
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         attributes = dict(attrs)
+        self.elements.append((tag, attributes))
         if attributes.get("id"):
             self.ids.append(str(attributes["id"]))
         if tag == "section" and "item" in (attributes.get("class") or "").split():
@@ -182,6 +188,14 @@ class Page(HTMLParser):
         self.texts.append(data)
         if self._cell is not None:
             self._cell.append(data)
+
+    def of_tag(self, tag: str, css_class: str | None = None) -> list[dict[str, str | None]]:
+        """The attributes of each element of `tag` (of that class, when given)."""
+        return [
+            attributes
+            for name, attributes in self.elements
+            if name == tag and (css_class is None or css_class in (attributes.get("class") or "").split())
+        ]
 
     def counts(self) -> dict[str, str]:
         """The header's counts by state, as shown."""

@@ -32,6 +32,7 @@ MODELS = {
     "tiny-sd-x4-upscaler": ("tiny-x4", "x4 upscaler"),
     "tiny-controlnet-depth": (None, "ControlNet (depth) for tiny-sd"),
     "tiny-depth-estimator": (None, "transformers depth estimation, for control: depth"),
+    "tiny-clip": (None, "CLIP (text and image towers), for a stage's score:"),
 }
 
 EXAMPLES: dict[str, dict[str, Any]] = {
@@ -124,6 +125,21 @@ EXAMPLES: dict[str, dict[str, Any]] = {
             }
         ]
     },
+    # Each output scored on the worker that made it; one below the CLIP-score gate runs again with its
+    # next seeds, at most twice, and the best is kept (flagged if none passes). The report shows the
+    # scores' histograms, the lowest first and the near-duplicates.
+    "scored-and-gated": {
+        "items": "items-scored.jsonl",
+        "stages": [
+            {
+                "type": "img2img",
+                "model": "tiny-sd",
+                "strength": 0.8,
+                "steps": 8,
+                "score": {"model": "tiny-clip", "min_clip_score": 15, "on_low_score": {"reroll": 2}},
+            }
+        ],
+    },
 }
 
 
@@ -199,6 +215,13 @@ def write_demo(folder: Path) -> Path:
             {**rows[0], "prompt": "a (cat)1.3 wizard, jungle--"},
             {**rows[1], "prompt": "astronaut in a (jungle)0.8, (cold color palette)1.2"},
         ],
+    )
+
+    # The items again, with two repeated under other ids: their outputs are alike, and the report's
+    # near-duplicate groups find them.
+    _write_jsonl(
+        folder / "items-scored.jsonl",
+        [*rows, {**rows[0], "id": "0000-again"}, {**rows[5], "id": "0005-again"}],
     )
 
     defaults = {"negative_prompt": "ugly, blurry", "size": [DEMO_SIZE, DEMO_SIZE]}

@@ -17,7 +17,9 @@ first, so it is not done twice. An item whose input could not be read for a reas
 leaves the others running: with `retry_inputs` it stays open and the run ends on its error once the
 rest is done (the chunk runs again for it alone); without, it fails alone with its own error. A call
 that runs out of accelerator memory is halved and run again, down to one item: only an item that
-does not fit alone fails.
+does not fit alone fails. A stage with a `score` gates each call's outputs before they are written
+(workers/quality.py): scored, re-rolled where its gate says so, and failed alone where they cannot be
+scored; the hash of each kept output is taken where it is written.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, TypeVar
 
 import torch
@@ -38,29 +40,49 @@ from safetensors.torch import save as save_safetensors
 
 from jobstate.parts import CarriedItem
 from jobstate.storage import Storage
-from schemas.errors import ImgjobsError, InputImageError, NonFiniteOutputError, NsfwFlaggedError, StageError
+from schemas.errors import (
+    ImgjobsError,
+    InputImageError,
+    LowScoreError,
+    NonFiniteOutputError,
+    NsfwFlaggedError,
+    StageError,
+)
 from schemas.job import (
     Defaults,
     Img2ImgStage,
     ResizeStage,
     ResolvedParams,
+    base_prompt,
     resolve_negative_prompt,
     resolve_prompt,
     resolve_seed,
 )
-from schemas.messages import ChunkItem, ItemResult, StageInput, StagePlan, StageRecord, item_result
+from schemas.messages import (
+    ChunkItem,
+    ItemResult,
+    QualityRecord,
+    StageInput,
+    StagePlan,
+    StageRecord,
+    item_result,
+)
 from schemas.settings import LocalRoots, Settings
 from workers.events import ChunkInfo, emit
 from workers.imageio import decode_image, encode_image, fetch_bytes, fit_image, image_tensor, load_input
 from workers.models import LoadedModel
 from workers.prompts import prompts_cut_short, weighted_prompt_error
+from workers.quality import ScoreGate, describe_shortfall
 from workers.samples import SampleReader
+from workers.scoring import dhash
 from workers.stages.common import (
     SplitOutput,
     StageBatch,
     StageOutput,
     nonfinite_part,
+    output_rows,
     run_splitting,
+    take_rows,
     to_pil,
 )
 from workers.stages.img2img import run_img2img
@@ -135,11 +157,13 @@ class _Prepared:
     control: Image.Image | None = None
     pixels: torch.Tensor | None = None  # image as the uint8 tensor the stage hands the device
     control_pixels: torch.Tensor | None = None
+    reference: torch.Tensor | None = None  # the item's input image, as the scoring model takes it
     timings: dict[str, float] = field(default_factory=dict)
     written: dict[str, str] = field(default_factory=dict)
     nsfw: bool = False
     error: ImgjobsError | None = None  # the output cannot be written (not finite)
     cut_short: bool = False  # the model's tokenizer cut its prompt to its limit
+    quality: QualityRecord | None = None
 
 
 class _InLine:
@@ -211,6 +235,12 @@ class StageEngine:
         # The last stage's images go here instead of an object each, where the job writes shards.
         self.spool = spool if self.is_last else None
         self.samples: SampleReader | None = None  # first-stage inputs that live in input shards
+        score, scorer = self.plan.score, self.plan.scorer
+        self.gate = (
+            ScoreGate(score, self.plan.name, scorer.name, lambda: model.scorer(scorer))
+            if score is not None and scorer is not None
+            else None
+        )
 
     # -- the stage
 
@@ -284,7 +314,12 @@ class StageEngine:
     # -- results
 
     def _record(
-        self, work: WorkItem, timings: dict[str, float], nsfw: bool = False, cut_short: bool = False
+        self,
+        work: WorkItem,
+        timings: dict[str, float],
+        nsfw: bool = False,
+        cut_short: bool = False,
+        quality: QualityRecord | None = None,
     ) -> StageRecord:
         spec = self.plan.spec
         return StageRecord(
@@ -298,6 +333,7 @@ class StageEngine:
             else resolve_prompt(work.member.item, spec, self.job.defaults),
             prompt_truncated=cut_short,
             **self.model.ran(work.params)._asdict(),
+            quality=quality,
         )
 
     def result(
@@ -350,8 +386,23 @@ class StageEngine:
             prepared.control = self._control_image(work, prepared.image)
             if self.takes_pixels:
                 prepared.control_pixels = image_tensor(prepared.control, pinned=self.cuda)
+        if self.gate is not None:
+            prepared.reference = self._reference(work, prepared)
         prepared.timings["fetch_s"] = time.perf_counter() - started
         return prepared
+
+    def _reference(self, work: WorkItem, prepared: _Prepared) -> torch.Tensor | None:
+        """What the output's input similarity is measured against: the item's input image, fitted to
+        the job's size as its first stage fitted it (read again at a later stage), as the scoring
+        model takes it; none without one."""
+        assert self.gate is not None
+        source = work.member.item.image
+        if source is None:
+            return None
+        image = prepared.image if self.stage_index == 0 else None
+        if image is None:
+            image = load_input(source, work.params.size, self.settings, work.params.resize, self.roots)
+        return self.gate.prepare_input(image)
 
     def _control_image(self, work: WorkItem, image: Image.Image | None) -> Image.Image:
         if image is None:
@@ -439,7 +490,8 @@ class StageEngine:
                 self.plan,
                 params,
                 piece,
-                want_images="image" in self.plan.writes,
+                # A scored stage decodes its images even where it writes none: they are what is scored.
+                want_images="image" in self.plan.writes or self.gate is not None,
                 want_latents="latent" in self.plan.writes,
             )
 
@@ -473,7 +525,57 @@ class StageEngine:
             )
         if split.output is None:
             return None
-        return [p for row, p in enumerate(ready) if row not in split.failed], split.output
+        ran = [row for row in range(len(ready)) if row not in split.failed]
+        kept = [ready[row] for row in ran]
+        if self.gate is None:
+            return kept, split.output
+        if split.failed:
+            batch = take_rows(batch, ran, [batch.seeds[row] for row in ran])
+        return self._gate(kept, batch, split.output, run, sink)
+
+    def _gate(
+        self,
+        ready: list[_Prepared],
+        batch: StageBatch,
+        output: StageOutput,
+        run: Callable[[StageBatch], StageOutput],
+        sink: Sink,
+    ) -> tuple[list[_Prepared], StageOutput] | None:
+        """The call's outputs through the stage's score gate: each item's kept output, and its scores
+        on it; an item that could not be scored fails, alone."""
+        assert self.gate is not None
+        # Scores are taken from the images in host memory: on a GPU, once the call's copy is done.
+        output = output.wait()
+
+        def run_again(piece: StageBatch) -> SplitOutput:
+            started = time.perf_counter()
+            try:
+                split = run_splitting(run, piece, self.model.entry.static_batch)
+                return replace(split, output=split.output.wait() if split.output is not None else None)
+            finally:
+                emit.call_done(self.info, len(piece), time.perf_counter() - started)
+
+        started = time.perf_counter()
+        prompts = [base_prompt(p.work.member.item, self.job.defaults) or None for p in ready]
+        gated = self.gate.apply(batch, prompts, [p.reference for p in ready], output, run_again)
+        self.busy_s += time.perf_counter() - started
+        kept: list[int] = []
+        failed: list[tuple[WorkItem, ItemResult]] = []
+        for row, (prepared, quality) in enumerate(zip(ready, gated.rows, strict=True)):
+            prepared.reference = None  # not needed past here; a chunk may hold many
+            prepared.timings["score_s"] = quality.score_s
+            if quality.reroll_s:
+                prepared.timings["reroll_s"] = quality.reroll_s
+            if quality.error is not None:
+                failed.append((prepared.work, self.failed(prepared.work, quality.error, prepared.timings)))
+                continue
+            prepared.quality = quality.record
+            kept.append(row)
+        if failed:
+            sink.finished(failed)
+        if not kept:
+            return None
+        return [ready[row] for row in kept], output_rows(gated.output, kept)
 
     # -- outputs
 
@@ -485,13 +587,17 @@ class StageEngine:
         return [pool.submit(self._write_one, prepared, output, row) for row, prepared in enumerate(ready)]
 
     def _write_one(self, prepared: _Prepared, output: StageOutput, row: int) -> _Prepared:
+        """Encode and write one item's output, and hash it where it is scored."""
         output = output.wait()  # on a GPU: until the call has run and its outputs are in host memory
         started = time.perf_counter()
         prepared.nsfw = bool(output.nsfw and output.nsfw[row])
         # Checked in host memory, after the copy: a NaN would otherwise be written as a black image.
         prepared.error = self._nonfinite(output, row)
         if prepared.error is None:
-            prepared.written = self._write(prepared.work.member.item.id, output, row)
+            picture = to_pil(output.images[row]) if output.images is not None else None
+            if prepared.quality is not None and picture is not None:
+                prepared.quality = prepared.quality.model_copy(update={"phash": dhash(picture)})
+            prepared.written = self._write(prepared.work.member.item.id, output, row, picture)
         prepared.timings["write_s"] = time.perf_counter() - started
         return prepared
 
@@ -505,12 +611,14 @@ class StageEngine:
             "was written. The model's dtype bfloat16 or float32 avoids it"
         )
 
-    def _write(self, item_id: str, output: StageOutput, index: int) -> dict[str, str]:
+    def _write(
+        self, item_id: str, output: StageOutput, index: int, picture: Image.Image | None
+    ) -> dict[str, str]:
         written: dict[str, str] = {}
-        if "image" in self.plan.writes and output.images is not None:
+        if "image" in self.plan.writes and picture is not None:
             spec, image_format = self.plan.spec, self.plan.image_format
             quality = spec.quality if isinstance(spec, ResizeStage) else None
-            data = encode_image(to_pil(output.images[index]), image_format, quality)
+            data = encode_image(picture, image_format, quality)
             key = output_key(item_id, self.plan, "image")
             if self.spool is not None:
                 written["image"] = self.spool.add(item_id, image_format, data)
@@ -537,12 +645,14 @@ class StageEngine:
                 flagged = NsfwFlaggedError(f"{self.plan.name}: the safety checker flagged the output")
                 finished.append((work, self.failed(work, flagged, prepared.timings, nsfw=True)))
                 continue
-            record = self._record(work, prepared.timings, prepared.nsfw, prepared.cut_short)
+            record = self._record(work, prepared.timings, prepared.nsfw, prepared.cut_short, prepared.quality)
             records = [*work.member.stages, record]
             outputs = dict(work.member.outputs)
             outputs.update({output_name(self.plan, kind): prepared.written[kind] for kind in self.plan.save})
-            if self.is_last:
-                finished.append((work, self.result(work, records, outputs)))
+            low = self._low_score(prepared.quality)
+            if self.is_last or low is not None:
+                # A failed low-scoring item keeps its saved output in its row: it is what to look at.
+                finished.append((work, self.result(work, records, outputs, low)))
                 continue
             carried = CarriedItem(
                 slot=work.slot,
@@ -555,3 +665,10 @@ class StageEngine:
             sink.finished(finished)
         if onward:
             sink.handed(onward)
+
+    def _low_score(self, quality: QualityRecord | None) -> LowScoreError | None:
+        """The error of an output below a gate that fails such items; None otherwise."""
+        score = self.plan.score
+        if quality is None or not quality.low_score or score is None or score.on_low_score != "fail":
+            return None
+        return LowScoreError(f"{self.plan.name}: {describe_shortfall(quality, score)}")

@@ -24,7 +24,7 @@ from jobstate.results import part_results
 from jobstate.storage import Storage, open_storage
 from jobstate.store import JobStore
 from schemas.errors import ImgjobsError, UnknownJobError
-from schemas.messages import ItemResult, JobEnd
+from schemas.messages import ItemResult, JobEnd, score_columns
 from schemas.settings import LocalRoots, Settings
 from workers.engine import DATASET_DIR
 from workers.events import emit
@@ -138,7 +138,8 @@ def write_end(meta: JobMeta, ctx: EndContext) -> tuple[str, str]:
 
 def _dataset_row(result: ItemResult, image_format: str) -> dict[str, object]:
     """metadata.jsonl's row, in the layout the `datasets` imagefolder loader reads. `prompt` is the
-    item's, `prompt_used` what the last stage that takes a prompt ran with (after its template)."""
+    item's, `prompt_used` what the last stage that takes a prompt ran with (after its template); a
+    scored job's rows carry the scores, so that the dataset can be filtered without its images."""
     used = [record.prompt for record in result.stages if record.prompt is not None]
     return {
         "file_name": f"{result.id}.{image_format}",
@@ -148,6 +149,7 @@ def _dataset_row(result: ItemResult, image_format: str) -> dict[str, object]:
         "seed": result.seed,
         "model": result.model,
         "source": result.image,
+        **score_columns(result.quality),
     }
 
 

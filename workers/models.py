@@ -2,7 +2,8 @@
 
 Derived pipelines (text2img from an img2img checkpoint, ControlNet img2img with an attached
 ControlNetModel) come from `from_pipe`, which shares the loaded components instead of loading
-them again; attachments (a ControlNet, a depth estimator) are loaded on first use and kept. So are
+them again; attachments (a ControlNet, a depth estimator, a scoring model) are loaded on first use
+and kept. So are
 LoRA adapters, loaded into the shared modules and switched per chunk (use_adapters). s3:// sources
 load from their copy in the model cache (workers/model_cache.py).
 """
@@ -18,12 +19,12 @@ import time
 from collections.abc import Callable, MutableMapping
 from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from PIL import Image
 
-from schemas.errors import ConfigError, StageError
+from schemas.errors import ConfigError, ImgjobsError, ScoringError, StageError
 from schemas.job import (
     BUILTIN_GUIDANCE_SCALE,
     BUILTIN_NOISE_LEVEL,
@@ -62,6 +63,9 @@ from schemas.settings import Settings
 from workers.compiles import watch
 from workers.events import emit
 from workers.model_cache import local_copy
+
+if TYPE_CHECKING:
+    from workers.scoring import ClipScorer
 
 log = logging.getLogger(__name__)
 
@@ -364,6 +368,7 @@ class LoadedModel:
         self._model_cache = model_cache
         self._derived: dict[str, Any] = {}
         self._depth_lock = threading.Lock()
+        self._scorer_lock = threading.Lock()
         # LoRA adapters: those loaded (by adapter name), and the (name, weight) set now active; None
         # when unknown (a load that failed part-way may have changed it), so the next set is applied.
         self._adapters: dict[str, LoraRef] = {}
@@ -651,6 +656,25 @@ class LoadedModel:
             kwargs["variant"] = model.entry.variant
         log.info("loading controlnet %s for %s", model.name, self.name)
         return ControlNetModel.from_pretrained(self.fetch(model.entry.source), **kwargs).to(self.device)
+
+    def scorer(self, model: ResolvedModel) -> ClipScorer:
+        """The CLIP checkpoint that scores this model's outputs, loaded on first use and kept, in its
+        entry's dtype (float32 on the CPU) on its entry's device. ScoringError if it cannot load."""
+        key = f"scorer:{model.name}"
+        with self._scorer_lock:
+            if key not in self._derived:
+                from workers.scoring import ClipScorer
+
+                device = resolve_device(model.entry.device)
+                log.info("loading scoring model %s for %s", model.name, self.name)
+                try:
+                    self._derived[key] = ClipScorer.load(
+                        self.fetch(model.entry.source), device, resolve_dtype(model.entry, device)
+                    )
+                except (OSError, ValueError, TypeError, KeyError, RuntimeError, ImgjobsError) as exc:
+                    raise ScoringError(f"scoring model {model.name} cannot load: {exc}") from None
+            scorer: ClipScorer = self._derived[key]
+        return scorer
 
     def estimate_depth(self, model: ResolvedModel, image: Image.Image) -> Image.Image:
         """The depth map of image, from the transformers depth-estimation model, loaded on first use.

@@ -18,6 +18,11 @@ the whole contact sheet (20,000 images) would take minutes of the end's time, on
 are rendered and written one at a time from the results file, so memory holds one page whatever
 the job's size. The contact sheet stops after CONTACT_PAGES pages, as thousands of pages would cost
 a storage write each. Later items are in results.jsonl; the failed view lists every failed item.
+
+A job whose stages score their outputs also gets, in every page's header, each score's distribution
+as a small histogram, and pages of its own: _report/worst-<score>.html, the lowest-scoring items
+first as a contact sheet, and _report/duplicates.html, the near-duplicate groups
+(workers/quality_report.py gathers them in the first pass).
 Only the lines those pages show are parsed: the counts come from a scan of the raw lines. Pages an
 earlier end of the job wrote (before a retry) and this one did not are deleted.
 """
@@ -34,6 +39,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 from PIL import Image
@@ -41,9 +47,17 @@ from PIL import Image
 from jobstate.meta import JobMeta
 from jobstate.storage import Storage, check_key
 from schemas.errors import JobCancelledError, StorageRefusedError
-from schemas.messages import ItemResult, StagePlan
+from schemas.messages import ItemResult, QualityRecord, StagePlan
 from schemas.settings import LocalRoots, Settings
 from workers.imageio import decode_image, fetch_bytes
+from workers.quality_report import (
+    GROUPS_SHOWN,
+    WORST_SHOWN,
+    QualityTally,
+    ScoreKind,
+    histogram_svg,
+    thresholds,
+)
 
 REPORT_KEY = "report.html"
 RESULTS_KEY = "results.jsonl"  # written beside it by the job's end
@@ -79,6 +93,10 @@ img, .placeholder { display: block; width: 160px; height: 160px; object-fit: con
 .placeholder { display: flex; align-items: center; justify-content: center; color: #777; }
 .params { font: .75rem monospace; color: #555; white-space: pre-wrap; }
 .nsfw { color: #8a5a00; font-weight: bold; }
+.low-score { color: #b00020; font-weight: bold; }
+.quality { display: flex; gap: 1.5rem; align-items: flex-start; margin: .2rem 0 .6rem; }
+.quality figure { text-align: left; } svg.histogram { display: block; background: #f6f6f6; }
+.group { border-top: 1px solid #ccc; padding: .6rem 0; }
 """
 
 # uris -> their thumbnails as data URIs (None where there is none)
@@ -86,9 +104,10 @@ Thumbnails = Callable[[Sequence[str]], Mapping[str, str | None]]
 INPUT_NOT_IN_PREFIX = "outside the job's folder"  # past report.html, inputs are linked, not fetched
 
 
-# A stage's record in a results line (StageRecord's JSON, its fields in their order, ending with what
-# the stage ran): its name, and the sampler, schedule, steps and UNet evaluations it ran. Found without
-# parsing the line; a record's params and timings hold no nested object.
+# A stage's record in a results line (StageRecord's JSON, its fields in their order: what the stage
+# ran, then its scores where it was scored): its name, and the sampler, schedule, steps and UNet
+# evaluations it ran. Found without parsing the line; a record's params and timings hold no nested
+# object.
 _STRING = r'"(?:[^"\\]|\\.)*"'
 _RAN = re.compile(
     r'\{"name":"(?P<stage>[^"]+)","model":' + _STRING + r',"params":\{[^{}]*\},"timings":\{[^{}]*\},'
@@ -97,7 +116,7 @@ _RAN = re.compile(
     + _STRING
     + r'),"schedule":(?P<schedule>null|'
     + _STRING
-    + r'),"steps_run":(?P<steps>null|\d+),"unet_evaluations":(?P<evaluations>null|\d+)\}'
+    + r'),"steps_run":(?P<steps>null|\d+),"unet_evaluations":(?P<evaluations>null|\d+)[,}]'
 )
 
 
@@ -147,9 +166,12 @@ class Summary:
     flagged: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
     runs: dict[str, StageRuns] = field(default_factory=dict)  # by stage name
+    quality: QualityTally | None = None  # a scored job's scores
 
     def add(self, line: str) -> None:
         """Count one results line, parsing it only when it failed (for its reason)."""
+        if self.quality is not None:
+            self.quality.add(self.items, line)
         self.items += 1
         self.flagged += NSFW_MARK in line
         for found in _RAN.finditer(line):
@@ -189,8 +211,9 @@ class Summary:
         return -(-(self.failed + self.cancelled) // FAILED_PER_PAGE)
 
 
-def summarize(lines: Iterable[str]) -> Summary:
-    summary = Summary()
+def summarize(lines: Iterable[str], scored: bool = False) -> Summary:
+    """The counts of results.jsonl's lines; with `scored`, their scores too."""
+    summary = Summary(quality=QualityTally() if scored else None)
     for line in lines:
         summary.add(line)
     return summary
@@ -242,6 +265,13 @@ def items_page_key(page: int) -> str:
 
 def failed_page_key(page: int) -> str:
     return f"{PAGES_FOLDER}/failed-{page}.html"
+
+
+def worst_page_key(kind: ScoreKind) -> str:
+    return f"{PAGES_FOLDER}/worst-{kind.field.replace('_', '-')}.html"
+
+
+DUPLICATES_KEY = f"{PAGES_FOLDER}/duplicates.html"
 
 
 @dataclass(frozen=True)
@@ -383,6 +413,8 @@ def render_header(meta: JobMeta, summary: Summary, place: Place) -> str:
     ]
     if summary.flagged:
         states.append(("flagged nsfw", summary.flagged))
+    if summary.quality is not None and summary.quality.low:
+        states.append(("low score", summary.quality.low))
     reasons = sorted(summary.reasons.items(), key=lambda pair: (-pair[1], pair[0]))
     stage_rows = "".join(_stage_row(plan, summary.runs.get(plan.name)) for plan in meta.recipe)
     reasons_table = (
@@ -398,8 +430,31 @@ def render_header(meta: JobMeta, summary: Summary, place: Place) -> str:
         '<table class="stages"><tr><th>stage</th><th>type</th><th>model</th><th>parameters</th><th>ran</th>'
         f"<th>saves</th><th>hands over</th></tr>{stage_rows}</table>"
         f'<div class="tallies"><table class="counts">{_count_rows(states)}</table>{reasons_table}</div>'
-        f"{_nav(summary, place)}</header>"
+        f"{_quality_block(meta, summary, place)}{_nav(summary, place)}</header>"
     )
+
+
+def _gates(meta: JobMeta) -> dict[str, float | None]:
+    scored = [plan.score for plan in meta.recipe if plan.score is not None]
+    return thresholds([(score.min_clip_score, score.min_input_similarity) for score in scored])
+
+
+def _quality_block(meta: JobMeta, summary: Summary, place: Place) -> str:
+    """Each score's distribution as a picture, with links to its lowest-scoring items, and a link to
+    the near-duplicate groups; nothing for a job that scored nothing."""
+    tally = summary.quality
+    if tally is None or not tally.scored:
+        return ""
+    gates = _gates(meta)
+    figures = [
+        f'<figure class="score">{histogram_svg(tally.histograms[kind.field], gates[kind.field])}'
+        f"<figcaption>{html.escape(kind.label)}: "
+        f'<a href="{_href(place.key, worst_page_key(kind))}">lowest first</a></figcaption></figure>'
+        for kind in tally.kinds()
+    ]
+    groups = len(tally.groups())
+    duplicates = f'<a href="{_href(place.key, DUPLICATES_KEY)}">near-duplicate groups ({groups})</a>'
+    return f'<div class="quality">{"".join(figures)}<p>{duplicates}</p></div>'
 
 
 def _page_links(label: str, pages: int, key_of: Callable[[int], str], place: Place) -> str:
@@ -478,13 +533,23 @@ def _item_section(
     stages = [
         {"stage": s.name, "model": s.model, **s.params.model_dump(exclude_none=True)} for s in result.stages
     ]
-    details = json.dumps({"seed": result.seed, "negative_prompt": result.negative_prompt, "stages": stages})
+    about: dict[str, object] = {"seed": result.seed, "negative_prompt": result.negative_prompt}
+    quality = result.quality
+    if quality is not None:
+        about["scores"] = quality.model_dump(exclude={"stage", "model", "attempts"}, exclude_none=True)
+        if quality.attempts:
+            about["seeds tried"] = [attempt.seed for attempt in quality.attempts]
+    details = json.dumps({**about, "stages": stages})
     error = (
         f"<p>{_escape(result.error.type)}: {_escape(_clipped(result.error.message))}</p>"
         if result.error
         else ""
     )
     flagged = '<p class="nsfw">flagged by the safety checker: its output is black</p>' if result.nsfw else ""
+    if quality is not None:
+        flagged += f'<p class="scores">{html.escape(_scores_line(quality))}</p>'
+    if quality is not None and quality.low_score:
+        flagged += f'<p class="low-score">below the score gate of {html.escape(quality.stage)}</p>'
     return (
         f'<section class="item {result.status}{" flagged" if result.nsfw else ""}" '
         f'id="item-{_escape(result.id)}">'
@@ -492,6 +557,17 @@ def _item_section(
         f'<p>{_escape(result.prompt)}</p>{error}{flagged}<div class="row">{"".join(figures)}</div>'
         f'<p class="params">{_escape(details)}</p></section>'
     )
+
+
+def _scores_line(quality: QualityRecord) -> str:
+    shown = []
+    if quality.clip_score is not None:
+        shown.append(f"CLIP score {quality.clip_score:g}")
+    if quality.input_similarity is not None:
+        shown.append(f"input similarity {quality.input_similarity:g}")
+    if quality.attempts:
+        shown.append(f"best of {len(quality.attempts)} seeds")
+    return " · ".join(shown) or "scored"
 
 
 def render_items_page(
@@ -525,6 +601,83 @@ def render_items_page(
     sections = "".join(_item_section(result, shown, here, root, missing, input_missing) for result in results)
     body = f"<h2>{_escape(title)}</h2>{note}{sections}" if results else "<p>The job has no items.</p>"
     return _document(meta, title, render_header(meta, summary, place), body)
+
+
+def _linked_sections(results: Sequence[ItemResult], here: str, root: str) -> str:
+    """Item sections whose images are shown from their files in the job's prefix, as later pages do."""
+    uris = [uri for result in results for uri in pictured(result)]
+    shown = {uri: _href(here, key) for uri in uris if (key := key_in_prefix(uri, root))}
+    return "".join(
+        _item_section(result, shown, here, root, "not available", INPUT_NOT_IN_PREFIX) for result in results
+    )
+
+
+def render_worst_page(meta: JobMeta, summary: Summary, kind: ScoreKind, root: str) -> str:
+    """The lowest-scoring items of one score, lowest first, as a contact sheet."""
+    assert summary.quality is not None
+    place = Place(lambda _page: worst_page_key(kind), 1)
+    results = [ItemResult.model_validate_json(line) for line in summary.quality.worst_lines(kind)]
+    scored = summary.quality.histograms[kind.field].count
+    title = f"lowest {kind.label} first: {len(results)} of {scored} scored item(s)"
+    note = (
+        f"<p>The {WORST_SHOWN} lowest are shown; the others are in results.jsonl.</p>"
+        if scored > WORST_SHOWN
+        else ""
+    )
+    body = f"<h2>{html.escape(title)}</h2>{note}{_linked_sections(results, place.key, root)}"
+    return _document(meta, title, render_header(meta, summary, place), body)
+
+
+GROUP_MEMBERS_SHOWN = 12
+
+
+def _output_of(result: ItemResult) -> str | None:
+    """The item's last image output: what its perceptual hash was taken of, where it was saved."""
+    images = [uri for uri in result.outputs.values() if not is_latent(uri)]
+    return images[-1] if images else None
+
+
+def render_duplicates_page(meta: JobMeta, summary: Summary, members: Mapping[int, str], root: str) -> str:
+    """The near-duplicate groups, largest first: each member's output, linked to its place in the
+    contact sheet; `members` holds the results lines of the members shown, by position."""
+    assert summary.quality is not None
+    place = Place(lambda _page: DUPLICATES_KEY, 1)
+    here = place.key
+    groups = summary.quality.groups()
+    sections = []
+    for number, group in enumerate(groups[:GROUPS_SHOWN], start=1):
+        figures = []
+        for position in group[:GROUP_MEMBERS_SHOWN]:
+            result = ItemResult.model_validate_json(members[position])
+            output = _output_of(result)
+            key = key_in_prefix(output, root) if output else None
+            page = position // ITEMS_PER_PAGE + 1
+            link = _href(here, items_page_key(page), f"item-{result.id}") if page <= CONTACT_PAGES else None
+            figures.append(_figure(result.id, _href(here, key) if key else None, link, "not available"))
+        more = f" (the first {GROUP_MEMBERS_SHOWN} shown)" if len(group) > GROUP_MEMBERS_SHOWN else ""
+        sections.append(
+            f'<section class="group" id="group-{number}"><h2>group {number}: {len(group)} items{more}</h2>'
+            f'<div class="row">{"".join(figures)}</div></section>'
+        )
+    title = f"near-duplicate groups: {len(groups)}"
+    notes = "<p>Outputs whose perceptual hashes (64-bit dHash) differ in at most 3 bits.</p>"
+    if len(groups) > GROUPS_SHOWN:
+        notes += f"<p>The {GROUPS_SHOWN} largest groups are shown.</p>"
+    if not summary.quality.complete:
+        notes += "<p>Too many outputs hash alike to compare every pair: some groups may be missing.</p>"
+    body = f"<h2>{html.escape(title)}</h2>{notes}{''.join(sections) or '<p>No near-duplicates.</p>'}"
+    return _document(meta, title, render_header(meta, summary, place), body)
+
+
+def render_quality_pages(
+    meta: JobMeta, summary: Summary, members: Mapping[int, str], root: str
+) -> Iterator[tuple[str, str]]:
+    """(key, HTML) of a scored job's own pages: worst first per score, and the near-duplicates."""
+    if summary.quality is None or not summary.quality.scored:
+        return
+    for kind in summary.quality.kinds():
+        yield worst_page_key(kind), render_worst_page(meta, summary, kind, root)
+    yield DUPLICATES_KEY, render_duplicates_page(meta, summary, members, root)
 
 
 def _failed_line(row: FailedRow, here: str) -> str:
@@ -594,19 +747,29 @@ def read_lines(path: Path) -> Iterator[str]:
         yield from lines
 
 
+def _keeping(lines: Iterable[str], wanted: set[int], kept: dict[int, str]) -> Iterator[str]:
+    """The lines, keeping those at the positions `wanted` in `kept` on the way."""
+    for position, line in enumerate(lines):
+        if position in wanted:
+            kept[position] = line
+        yield line
+
+
 def write_report(
     meta: JobMeta, results_path: Path, storage: Storage, settings: Settings, roots: LocalRoots
 ) -> str:
     """Every page of the report, from results.jsonl as written at `results_path` (read twice: the
     counts first, since every page's header shows them); returns report.html's URI."""
-    summary = summarize(read_lines(results_path))
+    summary = summarize(read_lines(results_path), scored=any(plan.score for plan in meta.recipe))
+    # The near-duplicate groups' members shown, picked up as the second pass goes by.
+    wanted = summary.quality.shown_positions(GROUP_MEMBERS_SHOWN) if summary.quality else set()
+    members: dict[int, str] = {}
     first_page = ""
     written: set[str] = set()
     with ThreadPoolExecutor(THUMBNAIL_THREADS, thread_name_prefix="imgjobs-thumbnail") as pool:
-        pages = render_pages(
-            meta, summary, read_lines(results_path), Thumbnailer(settings, roots, pool), storage.root
-        )
-        for key, page in pages:
+        lines = _keeping(read_lines(results_path), wanted, members)
+        pages = render_pages(meta, summary, lines, Thumbnailer(settings, roots, pool), storage.root)
+        for key, page in chain(pages, render_quality_pages(meta, summary, members, storage.root)):
             if key == REPORT_KEY:
                 first_page = page
             else:

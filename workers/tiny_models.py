@@ -37,6 +37,8 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 from transformers import (
     CLIPConfig,
     CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPProcessor,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
@@ -474,6 +476,30 @@ def write_tiny_sd_with_safety_checker(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def write_tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """`tiny-clip`: a CLIPModel (text and image towers, projected to one space) with its tokenizer and
+    PIL-backend image processor, for a stage's `score:`; random weights, so its scores mean nothing but
+    are computed exactly as a real checkpoint's."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer(folder)
+    model = CLIPModel(
+        CLIPConfig(
+            text_config=tiny_clip_text_config(tokenizer).to_dict(),
+            vision_config=tiny_clip_vision_config().to_dict(),
+            projection_dim=TEXT_DIM,
+        )
+    )
+    model.save_pretrained(folder)
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        ),
+        tokenizer=tokenizer,
+    )
+    processor.save_pretrained(folder)
+    return folder
+
+
 def write_tiny_vae(folder: Path, seed: int = 5) -> Path:
     """A VAE of its own (tiny-sd's shape, other weights), as sd-vae-ft-mse is to SD 1.5's: for `vae:`."""
     torch.manual_seed(seed)
@@ -652,4 +678,5 @@ def write_all_tiny_models(root: Path) -> dict[str, Path]:
         "tiny-sd-x4-upscaler": write_tiny_sd_x4_upscaler(root / "tiny-sd-x4-upscaler"),
         "tiny-controlnet-depth": write_tiny_controlnet_depth(root / "tiny-controlnet-depth"),
         "tiny-depth-estimator": write_tiny_depth_estimator(root / "tiny-depth-estimator"),
+        "tiny-clip": write_tiny_clip(root / "tiny-clip"),
     }

@@ -58,3 +58,18 @@ def test_host_prep_benchmark_smoke() -> None:
     for row in last["rows"]:
         assert row["same_tensor"] is True
         assert row["before_main_thread_ms"] > 0 and row["after_lookup_on_cpu_ms"] > 0
+
+
+def test_scoring_benchmark_smoke() -> None:
+    last = bench(
+        "scoring.py", "--reps", "1", "--batch", "2", "--size", "32", "--steps", "2", "--threads", "1"
+    )
+    assert last["shapes"] == "tiny" and last["batch"] == 2
+    for key in (
+        "stage_s_per_item",
+        "scoring_s_per_item",
+        "ratio",
+        "preprocess_s_per_item",
+        "dhash_s_per_item",
+    ):
+        assert last[key] > 0, key

@@ -15,7 +15,9 @@ from typing import Any
 import boto3
 import pytest
 import redis
+import torch
 from PIL import Image
+from transformers import CLIPModel, CLIPProcessor
 
 from jobs.embedded import EmbeddedRedis
 from jobs.registry import Registry
@@ -23,6 +25,7 @@ from jobstate.store import JobStore
 from tests.conftest import Workers, imgjobs
 from tests.reportkit import Page
 from workers.demo import write_demo
+from workers.scoring import dhash
 
 pytestmark = pytest.mark.slow
 
@@ -225,3 +228,49 @@ def test_a_fast_sampler_and_a_few_step_preset_record_what_they_ran(guide: Guide)
             f"{sampler}{f' {schedule}' if schedule else ''}: {steps} steps, {evaluations} UNet evaluations"
         )
         assert header.tables["stages"][1][4] == f"{shown} an item", example
+
+
+def test_scored_and_gated_rows_and_report(guide: Guide) -> None:
+    """The demo's scoring example through real workers: every row's scores equal CLIP's own, the items
+    below the gate re-rolled with their next seeds, and the report's scored pages, near-duplicates
+    (two items repeated under other ids) included."""
+    job_id, results = guide.run("scored-and-gated")
+    items = {json.loads(line)["id"]: json.loads(line) for line in (guide.demo / "items-scored.jsonl").open()}
+    clip = guide.demo / "models" / "tiny-clip"
+    model = CLIPModel.from_pretrained(clip, dtype=torch.float32).eval()
+    processor = CLIPProcessor.from_pretrained(clip, backend="pil")
+    rerolled = 0
+    for result in results:
+        quality, item = result["quality"], items[result["id"]]
+        output = guide.image(result["outputs"]["s0-img2img"]).convert("RGB")
+        source = Image.open(guide.demo / item["image"]).convert("RGB")
+        inputs = processor(text=[item["prompt"]], images=[output, source], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = model(**inputs)
+        assert quality["clip_score"] == pytest.approx(
+            100 * max(float(out.image_embeds[0] @ out.text_embeds[0]), 0), abs=1e-3
+        )
+        assert quality["input_similarity"] == pytest.approx(
+            float(out.image_embeds[0] @ out.image_embeds[1]), abs=2e-4
+        )
+        assert quality["phash"] == dhash(output)
+        assert quality["low_score"] == (quality["clip_score"] < 15)
+        if quality["attempts"]:
+            rerolled += 1
+            seeds = [attempt["seed"] for attempt in quality["attempts"]]
+            assert seeds == [item["seed"] + n for n in range(len(seeds))] and quality["seed"] in seeds
+    assert rerolled, "no item was below the gate"
+    prefix = f"out/{job_id}/"
+    listed = guide.s3.list_objects_v2(Bucket=guide.bucket, Prefix=f"{prefix}_report/")
+    pages = {obj["Key"].removeprefix(prefix) for obj in listed["Contents"]}
+    assert {
+        "_report/worst-clip-score.html",
+        "_report/worst-input-similarity.html",
+        "_report/duplicates.html",
+    } <= pages
+    report = guide.s3.get_object(Bucket=guide.bucket, Key=f"{prefix}report.html")["Body"].read().decode()
+    assert len(Page(report).of_tag("svg", "histogram")) == 2
+    body = guide.s3.get_object(Bucket=guide.bucket, Key=f"{prefix}_report/duplicates.html")["Body"].read()
+    groups = Page(body.decode())
+    shown = [image["alt"] for image in groups.images]
+    assert {"0000", "0000-again"} <= set(shown) and {"0005", "0005-again"} <= set(shown)

@@ -1,5 +1,6 @@
 """The report's pages as headless Chromium shows them: the header, the failed items' view and a
-second page of the contact sheet, reached by following the pages' own relative links. .ci/run installs
+second page of the contact sheet, reached by following the pages' own relative links; and a scored
+job's histograms, worst-first page and near-duplicate groups. .ci/run installs
 Debian's chromium for these checks; without it they are skipped."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from schemas.messages import QualityRecord
 from tests.reportkit import JOB_ID, Page, failed, succeeded, write_output, write_report_of
 
 pytestmark = pytest.mark.slow
@@ -129,3 +131,64 @@ def test_the_second_page_shows_its_jpeg_and_webp_outputs(
     assert screenshot.size == (1000, 1400)
     # The images render: the page holds far more than the few colours of text on white.
     assert len(set(screenshot.getdata())) > 500
+
+
+@pytest.fixture(scope="module")
+def scored_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """report.html of a job whose img2img stage scores its outputs: 40 items, the CLIP scores falling
+    with the item's number, items 3 and 30 alike (their hashes a bit apart), item 39 failed low."""
+    output = tmp_path_factory.mktemp("scored") / "out"
+    job_dir = output / JOB_ID
+    results = []
+    for n in range(40):
+        item_id = f"i{n:03d}"
+        phash = {3: "f0f0f0f0f0f0f0f0", 30: "f0f0f0f0f0f0f0f1"}.get(n, f"{n * 0x0101010101010101:016x}")
+        scores = QualityRecord(
+            stage="s0-img2img",
+            model="tiny-clip",
+            clip_score=40.0 - n * 0.5,
+            input_similarity=0.9 - (n % 7) * 0.05,
+            phash=phash,
+            low_score=n >= 30,
+            seed=n,
+        )
+        outputs = {"s1-resize": write_output(job_dir, item_id, "s1-resize", "webp")}
+        if n == 39:
+            results.append(
+                failed(item_id, "LowScoreError", "s0-img2img: CLIP score 20.5 is below", quality=scores)
+            )
+        else:
+            results.append(succeeded(item_id, outputs, quality=scores))
+    write_report_of(output, results, score={"model": "tiny-clip", "min_clip_score": 25})
+    return (job_dir / "report.html").as_uri()
+
+
+def test_a_scored_jobs_header_draws_each_scores_histogram(scored_url: str, tmp_path: Path) -> None:
+    page = Page(chromium(scored_url, "--dump-dom"))
+    assert page.counts()["low score"] == "10"
+    charts = page.of_tag("svg", "histogram")
+    assert [chart["aria-label"] for chart in charts] == [
+        "CLIP score of 40 item(s): from 20.5 to 40.0; gate 25.0",
+        "input similarity of 40 item(s): from 0.6 to 0.9",
+    ]
+    assert len(page.of_tag("rect")) >= 10 and len(page.of_tag("line", "gate")) == 1
+    # Drawn, not only in the DOM: the bars' blue and the gate's red are on the screen.
+    shot = tmp_path / "header.png"
+    chromium(scored_url, f"--screenshot={shot}", "--window-size=1000,700")
+    colours = set(Image.open(shot).convert("RGB").getdata())
+    assert (0x4A, 0x7F, 0xB5) in colours and (0xB0, 0x00, 0x20) in colours
+
+
+def test_worst_first_and_the_near_duplicates_from_the_headers_links(scored_url: str) -> None:
+    header = Page(chromium(scored_url, "--dump-dom"))
+    worst_url = follow(scored_url, header, "worst-clip-score.html")
+    worst = Page(chromium(worst_url, "--dump-dom"))
+    assert worst.sections == [f"i{n:03d}" for n in range(39, -1, -1)]
+    assert "LowScoreError" in worst.text and "below the score gate of s0-img2img" in worst.text
+    assert all(path_of(urllib.parse.urljoin(worst_url, src)).is_file() for src in worst.linked_images())
+    duplicates_url = follow(scored_url, header, "duplicates.html")
+    duplicates = Page(chromium(duplicates_url, "--dump-dom"))
+    assert [section["id"] for section in duplicates.of_tag("section", "group")] == ["group-1"]
+    assert [image["alt"] for image in duplicates.images] == ["i003", "i030"]
+    (to_item,) = (link for link in duplicates.links if link.endswith("#item-i030"))
+    assert urllib.parse.urljoin(duplicates_url, to_item) == f"{scored_url}#item-i030"

@@ -45,6 +45,7 @@ NAMES = {
     "tiny-sd-x4-upscaler",
     "tiny-controlnet-depth",
     "tiny-depth-estimator",
+    "tiny-clip",
 }
 PROMPTS = ["a cat wizard", "astronaut in a jungle"]
 

@@ -97,6 +97,17 @@ def slice_batch(batch: StageBatch, start: int, stop: int) -> StageBatch:
     return replace(batch, latents=latents, **rows)
 
 
+def take_rows(batch: StageBatch, rows: list[int], seeds: list[int]) -> StageBatch:
+    """The batch's rows `rows` (in that order), run with `seeds` instead of their own."""
+    lists = {
+        name: [getattr(batch, name)[row] for row in rows]
+        for name in ROW_LISTS
+        if name != "seeds" and getattr(batch, name) is not None
+    }
+    latents = batch.latents[rows] if batch.latents is not None else None
+    return replace(batch, latents=latents, seeds=seeds, **lists)
+
+
 def pad_batch(batch: StageBatch, size: int) -> StageBatch:
     """batch with copies of its last item appended up to `size` rows. Each row, a copy too, gets its own
     generator (see generators), so the real items draw exactly the noise they draw unpadded."""
@@ -119,6 +130,19 @@ def slice_output(output: StageOutput, count: int) -> StageOutput:
         images=output.images[:count] if output.images is not None else None,
         latents=output.latents[:count] if output.latents is not None else None,
         nsfw=output.nsfw[:count] if output.nsfw is not None else None,
+    )
+
+
+def output_rows(output: StageOutput, rows: list[int]) -> StageOutput:
+    """The rows `rows` of an output, in that order (the output itself when that is all of them)."""
+    source = output.images if output.images is not None else output.latents
+    count = 0 if source is None else len(source)
+    if rows == list(range(count)):
+        return output
+    return StageOutput(
+        images=output.images[rows] if output.images is not None else None,
+        latents=output.latents[rows] if output.latents is not None else None,
+        nsfw=[output.nsfw[row] for row in rows] if output.nsfw is not None else None,
     )
 
 
