@@ -15,7 +15,7 @@ from jobstate.meta import JobMeta, chunk_size_for
 from jobstate.parts import JobParts
 from jobstate.storage import Storage, open_storage
 from jobstate.store import JobStore
-from schemas.job import Defaults, Item, JobSpec
+from schemas.job import Defaults, Item, JobSpec, OutputFormat
 from schemas.messages import Chunk, StagePlan
 
 
@@ -35,6 +35,7 @@ def seed_job(
     defaults: Defaults | None = None,
     chunk_size: int | None = None,
     dataset: bool = False,
+    output_format: OutputFormat = "files",
     storage_for: Callable[[str, str], Storage] = open_storage,
 ) -> SeededJob:
     """Write the items' parts and create the job; local paths in `items` must be absolute already."""
@@ -46,6 +47,7 @@ def seed_job(
         defaults=defaults or Defaults(),
         stages=[plan.spec for plan in recipe],
         dataset=dataset,
+        output_format=output_format,
     )
     meta = JobMeta(
         job_id=job_id,

@@ -279,6 +279,9 @@ class ItemResult(_Message):
         return without_none(handler(self), "key", "quality")
 
 
+SCORE_COLUMNS = ("clip_score", "input_similarity", "phash", "low_score", "score_seed")
+
+
 def score_columns(quality: QualityRecord | None) -> dict[str, Any]:
     """An item's scores as flat columns, for tables that index a job's outputs without their images
     (the dataset's metadata.jsonl); empty when nothing scored it."""

@@ -15,7 +15,7 @@ from jobstate.meta import JobMeta
 from jobstate.seed import seed_job
 from jobstate.storage import Storage, open_storage
 from jobstate.store import JobStore
-from schemas.job import Defaults, Item, ResolvedParams
+from schemas.job import Defaults, Item, OutputFormat, ResolvedParams
 from schemas.messages import Chunk, ItemResult, JobEnd, StagePlan
 from schemas.registry import BUILTIN_MODELS, ResolvedModel
 from schemas.settings import Settings
@@ -112,6 +112,7 @@ def harness(
     chunk_size: int | None = None,
     defaults: Defaults | None = None,
     dataset: bool = False,
+    output_format: OutputFormat = "files",
 ) -> Harness:
     """A job of `items` (absolute paths) on Redis and in `output`; the cpu model's resize stage unless
     `recipe` says otherwise. `storage` replaces the job's storage everywhere (to inject faults)."""
@@ -127,6 +128,7 @@ def harness(
         chunk_size=chunk_size,
         defaults=defaults or Defaults(size=PARAMS.size),
         dataset=dataset,
+        output_format=output_format,
         storage_for=storage_for,
     )
     return Harness(

@@ -55,7 +55,7 @@ from jobstate.meta import JobMeta
 from jobstate.storage import Storage
 from jobstate.store import JobStore
 from schemas.errors import StorageError
-from schemas.messages import Chunk, ItemResult
+from schemas.messages import SCORE_COLUMNS, Chunk, ItemResult, score_columns
 from workers.engine import WorkItem
 from workers.recording import ChunkRecorder
 
@@ -168,6 +168,8 @@ def _row(work: WorkItem, result: ItemResult, image: tuple[bytes, str] | None) ->
             ]
         ),
         "metadata": json.dumps(item.metadata) if item.metadata else None,
+        # The scores of a scored stage, null elsewhere: a dataset filtered by them reads no image.
+        **dict.fromkeys(SCORE_COLUMNS) | score_columns(result.quality),
     }
 
 
@@ -190,6 +192,11 @@ def _schema(with_image: bool) -> Any:
         pa.field("params", pa.string()),
         pa.field("stages", pa.string()),
         pa.field("metadata", pa.string()),
+        pa.field("clip_score", pa.float64()),
+        pa.field("input_similarity", pa.float64()),
+        pa.field("phash", pa.string()),
+        pa.field("low_score", pa.bool_()),
+        pa.field("score_seed", pa.int64()),
     ]
     if not with_image:
         return pa.schema(fields)
@@ -198,7 +205,7 @@ def _schema(with_image: bool) -> Any:
     # load_dataset("parquet", ...) decodes `image` as an Image feature.
     features = {"image": {"_type": "Image"}}
     for one in fields:
-        dtype = {"int64": "int64", "string": "string"}[str(one.type)]
+        dtype = {"int64": "int64", "string": "string", "double": "float64", "bool": "bool"}[str(one.type)]
         features[one.name] = {"dtype": dtype, "_type": "Value"}
     metadata = {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
     return pa.schema([image, *fields], metadata=metadata)

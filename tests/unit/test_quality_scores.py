@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import redis
 import torch
@@ -18,7 +19,7 @@ from transformers import CLIPModel, CLIPProcessor
 
 from jobs import redrive
 from jobs.embedded import EmbeddedRedis
-from schemas.job import Defaults, Item
+from schemas.job import Defaults, Item, OutputFormat
 from schemas.messages import ItemResult, StagePlan
 from schemas.registry import ResolvedModel
 from schemas.settings import Settings
@@ -81,6 +82,7 @@ def run_job(
     sd: LoadedModel,
     job_id: str = "job",
     dataset: bool = False,
+    output_format: OutputFormat = "files",
 ) -> dict[str, ItemResult]:
     client = redis.Redis.from_url(server.url)
     job = harness(
@@ -92,6 +94,7 @@ def run_job(
         job_id=job_id,
         defaults=Defaults(size=SIZE),
         dataset=dataset,
+        output_format=output_format,
     )
     job.run_all()
     return job.results()
@@ -338,3 +341,25 @@ def test_a_stage_that_hands_latents_is_scored_and_a_later_one_compares_with_the_
         assert result.quality is not None and result.quality.input_similarity == pytest.approx(
             similarity, abs=2e-4
         )
+
+
+def test_a_sharded_jobs_indexes_carry_the_scores(
+    server: EmbeddedRedis, tmp_path: Path, sd: LoadedModel, clip_dir: Path
+) -> None:
+    """An output shard's index holds each item's scores beside its seed and parameters: the dataset can
+    be filtered without reading its images."""
+    rows = items(tmp_path, count=2)
+    scorer = local_model("tiny-clip", clip_dir)
+    plan = scored_plan(sd, scorer)
+    results = run_job(server, tmp_path / "out", rows, [plan], sd, output_format="parquet")
+    (index,) = (tmp_path / "out" / "job" / "shards").glob("*.parquet")
+    table = pq.read_table(index, columns=["id", "seed", "clip_score", "input_similarity", "phash"])
+    for row in table.to_pylist():
+        quality = results[row["id"]].quality
+        assert quality is not None and quality.clip_score is not None
+        assert (row["clip_score"], row["input_similarity"], row["phash"]) == (
+            quality.clip_score,
+            quality.input_similarity,
+            quality.phash,
+        )
+    assert sorted(table.column("id").to_pylist()) == ["i0", "i1"]
