@@ -105,6 +105,7 @@ from workers.tiny_models import (  # noqa: E402
     write_tiny_sd_x4_upscaler,
     write_tiny_sdxl_refiner,
 )
+from workers.warmup import load_model  # noqa: E402
 
 # Dense bf16 matmul on an H200 (and an H100) as measured here: the floor of issue 6.
 PEAK_FLOPS = 790e12
@@ -556,7 +557,7 @@ class Bench:
         cache = counters["inductor"]
         hits, misses = cache["fxgraph_cache_hit"], cache["fxgraph_cache_miss"]
         started = time.perf_counter()
-        model = LoadedModel(name, registry.resolve(name).entry)
+        model = load_model(name, registry.resolve(name).entry)
         load_s = time.perf_counter() - started
         self.log(
             what=f"{work.name}_engine_load",

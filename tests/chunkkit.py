@@ -5,7 +5,7 @@ when it is due."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from tests.helpers import stage_plan
 from workers.chunk import ChunkContext, process_chunk
 from workers.job_end import EndContext, end_job
 from workers.models import LoadedModel
+from workers.stages.kinds import STAGES, Stage
 
 CPU = ResolvedModel(name="cpu", entry=BUILTIN_MODELS["cpu"])
 PARAMS = ResolvedParams(size=(16, 16))
@@ -45,7 +46,8 @@ def resize_recipe(stages: int = 1, model: ResolvedModel = CPU) -> list[StagePlan
 @dataclass
 class Harness:
     """One job and the context its chunks run in; `sent` collects the chunks handed to next stages,
-    `ends` the job's ends sent (written at once unless `write_ends` is off)."""
+    `ends` the job's ends sent (written at once unless `write_ends` is off). `stages` runs each stage
+    kind: a test may wrap one to see or change its calls."""
 
     client: redis.Redis
     store: JobStore
@@ -56,6 +58,7 @@ class Harness:
     storage_for: Callable[[str, str], Storage]
     write_ends: bool = True
     time_limits: tuple[type[BaseException], ...] = ()
+    stages: Mapping[str, Stage] = field(default_factory=lambda: STAGES)
     sent: list[Chunk] = field(default_factory=list)
     ends: list[JobEnd] = field(default_factory=list)
 
@@ -69,6 +72,7 @@ class Harness:
             send_end=self._send_end,
             open_storage=self.storage_for,
             time_limits=self.time_limits,
+            stages=self.stages,
         )
 
     @property

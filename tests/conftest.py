@@ -16,6 +16,7 @@ import pytest
 
 from jobs.embedded import EmbeddedRedis, LocalWorker
 from jobs.registry import Registry
+from jobstate.storage import forget_s3_clients
 from tests.helpers import moto_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +78,20 @@ def registry(models_yaml: Path) -> Registry:
 def redis_server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
     with EmbeddedRedis(tmp_path / "redis") as server:
         yield server
+
+
+@pytest.fixture
+def without_aws_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """No credentials anywhere boto3 looks, and no instance metadata service to ask; S3 clients
+    are built anew for the test, and again after it."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    forget_s3_clients()
+    yield
+    forget_s3_clients()
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,8 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import redis
 
@@ -36,6 +36,7 @@ from workers.events import ChunkInfo, emit
 from workers.models import LoadedModel
 from workers.recording import ChunkRecorder
 from workers.shard_sink import ShardSink
+from workers.stages.kinds import STAGES, Stage
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class ChunkContext:
     # What the task runner raises at a chunk's soft time limit (Celery's SoftTimeLimitExceeded); kept
     # apart from bugs so that its items fail with a reason that says what to change.
     time_limits: tuple[type[BaseException], ...] = ()
+    stages: Mapping[str, Stage] = field(default_factory=lambda: STAGES)  # what runs each stage kind
 
 
 class RetryChunk(Exception):
@@ -179,6 +181,7 @@ def process_chunk(chunk: Chunk, ctx: ChunkContext, retries: int = 0, may_retry: 
         info,
         retry_inputs=may_retry,
         spool=shards.spool if shards is not None else None,
+        stages=ctx.stages,
     )
     started = time.perf_counter()
     error: ImgjobsError | None = None

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, TypeVar
@@ -85,17 +85,13 @@ from workers.stages.common import (
     take_rows,
     to_pil,
 )
-from workers.stages.img2img import run_img2img
 from workers.stages.inputs import encodes_in_batch
-from workers.stages.resize import run_resize
-from workers.stages.text2img import run_text2img
-from workers.stages.upscale import run_upscale
+from workers.stages.kinds import STAGES, Stage
 from workers.unet_clock import UnetClock
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-STAGES = {"img2img": run_img2img, "text2img": run_text2img, "upscale": run_upscale, "resize": run_resize}
 DATASET_DIR = "dataset"
 LATENT_TENSOR = "latent"
 LOOKAHEAD = 2  # calls whose inputs are fetched, or outputs written, while the pipeline runs
@@ -215,6 +211,7 @@ class StageEngine:
         info: ChunkInfo,
         retry_inputs: bool = False,
         spool: OutputSpool | None = None,
+        stages: Mapping[str, Stage] = STAGES,
     ) -> None:
         self.model = model
         self.settings = settings
@@ -225,6 +222,7 @@ class StageEngine:
         self.is_last = stage_index == len(job.recipe) - 1
         self.info = info
         self.retry_inputs = retry_inputs
+        self.stages = stages
         self.roots = LocalRoots.of(settings, job.folder)
         self.cuda = model.device.startswith("cuda")
         # Where the stage hands the pipeline tensors of its images, the I/O threads make them.
@@ -482,7 +480,7 @@ class StageEngine:
         )
         started = time.perf_counter()
         error: StageError | None = None
-        run_stage = STAGES[spec.type]
+        run_stage = self.stages[spec.type]
 
         def run(piece: StageBatch) -> StageOutput:
             return run_stage(

@@ -5,7 +5,8 @@ ControlNetModel) come from `from_pipe`, which shares the loaded components inste
 them again; attachments (a ControlNet, a depth estimator, a scoring model) are loaded on first use
 and kept. So are
 LoRA adapters, loaded into the shared modules and switched per chunk (use_adapters). s3:// sources
-load from their copy in the model cache (workers/model_cache.py).
+load from their copy in the model cache (workers/model_cache.py). A worker loads its model through
+workers/warmup.py, which warms it up through its stage where its entry asks.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, MutableMapping
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -26,16 +26,12 @@ from PIL import Image
 
 from schemas.errors import ConfigError, ImgjobsError, ScoringError, StageError
 from schemas.job import (
-    BUILTIN_GUIDANCE_SCALE,
-    BUILTIN_NOISE_LEVEL,
     BUILTIN_SIZE,
-    BUILTIN_UPSCALE_GUIDANCE_SCALE,
     ResolvedParams,
     StageSpec,
     denoising_steps,
     stage_eta,
 )
-from schemas.messages import StagePlan
 from schemas.registry import (
     RESIZE_PIPELINE,
     UPSCALER_PIPELINES,
@@ -60,7 +56,6 @@ from schemas.samplers import (
     unet_evaluations,
 )
 from schemas.settings import Settings
-from workers.compiles import watch
 from workers.events import emit
 from workers.model_cache import local_copy
 
@@ -74,7 +69,6 @@ COMPILE_CACHE_ENV = "IMGJOBS_COMPILE_CACHE_DIR"
 # torch reads the first that is set (the second is its older name, which torch 2.11 still reads).
 ALLOC_CONF_ENVS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 EXPANDABLE_SEGMENTS = "expandable_segments:True"
-WARMUP_PROMPT = "warm-up"
 
 
 def resolve_device(requested: str) -> str:
@@ -381,14 +375,11 @@ class LoadedModel:
         self._schedulers: dict[tuple[int, SamplerChoice | None], Any] = {}
         self._scheduler_class = ""
         self._scheduler_config: dict[str, Any] = {}
-        self.warmup_s: float | None = None
+        self.warmup_s: float | None = None  # seconds, once warmed up (workers/warmup.py)
         # CPU stages (resize) have no pipeline to load.
         self.pipeline: Any = None
         if entry.pipeline == RESIZE_PIPELINE:
             return
-        compiles = watch() if entry.compile or entry.compile_vae else None
-        if compiles is not None:
-            compiles.skip()
         self.pipeline = load_checkpoint(entry, self.fetch)
         denoising = self._denoising(self.pipeline)
         self._scheduler_class = type(denoising.scheduler).__name__
@@ -398,10 +389,6 @@ class LoadedModel:
         self.use_adapters(entry.loras)
         self.pipeline = apply_speedups(self.pipeline, entry, self.device)
         self._adapters_fixed = entry.compile or entry.fuse_qkv
-        if entry.warmup:
-            self.warmup_s = self.warm_up()
-        if compiles is not None:
-            compiles.report(name, None)  # the warm-up's; later ones come with the chunk that ran them
 
     def fetch(self, source: str) -> str:
         """A source's local path: an s3:// one's copy in the model cache (downloaded if it is not
@@ -563,52 +550,6 @@ class LoadedModel:
         side = sides.get(self.class_name, sample * scale)
         side = max(8, side - side % 8)
         return (side, side)
-
-    def warm_up(self) -> float:
-        """Dummy batches through the stage this model serves, at static_batch (else 1) items of
-        warmup_size (else native_size), one at each of warmup_guidance (else the built-in guidance):
-        compilation happens here, before the worker takes work, and chunks of those shapes then run
-        compiled code. Returns the seconds."""
-        from PIL import Image
-
-        from workers.stages.common import StageBatch, run_static
-        from workers.stages.img2img import run_img2img
-        from workers.stages.upscale import run_upscale
-
-        size = self.entry.warmup_size or self.native_size()
-        count = self.entry.static_batch or 1
-        stage_type = "upscale" if self.is_upscaler else "img2img"
-        plan = StagePlan.model_validate(
-            {
-                "index": 0,
-                "name": f"s0-{stage_type}",
-                "spec": {"type": stage_type, "model": self.name},
-                "model": ResolvedModel(name=self.name, entry=self.entry),
-                "handover": "none",
-                "save": ("image",),
-            }
-        )
-        builtin = BUILTIN_UPSCALE_GUIDANCE_SCALE if self.is_upscaler else BUILTIN_GUIDANCE_SCALE
-        batch = StageBatch(
-            prompts=[WARMUP_PROMPT] * count,
-            negative_prompts=[WARMUP_PROMPT] * count,
-            seeds=list(range(count)),
-            images=[Image.new("RGB", size, (127, 127, 127)) for _ in range(count)],
-        )
-        run = run_upscale if self.is_upscaler else run_img2img
-        started = time.perf_counter()
-        for guidance in self.entry.warmup_guidance or (builtin,):
-            if self.is_upscaler:
-                params = ResolvedParams(
-                    size=size, guidance_scale=guidance, steps=2, noise_level=BUILTIN_NOISE_LEVEL
-                )
-            else:
-                params = ResolvedParams(size=size, guidance_scale=guidance, steps=4, strength=0.5)
-            call = partial(run, self, plan, params, want_images=True, want_latents=False)
-            run_static(call, batch, self.entry.static_batch)
-        seconds = time.perf_counter() - started
-        log.info("model %s warmed up in %.1fs: batch %d at %dx%d", self.name, seconds, count, *size)
-        return seconds
 
     def _cached(self, key: str, build: Any) -> Any:
         if key not in self._derived:

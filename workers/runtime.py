@@ -31,8 +31,9 @@ class WorkerRuntime:
     ) -> ChunkContext:
         import torch
 
-        from workers.models import LoadedModel, apply_gpu_settings
+        from workers.models import apply_gpu_settings
         from workers.observability import route_library_logs
+        from workers.warmup import load_model
 
         route_library_logs()  # before the model loads: loading logs too
 
@@ -46,7 +47,7 @@ class WorkerRuntime:
             torch.set_num_threads(settings.torch_threads)
         apply_gpu_settings(settings, model.entry)
         started = time.perf_counter()
-        loaded = LoadedModel(model.name, model.entry, settings.model_cache)
+        loaded = load_model(model.name, model.entry, settings.model_cache)
         log.info(
             "model %s loaded from %s in %.1fs", model.name, model.entry.source, time.perf_counter() - started
         )

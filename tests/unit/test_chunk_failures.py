@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,19 +14,19 @@ from celery.exceptions import SoftTimeLimitExceeded
 from jobs.embedded import EmbeddedRedis
 from jobstate import keys
 from jobstate.bits import unmask
-from jobstate.storage import LocalStorage, forget_s3_clients
+from jobstate.storage import LocalStorage
 from schemas.errors import StorageError
 from schemas.job import Item, ResolvedParams
 from schemas.messages import StagePlan
 from schemas.registry import ResolvedModel
 from tests.chunkkit import CPU, Harness, harness, resize_recipe
 from tests.helpers import write_image
-from workers import engine
 from workers.chunk import RetryChunk
 from workers.job_end import RetryEnd, end_job
 from workers.models import LoadedModel
 from workers.runtime import TIME_LIMITS
 from workers.stages.common import StageBatch, StageOutput
+from workers.stages.kinds import STAGES
 
 
 class FlakyStorage(LocalStorage):
@@ -166,20 +165,6 @@ def test_an_input_url_urllib_cannot_parse_fails_its_item_alone(
     assert (tmp_path / "out" / "job" / "report.html").exists()
 
 
-@pytest.fixture
-def without_aws_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """No credentials anywhere boto3 looks, and no instance metadata service to ask; storage's
-    process-wide client is built anew for the test, and again after it."""
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    forget_s3_clients()
-    yield
-    forget_s3_clients()
-
-
 def test_an_input_that_cannot_be_read_for_now_leaves_the_others_running_then_fails_alone(
     tmp_path: Path, redis_server: EmbeddedRedis, without_aws_credentials: None
 ) -> None:
@@ -200,7 +185,7 @@ def test_an_input_that_cannot_be_read_for_now_leaves_the_others_running_then_fai
 
 
 def test_a_call_out_of_memory_is_halved_until_it_fits_and_only_an_item_too_large_alone_fails(
-    tmp_path: Path, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, redis_server: EmbeddedRedis
 ) -> None:
     """Accelerator memory allows two items a call, and none at all for the item prompted "huge"."""
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
@@ -215,7 +200,7 @@ def test_a_call_out_of_memory_is_halved_until_it_fits_and_only_an_item_too_large
         )
         for index, item_id in enumerate(ids)
     ]
-    real = engine.STAGES["resize"]
+    real = STAGES["resize"]
     calls: list[int] = []
 
     def tight_memory(
@@ -226,8 +211,8 @@ def test_a_call_out_of_memory_is_halved_until_it_fits_and_only_an_item_too_large
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
         return real(model, plan, params, batch, **kw)
 
-    monkeypatch.setitem(engine.STAGES, "resize", tight_memory)
     job = harness(client, items, tmp_path / "out")
+    job.stages = {**STAGES, "resize": tight_memory}
     job.run_all()
     assert calls[:2] == [6, 3], "the call of six, then its first half"
     results = job.results()
@@ -237,7 +222,7 @@ def test_a_call_out_of_memory_is_halved_until_it_fits_and_only_an_item_too_large
     assert (
         error.message == "out of memory even in a batch of 1: CUDA out of memory. Tried to allocate 20.00 GiB"
     )
-    monkeypatch.setitem(engine.STAGES, "resize", real)  # the same items with memory to spare
+    # The same items with memory to spare.
     reference = harness(client, items, tmp_path / "reference", job_id="reference")
     reference.run_all()
     for item_id in ["a", "b", "c", "e", "f"]:
@@ -246,12 +231,12 @@ def test_a_call_out_of_memory_is_halved_until_it_fits_and_only_an_item_too_large
 
 
 def test_items_a_time_limit_stops_fail_as_timed_out_and_those_finished_before_are_kept(
-    tmp_path: Path, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, redis_server: EmbeddedRedis
 ) -> None:
     one_at_a_time = ResolvedModel(name="cpu", entry=CPU.entry.model_copy(update={"max_batch": 1}))
     job = setup(tmp_path, redis_server, stages=1, model=one_at_a_time)
     job.time_limits = TIME_LIMITS  # the worker's own
-    real = engine.STAGES["resize"]
+    real = STAGES["resize"]
     calls: list[int] = []
 
     def slow(
@@ -262,7 +247,7 @@ def test_items_a_time_limit_stops_fail_as_timed_out_and_those_finished_before_ar
             raise SoftTimeLimitExceeded()  # what Celery raises in the task at the soft limit
         return real(model, plan, params, batch, **kw)
 
-    monkeypatch.setitem(engine.STAGES, "resize", slow)
+    job.stages = {**STAGES, "resize": slow}
     job.run_all()
     results = job.results()
     assert results["a"].status == "succeeded"

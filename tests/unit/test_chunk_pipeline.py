@@ -5,8 +5,10 @@ was written, and the threads change nothing in the outputs."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+import io
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +22,18 @@ from jobs.embedded import EmbeddedRedis
 from jobstate.bits import ones
 from jobstate.storage import LocalStorage, Storage
 from schemas.errors import StorageError
-from schemas.job import Defaults, Item
+from schemas.job import Defaults, Item, ResolvedParams
+from schemas.messages import StagePlan
 from schemas.registry import BUILTIN_MODELS, ModelEntry
 from schemas.settings import Settings
 from tests.chunkkit import Harness, harness, resize_recipe
 from tests.helpers import local_model, stage_plan, write_image
-from workers import engine as engine_module
 from workers.chunk import RetryChunk
-from workers.engine import StageEngine, WorkItem
+from workers.engine import LOOKAHEAD
 from workers.events import ChunkInfo, EngineEvents, subscribed
 from workers.models import LoadedModel
+from workers.stages.common import StageBatch, StageOutput
+from workers.stages.kinds import STAGES, Stage
 
 
 def resize_items(tmp_path: Path, ids: list[str], missing: tuple[str, ...] = ()) -> list[Item]:
@@ -61,21 +65,70 @@ def job_of(
 
 
 class CountingCalls:
-    """Wraps the resize stage to record each call's batch size, and to run before_call first; the stage
-    itself runs unchanged."""
+    """The resize stage, recording each call's batch size after running before_call; the stage itself
+    runs unchanged. `stages` is the engine's table with it in place of the resize stage."""
 
-    def __init__(
-        self, monkeypatch: pytest.MonkeyPatch, before_call: Callable[[], None] = lambda: None
-    ) -> None:
+    def __init__(self, before_call: Callable[[], None] = lambda: None) -> None:
         self.sizes: list[int] = []
-        stage = engine_module.STAGES["resize"]
+        self.before_call = before_call
 
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            before_call()
-            self.sizes.append(len(args[3]))
-            return stage(*args, **kwargs)
+    def __call__(
+        self,
+        model: LoadedModel,
+        plan: StagePlan,
+        params: ResolvedParams,
+        batch: StageBatch,
+        *,
+        want_images: bool,
+        want_latents: bool,
+    ) -> StageOutput:
+        self.before_call()
+        self.sizes.append(len(batch))
+        return STAGES["resize"](
+            model, plan, params, batch, want_images=want_images, want_latents=want_latents
+        )
 
-        monkeypatch.setitem(engine_module.STAGES, "resize", counted)
+    @property
+    def stages(self) -> Mapping[str, Stage]:
+        return {**STAGES, "resize": self}
+
+
+class ImageServer(ThreadingHTTPServer):
+    """Serves a 24x24 PNG at every path on loopback, counting the requests: the inputs fetched."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _PngHandler)
+        self.served = 0
+        self.lock = threading.Lock()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/{name}.png"
+
+
+class _PngHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        assert isinstance(self.server, ImageServer)
+        with self.server.lock:
+            self.server.served += 1
+        image = io.BytesIO()
+        Image.new("RGB", (24, 24), (len(self.path) * 10 % 256, 40, 90)).save(image, format="PNG")
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(image.getvalue())))
+        self.end_headers()
+        self.wfile.write(image.getvalue())
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture
+def image_server() -> Iterator[ImageServer]:
+    server = ImageServer()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
 
 
 class FailingPuts(LocalStorage):
@@ -105,14 +158,12 @@ class DutyCycles(EngineEvents):
 
 @pytest.mark.parametrize("threads", [0, 3])
 def test_a_chunk_runs_in_calls_of_the_batch_size_and_a_bad_item_fails_alone(
-    threads: int,
-    redis_server: EmbeddedRedis,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    threads: int, redis_server: EmbeddedRedis, tmp_path: Path
 ) -> None:
     ids = [f"i{index}" for index in range(10)]
     job = job_of(redis_server, tmp_path, resize_items(tmp_path, ids, missing=("i4",)), cpu_model(3), threads)
-    calls = CountingCalls(monkeypatch)
+    calls = CountingCalls()
+    job.stages = calls.stages
     with subscribed(DutyCycles()) as duty:
         job.run_all()
 
@@ -129,26 +180,22 @@ def test_a_chunk_runs_in_calls_of_the_batch_size_and_a_bad_item_fails_alone(
 
 @pytest.mark.parametrize(("threads", "most_held"), [(0, 3), (2, 9)])
 def test_inputs_are_fetched_ahead_only_on_io_threads(
-    threads: int, most_held: int, redis_server: EmbeddedRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    threads: int, most_held: int, redis_server: EmbeddedRedis, tmp_path: Path, image_server: ImageServer
 ) -> None:
     """In line, a batch's inputs are fetched just before its call (fetching ahead would overlap nothing
-    and only hold more images); on threads, up to LOOKAHEAD batches ahead of the call."""
-    ids = [f"i{index}" for index in range(12)]
-    job = job_of(redis_server, tmp_path, resize_items(tmp_path, ids), cpu_model(3), threads)
-    loaded, held_at_calls = [0], list[int]()
-    load = StageEngine.load
-
-    def counted_load(engine: StageEngine, work: WorkItem) -> Any:
-        prepared = load(engine, work)
-        loaded[0] += 1
-        return prepared
+    and only hold more images); on threads, up to LOOKAHEAD batches ahead of the call. The inputs are
+    served over http on loopback, which counts their fetches."""
+    rows = [Item(id=f"i{index}", image=image_server.url(f"i{index}")) for index in range(12)]
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    settings = Settings(io_threads=threads, http_allow_private=True)
+    job = harness(client, rows, tmp_path / "out", model=cpu_model(3), settings=settings)
+    held_at_calls: list[int] = []
 
     def count_held() -> None:
-        held_at_calls.append(loaded[0] - 3 * len(held_at_calls))  # fetched but not yet run
+        held_at_calls.append(image_server.served - 3 * len(held_at_calls))  # fetched but not yet run
 
-    monkeypatch.setattr(StageEngine, "load", counted_load)
-    CountingCalls(monkeypatch, before_call=count_held)
-    assert engine_module.LOOKAHEAD == 2
+    job.stages = CountingCalls(before_call=count_held).stages
+    assert LOOKAHEAD == 2
     job.run_all()
     assert len(held_at_calls) == 4 and max(held_at_calls) <= most_held, held_at_calls
     if threads == 0:
@@ -156,7 +203,7 @@ def test_inputs_are_fetched_ahead_only_on_io_threads(
 
 
 def test_a_failed_write_stops_the_chunk_and_keeps_what_was_written(
-    redis_server: EmbeddedRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    redis_server: EmbeddedRedis, tmp_path: Path
 ) -> None:
     ids = [f"i{index}" for index in range(8)]
     # Four writes succeed, then every write fails. Which calls' writes got the four depends on how the
@@ -173,7 +220,8 @@ def test_a_failed_write_stops_the_chunk_and_keeps_what_was_written(
         assert (tmp_path / "out" / "job" / ids[position] / "s0-resize.png").is_file()
     assert status.finished_at is None
 
-    calls = CountingCalls(monkeypatch)
+    calls = CountingCalls()
+    job.stages = calls.stages
     broken.fail_from = 10**9  # storage is back
     job.run(chunk, retries=1)  # the retry
     assert sum(calls.sizes) == len(ids) - len(finished)  # only the items still open run again
@@ -221,20 +269,17 @@ def test_io_threads_and_batch_size_change_nothing_in_the_outputs(
 
 
 def test_a_fetch_that_fails_for_now_leaves_only_its_item_to_the_retry(
-    redis_server: EmbeddedRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    redis_server: EmbeddedRedis, tmp_path: Path, without_aws_credentials: None
 ) -> None:
+    """i6's input is on S3, which this worker cannot reach for now (no credentials: a StorageError,
+    which may pass); the others are local and are read, run and written on the I/O threads."""
     ids = [f"i{index}" for index in range(8)]
-    job = job_of(redis_server, tmp_path, resize_items(tmp_path, ids), cpu_model(2), 2)
-    load = StageEngine.load
-
-    def storage_gone_at_i6(engine: StageEngine, work: WorkItem) -> Any:
-        if work.member.item.id == "i6":
-            time.sleep(0.5)  # the writes of the calls before finish meanwhile, on their threads
-            raise StorageError("injected: the input store went away")
-        return load(engine, work)
-
-    monkeypatch.setattr(StageEngine, "load", storage_gone_at_i6)
-    with pytest.raises(RetryChunk, match="went away"):
+    rows = [
+        Item(id=row.id, image="s3://bucket/i6.png") if row.id == "i6" else row
+        for row in resize_items(tmp_path, ids)
+    ]
+    job = job_of(redis_server, tmp_path, rows, cpu_model(2), 2)
+    with pytest.raises(RetryChunk, match=r"s3://bucket/i6\.png"):
         job.run(job.chunks[0], may_retry=True)
     assert sorted(ones(job.store.bits(job.meta).done, 8)) == [0, 1, 2, 3, 4, 5, 7]
 

@@ -28,6 +28,7 @@ from workers.models import COMPILE_CACHE_ENV, LoadedModel, compile_cache_dir
 from workers.stages.common import StageBatch, StageOutput, pad_batch, run_static
 from workers.stages.img2img import run_img2img
 from workers.unet_clock import UnetClock
+from workers.warmup import load_model
 
 PARAMS = ResolvedParams(strength=0.8, guidance_scale=7.5, steps=4, size=(32, 32))
 
@@ -57,7 +58,7 @@ def stage(model: LoadedModel, calls: list[int] | None = None) -> Callable[[Stage
 
 
 def load(tiny_sd_dir: Path, **options: Any) -> LoadedModel:
-    return LoadedModel("tiny-sd", local_model("tiny-sd", tiny_sd_dir, **options).entry)
+    return load_model("tiny-sd", local_model("tiny-sd", tiny_sd_dir, **options).entry)
 
 
 @pytest.fixture(scope="module")

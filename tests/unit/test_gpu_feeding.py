@@ -33,19 +33,20 @@ from prometheus_client import REGISTRY
 from jobs.embedded import EmbeddedRedis
 from jobstate.storage import LocalStorage
 from schemas.job import Defaults, Item, ResolvedParams
+from schemas.messages import StagePlan
 from schemas.registry import BUILTIN_MODELS
 from schemas.settings import Settings
 from tests.chunkkit import harness
 from tests.helpers import local_model, stage_plan, write_image
-from workers import engine as engine_module
 from workers.events import ChunkInfo, EngineEvents, subscribed
 from workers.imageio import image_tensor
 from workers.models import LoadedModel
 from workers.observability import Observability
 from workers.stages import inputs as inputs_module
-from workers.stages.common import StageBatch
+from workers.stages.common import StageBatch, StageOutput
 from workers.stages.img2img import run_img2img
 from workers.stages.inputs import device_images, init_latents
+from workers.stages.kinds import STAGES
 from workers.stages.text2img import run_text2img
 from workers.tiny_models import (
     write_tiny_controlnet_depth,
@@ -304,17 +305,25 @@ class ChunkTimes(EngineEvents):
 def test_a_chunk_converts_images_on_the_io_threads_and_reports_its_unet_time(
     folders: dict[str, Path], redis_server: EmbeddedRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    converted: list[str] = []
+    """The stage gets each image already as its uint8 tensor, made where it was decoded (on the I/O
+    threads), and converts none itself."""
+    handed: list[StageBatch] = []
 
-    def on_io_threads(image: Image.Image, pinned: bool = False) -> torch.Tensor:
-        converted.append(threading.current_thread().name)
-        assert not pinned, "no pinned memory without a GPU"
-        return image_tensor(image, pinned)
+    def img2img(
+        model: LoadedModel,
+        plan: StagePlan,
+        params: ResolvedParams,
+        batch: StageBatch,
+        *,
+        want_images: bool,
+        want_latents: bool,
+    ) -> StageOutput:
+        handed.append(batch)
+        return run_img2img(model, plan, params, batch, want_images=want_images, want_latents=want_latents)
 
     def not_on_the_gpus_thread(image: Image.Image, pinned: bool = False) -> torch.Tensor:
         raise AssertionError("the stage converted an image the I/O threads had not")
 
-    monkeypatch.setattr(engine_module, "image_tensor", on_io_threads)
     monkeypatch.setattr(inputs_module, "image_tensor", not_on_the_gpus_thread)
     rows = []
     for index, image in enumerate(images(3)):
@@ -334,10 +343,15 @@ def test_a_chunk_converts_images_on_the_io_threads_and_reports_its_unet_time(
         settings=Settings(io_threads=2),
         defaults=Defaults(size=(32, 32)),
     )
+    job.stages = {**STAGES, "img2img": img2img}
     with subscribed(ChunkTimes()) as times:
         job.run_all()
     assert [result.status for result in job.results().values()] == ["succeeded"] * 3
-    assert len(converted) == 3 and all(name.startswith("imgjobs-io") for name in converted), converted
+    (batch,) = handed
+    assert batch.images is not None and batch.pixels is not None and len(batch.pixels) == 3
+    for image, pixels in zip(batch.images, batch.pixels, strict=True):
+        assert not pixels.is_pinned(), "no pinned memory without a GPU"
+        assert torch.equal(pixels, image_tensor(image))
     ((elapsed, busy, unet),) = times.chunks
     # On the CPU the UNet runs inside the calls, which it does not fill (text encoder, VAE, scheduler).
     assert 0 < unet < busy <= elapsed

@@ -28,6 +28,7 @@ from workers.compiles import CompileWatch
 from workers.events import ChunkInfo, CompileInfo, EngineEvents, subscribed
 from workers.models import EXPANDABLE_SEGMENTS, LoadedModel, apply_gpu_settings, resolve_dtype
 from workers.stages.common import StageBatch, StageOutput, run_splitting
+from workers.warmup import load_model
 
 # -- the default dtype --------------------------------------------------------------------------------
 
@@ -190,7 +191,7 @@ def test_a_shape_the_warmup_missed_compiles_inside_its_chunk_and_warmup_guidance
             "tiny-sd", tiny_sd_dir, compile=True, static_batch=2, warmup=True, warmup_guidance=warmup_guidance
         )
         with subscribed(Compiles()) as listener:
-            loaded = LoadedModel("tiny-sd", ref.entry)
+            loaded = load_model("tiny-sd", ref.entry)
             job = harness(
                 client,
                 rows,
