@@ -46,6 +46,17 @@ def local_inputs_of_the_test(
     monkeypatch.setenv("IMGJOBS_LOCAL_INPUT_ROOTS", str(tmp_path_factory.getbasetemp()))
 
 
+@pytest.fixture(autouse=True)
+def no_listener_outlives_its_test() -> Iterator[None]:
+    """The process's event hub starts each test with the listeners it had, and ends it with none: a
+    listener a test subscribed and never took off (or the compile watch a model subscribed) sees no
+    other test's events."""
+    from workers.events import emit
+
+    yield
+    emit.reset()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread() -> None:
     """Two cores shared by the test process and worker processes: torch's spinning thread pool makes

@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from workers.events import ChunkInfo, CompileInfo, EngineEvents, emit, subscribe
+from workers.events import ChunkInfo, CompileInfo, EngineEvents, emit
 
 # How dynamo words a compilation refused at its recompile limit (torch 2.11 to 2.13).
 LIMIT_MARK = "recompile limit"
@@ -73,15 +73,15 @@ class CompileWatch(EngineEvents):
         self.report(chunk.model, chunk)
 
 
-_watch: CompileWatch | None = None
 _watch_lock = threading.Lock()
 
 
 def watch() -> CompileWatch:
-    """The process's watch, subscribed to the engine's events on first use (by a model that compiles)."""
-    global _watch
+    """The process's watch: the one subscribed to the engine's events (emit), subscribed on first use
+    (by a model that compiles), and again after the hub was reset."""
     with _watch_lock:
-        if _watch is None:
-            _watch = CompileWatch()
-            subscribe(_watch)
-        return _watch
+        found = emit.listening(CompileWatch)
+        if found is None:
+            found = CompileWatch()
+            emit.subscribe(found)
+        return found

@@ -9,6 +9,9 @@ reaching into the engine:
 
 A listener subclasses EngineEvents and overrides the hooks it wants; each hook runs in the thread
 that raised the event, and an exception in a listener is logged, never raised into the work.
+Listeners live on an EventHub, not in module state: `emit` is the process's hub (subscribe,
+unsubscribe and subscribed here are its own), and emit.reset() leaves it with none (the tests do
+so after each test, so that no listener outlives the test that subscribed it).
 """
 
 from __future__ import annotations
@@ -92,79 +95,91 @@ class EngineEvents:
 
 
 Listener = TypeVar("Listener", bound=EngineEvents)
-_listeners: list[EngineEvents] = []
-_lock = threading.Lock()
 
 
-def subscribe(listener: EngineEvents) -> None:
-    with _lock:
-        _listeners.append(listener)
+class EventHub(EngineEvents):
+    """Raises each event at every listener subscribed to it. Each hub holds its own listeners: `emit`
+    is the process's, which the engine, the recorder, the tasks and the job's end raise events on;
+    reset() drops every listener (a test's fresh start)."""
 
+    def __init__(self) -> None:
+        self._listeners: list[EngineEvents] = []
+        self._lock = threading.Lock()
 
-def unsubscribe(listener: EngineEvents) -> None:
-    with _lock:
-        if listener in _listeners:
-            _listeners.remove(listener)
+    def subscribe(self, listener: EngineEvents) -> None:
+        with self._lock:
+            self._listeners.append(listener)
 
+    def unsubscribe(self, listener: EngineEvents) -> None:
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
 
-@contextmanager
-def subscribed(listener: Listener) -> Iterator[Listener]:
-    subscribe(listener)
-    try:
-        yield listener
-    finally:
-        unsubscribe(listener)
-
-
-def _each(call: Callable[[EngineEvents], None]) -> None:
-    with _lock:
-        listeners = list(_listeners)
-    for listener in listeners:
+    @contextmanager
+    def subscribed(self, listener: Listener) -> Iterator[Listener]:
+        self.subscribe(listener)
         try:
-            call(listener)
-        except Exception:
-            log.exception("event listener %s failed", type(listener).__name__)
+            yield listener
+        finally:
+            self.unsubscribe(listener)
 
+    def listening(self, kind: type[Listener]) -> Listener | None:
+        """The first listener of this class subscribed, if any."""
+        with self._lock:
+            return next((listener for listener in self._listeners if isinstance(listener, kind)), None)
 
-class _Broadcast(EngineEvents):
-    """Raises each event at every listener subscribed."""
+    def reset(self) -> None:
+        with self._lock:
+            self._listeners.clear()
+
+    def _each(self, call: Callable[[EngineEvents], None]) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            try:
+                call(listener)
+            except Exception:
+                log.exception("event listener %s failed", type(listener).__name__)
 
     def chunk_started(self, chunk: ChunkInfo) -> None:
-        _each(lambda listener: listener.chunk_started(chunk))
+        self._each(lambda listener: listener.chunk_started(chunk))
 
     def call_done(self, chunk: ChunkInfo, items: int, busy_s: float) -> None:
-        _each(lambda listener: listener.call_done(chunk, items, busy_s))
+        self._each(lambda listener: listener.call_done(chunk, items, busy_s))
 
     def items_finished(self, chunk: ChunkInfo, results: Sequence[ItemResult]) -> None:
-        _each(lambda listener: listener.items_finished(chunk, results))
+        self._each(lambda listener: listener.items_finished(chunk, results))
 
     def items_handed_over(self, chunk: ChunkInfo, records: Sequence[StageRecord]) -> None:
-        _each(lambda listener: listener.items_handed_over(chunk, records))
+        self._each(lambda listener: listener.items_handed_over(chunk, records))
 
     def chunk_done(self, chunk: ChunkInfo, elapsed_s: float, busy_s: float, unet_s: float) -> None:
-        _each(lambda listener: listener.chunk_done(chunk, elapsed_s, busy_s, unet_s))
+        self._each(lambda listener: listener.chunk_done(chunk, elapsed_s, busy_s, unet_s))
 
     def chunk_retried(self, chunk_id: str, error: Exception, countdown_s: float) -> None:
-        _each(lambda listener: listener.chunk_retried(chunk_id, error, countdown_s))
+        self._each(lambda listener: listener.chunk_retried(chunk_id, error, countdown_s))
 
     def job_ended(self, job_id: str, seconds: float, error: str | None) -> None:
-        _each(lambda listener: listener.job_ended(job_id, seconds, error))
+        self._each(lambda listener: listener.job_ended(job_id, seconds, error))
 
     def adapter_loaded(self, model: str, source: str, seconds: float) -> None:
-        _each(lambda listener: listener.adapter_loaded(model, source, seconds))
+        self._each(lambda listener: listener.adapter_loaded(model, source, seconds))
 
     def adapters_switched(self, model: str, active: Sequence[str], seconds: float) -> None:
-        _each(lambda listener: listener.adapters_switched(model, active, seconds))
+        self._each(lambda listener: listener.adapters_switched(model, active, seconds))
 
     def compiled(self, chunk: ChunkInfo | None, compilation: CompileInfo) -> None:
-        _each(lambda listener: listener.compiled(chunk, compilation))
+        self._each(lambda listener: listener.compiled(chunk, compilation))
 
     def scheduler_built(self, model: str, sampler: str, pipeline: str) -> None:
-        _each(lambda listener: listener.scheduler_built(model, sampler, pipeline))
+        self._each(lambda listener: listener.scheduler_built(model, sampler, pipeline))
 
     def sampler_switched(self, model: str, sampler: str, pipeline: str) -> None:
-        _each(lambda listener: listener.sampler_switched(model, sampler, pipeline))
+        self._each(lambda listener: listener.sampler_switched(model, sampler, pipeline))
 
 
-# What the engine, the recorder, the tasks and the job's end raise their events on.
-emit = _Broadcast()
+# The process's hub.
+emit = EventHub()
+subscribe = emit.subscribe
+unsubscribe = emit.unsubscribe
+subscribed = emit.subscribed

@@ -94,12 +94,13 @@ class _Window:
         self.gauge.labels(model).set(min(1.0, max(0.0, total) / DUTY_WINDOW_S))
 
 
-_duty = _Window(DUTY_CYCLE)
-_unet = _Window(UNET_SHARE)
-
-
 class Observability(EngineEvents):
-    """The engine's events as Prometheus metrics and log lines; every worker subscribes one."""
+    """The engine's events as Prometheus metrics and log lines; every worker subscribes one. The metrics
+    are the process's (Prometheus' registry); the last minute's shares are this listener's own."""
+
+    def __init__(self) -> None:
+        self._duty = _Window(DUTY_CYCLE)
+        self._unet = _Window(UNET_SHARE)
 
     def items_finished(self, chunk: ChunkInfo, results: Sequence[ItemResult]) -> None:
         for result in results:
@@ -126,8 +127,8 @@ class Observability(EngineEvents):
     def chunk_done(self, chunk: ChunkInfo, elapsed_s: float, busy_s: float, unet_s: float) -> None:
         BUSY_SECONDS.labels(chunk.model).inc(busy_s)
         UNET_SECONDS.labels(chunk.model).inc(unet_s)
-        _duty.add(chunk.model, busy_s)
-        _unet.add(chunk.model, unet_s)
+        self._duty.add(chunk.model, busy_s)
+        self._unet.add(chunk.model, unet_s)
         duty = busy_s / elapsed_s if elapsed_s else 0.0
         unet_share = unet_s / elapsed_s if elapsed_s else 0.0
         log.info(

@@ -24,8 +24,8 @@ from schemas.settings import Settings
 from tests.chunkkit import harness
 from tests.helpers import local_model, stage_plan, write_image
 from workers import models
-from workers.compiles import CompileWatch
-from workers.events import ChunkInfo, CompileInfo, EngineEvents, subscribed
+from workers.compiles import CompileWatch, watch
+from workers.events import ChunkInfo, CompileInfo, EngineEvents, EventHub, emit, subscribed
 from workers.models import EXPANDABLE_SEGMENTS, LoadedModel, apply_gpu_settings, resolve_dtype
 from workers.stages.common import StageBatch, StageOutput, run_splitting
 from workers.warmup import load_model
@@ -168,6 +168,26 @@ def test_each_compilation_recompilation_and_fallback_to_eager_is_an_event() -> N
     assert second.compile_id == "0/1" and second.reason is not None and "size mismatch" in second.reason
     assert second.model == "m" and second.seconds > 0 and second.function
     assert refused.reason is not None and "expected 2, actual 3" in refused.reason
+
+
+def test_listeners_belong_to_their_hub_and_a_reset_hub_gets_the_compile_watch_again() -> None:
+    """Each hub raises events at its own listeners only, and reset() drops them; the process's compile
+    watch, dropped with the others, is subscribed again by the next model that compiles."""
+    hub, other = EventHub(), EventHub()
+    info = CompileInfo("m", "0/0", "f (x.py:1)", 0.1, None, False)
+    with hub.subscribed(Compiles()) as seen:
+        hub.compiled(None, info)
+        other.compiled(None, info)
+        assert seen.seen == [(None, info)]
+        hub.reset()
+        hub.compiled(None, info)
+        assert seen.seen == [(None, info)], "a reset hub has no listener"
+    first = watch()
+    assert watch() is first and emit.listening(CompileWatch) is first
+    emit.reset()
+    assert emit.listening(CompileWatch) is None
+    again = watch()
+    assert emit.listening(CompileWatch) is again
 
 
 @pytest.mark.slow
