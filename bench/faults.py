@@ -26,8 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from jobs.registry import Registry  # noqa: E402
-from tests.conftest import Workers  # noqa: E402
-from tests.faultkit import (  # noqa: E402
+from kits.faults import (  # noqa: E402
     FaultRow,
     Lab,
     bad_images,
@@ -39,7 +38,8 @@ from tests.faultkit import (  # noqa: E402
     s3_faults,
     worker_death,
 )
-from tests.helpers import moto_server  # noqa: E402
+from kits.helpers import moto_server  # noqa: E402
+from kits.processes import Workers  # noqa: E402
 
 Scenario = Callable[[Lab], FaultRow]
 

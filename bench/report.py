@@ -24,7 +24,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.reportkit import JOB_ID, succeeded, write_report_of  # noqa: E402
+from kits.reports import JOB_ID, succeeded, write_report_of  # noqa: E402
 
 SIDE = 512
 

@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 from jobs.embedded import EmbeddedRedis, LocalWorker  # noqa: E402
 from jobs.registry import Registry  # noqa: E402
 from jobstate.store import JobStore  # noqa: E402
+from kits.processes import wait_ready  # noqa: E402
 from schemas.messages import priority_lists  # noqa: E402
 from schemas.progress import JobStatus  # noqa: E402
 
@@ -138,11 +139,7 @@ def with_worker(root: Path, server: EmbeddedRedis, name: str) -> LocalWorker:
         root / f"{name}-worker.log",
         {"IMGJOBS_TORCH_THREADS": "1", "IMGJOBS_LOCAL_INPUT_ROOTS": str(root)},
     )
-    deadline = time.monotonic() + 120
-    while " ready." not in worker.log_tail(200):
-        if not worker.alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"the worker did not start:\n{worker.log_tail(40)}")
-        time.sleep(0.1)
+    wait_ready(server.url, [worker])
     return worker
 
 

@@ -366,8 +366,8 @@ def progress(**measured: Any) -> None:
 def end_cost(count: int) -> dict[str, Any]:
     """The report's first pass over `count` scored results lines, with and without the scores, and
     the near-duplicate search over their hashes."""
+    from kits.reports import PARAMS, succeeded
     from schemas.messages import QualityRecord, StageRecord
-    from tests.reportkit import PARAMS, succeeded
     from workers.report import summarize
 
     rng = np.random.default_rng(0)

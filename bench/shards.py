@@ -47,7 +47,8 @@ sys.path.insert(0, str(ROOT))
 from jobs.embedded import EmbeddedRedis, LocalWorker  # noqa: E402
 from jobs.registry import Registry  # noqa: E402
 from jobstate.store import JobStore  # noqa: E402
-from tests.helpers import moto_server  # noqa: E402
+from kits.helpers import moto_server  # noqa: E402
+from kits.processes import wait_ready  # noqa: E402
 
 SIZE = 32
 DISTINCT = 256
@@ -203,11 +204,7 @@ def measure(side: str, spec: Path, items: int, root: Path, requests: Requests) -
             env={"IMGJOBS_TORCH_THREADS": "1"},
         )
         with worker:
-            deadline = time.monotonic() + 120
-            while " ready." not in worker.log_tail(200):
-                if not worker.alive() or time.monotonic() > deadline:
-                    raise RuntimeError(worker.log_tail(40))
-                time.sleep(0.1)
+            wait_ready(server.url, [worker])
             client = redis.Redis.from_url(server.url)
             before = int(client.info("memory")["used_memory"])
             requests.mark()

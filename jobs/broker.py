@@ -48,6 +48,12 @@ def worker_arguments(queues: str, pool: str, loglevel: str, hostname: str | None
     ]
 
 
+def worker_node(model: ResolvedModel, pid: int) -> str:
+    """The Celery node name of the `imgjobs worker` of `model` whose process is `pid`, as it answers
+    `imgjobs workers`; Celery puts the host's name in place of %h."""
+    return f"{model.queue}.{pid}@%h"
+
+
 def worker_command(
     model: ResolvedModel, loglevel: str, quiet: bool = False
 ) -> tuple[list[str], dict[str, str]]:
@@ -55,7 +61,7 @@ def worker_command(
     queue alone, and, for the `cpu` model, jobs' ends, so that no GPU waits on them. `quiet`: without
     Celery's banner, which is text on stdout (a JSON log has only JSON lines)."""
     queues = f"{model.queue},{JOB_END_QUEUE}" if model.name == "cpu" else model.queue
-    hostname = f"{model.queue}.{os.getpid()}@%h"
+    hostname = worker_node(model, os.getpid())  # this process becomes the worker (execve)
     banner = ["--quiet"] if quiet else []
     argv = celery_command("workers.app", *banner, *worker_arguments(queues, "prefork", loglevel, hostname))
     resolved = WorkerModel(name=model.name, entry=model.entry).model_dump_json()

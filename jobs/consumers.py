@@ -99,10 +99,12 @@ class LiveWorker:
     running: list[RunningTask]
 
 
-def live_workers(app: Celery, store: JobStore, timeout_s: float = REPORT_TIMEOUT_S) -> list[LiveWorker]:
-    """Every worker of the broker that answers within `timeout_s`, by name; its chunks' progress is
-    read from the job-state owner."""
-    replies = app.control.broadcast(WORKER_REPORT, reply=True, timeout=timeout_s) or []
+def live_workers(
+    app: Celery, store: JobStore, timeout_s: float = REPORT_TIMEOUT_S, limit: int | None = None
+) -> list[LiveWorker]:
+    """Every worker of the broker that answers within `timeout_s` (or the first `limit` to answer),
+    by name; its chunks' progress is read from the job-state owner."""
+    replies = app.control.broadcast(WORKER_REPORT, reply=True, timeout=timeout_s, limit=limit) or []
     found = {name: answer for reply in replies for name, answer in reply.items() if isinstance(answer, dict)}
     now = time.time()
     return [

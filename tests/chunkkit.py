@@ -15,17 +15,16 @@ from jobstate.meta import JobMeta
 from jobstate.seed import seed_job
 from jobstate.storage import Storage, open_storage
 from jobstate.store import JobStore
+from kits.helpers import CPU, stage_plan
 from schemas.job import Defaults, Item, OutputFormat, ResolvedParams
 from schemas.messages import Chunk, ItemResult, JobEnd, StagePlan
-from schemas.registry import BUILTIN_MODELS, ResolvedModel
+from schemas.registry import ResolvedModel
 from schemas.settings import Settings
-from tests.helpers import stage_plan
 from workers.chunk import ChunkContext, process_chunk
 from workers.job_end import EndContext, end_job
 from workers.models import LoadedModel
 from workers.stages.kinds import STAGES, Stage
 
-CPU = ResolvedModel(name="cpu", entry=BUILTIN_MODELS["cpu"])
 PARAMS = ResolvedParams(size=(16, 16))
 
 

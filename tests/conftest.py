@@ -1,25 +1,20 @@
 """Shared fixtures: a tiny SD checkpoint on disk, a real Redis server, moto's S3 server on loopback,
-and real `imgjobs worker` processes. Nothing here mocks Redis, Celery or boto3."""
+and real `imgjobs worker` processes (kits/processes.py). Nothing here mocks Redis, Celery or boto3."""
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import pytest
 
-from jobs.embedded import EmbeddedRedis, LocalWorker
+from jobs.embedded import EmbeddedRedis
 from jobs.registry import Registry
 from jobstate.storage import forget_s3_clients
-from tests.helpers import moto_server
-
-ROOT = Path(__file__).resolve().parents[1]
+from kits.helpers import moto_server
+from kits.processes import Workers
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -123,70 +118,8 @@ def s3_bucket(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
     return name
 
 
-class Workers:
-    """Starts `imgjobs worker` processes and stops every one of them at teardown. As a deployment
-    must, each broker gets a `cpu` worker, which writes jobs' ends (it is started with the first
-    worker of another model, with the same environment but its metrics port)."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.started: list[LocalWorker] = []
-        self._ends: set[str] = set()
-
-    def start(
-        self, model: str, broker_url: str, registry: Registry, env: dict[str, str] | None = None
-    ) -> LocalWorker:
-        if broker_url not in self._ends:
-            self._ends.add(broker_url)
-            if model != "cpu":
-                # Its own metrics port, if any, stays the model's worker's.
-                shared = {key: value for key, value in (env or {}).items() if key != "IMGJOBS_METRICS_PORT"}
-                self.start("cpu", broker_url, registry, shared)
-        log_path = self.tmp_path / f"worker-{len(self.started)}.log"
-        # Outside pytest (bench/faults.py) no fixture sets the folders workers may read from.
-        roots = os.environ.get("IMGJOBS_LOCAL_INPUT_ROOTS") or str(self.tmp_path)
-        env = {"IMGJOBS_TORCH_THREADS": "1", "IMGJOBS_LOCAL_INPUT_ROOTS": roots, **(env or {})}
-        worker = LocalWorker(registry.resolve(model), broker_url, registry.path, log_path, env=env)
-        self.started.append(worker)
-        return worker
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        for worker in self.started:
-            while " ready." not in worker.log_tail(200):
-                assert worker.alive(), f"worker exited:\n{worker.log_tail(50)}"
-                assert time.monotonic() < deadline, f"worker not ready:\n{worker.log_tail(50)}"
-                time.sleep(0.2)
-
-    def logs(self) -> str:
-        return "\n\n".join(f"--- {w.log_path.name}\n{w.log_tail(60)}" for w in self.started)
-
-    def stop(self) -> None:
-        # Signal all first so their warm shutdowns overlap.
-        for worker in self.started:
-            if worker.alive():
-                worker.process.send_signal(signal.SIGTERM)
-        for worker in self.started:
-            worker.stop()
-
-
 @pytest.fixture
 def workers(tmp_path: Path) -> Iterator[Workers]:
     pool = Workers(tmp_path)
     yield pool
     pool.stop()
-
-
-def imgjobs(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 300
-) -> subprocess.CompletedProcess[str]:
-    """The CLI as a user runs it, in a fresh interpreter."""
-    return subprocess.run(
-        [sys.executable, "-m", "jobs", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=os.environ | (env or {}),
-        cwd=ROOT,
-        check=False,
-    )

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from kits.helpers import ROUNDING_ATOL
 from schemas.job import ResolvedParams
 from schemas.messages import StagePlan
-from tests.helpers import ROUNDING_ATOL
 from workers.models import LoadedModel
 from workers.stages.common import StageBatch, StageOutput
 from workers.stages.img2img import run_img2img

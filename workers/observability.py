@@ -32,6 +32,14 @@ STAGE_SECONDS = Histogram(
     ["model", "stage"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
+CHUNKS = Counter(
+    "imgjobs_chunks_total",
+    "Chunk runs with items to run (a redelivered or retried chunk counts again)",
+    ["model", "stage"],
+)
+CHUNK_RETRIES = Counter(
+    "imgjobs_chunk_retries_total", "Chunk runs stopped by an error that may pass, to run again after a wait"
+)
 BUSY_SECONDS = Counter("imgjobs_busy_seconds_total", "Seconds spent in pipeline calls", ["model"])
 ADAPTER_LOADS = Counter(
     "imgjobs_adapter_loads_total", "LoRA adapters loaded (each once per process)", ["model"]
@@ -101,6 +109,9 @@ class Observability(EngineEvents):
     def __init__(self) -> None:
         self._duty = _Window(DUTY_CYCLE)
         self._unet = _Window(UNET_SHARE)
+
+    def chunk_started(self, chunk: ChunkInfo) -> None:
+        CHUNKS.labels(chunk.model, chunk.stage).inc()
 
     def items_finished(self, chunk: ChunkInfo, results: Sequence[ItemResult]) -> None:
         for result in results:
@@ -185,6 +196,7 @@ class Observability(EngineEvents):
             )
 
     def chunk_retried(self, chunk_id: str, error: Exception, countdown_s: float) -> None:
+        CHUNK_RETRIES.inc()
         log.warning("chunk %s: %s; running it again in %.1f s", chunk_id, error, countdown_s)
 
     def job_ended(self, job_id: str, seconds: float, error: str | None) -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import imgjobs
-from tests.helpers import write_image, write_job
+from kits.helpers import write_image, write_job
+from kits.processes import imgjobs
 
 RESIZE = {"type": "resize", "model": "cpu"}
 REFUSED = (

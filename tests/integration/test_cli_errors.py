@@ -16,8 +16,8 @@ import redis
 
 from jobs.embedded import EmbeddedRedis, free_port
 from jobs.registry import Registry
-from tests.conftest import ROOT, Workers, imgjobs
-from tests.helpers import write_image, write_job
+from kits.helpers import write_image, write_job
+from kits.processes import ROOT, Workers, imgjobs
 
 
 def one_error_line(stderr: str) -> str:

@@ -17,8 +17,8 @@ import redis
 from jobs.embedded import EmbeddedRedis
 from jobs.registry import Registry
 from jobstate.store import JobStore
-from tests.conftest import Workers, imgjobs
-from tests.helpers import write_image, write_job
+from kits.helpers import write_image, write_job
+from kits.processes import Workers, imgjobs
 
 pytestmark = pytest.mark.slow
 

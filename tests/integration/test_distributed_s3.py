@@ -13,10 +13,11 @@ import pytest
 import redis
 from PIL import Image
 
-from jobs.embedded import EmbeddedRedis
+from jobs.embedded import EmbeddedRedis, free_port
 from jobs.registry import Registry
-from tests.conftest import Workers, imgjobs
-from tests.helpers import write_job
+from kits.helpers import write_job
+from kits.metrics import scrape, total
+from kits.processes import Workers, imgjobs
 
 pytestmark = pytest.mark.slow
 
@@ -55,8 +56,9 @@ def test_submit_two_workers_s3_and_status(
 
     with EmbeddedRedis(tmp_path / "redis", password=REDIS_PASSWORD) as server:
         env["IMGJOBS_BROKER_URL"] = server.url
-        for _ in range(2):
-            workers.start("tiny-sd", server.url, registry)
+        ports = [free_port() for _ in range(2)]
+        for port in ports:
+            workers.start("tiny-sd", server.url, registry, env={"IMGJOBS_METRICS_PORT": str(port)})
         workers.wait_ready()
 
         submitted = imgjobs("submit", str(spec), env=env)
@@ -86,11 +88,10 @@ def test_submit_two_workers_s3_and_status(
         assert (final["state"], final["succeeded"], final["failed"]) == ("failed", ITEMS - 2, 2)
         assert (final["pending"], final["running"]) == (0, 0)
 
-        # Both workers of the model took chunks from the shared queue (the cpu worker takes the job's end).
-        for worker in (started for started in workers.started if started.model.name != "cpu"):
-            assert "imgjobs.run_chunk" in worker.log_tail(500) and "succeeded in" in worker.log_tail(500), (
-                workers.logs()
-            )
+        # Both workers of the model took chunks from the shared queue (the cpu worker takes the job's end),
+        # and between them ran each item once.
+        ran = [total(scrape(port), "imgjobs_items_total", model="tiny-sd") for port in ports]
+        assert all(count > 0 for count in ran) and sum(ran) == ITEMS, (ran, workers.logs())
 
         s3 = boto3.client("s3")
         body = s3.get_object(Bucket=s3_bucket, Key=f"results/{job_id}/results.jsonl")["Body"].read().decode()

@@ -15,9 +15,9 @@ import torch
 from diffusers import AutoPipelineForImage2Image
 from PIL import Image
 
+from kits.helpers import write_image, write_job
+from kits.processes import imgjobs
 from schemas.settings import Settings
-from tests.conftest import imgjobs
-from tests.helpers import write_image, write_job
 from workers.imageio import load_input
 
 pytestmark = pytest.mark.slow

@@ -1,6 +1,6 @@
 """The fault-injection suite: one small job through each fault, with real Redis, real worker
 processes and moto's S3 server. Every test ends with each item accounted for exactly once in
-results.jsonl and in `imgjobs status` (tests/faultkit.py does the counting); bench/faults.py runs the
+results.jsonl and in `imgjobs status` (kits/faults.py does the counting); bench/faults.py runs the
 same scenarios and tabulates them."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from botocore.config import Config
 from botocore.exceptions import IncompleteReadError
 
 from jobs.registry import Registry
-from tests.conftest import Workers
-from tests.faultkit import (
+from kits.faultproxy import KINDS, FaultProxy
+from kits.faults import (
     FaultRow,
     Lab,
     bad_images,
@@ -26,7 +26,7 @@ from tests.faultkit import (
     redis_restart,
     s3_faults,
 )
-from tests.faultproxy import KINDS, FaultProxy
+from kits.processes import Workers
 
 slow = pytest.mark.slow
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from kits.processes import ROOT
 from tests import gpuimage
-from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 

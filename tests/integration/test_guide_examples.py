@@ -22,8 +22,8 @@ from transformers import CLIPModel, CLIPProcessor
 from jobs.embedded import EmbeddedRedis
 from jobs.registry import Registry
 from jobstate.store import JobStore
-from tests.conftest import Workers, imgjobs
-from tests.reportkit import Page
+from kits.processes import Workers, imgjobs
+from kits.reports import Page
 from workers.demo import write_demo
 from workers.scoring import dhash
 

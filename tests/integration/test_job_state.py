@@ -25,14 +25,14 @@ from jobs.embedded import EmbeddedRedis, free_port
 from jobs.producer import sender
 from jobs.registry import Registry
 from jobstate.store import JobStore
+from kits.faultproxy import FaultProxy
+from kits.faults import upload_inputs
+from kits.helpers import write_image, write_job
+from kits.metrics import scrape
+from kits.processes import ROOT, Workers, imgjobs
 from schemas.errors import ImgjobsError
 from schemas.messages import JobEnd
 from schemas.settings import Settings
-from tests.conftest import ROOT, Workers, imgjobs
-from tests.faultkit import upload_inputs
-from tests.faultproxy import FaultProxy
-from tests.helpers import write_image, write_job
-from tests.integration.test_observability import scrape
 from tests.integration.test_reliability import results, wait_finished
 
 pytestmark = pytest.mark.slow

@@ -28,9 +28,9 @@ from PIL import Image
 from jobs.embedded import EmbeddedRedis, LocalWorker
 from jobs.registry import Registry
 from jobstate.store import JobStore
-from tests.conftest import Workers, imgjobs
-from tests.faultproxy import FaultProxy
-from tests.helpers import write_image, write_job
+from kits.faultproxy import FaultProxy
+from kits.helpers import write_image, write_job
+from kits.processes import Workers, imgjobs
 from workers.model_cache import MANIFEST, PARTIAL_PREFIX
 from workers.tiny_models import write_tiny_lora, write_tiny_sd
 

@@ -15,29 +15,11 @@ import pytest
 
 from jobs.embedded import EmbeddedRedis, free_port
 from jobs.registry import Registry
-from tests.conftest import ROOT, Workers, imgjobs
-from tests.helpers import write_image, write_job
+from kits.helpers import write_image, write_job
+from kits.metrics import sample, scrape
+from kits.processes import ROOT, Workers, imgjobs
 
 pytestmark = pytest.mark.slow
-
-
-def scrape(port: int, timeout: float = 60) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-                return str(response.read().decode())
-        except OSError:
-            assert time.monotonic() < deadline, f"nothing serves metrics on port {port}"
-            time.sleep(0.2)
-
-
-def sample(metrics: str, name: str, **labels: str) -> float:
-    wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
-    for line in metrics.splitlines():
-        if line.startswith(f"{name}{{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no {name}{{{wanted}}} in metrics")
 
 
 def test_metrics_logs_and_stage_progress(
@@ -96,6 +78,8 @@ def test_metrics_logs_and_stage_progress(
         assert sample(worker_metrics, "imgjobs_items_total", **labels, status="failed") == 1.0
         assert sample(worker_metrics, "imgjobs_failures_total", **labels, reason="InputImageError") == 1.0
         assert sample(worker_metrics, "imgjobs_stage_seconds_count", **labels) == 4.0
+        assert sample(worker_metrics, "imgjobs_chunks_total", **labels) == 2.0
+        assert sample(worker_metrics, "imgjobs_chunk_retries_total") == 0.0
         assert sample(worker_metrics, "imgjobs_busy_seconds_total", model="tiny-sd") > 0
         assert 0 < sample(worker_metrics, "imgjobs_duty_cycle", model="tiny-sd") <= 1
         unet_s = sample(worker_metrics, "imgjobs_unet_seconds_total", model="tiny-sd")

@@ -15,12 +15,12 @@ from jobs.embedded import EmbeddedRedis
 from jobs.producer import prepared, submit
 from jobs.registry import Registry
 from jobstate.store import JobStore
+from kits.helpers import write_image, write_job
+from kits.processes import Workers
 from schemas.job import Priority
 from schemas.messages import priority_lists
 from schemas.progress import JobStatus
 from schemas.settings import Settings
-from tests.conftest import Workers
-from tests.helpers import write_image, write_job
 from tests.integration.test_job_state import wait_until
 from tests.integration.test_reliability import wait_finished
 

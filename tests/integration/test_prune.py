@@ -18,12 +18,12 @@ from jobs.scheduler import PRUNE_ENTRY, PRUNE_TASK, load_schedules, make_app
 from jobstate import keys
 from jobstate.meta import JobMeta
 from jobstate.store import JobStore
+from kits.helpers import write_image, write_job
+from kits.processes import Workers, imgjobs
 from schemas.errors import ConfigError
 from schemas.messages import priority_lists
 from schemas.registry import QUEUE_PREFIX
 from schemas.settings import Settings
-from tests.conftest import Workers, imgjobs
-from tests.helpers import write_image, write_job
 from tests.integration.test_reliability import wait_finished
 
 pytestmark = pytest.mark.slow

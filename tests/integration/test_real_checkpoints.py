@@ -23,9 +23,9 @@ from PIL import Image
 from jobs.embedded import EmbeddedRedis, free_port
 from jobs.registry import Registry
 from jobstate.store import JobStore
-from tests.conftest import Workers, imgjobs
-from tests.helpers import write_image, write_job
-from tests.integration.test_observability import sample, scrape
+from kits.helpers import write_image, write_job
+from kits.metrics import sample, scrape
+from kits.processes import Workers, imgjobs
 from workers.tiny_models import (
     write_tiny_lora,
     write_tiny_sd,

@@ -17,9 +17,9 @@ import redis
 from jobs.embedded import EmbeddedRedis
 from jobs.registry import Registry
 from jobstate.store import JobStore
+from kits.helpers import write_image, write_job
+from kits.processes import Workers, imgjobs, pool_process, running_chunk
 from schemas.progress import JobStatus
-from tests.conftest import Workers, imgjobs
-from tests.helpers import write_image, write_job
 
 pytestmark = pytest.mark.slow
 
@@ -57,26 +57,6 @@ def results(folder: Path, job_id: str) -> dict[str, dict[str, Any]]:
 
 def cli(server: EmbeddedRedis, *args: str) -> subprocess.CompletedProcess[str]:
     return imgjobs(*args, env={"IMGJOBS_BROKER_URL": server.url})
-
-
-def pool_process(worker_pid: int) -> int:
-    children = subprocess.run(["pgrep", "-P", str(worker_pid)], capture_output=True, text=True).stdout.split()
-    assert len(children) == 1, children
-    return int(children[0])
-
-
-def wait_running(server: EmbeddedRedis, job_id: str, delivery: int = 1, timeout: float = 120) -> str:
-    """The id of a chunk of the job that runs now, in its `delivery`-th delivery, as the job-state
-    owner reports it."""
-    store = JobStore(redis.Redis.from_url(server.url, decode_responses=True))
-    deadline = time.monotonic() + timeout
-    while True:
-        deliveries = store.deliveries(job_id)
-        running = [chunk for chunk in store.in_flight(job_id) if deliveries.get(f"{chunk}#0") == delivery]
-        if running:
-            return running[0]
-        assert time.monotonic() < deadline, f"no chunk of {job_id} in delivery {delivery}: {deliveries}"
-        time.sleep(0.02)
 
 
 def test_cancel_drops_queued_work_and_retry_runs_it(
@@ -138,9 +118,9 @@ def test_pool_process_killed_mid_chunk_loses_nothing(
         worker = workers.start("tiny-sd", server.url, registry)
         workers.wait_ready()
         job_id = submit(spec, server, models_yaml)
-        started = wait_running(server, job_id)
-        os.kill(pool_process(worker.process.pid), signal.SIGKILL)
-        assert wait_running(server, job_id, delivery=2) == started  # requeued at once, and run again
+        started = running_chunk(server.url, job_id)
+        os.kill(pool_process(worker), signal.SIGKILL)
+        assert running_chunk(server.url, job_id, delivery=2) == started  # requeued at once, and run again
         status = wait_finished(server, job_id, workers)
         assert (status.succeeded, status.failed) == (6, 0), workers.logs()
         assert set(results(tmp_path, job_id)) == {r["id"] for r in rows}
@@ -157,8 +137,8 @@ def test_chunk_that_keeps_killing_its_worker_is_dead_lettered(
         workers.wait_ready()
         job_id = submit(spec, server, models_yaml)
         for delivery in (1, 2):
-            wait_running(server, job_id, delivery)
-            os.kill(pool_process(worker.process.pid), signal.SIGKILL)
+            running_chunk(server.url, job_id, delivery)
+            os.kill(pool_process(worker), signal.SIGKILL)
         status = wait_finished(server, job_id, workers)
         assert (status.state.value, status.failed) == ("failed", 2)
         for result in results(tmp_path, job_id).values():
@@ -178,7 +158,7 @@ def test_sigterm_mid_chunk_finishes_that_chunk_and_requeues_the_rest(
         first = workers.start("tiny-sd", server.url, registry)
         workers.wait_ready()
         job_id = submit(spec, server, models_yaml)
-        wait_running(server, job_id)
+        running_chunk(server.url, job_id)
         first.process.send_signal(signal.SIGTERM)
         first.process.wait(120)  # warm shutdown: the chunk in hand completes first
         client = redis.Redis.from_url(server.url, decode_responses=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from kits.reports import JOB_ID, Page, failed, succeeded, write_output, write_report_of
 from schemas.messages import QualityRecord
-from tests.reportkit import JOB_ID, Page, failed, succeeded, write_output, write_report_of
 
 pytestmark = pytest.mark.slow
 

@@ -18,8 +18,8 @@ import redis
 from jobs.embedded import EmbeddedRedis
 from jobstate import keys
 from jobstate.store import JobStore
-from tests.conftest import ROOT, imgjobs
-from tests.helpers import write_image
+from kits.helpers import write_image
+from kits.processes import ROOT, imgjobs
 
 pytestmark = pytest.mark.slow
 

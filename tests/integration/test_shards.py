@@ -25,8 +25,8 @@ from PIL import Image
 from jobs.embedded import EmbeddedRedis
 from jobs.registry import Registry
 from jobstate.store import JobStore
+from kits.processes import Workers, imgjobs
 from schemas.progress import JobStatus
-from tests.conftest import Workers, imgjobs
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ from PIL import Image
 from jobs.embedded import EmbeddedRedis
 from jobs.registry import Registry
 from jobstate.store import JobStore
-from tests.conftest import Workers, imgjobs
+from kits.processes import Workers, imgjobs
 
 pytestmark = pytest.mark.slow
 

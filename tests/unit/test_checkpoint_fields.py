@@ -20,10 +20,10 @@ from safetensors.torch import save_file
 from jobs.manifest import validate_job
 from jobs.registry import Registry
 from jobstate.storage import forget_s3_clients
+from kits.helpers import stage_plan, write_job
 from schemas.errors import ConfigError, SpecError
 from schemas.job import JobSpec, StageSpec
 from schemas.registry import LoraRef, ModelEntry, ResolvedModel
-from tests.helpers import stage_plan, write_job
 from workers.tiny_models import (
     write_tiny_lora,
     write_tiny_sd,

@@ -12,8 +12,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionImg2ImgPipeline
 
+from kits.helpers import local_model, stage_plan
 from schemas.registry import ResolvedModel
-from tests.helpers import local_model, stage_plan
 from tests.img2imgkit import ATOL, run_direct, run_ours
 from workers.models import LoadedModel
 from workers.stages.common import StageOutput

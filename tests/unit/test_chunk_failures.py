@@ -15,12 +15,12 @@ from jobs.embedded import EmbeddedRedis
 from jobstate import keys
 from jobstate.bits import unmask
 from jobstate.storage import LocalStorage
+from kits.helpers import CPU, write_image
 from schemas.errors import StorageError
 from schemas.job import Item, ResolvedParams
 from schemas.messages import StagePlan
 from schemas.registry import ResolvedModel
-from tests.chunkkit import CPU, Harness, harness, resize_recipe
-from tests.helpers import write_image
+from tests.chunkkit import Harness, harness, resize_recipe
 from workers.chunk import RetryChunk
 from workers.job_end import RetryEnd, end_job
 from workers.models import LoadedModel

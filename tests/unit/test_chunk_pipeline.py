@@ -21,13 +21,13 @@ from PIL import Image
 from jobs.embedded import EmbeddedRedis
 from jobstate.bits import ones
 from jobstate.storage import LocalStorage, Storage
+from kits.helpers import local_model, stage_plan, write_image
 from schemas.errors import StorageError
 from schemas.job import Defaults, Item, ResolvedParams
 from schemas.messages import StagePlan
 from schemas.registry import BUILTIN_MODELS, ModelEntry
 from schemas.settings import Settings
 from tests.chunkkit import Harness, harness, resize_recipe
-from tests.helpers import local_model, stage_plan, write_image
 from workers.chunk import RetryChunk
 from workers.engine import LOOKAHEAD
 from workers.events import ChunkInfo, EngineEvents, subscribed

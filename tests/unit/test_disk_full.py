@@ -13,9 +13,9 @@ import redis
 from jobs.embedded import EmbeddedRedis
 from jobs.redrive import failures
 from jobstate import storage
+from kits.helpers import write_image
 from schemas.job import Item
 from tests.chunkkit import harness
-from tests.helpers import write_image
 from workers.job_end import end_job
 
 

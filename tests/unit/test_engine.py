@@ -20,10 +20,10 @@ from PIL import Image
 from pydantic import ValidationError
 
 from jobs.embedded import EmbeddedRedis
+from kits.helpers import PNG_LEVELS, ROUNDING_ATOL, local_model, stage_plan, write_image
 from schemas.job import Defaults, Item, ResolvedParams
 from schemas.registry import ModelEntry
 from tests.chunkkit import harness
-from tests.helpers import PNG_LEVELS, ROUNDING_ATOL, local_model, stage_plan, write_image
 from workers.models import COMPILE_CACHE_ENV, LoadedModel, compile_cache_dir
 from workers.stages.common import StageBatch, StageOutput, pad_batch, run_static
 from workers.stages.img2img import run_img2img

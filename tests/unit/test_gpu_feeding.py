@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -32,12 +33,13 @@ from prometheus_client import REGISTRY
 
 from jobs.embedded import EmbeddedRedis
 from jobstate.storage import LocalStorage
+from kits.helpers import local_model, stage_plan, write_image
+from schemas.errors import StorageError
 from schemas.job import Defaults, Item, ResolvedParams
 from schemas.messages import StagePlan
 from schemas.registry import BUILTIN_MODELS
 from schemas.settings import Settings
 from tests.chunkkit import harness
-from tests.helpers import local_model, stage_plan, write_image
 from workers.events import ChunkInfo, EngineEvents, subscribed
 from workers.imageio import image_tensor
 from workers.models import LoadedModel
@@ -135,6 +137,18 @@ def test_the_workers_metrics_and_chunk_log_carry_the_unet_share(caplog: pytest.L
     (record,) = [r for r in caplog.records if r.getMessage().startswith("chunk job-c0")]
     assert "duty cycle 75%" in record.getMessage() and "unet share 60%" in record.getMessage()
     assert record.__dict__["unet_share"] == 0.6 and record.__dict__["unet_s"] == 1.2
+
+
+def test_the_workers_metrics_count_chunk_runs_and_retries() -> None:
+    info = ChunkInfo("job", "job-c0", "chunk-count-model", "s0-img2img", items=2, delivery=1)
+    retried = REGISTRY.get_sample_value("imgjobs_chunk_retries_total") or 0.0
+    observed = Observability()
+    observed.chunk_started(info)
+    observed.chunk_retried("job-c0", StorageError("injected: storage went away"), 1.0)
+    observed.chunk_started(replace(info, delivery=2))
+    labels = {"model": "chunk-count-model", "stage": "s0-img2img"}
+    assert REGISTRY.get_sample_value("imgjobs_chunks_total", labels) == 2.0
+    assert REGISTRY.get_sample_value("imgjobs_chunk_retries_total") == retried + 1
 
 
 class MeetingPuts(LocalStorage):

@@ -17,12 +17,12 @@ import torch
 from pydantic import ValidationError
 
 from jobs.embedded import EmbeddedRedis
+from kits.helpers import local_model, stage_plan, write_image
 from schemas.job import Defaults, Item
 from schemas.messages import WORKER_MODEL_ENV, WorkerModel
 from schemas.registry import BUILTIN_MODELS, ModelEntry
 from schemas.settings import Settings
 from tests.chunkkit import harness
-from tests.helpers import local_model, stage_plan, write_image
 from workers import models
 from workers.compiles import CompileWatch, watch
 from workers.events import ChunkInfo, CompileInfo, EngineEvents, EventHub, emit, subscribed

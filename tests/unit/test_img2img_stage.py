@@ -13,10 +13,10 @@ from diffusers import StableDiffusionImg2ImgPipeline
 from PIL import Image
 
 from jobs.embedded import EmbeddedRedis
+from kits.helpers import ROUNDING_ATOL, local_model, stage_plan, write_image
 from schemas.errors import StageError
 from schemas.job import Defaults, Item, ResolvedParams
 from tests.chunkkit import harness
-from tests.helpers import ROUNDING_ATOL, local_model, stage_plan, write_image
 from workers.models import LoadedModel
 from workers.stages.common import StageBatch
 from workers.stages.img2img import check_inputs, run_img2img

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 from jobs.cli import app
 from jobs.manifest import validate_job
 from jobs.registry import Registry
+from kits.helpers import write_job
 from schemas.errors import ConfigError, InputImageError, SpecError
 from schemas.settings import Settings
-from tests.helpers import write_job
 from workers.imageio import decode_image, fetch_bytes
 
 REGISTRY = Registry.load(None)

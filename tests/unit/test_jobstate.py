@@ -17,12 +17,12 @@ from jobstate.parts import Attempt, JobParts
 from jobstate.results import part_results
 from jobstate.storage import LocalStorage
 from jobstate.store import JobStore
+from kits.helpers import write_image
 from schemas.errors import UnknownJobError
 from schemas.job import Item
 from schemas.messages import ItemResult
 from schemas.progress import JobState
 from tests.chunkkit import PARAMS, harness, resize_recipe
-from tests.helpers import write_image
 
 
 def items(tmp_path: Path, count: int) -> list[Item]:

@@ -18,11 +18,11 @@ import torch
 from diffusers import AutoPipelineForText2Image, StableDiffusionImg2ImgPipeline
 from safetensors.torch import save_file
 
+from kits.helpers import local_model, stage_plan
 from schemas.errors import StageError
 from schemas.job import ResolvedParams
 from schemas.messages import StagePlan
 from schemas.registry import LoraRef, ResolvedModel
-from tests.helpers import local_model, stage_plan
 from tests.img2imgkit import ATOL, run_direct, run_ours
 from workers.events import EngineEvents, subscribed
 from workers.models import LoadedModel

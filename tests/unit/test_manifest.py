@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from jobs.manifest import ValidatedJob, validate_job
 from jobs.registry import Registry
+from kits.helpers import validated_parts, write_image, write_job
 from schemas.errors import SpecError
 from schemas.job import (
     Item,
@@ -23,7 +24,6 @@ from schemas.job import (
 )
 from schemas.registry import queue_for
 from schemas.schedule import ScheduleEntry
-from tests.helpers import validated_parts, write_image, write_job
 
 REGISTRY = Registry.load(None)
 

@@ -16,9 +16,9 @@ import redis
 import torch
 
 from jobs.embedded import EmbeddedRedis
+from kits.helpers import local_model, stage_plan, write_image
 from schemas.job import Defaults, Item
 from tests.chunkkit import harness
-from tests.helpers import local_model, stage_plan, write_image
 from workers.models import LoadedModel
 from workers.report import summarize
 from workers.stages.common import StageOutput, nonfinite_part

@@ -23,11 +23,11 @@ from jobs.metrics import BrokerCollector
 from jobs.producer import prepared, send_chunks, submit
 from jobs.registry import Registry
 from jobstate.store import JobStore
+from kits.helpers import write_image, write_job
 from schemas.job import Priority
 from schemas.messages import PRIORITY_STEPS, RUN_CHUNK_TASK, Chunk, JobEnd, priority_lists
 from schemas.registry import BUILTIN_MODELS
 from schemas.settings import Settings
-from tests.helpers import write_image, write_job
 from workers.chunk import ChunkContext, process_chunk
 from workers.job_end import EndContext, end_job
 from workers.models import LoadedModel

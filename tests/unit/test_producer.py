@@ -24,12 +24,12 @@ from jobstate.meta import chunk_size_for
 from jobstate.parts import JobParts
 from jobstate.storage import open_storage
 from jobstate.store import JobStore
+from kits.helpers import local_model, stage_plan, write_job
 from schemas.errors import BrokerUnavailableError, SpecError
 from schemas.job import PARAM_OVERRIDES, Defaults, Item, StageSpec, resolve_params
 from schemas.messages import Chunk, StagePlan, WorkerModel, priority_lists
 from schemas.registry import BUILTIN_MODELS, ModelEntry, ResolvedModel
 from schemas.settings import Settings
-from tests.helpers import local_model, stage_plan, write_job
 
 REGISTRY = Registry.load(None)
 QUEUE = "imgjobs.cpu"

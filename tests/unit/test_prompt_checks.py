@@ -14,10 +14,10 @@ from pydantic import ValidationError
 
 from jobs.manifest import validate_job
 from jobs.registry import Registry
+from kits.helpers import write_job
 from schemas.errors import SpecError
 from schemas.job import Item, JobSpec
 from schemas.prompts import MAX_WEIGHTED_PROMPT_CHARS, clip_tokens_at_least, weighted_prompt_problem
-from tests.helpers import write_job
 
 REGISTRY = Registry.load(None)
 COMPEL = {"type": "img2img", "model": "sd15", "prompt_syntax": "compel"}

@@ -18,11 +18,11 @@ from jobs.estimate import estimate
 from jobs.manifest import validate_job
 from jobs.registry import Registry
 from jobstate.rates import Rate
+from kits.helpers import local_model, stage_plan, write_job
+from kits.reports import PARAMS, Page, failed, succeeded, write_output, write_report_of
 from schemas.errors import SpecError
 from schemas.job import ScoreSpec, StageSpec
 from schemas.messages import QualityRecord, ScoreAttempt, StageRecord
-from tests.helpers import local_model, stage_plan, write_job
-from tests.reportkit import PARAMS, Page, failed, succeeded, write_output, write_report_of
 from workers import quality_report
 from workers.quality import ScoreGate, describe_shortfall, next_seed
 from workers.quality_report import Histogram, QualityTally, near_duplicate_labels

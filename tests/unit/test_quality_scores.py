@@ -19,12 +19,12 @@ from transformers import CLIPModel, CLIPProcessor
 
 from jobs import redrive
 from jobs.embedded import EmbeddedRedis
+from kits.helpers import local_model, stage_plan, write_image
 from schemas.job import Defaults, Item, OutputFormat
 from schemas.messages import ItemResult, StagePlan
 from schemas.registry import ResolvedModel
 from schemas.settings import Settings
 from tests.chunkkit import harness
-from tests.helpers import local_model, stage_plan, write_image
 from workers.imageio import load_input
 from workers.models import LoadedModel
 from workers.scoring import ClipScorer, Targets, dhash

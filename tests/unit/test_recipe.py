@@ -9,8 +9,8 @@ import pytest
 
 from jobs.manifest import validate_job
 from jobs.registry import Registry
+from kits.helpers import write_job
 from schemas.errors import SpecError
-from tests.helpers import write_job
 
 CLASSES = {
     "sd": "StableDiffusionImg2ImgPipeline",

@@ -22,11 +22,11 @@ from jobs.registry import Registry
 from jobstate import keys
 from jobstate.meta import JobMeta
 from jobstate.store import JobStore
+from kits.helpers import write_image, write_job
 from schemas.errors import BrokerUnavailableError, ConfigError, ImgjobsError
 from schemas.messages import Chunk, ItemResult, JobEnd, priority_lists
 from schemas.registry import BUILTIN_MODELS
 from schemas.settings import Settings
-from tests.helpers import write_image, write_job
 from workers.chunk import ChunkContext, process_chunk
 from workers.job_end import EndContext, end_job
 from workers.models import LoadedModel

@@ -16,11 +16,11 @@ import pytest
 import redis
 
 from jobs.embedded import EmbeddedRedis
+from kits.helpers import CPU, stage_plan, write_image
+from kits.reports import JOB_ID, Page, failed, job_meta, ran, succeeded, write_output, write_report_of
 from schemas.job import Item
 from schemas.messages import ItemResult
-from tests.chunkkit import CPU, harness
-from tests.helpers import stage_plan, write_image
-from tests.reportkit import JOB_ID, Page, failed, job_meta, ran, succeeded, write_output, write_report_of
+from tests.chunkkit import harness
 from workers import report
 from workers.report import Summary, render_pages
 

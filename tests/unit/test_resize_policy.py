@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from kits.helpers import stage_plan
 from schemas.job import (
     Defaults,
     Img2ImgStage,
@@ -17,7 +18,6 @@ from schemas.job import (
 )
 from schemas.messages import ChunkItem, StageInput
 from schemas.registry import BUILTIN_MODELS, ResolvedModel
-from tests.helpers import stage_plan
 from workers.engine import WorkItem, calls_of
 from workers.models import LoadedModel
 from workers.stages.common import StageBatch, to_pil

@@ -13,10 +13,10 @@ import pytest
 
 from jobs.manifest import validate_job
 from jobs.registry import Registry
+from kits.helpers import write_job
 from schemas.errors import ConfigError, SpecError
 from schemas.job import Defaults, Item, resolve_params
 from schemas.messages import StagePlan
-from tests.helpers import write_job
 
 CLASSES = {
     "sd": ("StableDiffusionImg2ImgPipeline", "DDIMScheduler"),

@@ -20,10 +20,10 @@ from PIL import Image
 
 from jobs.manifest import validate_job
 from jobs.registry import Registry
+from kits.helpers import local_model, stage_plan, write_job
 from schemas.errors import StageError
 from schemas.job import Defaults, Item, ResolvedParams, resolve_params
 from schemas.samplers import SAMPLERS, choose
-from tests.helpers import local_model, stage_plan, write_job
 from workers.events import EngineEvents, subscribed
 from workers.models import LoadedModel
 from workers.stages.common import StageBatch, StageOutput

@@ -16,10 +16,10 @@ import yaml
 from jobs.embedded import EmbeddedRedis
 from jobs.scheduler import entry_named, fire, load_schedules
 from jobstate.store import JobStore
+from kits.helpers import write_image
+from kits.processes import ROOT
 from schemas.errors import ConfigError
 from schemas.settings import Settings
-from tests.conftest import ROOT
-from tests.helpers import write_image
 
 
 def test_the_example_validates_and_compose_runs_beat_with_it() -> None:

@@ -15,8 +15,8 @@ from jobs.manifest import validate_job
 from jobs.registry import Registry
 from jobs.sources import item_id_for, list_images, write_listing_job
 from jobstate.storage import forget_s3_clients, s3_client, s3_clients_built
+from kits.helpers import validated_parts, write_image, write_job
 from schemas.errors import ConfigError, SpecError
-from tests.helpers import validated_parts, write_image, write_job
 
 REGISTRY = Registry.load(None)
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from kits.helpers import ROUNDING_ATOL, local_model, stage_plan
 from schemas.job import ResolvedParams
-from tests.helpers import ROUNDING_ATOL, local_model, stage_plan
 from workers.models import LoadedModel
 from workers.stages.common import StageBatch
 from workers.stages.img2img import run_img2img

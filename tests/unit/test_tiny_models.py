@@ -31,7 +31,7 @@ from diffusers import (
 from PIL import Image
 from transformers import pipeline as transformers_pipeline
 
-from tests.helpers import ROUNDING_ATOL
+from kits.helpers import ROUNDING_ATOL
 from workers.tiny_models import write_all_tiny_models
 
 pytestmark = pytest.mark.slow

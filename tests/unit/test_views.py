@@ -24,11 +24,11 @@ from jobs.views import (
     suggested_ids,
 )
 from jobstate.rates import WINDOW_ITEMS, Rate, RateBook, RateSample
+from kits.helpers import write_job
 from schemas.job import Item, ResolvedParams, denoising_steps, with_overrides
 from schemas.messages import ErrorInfo, ItemResult, StageRecord
 from schemas.progress import JobState, JobStatus
 from schemas.schedule import ScheduleEntry
-from tests.helpers import write_job
 from workers.events import ChunkInfo
 from workers.rate_recorder import RateRecorder
 

@@ -17,11 +17,11 @@ import redis
 from PIL import Image
 
 from jobs.embedded import EmbeddedRedis
+from kits.helpers import local_model, stage_plan, write_image
 from schemas.errors import PromptError
 from schemas.job import Defaults, Item
 from schemas.messages import ItemResult
 from tests.chunkkit import harness
-from tests.helpers import local_model, stage_plan, write_image
 from workers import prompts
 from workers.models import LoadedModel
 

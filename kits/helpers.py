@@ -1,4 +1,4 @@
-"""Small builders for job files in tests."""
+"""Small builders for job files, models and stage plans, and moto's S3 server, for tests and benchmarks."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ from jobs.manifest import ValidatedJob, validate_job
 from jobs.registry import Registry
 from schemas.job import Item, StageSpec, stage_name
 from schemas.messages import StagePlan
-from schemas.registry import ModelEntry, ResolvedModel
+from schemas.registry import BUILTIN_MODELS, ModelEntry, ResolvedModel
+
+CPU = ResolvedModel(name="cpu", entry=BUILTIN_MODELS["cpu"])
 
 
 @contextmanager

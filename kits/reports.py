@@ -13,11 +13,10 @@ from PIL import Image
 
 from jobstate.meta import JobMeta
 from jobstate.storage import LocalStorage
+from kits.helpers import CPU, local_model, stage_plan
 from schemas.job import JobSpec, ResolvedParams
 from schemas.messages import ErrorInfo, ItemResult, StageRecord
 from schemas.settings import LocalRoots, Settings
-from tests.chunkkit import CPU
-from tests.helpers import local_model, stage_plan
 from workers.imageio import encode_image
 from workers.report import write_report
 

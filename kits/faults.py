@@ -12,6 +12,10 @@ results.jsonl, and counts:
 
 Time to recover is from the end of the fault (Redis back, S3 answering again, the host cut off) until
 the job's items are moving again, as the scenario defines it.
+
+What runs where is read from what the product says of itself (kits/processes.py): chunks and their
+deliveries from the job-state owner, what a worker runs from its answer to `imgjobs workers`, retries
+and chunk runs from the workers' metrics; never from their log lines.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ import functools
 import io
 import json
 import os
-import re
 import shutil
 import struct
 import subprocess
@@ -45,10 +48,21 @@ from jobs.registry import Registry
 from jobstate.bits import bit, ones
 from jobstate.results import JobBits
 from jobstate.store import JobStore
+from kits.faultproxy import FaultProxy
+from kits.helpers import write_image, write_job
+from kits.metrics import scrape, total
+from kits.processes import (
+    ROOT,
+    Workers,
+    chunk_items,
+    imgjobs,
+    pool_process,
+    running_chunk,
+    store_of,
+    wait_busy,
+    wait_ready,
+)
 from schemas.messages import ItemResult, priority_lists
-from tests.conftest import ROOT, Workers, imgjobs
-from tests.faultproxy import FaultProxy
-from tests.helpers import write_image, write_job
 
 T = TypeVar("T")
 
@@ -109,27 +123,25 @@ def wait_until(condition: Callable[[], T | None], timeout: float, what: str, pol
         time.sleep(poll)
 
 
-def log_matches(worker: LocalWorker, pattern: str) -> list[re.Match[str]]:
-    try:
-        text = worker.log_path.read_text(errors="replace")
-    except OSError:
-        return []
-    return list(re.finditer(pattern, text))
+def next_chunk(broker_url: str, job_id: str, timeout: float = 60, netns: str | None = None) -> str:
+    """The id of the next chunk of the job to start: one that runs now, first delivered, and did not
+    when asked."""
+
+    def find() -> str:
+        running = store_of(broker_url).in_flight(job_id)
+        return running_chunk(broker_url, job_id, besides=running, timeout=timeout)
+
+    return in_netns(netns, find)
 
 
-def chunk_items(chunk_id: str, ids: Sequence[str], chunk_size: int = 2) -> list[str]:
-    """The items of a first-stage chunk `{job_id}:s0:c{n}` of a job whose items share parameters."""
-    index = int(chunk_id.rsplit(":c", 1)[1])
-    return list(ids[chunk_size * index : chunk_size * (index + 1)])
+def metrics_port() -> dict[str, str]:
+    """A worker's environment that serves its metrics on a free port of its own."""
+    return {"IMGJOBS_METRICS_PORT": str(free_port())}
 
 
-def newest_after(worker: LocalWorker, pattern: str, seen: int) -> re.Match[str] | None:
-    """The last match of pattern in the worker's log, once there are more than `seen`."""
-    found = log_matches(worker, pattern)
-    return found[-1] if len(found) > seen else None
-
-
-CHUNK_START = r"chunk (\S+?): s0-img2img, (\d+) item\(s\), delivery (\d+)"
+def counted(worker_env: Mapping[str, str], name: str, **labels: str) -> float:
+    """The sum of a worker's metric `name` (over the samples whose labels include `labels`)."""
+    return total(scrape(int(worker_env["IMGJOBS_METRICS_PORT"])), name, **labels)
 
 
 def image_rows(folder: Path, count: int, prefix: str = "i") -> list[dict[str, Any]]:
@@ -522,16 +534,14 @@ def redis_restart(
     server = EmbeddedRedis(folder / "redis", appendonly=True, port=port).start()
     watcher: Watcher | None = None
     try:
-        worker = lab.workers.start("tiny-sd", server.url, lab.registry, env=dict(env or {}))
+        lab.workers.start("tiny-sd", server.url, lab.registry, env=dict(env or {}))
         lab.workers.wait_ready()
         submitted = time.monotonic()
         job_id, _ = submit(spec, server.url, lab.models_yaml)
         outputs = LocalOutputs(folder / "out" / job_id)
         watcher = Watcher(server.url, job_id, ids, outputs).start()
         wait_until(lambda: watcher is not None and watcher.done >= 1, 120, "a first finished item")
-        seen = len(log_matches(worker, CHUNK_START))
-        match = wait_until(lambda: newest_after(worker, CHUNK_START, seen), 60, "the next chunk to start")
-        in_flight = chunk_items(match.group(1), ids)
+        in_flight = chunk_items(server.url, job_id, next_chunk(server.url, job_id), ids)
         assert server.process is not None
         server.process.kill()
         server.process.wait()
@@ -613,10 +623,9 @@ def s3_faults(
     spec = write_job(folder, rows, stage=FAST_STAGE, name=name, output=f"s3://{bucket}/out")
     watcher: Watcher | None = None
     with EmbeddedRedis(folder / "redis") as server, FaultProxy(lab.s3_endpoint, stall_s=stall_s) as proxy:
-        pool = [
-            lab.workers.start("tiny-sd", server.url, lab.registry, env={"AWS_ENDPOINT_URL": proxy.url})
-            for _ in range(workers)
-        ]
+        pool = [{"AWS_ENDPOINT_URL": proxy.url, **metrics_port()} for _ in range(workers)]
+        for env in pool:
+            lab.workers.start("tiny-sd", server.url, lab.registry, env=env)
         lab.workers.wait_ready()
         submitted = time.monotonic()
         job_id, _ = submit(spec, server.url, lab.models_yaml)
@@ -648,7 +657,7 @@ def s3_faults(
             acc = account(job_id, ids, server.url, outputs, watcher)
         finally:
             watcher.stop()
-        retries = sum(len(log_matches(w, r"\] retry: ")) for w in pool)
+        retries = round(sum(counted(env, "imgjobs_chunk_retries_total") for env in pool))
     injected = ", ".join(f"{kind} {count}" for kind, count in sorted(stats.faults.items()))
     return row(
         label,
@@ -826,7 +835,8 @@ def duplicate_submission(lab: Lab, items: int = 6) -> FaultRow:
         job_id, _ = submit(spec, server.url, lab.models_yaml)
         again, second = submit(spec, server.url, lab.models_yaml)  # queued, nothing running yet
         assert again == job_id and "already submitted" in second.stderr, second
-        worker = lab.workers.start("tiny-sd", server.url, lab.registry)
+        env = metrics_port()
+        lab.workers.start("tiny-sd", server.url, lab.registry, env=env)
         lab.workers.wait_ready()
         submitted = time.monotonic()
         outputs = LocalOutputs(folder / "out" / job_id)
@@ -839,18 +849,19 @@ def duplicate_submission(lab: Lab, items: int = 6) -> FaultRow:
         assert after == job_id and "already submitted" in fourth.stderr, fourth
         time.sleep(1.0)  # anything wrongly enqueued would start by now
         acc = account(job_id, ids, server.url, outputs, watcher)
-        starts = log_matches(worker, CHUNK_START)
+        ran = {"model": "tiny-sd", "stage": STAGE}
+        starts = round(counted(env, "imgjobs_chunks_total", **ran))
+        computed = round(counted(env, "imgjobs_items_total", **ran))
         client = redis.Redis.from_url(server.url)
         queued = sum(int(client.llen(name)) for name in priority_lists("imgjobs.tiny-sd"))
-    computed = sum(int(m.group(2)) for m in starts)
-    assert (computed, len(starts), queued) == (items, items // 2, 0), (computed, len(starts), queued)
+    assert (computed, starts, queued) == (items, items // 2, 0), (computed, starts, queued)
     return row(
         "duplicate submission (before, during and after the run)",
         ids,
         acc,
         None,
         finished - submitted,
-        f"4 submits, one job id; {len(starts)} chunk runs for {items // 2} chunks, {computed} item runs",
+        f"4 submits, one job id; {starts} chunk runs for {items // 2} chunks, {computed} item runs",
     )
 
 
@@ -971,7 +982,7 @@ class NetnsWorker(LocalWorker):
         command = worker_command(model, lab.registry.path)
         full_env = {"IMGJOBS_TORCH_THREADS": "1", **env, "IMGJOBS_BROKER_URL": broker_url}
         self.process = hosts.spawn(name, command, self.log_path, full_env)
-        lab.workers.started.append(self)
+        lab.workers.adopt(self)
 
 
 def wait_port(netns: str, address: str, port: int, what: str, process: subprocess.Popen[bytes]) -> None:
@@ -1027,25 +1038,29 @@ def multi_host(lab: Lab, items: int = 12, time_limit_s: int = 10, timeout: float
 
         env = {**aws, "IMGJOBS_TASK_TIME_LIMIT_S": str(time_limit_s)}
         lost_worker = NetnsWorker(hosts, "w1", lab, broker_url, env)
-        survivor = NetnsWorker(hosts, "w2", lab, broker_url, env)
-        NetnsWorker(hosts, "w2", lab, broker_url, env, model="cpu")  # writes the job's end
-        lab.workers.wait_ready()
+        pool = [
+            lost_worker,
+            NetnsWorker(hosts, "w2", lab, broker_url, env),
+            NetnsWorker(hosts, "w2", lab, broker_url, env, model="cpu"),  # writes the job's end
+        ]
         redis_ns = hosts.netns("redis")
+        in_netns(redis_ns, lambda: wait_ready(broker_url, pool))
         submitted = time.monotonic()
         # The producer writes the job's item parts to S3 too.
         job_id, _ = submit(spec, broker_url, lab.models_yaml, netns=redis_ns, env=aws)
         outputs = S3Outputs(bucket, f"out/{job_id}", endpoint, NETNS_CREDENTIALS)
         watcher = Watcher(broker_url, job_id, ids, outputs, netns=redis_ns).start()
         try:
-            # Mid-job: cut w1 off the moment it starts a chunk. (Waiting for its second chunk was racy:
+            # Mid-job: cut w1 off as soon as it runs a chunk. (Waiting for its second chunk was racy:
             # w2 could take every remaining chunk first.)
-            match = wait_until(
-                lambda: newest_after(lost_worker, CHUNK_START, 0), 120, "w1 to start a chunk", 0.01
-            )
+            in_netns(redis_ns, lambda: wait_busy(broker_url, lost_worker, len(pool)))
             hosts.cut("w1")
             cut_at = time.monotonic()
-            chunk_id = match.group(1)
-            lost = chunk_items(chunk_id, ids)
+            # The chunk w1 held: the one delivered again once the visibility timeout has passed, to w2,
+            # the only worker of its model left.
+            waited = 2 * time_limit_s + 60
+            chunk_id = in_netns(redis_ns, lambda: running_chunk(broker_url, job_id, 2, timeout=waited))
+            lost = in_netns(redis_ns, lambda: chunk_items(broker_url, job_id, chunk_id, ids))
             finished = watcher.wait_finished(timeout, lab.workers.logs)
             recovered = watcher.all_finished_at(lost)
             acc = account(job_id, ids, broker_url, outputs, watcher, netns=redis_ns)
@@ -1054,8 +1069,6 @@ def multi_host(lab: Lab, items: int = 12, time_limit_s: int = 10, timeout: float
             if lost_worker.alive():
                 os.killpg(lost_worker.process.pid, 9)  # cut off: a warm shutdown would only wait
                 lost_worker.process.wait()
-        rerun = [m for m in log_matches(survivor, CHUNK_START) if m.group(1) == chunk_id]
-        assert rerun, f"w2 never ran the lost chunk {chunk_id}\n{lab.workers.logs()}"
     assert recovered is not None
     return row(
         "worker host cut off mid-chunk (netns, link down)",
@@ -1063,21 +1076,13 @@ def multi_host(lab: Lab, items: int = 12, time_limit_s: int = 10, timeout: float
         acc,
         recovered - cut_at,
         finished - submitted,
-        f"lost chunk {chunk_id.rsplit(':', 1)[1]} ({', '.join(lost)}) rerun by the other host "
-        f"(delivery {rerun[-1].group(3)}); visibility timeout {2 * time_limit_s} s; "
+        f"lost chunk {chunk_id} ({', '.join(lost)}) rerun by the other host in its second delivery; "
+        f"visibility timeout {2 * time_limit_s} s; "
         "recovery from the cut until the lost chunk's items finished",
     )
 
 
 # -- worker deaths (tests/integration/test_reliability.py tests these; here they are measured)
-
-
-def pool_process(worker: LocalWorker) -> int:
-    children = subprocess.run(
-        ["pgrep", "-P", str(worker.process.pid)], capture_output=True, text=True, check=False
-    ).stdout.split()
-    assert len(children) == 1, children
-    return int(children[0])
 
 
 def worker_death(lab: Lab, how: str, items: int = 8) -> FaultRow:
@@ -1096,9 +1101,8 @@ def worker_death(lab: Lab, how: str, items: int = 8) -> FaultRow:
         outputs = LocalOutputs(folder / "out" / job_id)
         watcher = Watcher(server.url, job_id, ids, outputs).start()
         wait_until(lambda: watcher.done >= 1, 120, "a first finished item")
-        seen = len(log_matches(worker, CHUNK_START))
-        match = wait_until(lambda: newest_after(worker, CHUNK_START, seen), 60, "the next chunk")
-        struck_items = chunk_items(match.group(1), ids)
+        chunk_id = next_chunk(server.url, job_id)
+        struck_items = chunk_items(server.url, job_id, chunk_id, ids)
         if how == "sigterm":
             worker.process.send_signal(15)
             struck = time.monotonic()
@@ -1108,8 +1112,7 @@ def worker_death(lab: Lab, how: str, items: int = 8) -> FaultRow:
             os.kill(pool_process(worker), 9)
             struck = time.monotonic()
             if how == "poison":
-                again = rf"chunk {re.escape(match.group(1))}: s0-img2img, \d+ item\(s\), delivery 2"
-                wait_until(lambda: log_matches(worker, again), 120, "the second delivery")
+                assert running_chunk(server.url, job_id, delivery=2) == chunk_id, "the second delivery"
                 os.kill(pool_process(worker), 9)
                 struck = time.monotonic()
         finished = watcher.wait_finished(120, lab.workers.logs)
