@@ -1,5 +1,5 @@
 """GPU throughput: imgjobs' worker engine against plain diffusers, on the real architectures with random
-weights (issue 6). No model hub: each checkpoint is built with random weights and written to a temporary
+weights. No model hub: each checkpoint is built with random weights and written to a temporary
 folder with save_pretrained; everything loads back through from_pretrained, as a real checkpoint does.
 
 SD 1.5 img2img, 512x512, 50 steps x strength 0.8 (40 denoising steps), CFG 7.5, in one process, in this
@@ -106,7 +106,8 @@ from workers.tiny_models import (  # noqa: E402
     write_tiny_sdxl_refiner,
 )
 
-# Dense bf16 matmul on an H200 (and an H100) as measured here: the floor of issue 6.
+# Dense bf16 matmul on an H200 (and an H100) as measured here: over one image's FLOPs, it gives the
+# floor (floor_img_per_s) that the engine's throughput is held against.
 PEAK_FLOPS = 790e12
 PROMPT = "astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
 NEGATIVE = "ugly, blurry, low quality"
