@@ -45,7 +45,7 @@ from jobs.registry import Registry
 from jobstate.bits import bit, ones
 from jobstate.results import JobBits
 from jobstate.store import JobStore
-from schemas.messages import ItemResult, priority_lists
+from schemas.messages import ChunkId, ItemResult, priority_lists
 from tests.conftest import ROOT, Workers, imgjobs
 from tests.faultproxy import FaultProxy
 from tests.helpers import write_image, write_job
@@ -118,9 +118,9 @@ def log_matches(worker: LocalWorker, pattern: str) -> list[re.Match[str]]:
 
 
 def chunk_items(chunk_id: str, ids: Sequence[str], chunk_size: int = 2) -> list[str]:
-    """The items of a first-stage chunk `{job_id}:s0:c{n}` of a job whose items share parameters."""
-    index = int(chunk_id.rsplit(":c", 1)[1])
-    return list(ids[chunk_size * index : chunk_size * (index + 1)])
+    """The items of a first-stage chunk of a job whose items share parameters."""
+    part = ChunkId.parse(chunk_id).part
+    return list(ids[chunk_size * part : chunk_size * (part + 1)])
 
 
 def newest_after(worker: LocalWorker, pattern: str, seen: int) -> re.Match[str] | None:
@@ -1063,7 +1063,7 @@ def multi_host(lab: Lab, items: int = 12, time_limit_s: int = 10, timeout: float
         acc,
         recovered - cut_at,
         finished - submitted,
-        f"lost chunk {chunk_id.rsplit(':', 1)[1]} ({', '.join(lost)}) rerun by the other host "
+        f"lost chunk c{ChunkId.parse(chunk_id).part} ({', '.join(lost)}) rerun by the other host "
         f"(delivery {rerun[-1].group(3)}); visibility timeout {2 * time_limit_s} s; "
         "recovery from the cut until the lost chunk's items finished",
     )

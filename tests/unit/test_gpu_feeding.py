@@ -31,6 +31,7 @@ from PIL import Image
 from prometheus_client import REGISTRY
 
 from jobs.embedded import EmbeddedRedis
+from jobstate import layout
 from jobstate.storage import LocalStorage
 from schemas.job import Defaults, Item, ResolvedParams
 from schemas.registry import BUILTIN_MODELS
@@ -146,7 +147,7 @@ class MeetingPuts(LocalStorage):
         self.lock = threading.Lock()
 
     def put(self, key: str, data: bytes, content_type: str) -> str:
-        if not key.startswith("_imgjobs/"):
+        if not key.startswith(f"{layout.PARTS}/"):
             with self.lock:
                 self.outputs += 1
                 first_two = self.outputs <= 2

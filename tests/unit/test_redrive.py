@@ -27,7 +27,7 @@ from schemas.messages import Chunk, ItemResult, JobEnd, priority_lists
 from schemas.registry import BUILTIN_MODELS
 from schemas.settings import Settings
 from tests.helpers import write_image, write_job
-from workers.chunk import ChunkContext, process_chunk
+from workers.chunk import WorkerContext, process_chunk
 from workers.job_end import EndContext, end_job
 from workers.models import LoadedModel
 
@@ -52,8 +52,8 @@ class Job:
     def meta(self) -> JobMeta:
         return self.store.meta(self.job_id)
 
-    def ctx(self) -> ChunkContext:
-        return ChunkContext(
+    def ctx(self) -> WorkerContext:
+        return WorkerContext(
             model=LoadedModel("cpu", BUILTIN_MODELS["cpu"]),
             settings=Settings(),
             store=self.store,
