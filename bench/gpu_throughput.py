@@ -1,5 +1,5 @@
 """GPU throughput: imgjobs' worker engine against plain diffusers, on the real architectures with random
-weights (issue 6). No model hub: each checkpoint is built with random weights and written to a temporary
+weights. No model hub: each checkpoint is built with random weights and written to a temporary
 folder with save_pretrained; everything loads back through from_pretrained, as a real checkpoint does.
 
 SD 1.5 img2img, 512x512, 50 steps x strength 0.8 (40 denoising steps), CFG 7.5, in one process, in this
@@ -9,7 +9,7 @@ device session (its start included):
       same-run baseline; its FLOPs are counted first (uncompiled), and its compilation fills the run's
       inductor cache, from which (d) then loads the same kernels;
   (d) the engine: --items items through the worker's own chunk path (workers.chunk.process_chunk with a
-      ChunkContext, a real redis-server from jobs.embedded.EmbeddedRedis, a job made by jobstate.seed,
+      WorkerContext, a real redis-server from jobs.embedded.EmbeddedRedis, a job made by jobstate.seed,
       local storage: PNG inputs fetched and decoded, PNG outputs encoded and written, results parts,
       progress in Redis; then the job's end, results.jsonl and the report, as a CPU worker writes it), with
       the registry options bf16, channels_last, fuse_qkv, compile, compile_vae, static_batch and warmup,
@@ -83,13 +83,14 @@ sys.path.insert(0, str(ROOT))
 from jobs.embedded import EmbeddedRedis  # noqa: E402
 from jobs.manifest import validate_job  # noqa: E402
 from jobs.registry import Registry  # noqa: E402
+from jobstate import layout  # noqa: E402
 from jobstate.seed import seed_job  # noqa: E402
 from jobstate.store import JobStore  # noqa: E402
 from schemas.job import Item, Priority  # noqa: E402
 from schemas.messages import Chunk, JobEnd  # noqa: E402
 from schemas.registry import ModelEntry  # noqa: E402
 from schemas.settings import Settings  # noqa: E402
-from workers.chunk import ChunkContext, process_chunk  # noqa: E402
+from workers.chunk import WorkerContext, process_chunk  # noqa: E402
 from workers.events import ChunkInfo, CompileInfo, EngineEvents, subscribed  # noqa: E402
 from workers.job_end import EndContext, end_job  # noqa: E402
 from workers.models import COMPILE_CACHE_ENV, LoadedModel, apply_gpu_settings  # noqa: E402
@@ -107,7 +108,8 @@ from workers.tiny_models import (  # noqa: E402
 )
 from workers.warmup import load_model  # noqa: E402
 
-# Dense bf16 matmul on an H200 (and an H100) as measured here: the floor of issue 6.
+# Dense bf16 matmul on an H200 (and an H100) as measured here: over one image's FLOPs, it gives the
+# floor (floor_img_per_s) that the engine's throughput is held against.
 PEAK_FLOPS = 790e12
 PROMPT = "astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
 NEGATIVE = "ugly, blurry, low quality"
@@ -623,7 +625,7 @@ class Bench:
             store = JobStore(client)
             ends: list[JobEnd] = []
             settings = Settings(local_input_roots=str(folder_job))  # the bench's own inputs
-            ctx = ChunkContext(
+            ctx = WorkerContext(
                 model=model, settings=settings, store=store, send_chunk=no_next_stage, send_end=ends.append
             )
             chunk_s = []
@@ -644,7 +646,9 @@ class Bench:
         seconds = sum(chunk_s) + once
         if status.succeeded != items or status.finished_at is None:
             raise RuntimeError(f"engine run incomplete: {status}")
-        phases = phase_seconds(folder_job / "out" / job.meta.job_id / "results.jsonl")
+        phases = phase_seconds(
+            Path(layout.job_root(str(folder_job / "out"), job.meta.job_id)) / layout.RESULTS
+        )
         median_chunk_s = statistics.median(chunk_s)
         self.log(
             what=what,

@@ -1,5 +1,6 @@
-"""Host work to turn a batch of decoded images into the pipeline's input tensor, before and after it
-moved off the thread that drives the GPU (issue 22, part 3), side by side in one run, on the CPU.
+"""Host work to turn a batch of decoded images into the pipeline's input tensor, two ways side by side
+in one run, on the CPU: on the thread that drives the GPU (`before`, diffusers' way) and off it
+(`after`, the worker engine's way).
 
   before: diffusers' own preprocessing, VaeImageProcessor.preprocess on the PIL images (PIL to numpy,
           float32, channels first, [-1, 1]), on the pipeline's thread, while the GPU waits for it;

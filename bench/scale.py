@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from jobs.embedded import EmbeddedRedis, LocalWorker  # noqa: E402
 from jobs.registry import Registry  # noqa: E402
+from jobstate import layout  # noqa: E402
 from jobstate.store import JobStore  # noqa: E402
 from kits.processes import wait_ready  # noqa: E402
 from schemas.messages import priority_lists  # noqa: E402
@@ -175,7 +176,7 @@ def e2e_scale(root: Path, count: int) -> dict[str, Any]:
         _, all_done_at = wait_status(store, job_id, lambda s: s.done == s.total, 7200)
         status, finished_at = wait_status(store, job_id, lambda s: s.finished, 600)
         per_item = (used_memory(server) - empty) / count
-    results = spec.parent / "out" / job_id / "results.jsonl"
+    results = Path(layout.job_root(str(spec.parent / "out"), job_id)) / layout.RESULTS
     lines = sum(1 for _ in results.open("rb"))
     shutil.rmtree(spec.parent)
     if (status.succeeded, lines) != (count, count):

@@ -19,6 +19,7 @@ from typer.core import TyperCommand, TyperGroup
 from jobs.consumers import LiveWorker
 from jobs.estimate import StageEstimate
 from jobs.views import FailureGroup, average_rate
+from jobstate import layout
 from schemas.messages import ItemResult
 from schemas.progress import JobStatus
 
@@ -146,7 +147,7 @@ def print_summary(status: JobStatus, groups: Sequence[FailureGroup] = ()) -> Non
     if status.error:
         table.add_row("error", status.error)
     else:
-        table.add_row("results", f"{status.output.rstrip('/')}/{status.job_id}/results.jsonl")
+        table.add_row("results", f"{layout.job_root(status.output, status.job_id)}/{layout.RESULTS}")
     out.print(table)
     print_failure_groups(groups)
 

@@ -32,6 +32,7 @@ from jobs.prompts import PromptChecks
 from jobs.recipe import plan_recipe
 from jobs.registry import Location, Registry, error_message, yaml_child, yaml_line
 from jobs.shards import indexed, is_shard_source, shard_uris, with_shard_error
+from jobstate import layout
 from jobstate.meta import JobMeta, chunk_size_for
 from schemas.errors import ConfigError, ImgjobsError, Problem, SpecError
 from schemas.job import (
@@ -745,7 +746,7 @@ def validate_job(
     job_id = f"{spec.name}-{digest.hexdigest()[:JOB_HASH_CHARS]}"
     if unreadable and roots is not None:
         # Workers may also read the job's own output folder (what earlier stages wrote there).
-        job_folder = LocalRoots(real_folders(os.path.join(output, job_id)))
+        job_folder = LocalRoots(real_folders(layout.job_root(output, job_id)))
         item_problems = [
             problem
             for index, problem in enumerate(item_problems)

@@ -14,7 +14,7 @@ from jobstate.results import JobBits, part_results, parts_with_failures
 from jobstate.storage import open_storage
 from jobstate.store import MOVE_BATCH, CancelVerdict, JobStore
 from schemas.errors import ConfigError, ImgjobsError, JobCancelledError, UnknownJobError
-from schemas.messages import Chunk, ItemResult, JobEnd
+from schemas.messages import Chunk, ChunkId, ItemResult, JobEnd
 
 Sender = Callable[[JobMeta, list[Chunk]], None]
 CANCELLED = JobCancelledError.__name__
@@ -107,7 +107,7 @@ def retry(
             Chunk(
                 job_id=job_id,
                 run_id=meta.run_id,
-                chunk_id=f"{job_id}:r{round_}:s0:c{part}",
+                chunk_id=str(ChunkId(job_id, part, retry_round=round_)),
                 part=part,
                 stage_index=0,
                 epoch=meta.epoch,

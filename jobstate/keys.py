@@ -5,6 +5,8 @@ Per job, Redis holds what is in flight; what is done lives in the job's storage 
 
     imgjobs:jobs                      set     every job id on this broker
     imgjobs:job:<id>:meta             hash    the job's JobMeta fields (jobstate/meta.py), and end_claim
+                                              and end_sent, which only its scripts write
+                                              (jobstate/STATES.md)
     imgjobs:job:<id>:counts           hash    done, failed, and stage:<name> (items through each stage)
     imgjobs:job:<id>:done             bitmap  bit p: the item at manifest position p is finished, its
                                               result in a results part

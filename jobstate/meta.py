@@ -4,17 +4,22 @@ job's meta hash (jobstate/keys.py), plus the times and marks that its life adds.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from jobstate import layout
 from schemas.job import JobSpec
-from schemas.messages import Chunk, StagePlan
+from schemas.messages import Chunk, ChunkId, StagePlan
 
-# Fields the meta hash holds beyond JobMeta's, read and written only by jobstate/lua scripts.
+# Fields the meta hash holds beyond JobMeta's, read and written only by jobstate/lua scripts
+# (jobstate/STATES.md):
+# the token of the end task that holds the job's end (claim_end.lua; finish_job.lua checks it)
 END_CLAIM = "end_claim"
+# the round whose end a chunk dropped after a cancel has sent (start_chunk.lua): every chunk a cancel
+# left queued finds the end due, and only the first sends it
+END_SENT = "end_sent"
 
 
 def chunk_size_for(recipe: Sequence[StagePlan], override: int | None) -> int:
@@ -67,7 +72,7 @@ class JobMeta(BaseModel):
     @property
     def local_folder(self) -> str | None:
         """{output}/{job_id} where the output is a local folder; None for S3."""
-        return None if self.output.startswith("s3://") else os.path.join(self.output, self.job_id)
+        return None if self.output.startswith("s3://") else layout.job_root(self.output, self.job_id)
 
     def positions(self, part: int) -> range:
         """The manifest positions of the items in `part`."""
@@ -83,7 +88,7 @@ class JobMeta(BaseModel):
         return Chunk(
             job_id=self.job_id,
             run_id=self.run_id,
-            chunk_id=f"{self.job_id}:s0:c{part}",
+            chunk_id=str(ChunkId(self.job_id, part)),
             part=part,
             stage_index=0,
             epoch=self.epoch,

@@ -1,18 +1,17 @@
-"""A job's parts: the files in its storage prefix that hold what Redis does not.
+"""A job's parts: the files in its storage prefix that hold what Redis does not (where each lies:
+jobstate/layout.py).
 
-    {output}/{job_id}/_imgjobs/<run id>/items/p<part>.jsonl
-        the items of part <part> (manifest positions part * chunk_size onwards), one Item JSON a
-        line, local paths made absolute: written at submit, read by the first stage and by retries
-    {output}/{job_id}/_imgjobs/<run id>/results/p<part>/r<round>.s<stage>.t<retry>.d<delivery>.<tag>.tsv
-        one pipeline call's finished items: "<slot>\\t<s or f>\\t<ItemResult JSON>" a line, written
-        before the items are marked done; results.jsonl, `failures` and `retry` are made from these
-    {output}/{job_id}/_imgjobs/<run id>/carry/p<part>/s<stage>.<tag>.jsonl
-        what one handed-over chunk carries to stage <stage>: each item's input, the outputs and the
-        stage records so far (CarriedItem JSON a line)
+    items part      the items of part <part> (manifest positions part * chunk_size onwards), one Item
+                    JSON a line, local paths made absolute: written at submit, read by the first stage
+                    and by retries
+    results part    one pipeline call's finished items: "<slot>\\t<s or f>\\t<ItemResult JSON>" a line,
+                    written before the items are marked done; results.jsonl, `failures` and `retry` are
+                    made from these. Its name, r<round>.s<stage>.t<retry>.d<delivery>.<tag>.tsv, says
+                    which attempt wrote it (Attempt), so that among an item's rows the latest wins
+    handover part   what one handed-over chunk takes to stage <stage>: each item's input, the outputs
+                    and the stage records so far (HandoverItem JSON a line)
 
-Item ids start with a letter or a digit, so no item's folder can be `_imgjobs`. A part's name
-sorts in part order; a results part's name says which attempt wrote it (Attempt), so that among an
-item's rows the latest wins.
+A part's name sorts in part order.
 """
 
 from __future__ import annotations
@@ -23,12 +22,12 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from jobstate import layout
 from jobstate.storage import Storage
 from schemas.errors import StorageError
 from schemas.job import Item
 from schemas.messages import ItemResult, StageInput, StageRecord
 
-PARTS_DIR = "_imgjobs"
 _RESULTS_NAME = re.compile(r"^r(\d+)\.s(\d+)\.t(\d+)\.d(\d+)\.[A-Za-z0-9_-]+\.tsv\Z")
 
 
@@ -52,8 +51,8 @@ class Attempt:
         return cls(*(int(group) for group in match.groups())) if match else None
 
 
-class CarriedItem(BaseModel):
-    """One item on its way to the next stage: a ChunkItem without the item, which the items part has."""
+class HandoverItem(BaseModel):
+    """One item handed over to the next stage: a ChunkItem without the item, which the items part has."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -75,12 +74,12 @@ class JobParts:
 
     def __init__(self, storage: Storage, run_id: str) -> None:
         self.storage = storage
-        self.base = f"{PARTS_DIR}/{run_id}"
+        self.keys = layout.PartKeys(run_id)
 
     # -- items
 
     def items_key(self, part: int) -> str:
-        return f"{self.base}/items/p{part:07d}.jsonl"
+        return self.keys.items(part)
 
     def put_items(self, part: int, data: bytes) -> None:
         self.storage.put(self.items_key(part), data, "application/x-ndjson")
@@ -98,7 +97,7 @@ class JobParts:
     # -- results
 
     def results_folder(self, part: int) -> str:
-        return f"{self.base}/results/p{part:07d}"
+        return self.keys.results(part)
 
     def put_results(
         self, part: int, attempt: Attempt, tag: str, rows: Sequence[tuple[int, ItemResult]]
@@ -107,7 +106,7 @@ class JobParts:
             f"{slot}\t{'f' if result.status == 'failed' else 's'}\t{result.model_dump_json()}\n"
             for slot, result in rows
         )
-        key = f"{self.results_folder(part)}/{attempt.file_name(tag)}"
+        key = self.keys.results(part, attempt.file_name(tag))
         self.storage.put(key, lines.encode("utf-8"), "text/tab-separated-values")
 
     def results(self, part: int) -> dict[int, list[ResultRow]]:
@@ -122,16 +121,16 @@ class JobParts:
                 rows.setdefault(int(slot), []).append(ResultRow(attempt, status == "f", result))
         return rows
 
-    # -- what handed-over chunks carry
+    # -- handovers to the next stage
 
-    def put_carry(self, part: int, stage_index: int, tag: str, carried: Iterable[CarriedItem]) -> str:
-        key = f"{self.base}/carry/p{part:07d}/s{stage_index}.{tag}.jsonl"
-        data = "".join(item.model_dump_json(exclude_none=True) + "\n" for item in carried)
+    def put_handover(self, part: int, stage_index: int, tag: str, items: Iterable[HandoverItem]) -> str:
+        key = self.keys.handover(part, stage_index, tag)
+        data = "".join(item.model_dump_json(exclude_none=True) + "\n" for item in items)
         self.storage.put(key, data.encode("utf-8"), "application/x-ndjson")
         return key
 
-    def carry(self, key: str) -> list[CarriedItem]:
-        if not key.startswith(f"{self.base}/carry/"):
-            raise StorageError(f"refusing carry part {key!r}: not one of this run's")
+    def handover(self, key: str) -> list[HandoverItem]:
+        if not self.keys.is_handover(key):
+            raise StorageError(f"refusing handover part {key!r}: not one of this run's")
         lines = self.storage.get(key).decode("utf-8").splitlines()
-        return [CarriedItem.model_validate_json(line) for line in lines]
+        return [HandoverItem.model_validate_json(line) for line in lines]

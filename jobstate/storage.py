@@ -11,12 +11,14 @@ refuses this for good: a path through a file, no permission, a bucket name S3 ca
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import io
 import os
 import secrets
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
 
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
 PERMANENT_ERRNOS = frozenset(
     {errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG, errno.EEXIST}
 )
+# What S3 says when there is no such key.
+NOT_FOUND = ("404", "NoSuchKey", "NotFound")
 # What S3 says when no retry can help.
 PERMANENT_S3_ERRORS = frozenset(
     {
@@ -298,15 +302,7 @@ class S3Storage:
         return body
 
     def get_file(self, key: str, path: Path) -> bool:
-        try:
-            s3_client().download_file(self.bucket, self._key(key), str(path))
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise _s3_error("read", self.uri(key), exc) from None
-        except BotoCoreError as exc:
-            raise _s3_error("read", self.uri(key), exc) from None
-        return True
+        return self._found(key, lambda: s3_client().download_file(self.bucket, self._key(key), str(path)))
 
     def list(self, prefix: str) -> list[str]:
         folder = f"{self._key(prefix)}/"
@@ -329,13 +325,15 @@ class S3Storage:
             raise _s3_error("delete", self.uri(key), exc) from None
 
     def exists(self, key: str) -> bool:
+        return self._found(key, lambda: s3_client().head_object(Bucket=self.bucket, Key=self._key(key)))
+
+    def _found(self, key: str, request: Callable[[], object]) -> bool:
+        """Make a request about `key`; False where S3 says there is no such key."""
         try:
-            s3_client().head_object(Bucket=self.bucket, Key=self._key(key))
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            request()
+        except (BotoCoreError, ClientError) as exc:
+            if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in NOT_FOUND:
                 return False
-            raise _s3_error("read", self.uri(key), exc) from None
-        except BotoCoreError as exc:
             raise _s3_error("read", self.uri(key), exc) from None
         return True
 
@@ -351,7 +349,7 @@ def open_storage(output: str, job_id: str) -> Storage:
 
 # -- input shards: whole streams at submit, byte ranges on workers (jobs/shards.py, workers/samples.py)
 
-SHARD_GONE_S3_ERRORS = frozenset({"NoSuchKey", "404", "NoSuchBucket", "NotFound"})
+SHARD_GONE_S3_ERRORS = frozenset({*NOT_FOUND, "NoSuchBucket"})
 SHARD_CHANGED = "the shard changed since it was indexed at submit; submit the job again"
 
 
@@ -374,19 +372,27 @@ def _shard_error(uri: str, exc: ClientError) -> StorageError | InputShardError:
     return StorageError(f"{uri}: {exc}")
 
 
+@contextlib.contextmanager
+def _s3_shard_errors(uri: str) -> Iterator[None]:
+    """S3's errors about a shard as imgjobs' own: InputShardError where no retry helps (gone, changed,
+    refused, a request S3 cannot take), StorageError where it may pass."""
+    try:
+        yield
+    except ClientError as exc:
+        raise _shard_error(uri, exc) from None
+    except ParamValidationError as exc:
+        raise InputShardError(f"{uri}: {exc}") from None
+    except BotoCoreError as exc:
+        raise StorageError(f"{uri}: {exc}") from None
+
+
 def open_shard(uri: str) -> tuple[BinaryIO, str, int]:
     """A shard as a stream read from its start, with its version and size: the ETag on S3, size and
     mtime for a local file. InputShardError where it cannot be opened for good."""
     if uri.startswith("s3://"):
         bucket, key = split_s3_uri(uri)
-        try:
+        with _s3_shard_errors(uri):
             obj = s3_client().get_object(Bucket=bucket, Key=key)
-        except ClientError as exc:
-            raise _shard_error(uri, exc) from None
-        except ParamValidationError as exc:
-            raise InputShardError(f"{uri}: {exc}") from None
-        except BotoCoreError as exc:
-            raise StorageError(f"{uri}: {exc}") from None
         return cast(BinaryIO, obj["Body"]), str(obj.get("ETag", "")), int(obj.get("ContentLength", 0))
     path = Path(uri)
     try:
@@ -405,16 +411,12 @@ def read_range(uri: str, start: int, stop: int, version: str | None) -> bytes:
     if uri.startswith("s3://"):
         bucket, key = split_s3_uri(uri)
         span = f"bytes={start}-{stop - 1}"
-        try:
+        with _s3_shard_errors(uri):
             if version:
                 body = s3_client().get_object(Bucket=bucket, Key=key, Range=span, IfMatch=version)
             else:
                 body = s3_client().get_object(Bucket=bucket, Key=key, Range=span)
             data: bytes = body["Body"].read()
-        except ClientError as exc:
-            raise _shard_error(uri, exc) from None
-        except BotoCoreError as exc:
-            raise StorageError(f"{uri}: {exc}") from None
     else:
         path = Path(uri)
         try:
@@ -471,14 +473,8 @@ def shard_size_and_version(uri: str) -> tuple[int, str]:
     """A shard's size and version without reading it (a HEAD, or a stat)."""
     if uri.startswith("s3://"):
         bucket, key = split_s3_uri(uri)
-        try:
+        with _s3_shard_errors(uri):
             head = s3_client().head_object(Bucket=bucket, Key=key)
-        except ClientError as exc:
-            raise _shard_error(uri, exc) from None
-        except ParamValidationError as exc:
-            raise InputShardError(f"{uri}: {exc}") from None
-        except BotoCoreError as exc:
-            raise StorageError(f"{uri}: {exc}") from None
         return int(head["ContentLength"]), str(head.get("ETag", ""))
     try:
         return Path(uri).stat().st_size, local_version(Path(uri))

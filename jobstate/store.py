@@ -5,7 +5,8 @@ What Redis holds per job is what is in flight: the typed meta (JobMeta), counts,
 a few bitmaps, and a field per chunk that is running. Items, results and handovers live in the job's
 storage prefix (jobstate/parts.py).
 
-A job's life, and who calls what:
+A job's life, and who calls what (jobstate/STATES.md has its states, the call and script that moves
+it from one to the next, and the meta fields each writes, `end_claim` and `end_sent` among them):
 
     producer   create -> record_sent ... -> record_sent(enqueued=True)
     workers    start_chunk -> (standing, finish_items, hand_over)* -> end_chunk; around writing an

@@ -11,6 +11,7 @@ from typing import Any
 
 from PIL import Image
 
+from jobstate import layout
 from jobstate.meta import JobMeta
 from jobstate.storage import LocalStorage
 from kits.helpers import CPU, local_model, stage_plan
@@ -128,7 +129,7 @@ def write_report_of(
     uri = write_report(
         meta, results_path, LocalStorage(job_dir), settings, LocalRoots.of(settings, str(job_dir))
     )
-    assert uri == str(job_dir / "report.html")
+    assert uri == str(job_dir / layout.REPORT)
     return {
         path.relative_to(job_dir).as_posix(): path.read_text(encoding="utf-8")
         for path in sorted(job_dir.rglob("*.html"))

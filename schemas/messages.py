@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
@@ -184,14 +186,61 @@ class ChunkItem(_Message):
     overrides: dict[str, Any] | None = Field(None, description="what `retry --set` changed in `item`")
 
 
+# `{job_id}:s0:c{part}`, `{job_id}:r{round}:s0:c{part}`, then `/s{stage}.{digest}` per handover.
+_CHUNK_ID = re.compile(
+    r"^(?P<job_id>[^:/]+)(?::r(?P<round>\d+))?:s0:c(?P<part>\d+)(?P<handovers>(?:/s\d+\.[^/]+)*)\Z"
+)
+
+
+@dataclass(frozen=True)
+class ChunkId:
+    """What a chunk's id says. The id is the chunk's Celery task id and its field in the job's
+    in-flight hash: one chunk, one id, and a redelivery keeps it. A first-stage chunk is named by its
+    part, and by the retry round that sent it again; a later stage's by the chunk that handed its
+    items over and which items those were (`digest`: workers/recording.py), so that two handovers
+    of different items of one part never share an id."""
+
+    job_id: str
+    part: int
+    retry_round: int = 0  # 0: sent by submit
+    handovers: tuple[tuple[int, str], ...] = ()  # (stage index, digest), one per stage after the first
+
+    def __str__(self) -> str:
+        sent = f"{self.job_id}:r{self.retry_round}" if self.retry_round else self.job_id
+        return f"{sent}:s0:c{self.part}" + "".join(f"/s{stage}.{digest}" for stage, digest in self.handovers)
+
+    @property
+    def stage_index(self) -> int:
+        return self.handovers[-1][0] if self.handovers else 0
+
+    def handed_over(self, stage_index: int, digest: str) -> ChunkId:
+        """The id of the chunk this one hands items (named by `digest`) over to at `stage_index`."""
+        return ChunkId(self.job_id, self.part, self.retry_round, (*self.handovers, (stage_index, digest)))
+
+    @classmethod
+    def parse(cls, text: str) -> ChunkId:
+        match = _CHUNK_ID.match(text)
+        if match is None:
+            raise ValueError(f"not a chunk id: {text!r}")
+        handovers = tuple(
+            (int(stage), digest)
+            for stage, digest in (hop.split(".", 1) for hop in match["handovers"].split("/s")[1:])
+        )
+        return cls(match["job_id"], int(match["part"]), int(match["round"] or 0), handovers)
+
+
 class Chunk(_Message):
     """A unit of work, one Celery task: items of one part of the job at one stage. It names them
-    rather than carrying them: the items are in the part's file in storage (jobstate/parts.py), and
-    so is what a handed-over chunk carries from the stage before."""
+    rather than holding them: the items are in the part's file in storage (jobstate/parts.py), and
+    so is what the stage before handed over to a later stage's chunk."""
+
+    # `carry` is the handover part's name in the JSON, as chunks already queued have it, so that
+    # workers of two releases read each other's chunks (docs/operations.md, "Message format").
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True, serialize_by_alias=True)
 
     job_id: str
     run_id: str = Field(description="the run of the job id the chunk belongs to")
-    chunk_id: str
+    chunk_id: str = Field(description="its ChunkId, as text")
     part: int = Field(ge=0, description="the items part: manifest positions part * chunk_size onwards")
     stage_index: int = Field(ge=0)
     epoch: int = Field(0, ge=0, description="the job's epoch when sent; a cancel raises it")
@@ -199,7 +248,9 @@ class Chunk(_Message):
     slots: str | None = Field(
         None, description="the part's slots this chunk runs, as a base64 bitmap; all if unset"
     )
-    carry: str | None = Field(None, description="the carry part's key, for a stage after the first")
+    handover_part: str | None = Field(
+        None, alias="carry", description="the handover part's key, for a stage after the first"
+    )
     overrides: dict[str, Any] | None = Field(
         None, description="item fields `imgjobs retry --set` changed for its items' run (JSON values)"
     )

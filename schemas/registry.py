@@ -188,7 +188,7 @@ class ModelEntry(BaseModel):
     )
     vae_slicing: bool = Field(False, description="decode a batch one image at a time: less memory")
     vae_tiling: bool = Field(False, description="decode large images in tiles: less memory")
-    # Throughput on a GPU (issue 6). All off by default, so CPU runs and tests are unaffected. The GPU
+    # Throughput on a GPU. All off by default, so CPU runs and tests are unaffected. The GPU
     # recipe: dtype bfloat16, channels_last, fuse_qkv, compile, compile_vae, static_batch (16 for SD 1.5
     # at 512 on an H100/H200) and warmup. Compiled code is cached on disk (IMGJOBS_COMPILE_CACHE_DIR).
     channels_last: bool = Field(

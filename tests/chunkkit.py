@@ -11,6 +11,7 @@ from pathlib import Path
 
 import redis
 
+from jobstate import layout
 from jobstate.meta import JobMeta
 from jobstate.seed import seed_job
 from jobstate.storage import Storage, open_storage
@@ -20,7 +21,7 @@ from schemas.job import Defaults, Item, OutputFormat, ResolvedParams
 from schemas.messages import Chunk, ItemResult, JobEnd, StagePlan
 from schemas.registry import ResolvedModel
 from schemas.settings import Settings
-from workers.chunk import ChunkContext, process_chunk
+from workers.chunk import WorkerContext, process_chunk
 from workers.job_end import EndContext, end_job
 from workers.models import LoadedModel
 from workers.stages.kinds import STAGES, Stage
@@ -62,8 +63,8 @@ class Harness:
     ends: list[JobEnd] = field(default_factory=list)
 
     @property
-    def ctx(self) -> ChunkContext:
-        return ChunkContext(
+    def ctx(self) -> WorkerContext:
+        return WorkerContext(
             model=self.model,
             settings=self.settings,
             store=self.store,
@@ -87,7 +88,7 @@ class Harness:
         process_chunk(chunk, self.ctx, retries, may_retry)
 
     def run_all(self) -> None:
-        """Every first-stage chunk, then every chunk handed on, until none is left."""
+        """Every first-stage chunk, then every chunk handed over, until none is left."""
         for chunk in self.chunks:
             self.run(chunk)
         while self.sent:
@@ -95,10 +96,10 @@ class Harness:
 
     @property
     def job_dir(self) -> Path:
-        return Path(self.meta.output) / self.meta.job_id
+        return Path(layout.job_root(self.meta.output, self.meta.job_id))
 
     def results(self) -> dict[str, ItemResult]:
-        lines = (self.job_dir / "results.jsonl").read_text().splitlines()
+        lines = (self.job_dir / layout.RESULTS).read_text().splitlines()
         return {result.id: result for result in map(ItemResult.model_validate_json, lines)}
 
 

@@ -2,7 +2,7 @@
 the items from their parts, run the stage engine with a recorder as its sink, then end the run and,
 where it was the job's last work, send the job's end.
 
-    start_chunk (jobstate)  ->  items part (+ carry part)  ->  StageEngine.run  ->  ChunkRecorder
+    start_chunk (jobstate)  ->  items part (+ handover part)  ->  StageEngine.run  ->  ChunkRecorder
         ->  end_chunk (jobstate)  ->  the job's end, when due, as a task of its own
 
 A chunk whose job was cancelled since it was sent is dropped at start, at one script call; one of a
@@ -44,8 +44,8 @@ META_CACHE = 32  # jobs whose definition a worker keeps, by run
 
 
 @dataclass(frozen=True)
-class ChunkContext:
-    """What a worker process holds for the life of its model."""
+class WorkerContext:
+    """What a worker process holds for the life of its model: the same for every chunk it runs."""
 
     model: LoadedModel
     settings: Settings
@@ -90,7 +90,8 @@ def _definition(store: JobStore, chunk: Chunk) -> JobMeta | None:
 
 
 def work_items(parts: JobParts, meta: JobMeta, chunk: Chunk, slots: tuple[int, ...]) -> list[WorkItem]:
-    """The chunk's items to run at its stage: each from its part, with what the stage before carried."""
+    """The chunk's items to run at its stage: each from its part, with what the stage before handed
+    over."""
     plan = meta.recipe[chunk.stage_index]
     defaults = meta.spec.defaults
     items = parts.items(chunk.part)
@@ -112,17 +113,17 @@ def work_items(parts: JobParts, meta: JobMeta, chunk: Chunk, slots: tuple[int, .
             for slot in slots
         }
     else:
-        carried = {item.slot: item for item in parts.carry(chunk.carry or "")}
+        handed = {item.slot: item for item in parts.handover(chunk.handover_part or "")}
         members = {
             slot: ChunkItem(
                 item=items[slot],
-                input=carried[slot].input,
-                outputs=carried[slot].outputs,
-                stages=carried[slot].stages,
+                input=handed[slot].input,
+                outputs=handed[slot].outputs,
+                stages=handed[slot].stages,
                 overrides=chunk.overrides,
             )
             for slot in slots
-            if slot in carried
+            if slot in handed
         }
     first = meta.positions(chunk.part).start
     resolved: dict[tuple[object, ...], ResolvedParams] = {}
@@ -139,7 +140,7 @@ def work_items(parts: JobParts, meta: JobMeta, chunk: Chunk, slots: tuple[int, .
     ]
 
 
-def process_chunk(chunk: Chunk, ctx: ChunkContext, retries: int = 0, may_retry: bool = False) -> None:
+def process_chunk(chunk: Chunk, ctx: WorkerContext, retries: int = 0, may_retry: bool = False) -> None:
     """Run the chunk; with `may_retry`, a retryable error raises RetryChunk instead of failing items."""
     meta = _definition(ctx.store, chunk)
     start = (

@@ -1,6 +1,6 @@
 """The pipelined batch engine: one stage over a list of items, as batched pipeline calls of the
 model's batch size, with no Celery and no Redis. What it makes goes to a Sink: finished items (with
-their ItemResult) and items for the next stage (with what they carry there).
+their ItemResult) and items handed over to the next stage (with their HandoverItem).
 
 Items are grouped into calls by their stage parameters (a call needs equal steps, strength, size,
 ...), in their order. While the pipeline runs one call, a thread pool (IMGJOBS_IO_THREADS) fetches
@@ -38,7 +38,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from jobstate.parts import CarriedItem
+from jobstate import layout
+from jobstate.parts import HandoverItem
 from jobstate.storage import Storage
 from schemas.errors import (
     ImgjobsError,
@@ -92,7 +93,6 @@ from workers.unet_clock import UnetClock
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DATASET_DIR = "dataset"
 LATENT_TENSOR = "latent"
 LOOKAHEAD = 2  # calls whose inputs are fetched, or outputs written, while the pipeline runs
 GPU_IO_THREADS = 4
@@ -130,15 +130,11 @@ class Sink(Protocol):
     def finished(self, done: Sequence[tuple[WorkItem, ItemResult]]) -> None:
         """Items that ended at this stage, succeeded (their outputs written) or failed."""
 
-    def handed(self, onward: Sequence[tuple[WorkItem, CarriedItem]]) -> None:
+    def handed_over(self, handed: Sequence[tuple[WorkItem, HandoverItem]]) -> None:
         """Items whose next stage's input is written."""
 
     def should_stop(self) -> bool:
         """Asked before each call after the first: True stops the run there (a cancel)."""
-
-
-def output_key(item_id: str, plan: StagePlan, kind: Literal["image", "latent"]) -> str:
-    return f"{item_id}/{plan.name}.{plan.image_format if kind == 'image' else 'safetensors'}"
 
 
 def output_name(plan: StagePlan, kind: Literal["image", "latent"]) -> str:
@@ -617,23 +613,23 @@ class StageEngine:
             spec, image_format = self.plan.spec, self.plan.image_format
             quality = spec.quality if isinstance(spec, ResizeStage) else None
             data = encode_image(picture, image_format, quality)
-            key = output_key(item_id, self.plan, "image")
+            key = layout.output_key(item_id, self.plan, "image")
             if self.spool is not None:
                 written["image"] = self.spool.add(item_id, image_format, data)
             else:
                 written["image"] = self.storage.put(key, data, f"image/{image_format}")
             if self.job.dataset and self.is_last:
-                self.storage.put(f"{DATASET_DIR}/{item_id}.{image_format}", data, f"image/{image_format}")
+                self.storage.put(layout.dataset_image(item_id, image_format), data, f"image/{image_format}")
         if "latent" in self.plan.writes and output.latents is not None:
             data = save_safetensors({LATENT_TENSOR: output.latents[index].contiguous()})
-            key = output_key(item_id, self.plan, "latent")
+            key = layout.output_key(item_id, self.plan, "latent")
             written["latent"] = self.storage.put(key, data, "application/octet-stream")
         return written
 
     def _complete(self, written: list[_Prepared], sink: Sink) -> None:
         """One call's items, written: finished here (the last stage) or on to the next stage."""
         finished: list[tuple[WorkItem, ItemResult]] = []
-        onward: list[tuple[WorkItem, CarriedItem]] = []
+        handed: list[tuple[WorkItem, HandoverItem]] = []
         for prepared in written:
             work = prepared.work
             if prepared.error is not None:
@@ -652,17 +648,17 @@ class StageEngine:
                 # A failed low-scoring item keeps its saved output in its row: it is what to look at.
                 finished.append((work, self.result(work, records, outputs, low)))
                 continue
-            carried = CarriedItem(
+            handover = HandoverItem(
                 slot=work.slot,
                 input=StageInput(kind=self.plan.handover, uri=prepared.written[self.plan.handover]),
                 outputs=outputs,
                 stages=records,
             )
-            onward.append((work, carried))
+            handed.append((work, handover))
         if finished:
             sink.finished(finished)
-        if onward:
-            sink.handed(onward)
+        if handed:
+            sink.handed_over(handed)
 
     def _low_score(self, quality: QualityRecord | None) -> LowScoreError | None:
         """The error of an output below a gate that fails such items; None otherwise."""

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from jobstate import layout
 from jobstate.meta import JobMeta
 from jobstate.parts import JobParts
 from jobstate.results import part_results
@@ -26,9 +27,8 @@ from jobstate.store import JobStore
 from schemas.errors import ImgjobsError, UnknownJobError
 from schemas.messages import ItemResult, JobEnd, score_columns
 from schemas.settings import LocalRoots, Settings
-from workers.engine import DATASET_DIR
 from workers.events import emit
-from workers.report import RESULTS_KEY, write_report
+from workers.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def write_end(meta: JobMeta, ctx: EndContext) -> tuple[str, str]:
     bits = ctx.store.bits(meta)
     last = meta.recipe[-1]
     with tempfile.TemporaryDirectory(prefix="imgjobs-end-") as tmp:
-        results_path, dataset_path = Path(tmp) / RESULTS_KEY, Path(tmp) / "metadata.jsonl"
+        results_path, dataset_path = Path(tmp) / layout.RESULTS, Path(tmp) / "metadata.jsonl"
         with (
             results_path.open("w", encoding="utf-8") as out,
             dataset_path.open("w", encoding="utf-8") as rows,
@@ -127,9 +127,9 @@ def write_end(meta: JobMeta, ctx: EndContext) -> tuple[str, str]:
                     result = ItemResult.model_validate_json(line.line) if needed else None
                     if result is not None and result.status == "succeeded":
                         rows.write(json.dumps(_dataset_row(result, last.image_format)) + "\n")
-        results_uri = storage.put_file(RESULTS_KEY, results_path, "application/x-ndjson")
+        results_uri = storage.put_file(layout.RESULTS, results_path, "application/x-ndjson")
         if meta.spec.dataset:
-            storage.put_file(f"{DATASET_DIR}/metadata.jsonl", dataset_path, "application/x-ndjson")
+            storage.put_file(layout.DATASET_METADATA, dataset_path, "application/x-ndjson")
         # From the results file just written, so the report reads the parts no second time.
         roots = LocalRoots.of(ctx.settings, meta.local_folder)
         report_uri = write_report(meta, results_path, storage, ctx.settings, roots)
@@ -142,7 +142,7 @@ def _dataset_row(result: ItemResult, image_format: str) -> dict[str, object]:
     scored job's rows carry the scores, so that the dataset can be filtered without its images."""
     used = [record.prompt for record in result.stages if record.prompt is not None]
     return {
-        "file_name": f"{result.id}.{image_format}",
+        "file_name": layout.dataset_file_name(result.id, image_format),
         "id": result.id,
         "prompt": result.prompt,
         "prompt_used": used[-1] if used else result.prompt,

@@ -1,5 +1,6 @@
 """Recording what one run of a chunk made: finished items into a results part and then done in
-Redis; items for the next stage into a carry part, the next stage's chunk, and then handed over.
+Redis; items for the next stage into a handover part, the next stage's chunk, and then handed over
+in Redis.
 
 The order is what keeps work from being lost or done twice: a result is in storage before its item
 counts as done, and a handover is queued before its items count as handed over. A crash in between
@@ -13,24 +14,25 @@ import hashlib
 import logging
 from collections.abc import Callable, Sequence
 
+from jobstate import layout
 from jobstate.bits import mask
 from jobstate.meta import JobMeta
-from jobstate.parts import Attempt, CarriedItem, JobParts
+from jobstate.parts import Attempt, HandoverItem, JobParts
 from jobstate.storage import Storage
 from jobstate.store import JobStore
 from schemas.errors import StorageError
-from schemas.messages import Chunk, ChunkSender, ItemResult
-from workers.engine import WorkItem, output_key
+from schemas.messages import Chunk, ChunkId, ChunkSender, ItemResult
+from workers.engine import WorkItem
 from workers.events import ChunkInfo, emit
 
 log = logging.getLogger(__name__)
 
 
 def _digest(slots: Sequence[int]) -> str:
-    """Names what a handover carries by its items. A run stopped part-way (a storage outage) hands
-    over what it finished, and its retry the rest: these must not share a chunk id, or the next stage
-    counts the second as a redelivery of the first. The same items handed over twice (a redelivered
-    parent) get the same id, and the next stage skips what it finished."""
+    """Names a handover by its items. A run stopped part-way (a storage outage) hands over what it
+    finished, and its retry the rest: these must not share a chunk id, or the next stage counts the
+    second as a redelivery of the first. The same items handed over twice (a redelivered parent) get
+    the same id, and the next stage skips what it finished."""
     return hashlib.sha256(",".join(map(str, slots)).encode()).hexdigest()[:12]
 
 
@@ -67,7 +69,7 @@ class ChunkRecorder:
         self.info = info
         self.send_chunk = send_chunk
         self.open: dict[int, WorkItem] = {}  # this run's items not yet recorded nor handed over
-        self.onward: list[tuple[WorkItem, CarriedItem]] = []
+        self.handed: list[tuple[WorkItem, HandoverItem]] = []  # to hand over when the run ends
         self.stopped = False
         # A short tag of the chunk, so rows of two chunks of one part never share a file name.
         self.tag = hashlib.sha256(chunk.chunk_id.encode()).hexdigest()[:6]
@@ -80,8 +82,8 @@ class ChunkRecorder:
     def finished(self, done: Sequence[tuple[WorkItem, ItemResult]]) -> None:
         self._record(done, f"{self.tag}-c{done[0][0].slot}", must_write=True)
 
-    def handed(self, onward: Sequence[tuple[WorkItem, CarriedItem]]) -> None:
-        self.onward.extend(onward)
+    def handed_over(self, handed: Sequence[tuple[WorkItem, HandoverItem]]) -> None:
+        self.handed.extend(handed)
 
     def should_stop(self) -> bool:
         if not self.stopped and self.store.standing(self.chunk) != "open":
@@ -121,33 +123,33 @@ class ChunkRecorder:
             for plan in self.meta.recipe[: self.chunk.stage_index]:
                 for kind in plan.writes:
                     if kind not in plan.save:
-                        self.storage.delete(output_key(item_id, plan, kind))
+                        self.storage.delete(layout.output_key(item_id, plan, kind))
         except StorageError as exc:
             log.warning("item %s: handover files not deleted: %s", item_id, exc, extra={"item_id": item_id})
 
     def close(self) -> None:
-        """Hand over what this run finished for the next stage: its carry part, then its chunk, then
-        the mark in Redis."""
-        if not self.onward:
+        """Hand over what this run finished for the next stage: its handover part, then its chunk,
+        then the mark in Redis."""
+        if not self.handed:
             return
-        onward, self.onward = self.onward, []
+        handed, self.handed = self.handed, []
         next_index = self.chunk.stage_index + 1
-        slots = [work.slot for work, _ in onward]
+        slots = [work.slot for work, _ in handed]
         digest = _digest(slots)
-        key = self.parts.put_carry(self.chunk.part, next_index, digest, [carried for _, carried in onward])
-        follower = self.chunk.model_copy(
+        key = self.parts.put_handover(self.chunk.part, next_index, digest, [item for _, item in handed])
+        next_chunk = self.chunk.model_copy(
             update={
-                "chunk_id": f"{self.chunk.chunk_id}/s{next_index}.{digest}",
+                "chunk_id": str(ChunkId.parse(self.chunk.chunk_id).handed_over(next_index, digest)),
                 "stage_index": next_index,
                 "slots": mask(slots, len(self.meta.positions(self.chunk.part))),
-                "carry": key,
+                "handover_part": key,
             }
         )
-        self.send_chunk(follower, self.meta.recipe[next_index].model.queue, self.meta.spec.priority)
-        self.store.hand_over(self.chunk, self.plan.name, [work.position for work, _ in onward])
-        for work, _ in onward:
+        self.send_chunk(next_chunk, self.meta.recipe[next_index].model.queue, self.meta.spec.priority)
+        self.store.hand_over(self.chunk, self.plan.name, [work.position for work, _ in handed])
+        for work, _ in handed:
             self.open.pop(work.slot, None)
-        emit.items_handed_over(self.info, [carried.stages[-1] for _, carried in onward])
+        emit.items_handed_over(self.info, [item.stages[-1] for _, item in handed])
 
     def fail_open(self, result_of: Callable[[WorkItem], ItemResult]) -> None:
         """Fail every item of this run not recorded nor handed over yet (the chunk gives up)."""

@@ -44,6 +44,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from jobstate import layout
 from jobstate.meta import JobMeta
 from jobstate.storage import Storage, check_key
 from schemas.errors import JobCancelledError, StorageRefusedError
@@ -59,9 +60,6 @@ from workers.quality_report import (
     thresholds,
 )
 
-REPORT_KEY = "report.html"
-RESULTS_KEY = "results.jsonl"  # written beside it by the job's end
-PAGES_FOLDER = "_report"
 ITEMS_PER_PAGE = 200
 FAILED_PER_PAGE = 1000  # rows of text only, so more to a page than the contact sheet's
 CONTACT_PAGES = 50  # 10,000 items
@@ -72,7 +70,6 @@ MESSAGE_CHARS = 2000  # of an error message shown: a page stays small whatever a
 NAV_SPREAD = 3  # page links shown either side of the current one
 HTML_TYPE = "text/html; charset=utf-8"
 CANCELLED = JobCancelledError.__name__
-LATENT_SUFFIX = ".safetensors"
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }
@@ -256,22 +253,7 @@ def _clipped(message: str) -> str:
     return message if len(message) <= MESSAGE_CHARS else message[:MESSAGE_CHARS] + "…"
 
 
-# -- keys and links
-
-
-def items_page_key(page: int) -> str:
-    return REPORT_KEY if page == 1 else f"{PAGES_FOLDER}/items-{page}.html"
-
-
-def failed_page_key(page: int) -> str:
-    return f"{PAGES_FOLDER}/failed-{page}.html"
-
-
-def worst_page_key(kind: ScoreKind) -> str:
-    return f"{PAGES_FOLDER}/worst-{kind.field.replace('_', '-')}.html"
-
-
-DUPLICATES_KEY = f"{PAGES_FOLDER}/duplicates.html"
+# -- links
 
 
 @dataclass(frozen=True)
@@ -356,10 +338,6 @@ class Thumbnailer:
         return thumbnail(uri, self.settings, self.roots)
 
 
-def is_latent(uri: str) -> bool:
-    return uri.endswith(LATENT_SUFFIX)
-
-
 def in_a_shard(uri: str) -> bool:
     """Whether the image is a sample of a shard (`.../00000.tar#key.jpg`), which has no object of its
     own to fetch: a thumbnail would cost a ranged read of the shard per image."""
@@ -372,7 +350,9 @@ def pictured(result: ItemResult) -> list[str]:
     format (png, jpeg, webp); latents are linked, not pictured, and samples of shards are not."""
     images = [result.image] if result.image else []
     return [
-        uri for uri in images + list(result.outputs.values()) if not is_latent(uri) and not in_a_shard(uri)
+        uri
+        for uri in images + list(result.outputs.values())
+        if not layout.is_latent(uri) and not in_a_shard(uri)
     ]
 
 
@@ -449,11 +429,11 @@ def _quality_block(meta: JobMeta, summary: Summary, place: Place) -> str:
     figures = [
         f'<figure class="score">{histogram_svg(tally.histograms[kind.field], gates[kind.field])}'
         f"<figcaption>{html.escape(kind.label)}: "
-        f'<a href="{_href(place.key, worst_page_key(kind))}">lowest first</a></figcaption></figure>'
+        f'<a href="{_href(place.key, layout.worst_page(kind.field))}">lowest first</a></figcaption></figure>'
         for kind in tally.kinds()
     ]
     groups = len(tally.groups())
-    duplicates = f'<a href="{_href(place.key, DUPLICATES_KEY)}">near-duplicate groups ({groups})</a>'
+    duplicates = f'<a href="{_href(place.key, layout.DUPLICATES_PAGE)}">near-duplicate groups ({groups})</a>'
     return f'<div class="quality">{"".join(figures)}<p>{duplicates}</p></div>'
 
 
@@ -478,13 +458,13 @@ def _page_links(label: str, pages: int, key_of: Callable[[int], str], place: Pla
 def _nav(summary: Summary, place: Place) -> str:
     failed = summary.failed + summary.cancelled
     failed_links = (
-        _page_links(f"failed items ({failed})", summary.failed_pages, failed_page_key, place)
+        _page_links(f"failed items ({failed})", summary.failed_pages, layout.failed_page, place)
         if summary.failed_pages
         else "<p>failed items: none</p>"
     )
     return (
         '<nav class="pages">'
-        + _page_links(f"items ({summary.items})", summary.item_pages, items_page_key, place)
+        + _page_links(f"items ({summary.items})", summary.item_pages, layout.items_page, place)
         + failed_links
         + "</nav>"
     )
@@ -528,8 +508,10 @@ def _item_section(
 
     figures = [_figure("input", thumbnails.get(result.image), None, input_missing)] if result.image else []
     for name, uri in result.outputs.items():
-        shown = "latent" if is_latent(uri) else missing
-        figures.append(_figure(name, None if is_latent(uri) else thumbnails.get(uri), link(uri), shown))
+        shown = "latent" if layout.is_latent(uri) else missing
+        figures.append(
+            _figure(name, None if layout.is_latent(uri) else thumbnails.get(uri), link(uri), shown)
+        )
     stages = [
         {"stage": s.name, "model": s.model, **s.params.model_dump(exclude_none=True)} for s in result.stages
     ]
@@ -580,7 +562,7 @@ def render_items_page(
 ) -> str:
     """One page of the contact sheet: the first with inlined thumbnails, a later one with links to the
     images in the job's prefix. The last page says where the items after the sheet are."""
-    place = Place(items_page_key, page)
+    place = Place(layout.items_page, page)
     here = place.key
     first = (page - 1) * ITEMS_PER_PAGE + 1
     title = f"items {first}-{first + len(results) - 1} of {summary.items}"
@@ -593,7 +575,7 @@ def render_items_page(
         input_missing = INPUT_NOT_IN_PREFIX
     note = (
         f"<p>The contact sheet shows the first {CONTACT_PAGES * ITEMS_PER_PAGE} items; the other "
-        f'{summary.beyond_contact_sheet} are in <a href="{_href(here, RESULTS_KEY)}">results.jsonl</a>, '
+        f'{summary.beyond_contact_sheet} are in <a href="{_href(here, layout.RESULTS)}">results.jsonl</a>, '
         "and the failed ones among them in the failed items' pages.</p>"
         if page == CONTACT_PAGES and summary.beyond_contact_sheet
         else ""
@@ -615,7 +597,7 @@ def _linked_sections(results: Sequence[ItemResult], here: str, root: str) -> str
 def render_worst_page(meta: JobMeta, summary: Summary, kind: ScoreKind, root: str) -> str:
     """The lowest-scoring items of one score, lowest first, as a contact sheet."""
     assert summary.quality is not None
-    place = Place(lambda _page: worst_page_key(kind), 1)
+    place = Place(lambda _page: layout.worst_page(kind.field), 1)
     results = [ItemResult.model_validate_json(line) for line in summary.quality.worst_lines(kind)]
     scored = summary.quality.histograms[kind.field].count
     title = f"lowest {kind.label} first: {len(results)} of {scored} scored item(s)"
@@ -633,7 +615,7 @@ GROUP_MEMBERS_SHOWN = 12
 
 def _output_of(result: ItemResult) -> str | None:
     """The item's last image output: what its perceptual hash was taken of, where it was saved."""
-    images = [uri for uri in result.outputs.values() if not is_latent(uri)]
+    images = [uri for uri in result.outputs.values() if not layout.is_latent(uri)]
     return images[-1] if images else None
 
 
@@ -641,7 +623,7 @@ def render_duplicates_page(meta: JobMeta, summary: Summary, members: Mapping[int
     """The near-duplicate groups, largest first: each member's output, linked to its place in the
     contact sheet; `members` holds the results lines of the members shown, by position."""
     assert summary.quality is not None
-    place = Place(lambda _page: DUPLICATES_KEY, 1)
+    place = Place(lambda _page: layout.DUPLICATES_PAGE, 1)
     here = place.key
     groups = summary.quality.groups()
     sections = []
@@ -652,7 +634,9 @@ def render_duplicates_page(meta: JobMeta, summary: Summary, members: Mapping[int
             output = _output_of(result)
             key = key_in_prefix(output, root) if output else None
             page = position // ITEMS_PER_PAGE + 1
-            link = _href(here, items_page_key(page), f"item-{result.id}") if page <= CONTACT_PAGES else None
+            link = (
+                _href(here, layout.items_page(page), f"item-{result.id}") if page <= CONTACT_PAGES else None
+            )
             figures.append(_figure(result.id, _href(here, key) if key else None, link, "not available"))
         more = f" (the first {GROUP_MEMBERS_SHOWN} shown)" if len(group) > GROUP_MEMBERS_SHOWN else ""
         sections.append(
@@ -676,8 +660,8 @@ def render_quality_pages(
     if summary.quality is None or not summary.quality.scored:
         return
     for kind in summary.quality.kinds():
-        yield worst_page_key(kind), render_worst_page(meta, summary, kind, root)
-    yield DUPLICATES_KEY, render_duplicates_page(meta, summary, members, root)
+        yield layout.worst_page(kind.field), render_worst_page(meta, summary, kind, root)
+    yield layout.DUPLICATES_PAGE, render_duplicates_page(meta, summary, members, root)
 
 
 def _failed_line(row: FailedRow, here: str) -> str:
@@ -685,7 +669,7 @@ def _failed_line(row: FailedRow, here: str) -> str:
     page = row.position // ITEMS_PER_PAGE + 1
     shown_id = _escape(row.id)
     if page <= CONTACT_PAGES:
-        shown_id = f'<a href="{_href(here, items_page_key(page), f"item-{row.id}")}">{shown_id}</a>'
+        shown_id = f'<a href="{_href(here, layout.items_page(page), f"item-{row.id}")}">{shown_id}</a>'
     return (
         f"<tr><td>{shown_id}</td><td>{_escape(row.stage)}</td>"
         f"<td>{_escape(row.reason)}</td>"
@@ -694,7 +678,7 @@ def _failed_line(row: FailedRow, here: str) -> str:
 
 
 def render_failed_page(meta: JobMeta, summary: Summary, page: int, rows: Sequence[FailedRow]) -> str:
-    place = Place(failed_page_key, page)
+    place = Place(layout.failed_page, page)
     first = (page - 1) * FAILED_PER_PAGE + 1
     title = f"failed items {first}-{first + len(rows) - 1} of {summary.failed + summary.cancelled}"
     lines = "".join(_failed_line(row, place.key) for row in rows)
@@ -731,15 +715,15 @@ def render_pages(
         if result is not None:
             failed.append(FailedRow.of(result, position))
         if len(items) == ITEMS_PER_PAGE:
-            yield items_page_key(item_page), items_page()
+            yield layout.items_page(item_page), items_page()
             item_page, items = item_page + 1, []
         if len(failed) == FAILED_PER_PAGE:
-            yield failed_page_key(failed_page), render_failed_page(meta, summary, failed_page, failed)
+            yield layout.failed_page(failed_page), render_failed_page(meta, summary, failed_page, failed)
             failed_page, failed = failed_page + 1, []
     if items or item_page == 1:
-        yield items_page_key(item_page), items_page()
+        yield layout.items_page(item_page), items_page()
     if failed:
-        yield failed_page_key(failed_page), render_failed_page(meta, summary, failed_page, failed)
+        yield layout.failed_page(failed_page), render_failed_page(meta, summary, failed_page, failed)
 
 
 def read_lines(path: Path) -> Iterator[str]:
@@ -770,16 +754,16 @@ def write_report(
         lines = _keeping(read_lines(results_path), wanted, members)
         pages = render_pages(meta, summary, lines, Thumbnailer(settings, roots, pool), storage.root)
         for key, page in chain(pages, render_quality_pages(meta, summary, members, storage.root)):
-            if key == REPORT_KEY:
+            if key == layout.REPORT:
                 first_page = page
             else:
                 storage.put(key, page.encode(), HTML_TYPE)
                 written.add(key)
     # Last, so that once report.html is there, the pages it links to are too.
-    uri = storage.put(REPORT_KEY, first_page.encode(), HTML_TYPE)
+    uri = storage.put(layout.REPORT, first_page.encode(), HTML_TYPE)
     # An earlier end's pages that this one has no more of (a retry that left fewer failed items) would
     # otherwise be found beside the new ones, with counts that no longer hold.
-    for key in storage.list(PAGES_FOLDER):
+    for key in storage.list(layout.REPORT_PAGES):
         if key not in written:
             storage.delete(key)
     return uri

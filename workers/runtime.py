@@ -15,7 +15,7 @@ from jobstate.store import JobStore
 from schemas.errors import ConfigError
 from schemas.messages import WORKER_MODEL_ENV, ChunkSender, JobEnd, WorkerModel
 from schemas.settings import Settings
-from workers.chunk import ChunkContext
+from workers.chunk import WorkerContext
 from workers.job_end import EndContext
 
 log = logging.getLogger("imgjobs.worker")
@@ -23,12 +23,12 @@ TIME_LIMITS = (SoftTimeLimitExceeded,)
 
 
 class WorkerRuntime:
-    _context: ClassVar[ChunkContext | None] = None
+    _context: ClassVar[WorkerContext | None] = None
 
     @classmethod
     def start(
         cls, settings: Settings, send_chunk: ChunkSender, send_end: Callable[[JobEnd], None]
-    ) -> ChunkContext:
+    ) -> WorkerContext:
         import torch
 
         from workers.models import apply_gpu_settings
@@ -53,7 +53,7 @@ class WorkerRuntime:
         )
         assert settings.broker_url is not None
         client = redis_client(settings.broker_url, WORKER)
-        cls._context = ChunkContext(
+        cls._context = WorkerContext(
             model=loaded,
             settings=settings,
             store=JobStore(client),
@@ -64,7 +64,7 @@ class WorkerRuntime:
         return cls._context
 
     @classmethod
-    def context(cls) -> ChunkContext:
+    def context(cls) -> WorkerContext:
         if cls._context is None:
             raise ConfigError("the worker's model is not loaded (worker_process_init did not run)")
         return cls._context

@@ -1,6 +1,6 @@
 """Writing a job's outputs as shards (`output_format: webdataset` or `parquet`): one shard per part
 of the job, a fixed range of items (positions part * shard_size onwards; the job's chunks are
-`shard_size` items for this), in img2dataset's layout under the job's prefix:
+`shard_size` items for this), in img2dataset's layout under the job's prefix (jobstate/layout.py):
 
     {output}/{job_id}/shards/{shard}.tar           webdataset: {id}.png (or .jpg, .webp), {id}.txt
                                                    (the caption), {id}.json (key, caption, seed,
@@ -45,12 +45,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from jobstate.layout import ShardKeys, shard_name
 from jobstate.meta import JobMeta
 from jobstate.storage import Storage
 from jobstate.store import JobStore
@@ -61,37 +61,10 @@ from workers.recording import ChunkRecorder
 
 log = logging.getLogger(__name__)
 
-SHARDS_DIR = "shards"
 LEASE_TTL_S = 120.0  # a writer renews it while it writes; a dead writer's lapses after this
 LEASE_WAIT_S = 300.0  # how long a writer waits for another to finish the same shard
 ROW_GROUP_ROWS = 100  # Parquet rows per row group: what the datasets library writes for images
 SUCCESS, FAILED = "success", "failed"  # img2dataset's status words
-
-
-def shard_name(part: int, parts: int) -> str:
-    """00000, 00001, ...: five digits at least, as img2dataset names its shards, more where needed."""
-    return f"{part:0{max(5, len(str(max(parts - 1, 0))))}d}"
-
-
-@dataclass(frozen=True)
-class ShardKeys:
-    """Where one shard's files go, relative to the job's prefix."""
-
-    name: str
-    output_format: str
-
-    @property
-    def shard(self) -> str:
-        suffix = "tar" if self.output_format == "webdataset" else "parquet"
-        return f"{SHARDS_DIR}/{self.name}.{suffix}"
-
-    @property
-    def index(self) -> str:
-        return f"{SHARDS_DIR}/{self.name}.parquet"
-
-    @property
-    def stats(self) -> str:
-        return f"{SHARDS_DIR}/{self.name}_stats.json"
 
 
 class ShardSpool:
@@ -255,10 +228,11 @@ class ShardWriter:
         rows = sorted([*kept, *new], key=lambda row: row["position"])
         self.keep()
         self.storage.delete(self.keys.stats)  # from here until the stats are back, the shard is not complete
+        kept_images = {row["id"] for row in kept if row["status"] == SUCCESS}
         if self.keys.output_format == "webdataset":
-            self._write_tar(rows, {row["id"] for row in kept if row["status"] == SUCCESS}, images)
+            self._write_tar(rows, kept_images, images)
         else:
-            self._write_parquet(rows, {row["id"] for row in kept if row["status"] == SUCCESS}, images)
+            self._write_parquet(rows, kept_images, images)
         self.keep()
         by_status: dict[str, int] = {}
         for row in rows:
@@ -278,14 +252,14 @@ class ShardWriter:
         return stats
 
     def _write_tar(
-        self, rows: list[dict[str, Any]], carried: set[str], images: Callable[[str], tuple[bytes, str] | None]
+        self, rows: list[dict[str, Any]], kept: set[str], images: Callable[[str], tuple[bytes, str] | None]
     ) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         previous: tarfile.TarFile | None = None
         members: dict[str, tarfile.TarInfo] = {}
-        if carried:
+        if kept:
             local = self.folder / "previous.tar"
             if self.storage.get_file(self.keys.shard, local):
                 previous = tarfile.open(local, "r:")  # noqa: SIM115 (closed below)
@@ -298,7 +272,7 @@ class ShardWriter:
                     if row["status"] != SUCCESS:
                         continue
                     name = f"{row['id']}.{row['format']}"
-                    if row["id"] in carried:
+                    if row["id"] in kept:
                         info = members.get(name)
                         handle = previous.extractfile(info) if previous is not None and info else None
                         if handle is None:
@@ -328,13 +302,13 @@ class ShardWriter:
         self.storage.put_file(self.keys.index, index, "application/vnd.apache.parquet")
 
     def _write_parquet(
-        self, rows: list[dict[str, Any]], carried: set[str], images: Callable[[str], tuple[bytes, str] | None]
+        self, rows: list[dict[str, Any]], kept: set[str], images: Callable[[str], tuple[bytes, str] | None]
     ) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         previous: dict[str, Any] = {}
-        if carried:
+        if kept:
             local = self.folder / "previous.parquet"
             if self.storage.get_file(self.keys.shard, local):
                 table = pq.read_table(local, columns=["id", "image"], memory_map=True)
@@ -343,7 +317,7 @@ class ShardWriter:
                     for item_id, image in zip(
                         table.column("id").to_pylist(), table.column("image").to_pylist(), strict=True
                     )
-                    if item_id in carried
+                    if item_id in kept
                 }
         schema = _schema(with_image=True)
         path = self.folder / "shard.parquet"
@@ -353,7 +327,7 @@ class ShardWriter:
                 for row in rows[start : start + ROW_GROUP_ROWS]:
                     image = None
                     if row["status"] == SUCCESS:
-                        if row["id"] in carried:
+                        if row["id"] in kept:
                             image = previous.get(row["id"])
                         else:
                             found = images(row["id"])
@@ -430,7 +404,7 @@ class ShardSink:
         for work, result in done:
             self.held[work.slot] = (work, result)
 
-    def handed(self, onward: Sequence[tuple[WorkItem, Any]]) -> None:
+    def handed_over(self, handed: Sequence[tuple[WorkItem, Any]]) -> None:
         raise AssertionError("the last stage hands nothing over")
 
     def should_stop(self) -> bool:

@@ -1,4 +1,4 @@
-"""The issue's acceptance run: `imgjobs submit` of a 24-item job with inputs and outputs on the S3
+"""Distributed mode end to end: `imgjobs submit` of a 24-item job with inputs and outputs on the S3
 server, two real worker processes on real Redis, `imgjobs status` checked during and after."""
 
 from __future__ import annotations

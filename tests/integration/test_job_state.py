@@ -142,7 +142,7 @@ def test_an_embedded_run_resumes_after_a_sigterm_a_kill_and_the_loss_of_its_redi
     exited = time.time()
     assert first.returncode == 128 + signal.SIGTERM, stderr
     assert "interrupted: " in stderr and f"/12 finished; run `imgjobs run {spec}` again to resume" in stderr
-    # Before, its redis-server and workers went on running, parented to init.
+    # Its redis-server and workers stop with it, rather than run on, parented to init.
     assert wait_until(lambda: not processes_on(broker_url), 10, "no process left") is True
     after_first = fingerprints(tmp_path / "out" / job_id)
     assert 2 <= len(after_first) < 12
@@ -284,8 +284,8 @@ def test_a_job_end_that_cannot_be_written_fails_the_job_at_once_and_a_second_end
         assert "Not a directory" in said[0]
         assert list(JobStore(redis.Redis.from_url(server.url)).job_ids()) == []
 
-        # Its items run, but the job's end cannot be written (results.jsonl is a folder): before, the
-        # end was retried for five minutes and the job stayed running for ever.
+        # Its items run, but the job's end cannot be written (results.jsonl is a folder): no retry can
+        # help, so the end fails at once and the job ends failed, rather than running for ever.
         job_id = job_id_of(endless, models_yaml)
         (tmp_path / "endless" / "out" / job_id / "results.jsonl").mkdir(parents=True)
         started = time.monotonic()

@@ -79,7 +79,8 @@ def test_run_now_submits_only_new_or_changed_images(tmp_path: Path) -> None:
 
 
 def test_a_cron_beat_would_refuse_stops_list_and_beat_in_one_line(tmp_path: Path) -> None:
-    """`schedule list` used to pass it, and beat died with a traceback when it read the schedule."""
+    """Checked where the schedules file is read, not only where beat runs it: else `schedule list`
+    would pass it and beat would die with a traceback."""
     path = schedules_file(tmp_path)
     path.write_text(path.read_text().replace('"0 2 * * *"', '"0 25 * * *"'))
     expected = (

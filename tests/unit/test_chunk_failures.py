@@ -12,13 +12,13 @@ import torch
 from celery.exceptions import SoftTimeLimitExceeded
 
 from jobs.embedded import EmbeddedRedis
-from jobstate import keys
+from jobstate import keys, layout
 from jobstate.bits import unmask
 from jobstate.storage import LocalStorage
 from kits.helpers import CPU, write_image
 from schemas.errors import StorageError
 from schemas.job import Item, ResolvedParams
-from schemas.messages import StagePlan
+from schemas.messages import JobEnd, StagePlan
 from schemas.registry import ResolvedModel
 from tests.chunkkit import Harness, harness, resize_recipe
 from workers.chunk import RetryChunk
@@ -37,7 +37,7 @@ class FlakyStorage(LocalStorage):
         self.put_file_failures = put_file_failures
 
     def put_file(self, key: str, path: Path, content_type: str) -> str:
-        if self.put_file_failures and not key.startswith("_imgjobs/"):
+        if self.put_file_failures and not key.startswith(f"{layout.PARTS}/"):
             self.put_file_failures -= 1
             raise StorageError(f"injected: cannot write {key}")
         return super().put_file(key, path, content_type)
@@ -55,7 +55,7 @@ class PutsThenFails(LocalStorage):
         self.allowed = allowed
 
     def put(self, key: str, data: bytes, content_type: str) -> str:
-        if not key.startswith("_imgjobs/"):
+        if not key.startswith(f"{layout.PARTS}/"):
             if self.allowed <= 0:
                 raise StorageError(f"injected: cannot write {key}")
             self.allowed -= 1
@@ -90,15 +90,23 @@ def setup(
     )
 
 
+def items_done_end_due(
+    tmp_path: Path, server: EmbeddedRedis, put_file_failures: int
+) -> tuple[Harness, JobEnd]:
+    """A one-stage job whose items are done, and its end, sent once by the chunk that finished the
+    last item and not written yet; results.jsonl's first `put_file_failures` writes fail."""
+    storage = FlakyStorage(tmp_path / "out" / "job", put_file_failures=put_file_failures)
+    job = setup(tmp_path, server, stages=1, storage=storage)
+    job.write_ends = False
+    job.run_all()
+    (end,) = job.ends
+    return job, end
+
+
 def test_a_job_end_stopped_by_storage_is_written_by_its_retry(
     tmp_path: Path, redis_server: EmbeddedRedis
 ) -> None:
-    job = setup(
-        tmp_path, redis_server, stages=1, storage=FlakyStorage(tmp_path / "out" / "job", put_file_failures=1)
-    )
-    job.write_ends = False
-    job.run_all()
-    (end,) = job.ends  # sent by the chunk that finished the last item, once
+    job, end = items_done_end_due(tmp_path, redis_server, put_file_failures=1)
     with pytest.raises(RetryEnd, match="injected"):  # reaches the task, which retries it
         end_job(end, job.end_ctx, "task-1", may_retry=True)
     assert job.store.status("job").finished_at is None
@@ -112,12 +120,7 @@ def test_a_job_end_stopped_by_storage_is_written_by_its_retry(
 def test_a_job_end_that_cannot_be_written_fails_the_job_with_its_reason(
     tmp_path: Path, redis_server: EmbeddedRedis
 ) -> None:
-    job = setup(
-        tmp_path, redis_server, stages=1, storage=FlakyStorage(tmp_path / "out" / "job", put_file_failures=99)
-    )
-    job.write_ends = False
-    job.run_all()
-    (end,) = job.ends
+    job, end = items_done_end_due(tmp_path, redis_server, put_file_failures=99)
     assert end_job(end, job.end_ctx, "task-1", may_retry=False) == "failed"  # its retries are used up
     status = job.store.status("job")
     assert (status.state.value, status.finished) == ("failed", True)
@@ -271,10 +274,10 @@ def test_handovers_of_a_run_and_its_retry_have_their_own_chunk_ids(
     handed = list(job.sent)
     assert [unmask(h.slots or "") for h in handed] == [b"\x80", b"\x40"]  # a, then b
     # The next stage counts deliveries per chunk id: the same id twice read as a redelivery.
-    assert handed[0].chunk_id != handed[1].chunk_id and handed[0].carry != handed[1].carry
+    assert handed[0].chunk_id != handed[1].chunk_id and handed[0].handover_part != handed[1].handover_part
     job.sent.clear()
-    for follower in handed:
-        job.run(follower)
+    for next_chunk in handed:
+        job.run(next_chunk)
     status = job.store.status("job")
     assert (status.state.value, status.succeeded) == ("succeeded", 2)
 
@@ -293,7 +296,7 @@ def test_outputs_that_can_never_be_written_fail_their_items_at_once_and_end_the_
 
     class OutputsUnderAFile(LocalStorage):
         def put(self, key: str, data: bytes, content_type: str) -> str:
-            target = parts_ok if key.startswith("_imgjobs/") else bad
+            target = parts_ok if key.startswith(f"{layout.PARTS}/") else bad
             return target.put(key, data, content_type)
 
         def put_file(self, key: str, path: Path, content_type: str) -> str:

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from jobs.embedded import EmbeddedRedis
+from jobstate import layout
 from jobstate.bits import ones
 from jobstate.storage import LocalStorage, Storage
 from kits.helpers import local_model, stage_plan, write_image
@@ -139,7 +140,7 @@ class FailingPuts(LocalStorage):
         self.fail_from, self.puts = fail_from, 0
 
     def put(self, key: str, data: bytes, content_type: str) -> str:
-        if not key.startswith("_imgjobs/"):  # outputs fail; the job's own parts are written
+        if not key.startswith(f"{layout.PARTS}/"):  # outputs fail; the job's own parts are written
             self.puts += 1
             if self.puts >= self.fail_from:
                 raise StorageError(f"injected: cannot write {key}")

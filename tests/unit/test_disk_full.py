@@ -12,7 +12,7 @@ import redis
 
 from jobs.embedded import EmbeddedRedis
 from jobs.redrive import failures
-from jobstate import storage
+from jobstate import layout, storage
 from kits.helpers import write_image
 from schemas.job import Item
 from tests.chunkkit import harness
@@ -35,7 +35,7 @@ def test_items_that_fail_on_a_full_disk_are_recorded_with_the_reason_and_the_pat
             Path("/dev/full").write_bytes(b"x")  # what the kernel says, as the storage will see it
         for chunk in job.chunks:
             job.run(chunk, may_retry=False)  # its last delivery: the task's retries are spent
-    assert not list((job.job_dir / "_imgjobs").rglob("results/*")), "no failure could be written"
+    assert not list((job.job_dir / layout.PARTS).rglob("results/*")), "no failure could be written"
     [end] = job.ends
     assert end_job(end, job.end_ctx, token="after-freeing-space") == "finished"
 
@@ -47,7 +47,7 @@ def test_items_that_fail_on_a_full_disk_are_recorded_with_the_reason_and_the_pat
         # The chunk's first write that failed: the rest of the chunk fails with it.
         assert message.startswith(f"cannot write {job.job_dir / 'i0' / 's0-resize.png'}: ")
         assert "No space left on device" in message
-        assert f"writing the failure failed too: cannot write {job.job_dir / '_imgjobs'}" in message
+        assert f"writing the failure failed too: cannot write {job.job_dir / layout.PARTS}" in message
         assert "recorded result is missing" not in message
     assert {failure.error.message for failure in failures(job.store, job.meta.job_id) if failure.error} == {
         results[item_id].error.message  # type: ignore[union-attr]

@@ -1,4 +1,4 @@
-"""The GPU throughput options of the registry (issue 6), on the tiny SD model on the CPU: each keeps the
+"""The GPU throughput options of the registry, on the tiny SD model on the CPU: each keeps the
 images the default engine gives, padding to a static batch never changes a real item's output, and
 warm-up compiles at load so that chunks of the warmed shape run without compiling again.
 

@@ -32,6 +32,7 @@ from PIL import Image
 from prometheus_client import REGISTRY
 
 from jobs.embedded import EmbeddedRedis
+from jobstate import layout
 from jobstate.storage import LocalStorage
 from kits.helpers import local_model, stage_plan, write_image
 from schemas.errors import StorageError
@@ -161,7 +162,7 @@ class MeetingPuts(LocalStorage):
         self.lock = threading.Lock()
 
     def put(self, key: str, data: bytes, content_type: str) -> str:
-        if not key.startswith("_imgjobs/"):
+        if not key.startswith(f"{layout.PARTS}/"):
             with self.lock:
                 self.outputs += 1
                 first_two = self.outputs <= 2

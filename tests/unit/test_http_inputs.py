@@ -127,6 +127,7 @@ def test_a_name_that_rebinds_to_a_private_address_is_refused(
 
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
     strict = SETTINGS.model_copy(update={"http_allow_private": False})
-    # Before, the connection resolved the name again and fetched from the loopback server.
+    # The connection must use the address that was checked: resolving the name again would reach the
+    # loopback server.
     with pytest.raises(InputImageError, match=r"private or local address \(127\.0\.0\.1\)"):
         fetch_bytes(f"http://rebind.test:{port}/ok.png", strict)

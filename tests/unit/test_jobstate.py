@@ -80,10 +80,10 @@ def test_items_handed_past_a_stage_are_not_redone_by_it(tmp_path: Path, redis_se
     store.start_chunk(job.meta, chunk, 0, b"")
     assert store.hand_over(chunk, "s0-resize", [0]) == 1
     assert store.start_chunk(job.meta, chunk, 0, b"").slots == (1,)  # stage 0 again: only item 1 is left
-    follower = chunk.model_copy(
+    next_chunk = chunk.model_copy(
         update={"chunk_id": "job:s0:c0/s1.x", "stage_index": 1, "slots": mask([0], 2)}
     )
-    assert store.start_chunk(job.meta, follower, 0, b"\x80").slots == (0,)  # stage 1 takes item 0
+    assert store.start_chunk(job.meta, next_chunk, 0, b"\x80").slots == (0,)  # stage 1 takes item 0
     assert store.status("job").stages[0].done == 1
 
 

@@ -28,7 +28,7 @@ from schemas.job import Priority
 from schemas.messages import PRIORITY_STEPS, RUN_CHUNK_TASK, Chunk, JobEnd, priority_lists
 from schemas.registry import BUILTIN_MODELS
 from schemas.settings import Settings
-from workers.chunk import ChunkContext, process_chunk
+from workers.chunk import WorkerContext, process_chunk
 from workers.job_end import EndContext, end_job
 from workers.models import LoadedModel
 
@@ -130,10 +130,10 @@ def test_priority_overrides_the_spec_s_on_submit_and_run_and_keeps_the_job_id(
     assert (ran.exit_code, given[1:]) == (9, ["high"]), ran.output  # no option: the spec's
 
 
-def ctx_sending_to(server: EmbeddedRedis, store: JobStore) -> ChunkContext:
+def ctx_sending_to(server: EmbeddedRedis, store: JobStore) -> WorkerContext:
     """The chunk code's context as a worker has it, with Celery's real send for the next stages."""
     app = producer_app(Settings(), server.url)
-    return ChunkContext(
+    return WorkerContext(
         model=LoadedModel("cpu", BUILTIN_MODELS["cpu"]),
         settings=Settings(),
         store=store,

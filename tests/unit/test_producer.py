@@ -123,13 +123,15 @@ def test_a_chunk_reads_back_the_same_from_its_task_arguments() -> None:
         epoch=2,
         round=1,
         slots=base64.b64encode(b"\xf0").decode(),
-        carry="_imgjobs/0123456789abcdef/carry/p0000007/s1.0a1b2c3d4e5f.jsonl",
+        handover_part="_imgjobs/0123456789abcdef/carry/p0000007/s1.0a1b2c3d4e5f.jsonl",
     )
     (args,) = chunk.task_args()
     sent: dict[str, Any] = json.loads(json.dumps(args))  # what crosses the broker
     assert Chunk.model_validate(sent) == chunk
     assert "null" not in json.dumps(sent)  # unset fields are left out, not sent as null
-    first = chunk.model_copy(update={"stage_index": 0, "epoch": 0, "round": 0, "slots": None, "carry": None})
+    first = chunk.model_copy(
+        update={"stage_index": 0, "epoch": 0, "round": 0, "slots": None, "handover_part": None}
+    )
     assert set(first.task_args()[0]) == {"job_id", "run_id", "chunk_id", "part", "stage_index"}
     assert chunk.task_repr() == "<job:s0:c7/s1.0a1b2c3d4e5f>"
 

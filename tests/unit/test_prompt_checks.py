@@ -22,7 +22,7 @@ from schemas.prompts import MAX_WEIGHTED_PROMPT_CHARS, clip_tokens_at_least, wei
 REGISTRY = Registry.load(None)
 COMPEL = {"type": "img2img", "model": "sd15", "prompt_syntax": "compel"}
 PLAIN = {"type": "img2img", "model": "sd15"}
-# The prompts: compel's parser without memoizing takes 13 s for 6 levels, over a minute for 8,
+# Prompts that stall compel: its parser without memoizing takes 13 s for 6 levels, over a minute for 8,
 # and never ends for 32 unclosed parentheses.
 SIX_LEVELS = "(" * 6 + "masterpiece" + ")" * 6
 UNCLOSED = "(" * 32 + "masterpiece"

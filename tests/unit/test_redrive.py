@@ -27,7 +27,7 @@ from schemas.errors import BrokerUnavailableError, ConfigError, ImgjobsError
 from schemas.messages import Chunk, ItemResult, JobEnd, priority_lists
 from schemas.registry import BUILTIN_MODELS
 from schemas.settings import Settings
-from workers.chunk import ChunkContext, process_chunk
+from workers.chunk import WorkerContext, process_chunk
 from workers.job_end import EndContext, end_job
 from workers.models import LoadedModel
 
@@ -52,8 +52,8 @@ class Job:
     def meta(self) -> JobMeta:
         return self.store.meta(self.job_id)
 
-    def ctx(self) -> ChunkContext:
-        return ChunkContext(
+    def ctx(self) -> WorkerContext:
+        return WorkerContext(
             model=LoadedModel("cpu", BUILTIN_MODELS["cpu"]),
             settings=Settings(),
             store=self.store,
@@ -112,8 +112,8 @@ def test_a_retry_whose_chunks_cannot_be_sent_leaves_its_items_retryable(
 
     with pytest.raises(ImgjobsError, match=f"items are failed again: run `imgjobs retry {job.job_id}` again"):
         redrive.retry(job.store, job.job_id, None, broker_gone, job.ends.append)
-    # Counts as they were (before, the items were left pending with nothing queued), and the job's end
-    # is due again, for the new round.
+    # Counts as they were (the items are not left pending with nothing queued), and the job's end is
+    # due again, for the new round.
     assert job.store.status(job.job_id).model_dump(exclude=times) == before | {"state": "running"}
     assert [end.round for end in job.ends] == [1]
     job.write_end()
@@ -232,7 +232,7 @@ def test_a_job_cancelled_while_a_retry_reads_it_is_left_as_it_is(
     monkeypatch.setattr(redrive, "_targets", cancel_meanwhile)
     with pytest.raises(ImgjobsError, match="was cancelled meanwhile"):
         job.retry()
-    # Before, the retry reopened the job, un-cancelling it, and sent chunks of the old epoch, which were
-    # dropped: nothing was cancelled any more and nothing ran, so the job never ended.
+    # Reopening the job would un-cancel it and send chunks of the old epoch, which are dropped: nothing
+    # would be cancelled any more and nothing would run, so the job would never end.
     status = job.store.status(job.job_id)
     assert (status.state.value, status.failed, job.sent) == ("cancelled", before.failed + 1, [])

@@ -295,9 +295,9 @@ def test_the_checkpoints_own_scheduler_is_checked_too() -> None:
     assert run.problem(2, None) is None and run.distance(2, None)[0] <= REACHED
 
 
-def test_karras_duplicate_timesteps_no_longer_break_img2img() -> None:
+def test_karras_duplicate_timesteps_do_not_break_img2img() -> None:
     """diffusers#5687: at many steps the Karras sigmas' smallest round to the same timesteps, and
-    img2img at a low strength failed on them. diffusers now starts img2img at an index
+    img2img at a low strength could fail on them. diffusers starts img2img at an index
     (set_begin_index), not at a timestep it looks up: the duplicates are there, and the image is
     reached, so imgjobs refuses nothing here."""
     for name in ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2s", "deis", "unipc", "kdpm_2", "kdpm_2_a"):
@@ -311,8 +311,8 @@ def test_karras_duplicate_timesteps_no_longer_break_img2img() -> None:
 
 
 def test_dpm_singlestep_reaches_the_image_at_every_strength() -> None:
-    """DPM++ singlestep alternates first- and second-order steps; an img2img that starts between the
-    two once went wrong. Every steps x strength of 1-12 steps runs right now."""
+    """DPM++ singlestep alternates first- and second-order steps; an img2img may start between the
+    two. Every steps x strength of 1-12 steps reaches the image."""
     for schedule in (None, "karras"):
         run = Run(choose("dpmpp_2s", schedule))
         for steps in range(1, 13):

@@ -15,12 +15,12 @@ import jobstate.storage
 import workers.samples
 from jobs.embedded import EmbeddedRedis
 from jobs.shards import index_parquet, index_tar, item_id, shard_uris
+from jobstate.layout import shard_name
 from jobstate.store import JobStore
 from schemas.errors import ConfigError, InputImageError, InputShardError
 from schemas.job import Sample, SampleFields
 from schemas.settings import Settings
 from workers.samples import SampleReader
-from workers.shard_sink import shard_name
 
 
 def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:

@@ -55,7 +55,7 @@ def test_local_files_follow_the_umask_and_list_by_folder(tmp_path: Path) -> None
         storage.put_file("results.jsonl", source, "application/x-ndjson")
     finally:
         os.umask(previous)
-    # Before, put wrote through mkstemp: 0600 whatever the umask, unlike every other file.
+    # As any file the user writes: mkstemp's files would be 0600 whatever the umask.
     assert stat.S_IMODE((tmp_path / "job" / "a" / "one.png").stat().st_mode) == 0o640
     assert stat.S_IMODE((tmp_path / "job" / "results.jsonl").stat().st_mode) == 0o640
     storage.put("a/two.png", b"2", "image/png")
