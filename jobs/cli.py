@@ -41,7 +41,16 @@ from jobs.console import (
 from jobs.consumers import live_workers
 from jobs.embedded import Interrupted, stopped_by_signals
 from jobs.estimate import estimate
-from jobs.flags import Listing, RetryChoice, check_job_id, error_type
+from jobs.flags import (
+    DryRunOption,
+    JobArgument,
+    JobIdArgument,
+    Listing,
+    ModelsOption,
+    PriorityOption,
+    ReasonOption,
+    RetryChoice,
+)
 from jobs.manifest import ValidatedJob, check_job, embedded_roots
 from jobs.metrics import BrokerCollector
 from jobs.producer import prepared
@@ -69,7 +78,6 @@ from schemas.errors import (
     StorageRefusedError,
     UnknownJobError,
 )
-from schemas.job import Priority
 from schemas.progress import JobState, JobStatus
 from schemas.schedule import parse_duration
 from schemas.settings import Settings
@@ -102,28 +110,6 @@ def _options(
     ] = False,
 ) -> None:
     """Batch image-to-image jobs with diffusers on Celery workers."""
-
-
-ModelsOption = Annotated[
-    Path | None,
-    typer.Option("--models", help="models.yaml registry (default: $IMGJOBS_MODELS)", show_default=False),
-]
-DryRunOption = Annotated[
-    bool,
-    typer.Option("--dry-run", help="validate, plan and estimate the job; send and write nothing"),
-]
-JobArgument = Annotated[Path, typer.Argument(help="job spec, YAML or JSON", show_default=False)]
-
-
-JobIdArgument = Annotated[str, typer.Argument(show_default=False, callback=check_job_id)]
-ReasonOption = Annotated[
-    str | None,
-    typer.Option(help="only failures of this error type, e.g. InputImageError", callback=error_type),
-]
-PriorityOption = Annotated[
-    Priority | None,
-    typer.Option(help="workers take high jobs' chunks first, low last; default: the spec's, else normal"),
-]
 
 
 def _registry(models: Path | None, settings: Settings, check_sources: bool = False) -> Registry:

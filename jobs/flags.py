@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
+import typer
 import yaml
 from pydantic import ValidationError
 
@@ -15,7 +17,7 @@ from jobs.registry import did_you_mean
 from jobs.shards import SHARD_SUFFIXES, write_shards_job
 from jobs.sources import write_listing_job
 from schemas.errors import ConfigError, ImgjobsError, ItemError, Problem, SpecError
-from schemas.job import JOB_ID_PATTERN, RETRY_SETTABLE, Item
+from schemas.job import JOB_ID_PATTERN, RETRY_SETTABLE, Item, Priority
 
 
 def key_values(pairs: list[str], flag: str = "--param") -> dict[str, object]:
@@ -175,3 +177,24 @@ class Listing:
             for problem in exc.problems
         ]
         return SpecError(renamed)
+
+
+# The options and arguments several commands share.
+ModelsOption = Annotated[
+    Path | None,
+    typer.Option("--models", help="models.yaml registry (default: $IMGJOBS_MODELS)", show_default=False),
+]
+DryRunOption = Annotated[
+    bool,
+    typer.Option("--dry-run", help="validate, plan and estimate the job; send and write nothing"),
+]
+JobArgument = Annotated[Path, typer.Argument(help="job spec, YAML or JSON", show_default=False)]
+JobIdArgument = Annotated[str, typer.Argument(show_default=False, callback=check_job_id)]
+ReasonOption = Annotated[
+    str | None,
+    typer.Option(help="only failures of this error type, e.g. InputImageError", callback=error_type),
+]
+PriorityOption = Annotated[
+    Priority | None,
+    typer.Option(help="workers take high jobs' chunks first, low last; default: the spec's, else normal"),
+]
