@@ -134,8 +134,6 @@ class Checks:
                 plan({"type": "img2img"}, sd),
                 PARAMS,
                 batch(images=inputs),
-                want_images=True,
-                want_latents=False,
             ).wait()
         self.record(
             "unet_clock", clock.calls > 0 and clock.seconds() > 0, calls=clock.calls, s=clock.seconds()
@@ -162,8 +160,6 @@ class Checks:
             ),
             PARAMS,
             batch(images=inputs, control_images=controls),
-            want_images=True,
-            want_latents=False,
         ).wait()
         controlnet = StableDiffusionControlNetImg2ImgPipeline.from_pretrained(
             sd_dir, controlnet=ControlNetModel.from_pretrained(control_dir)
@@ -183,9 +179,7 @@ class Checks:
             ).images[0],
         )
         text = ResolvedParams(guidance_scale=7.5, steps=6, size=(32, 32))
-        ours = run_text2img(
-            model, plan({"type": "text2img"}, sd), text, batch(), want_images=True, want_latents=False
-        ).wait()
+        ours = run_text2img(model, plan({"type": "text2img"}, sd), text, batch()).wait()
         text2img = StableDiffusionPipeline.from_pretrained(sd_dir).to(self.device)
         text2img.set_progress_bar_config(disable=True)
         self.stage(
@@ -208,8 +202,6 @@ class Checks:
             plan({"type": "img2img"}, sdxl),
             PARAMS,
             batch(images=inputs),
-            want_images=True,
-            want_latents=False,
         ).wait()
         direct_xl = StableDiffusionXLImg2ImgPipeline.from_pretrained(sdxl_dir).to(self.device)
         direct_xl.set_progress_bar_config(disable=True)

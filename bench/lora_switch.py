@@ -141,7 +141,7 @@ def measure(layout: str, folder: Path, args: argparse.Namespace) -> dict[str, An
             }
         )
         model.use_adapters(plan.loras)  # switched outside the timing: the call alone
-        return timed(lambda: run_img2img(model, plan, params, batch, want_images=True, want_latents=False))
+        return timed(lambda: run_img2img(model, plan, params, batch))
 
     call(())  # warm-up
     plain = [call(()) for _ in range(max(3, args.repeats // 6))]

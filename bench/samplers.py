@@ -136,7 +136,7 @@ def measure(
 
     def call() -> float:
         started = time.perf_counter()
-        run(model, plan, params, batch, want_images=True, want_latents=False)
+        run(model, plan, params, batch)
         return time.perf_counter() - started
 
     call()  # loads the adapter, builds the scheduler

@@ -171,7 +171,7 @@ def tiny_sides(args: argparse.Namespace, folder: Path) -> tuple[Callable[[], Any
     )
 
     def stage() -> Any:
-        return run_img2img(model, plan, params, batch, want_images=True, want_latents=False)
+        return run_img2img(model, plan, params, batch)
 
     outputs = stage().images
     scorer = ClipScorer.load(str(clip), args.device, torch.float32)

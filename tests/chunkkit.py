@@ -24,6 +24,7 @@ from schemas.settings import Settings
 from workers.chunk import WorkerContext, process_chunk
 from workers.job_end import EndContext, end_job
 from workers.models import LoadedModel
+from workers.stages.common import IMAGES, Outputs, StageBatch, StageOutput
 from workers.stages.kinds import STAGES, Stage
 
 PARAMS = ResolvedParams(size=(16, 16))
@@ -41,6 +42,24 @@ def resize_recipe(stages: int = 1, model: ResolvedModel = CPU) -> list[StagePlan
         )
         for index in range(stages)
     ]
+
+
+def watched(kind: str, before: Callable[[StageBatch], None]) -> Mapping[str, Stage]:
+    """The engine's stages, with the `kind` stage calling `before(batch)` first: a test's way to see,
+    slow or fail that stage's calls, which otherwise run unchanged."""
+    stage = STAGES[kind]
+
+    def run(
+        model: LoadedModel,
+        plan: StagePlan,
+        params: ResolvedParams,
+        batch: StageBatch,
+        outputs: Outputs = IMAGES,
+    ) -> StageOutput:
+        before(batch)
+        return stage(model, plan, params, batch, outputs)
+
+    return {**STAGES, kind: run}
 
 
 @dataclass

@@ -34,7 +34,7 @@ IMAGES = [sample(1), sample(2)]
 
 def run_ours(loaded: LoadedModel, plan: StagePlan) -> StageOutput:
     batch = StageBatch(prompts=PROMPTS, negative_prompts=NEGATIVES, seeds=SEEDS, images=IMAGES)
-    return run_img2img(loaded, plan, PARAMS, batch, want_images=True, want_latents=False)
+    return run_img2img(loaded, plan, PARAMS, batch)
 
 
 def run_direct(pipeline: Any) -> np.ndarray:

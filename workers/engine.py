@@ -77,6 +77,7 @@ from workers.quality import ScoreGate, describe_shortfall
 from workers.samples import SampleReader
 from workers.scoring import dhash
 from workers.stages.common import (
+    IMAGES,
     SplitOutput,
     StageBatch,
     StageOutput,
@@ -485,8 +486,7 @@ class StageEngine:
                 params,
                 piece,
                 # A scored stage decodes its images even where it writes none: they are what is scored.
-                want_images="image" in self.plan.writes or self.gate is not None,
-                want_latents="latent" in self.plan.writes,
+                frozenset(self.plan.writes) | (IMAGES if self.gate is not None else frozenset()),
             )
 
         cut = prompts_cut_short(self.model.pipeline, batch.prompts, self.plan.prompt_syntax)

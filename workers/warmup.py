@@ -79,7 +79,7 @@ def warm_up(model: LoadedModel, stages: Mapping[str, Stage] = STAGES) -> float:
             )
         else:
             params = ResolvedParams(size=size, guidance_scale=guidance, steps=4, strength=0.5)
-        call = partial(stages[kind], model, plan, params, want_images=True, want_latents=False)
+        call = partial(stages[kind], model, plan, params)
         run_static(call, batch, entry.static_batch)
     seconds = time.perf_counter() - started
     log.info("model %s warmed up in %.1fs: batch %d at %dx%d", model.name, seconds, count, *size)

@@ -17,16 +17,15 @@ from jobstate.bits import unmask
 from jobstate.storage import LocalStorage
 from kits.helpers import CPU, write_image
 from schemas.errors import StorageError
-from schemas.job import Item, ResolvedParams
-from schemas.messages import JobEnd, StagePlan
+from schemas.job import Item
+from schemas.messages import JobEnd
 from schemas.registry import ResolvedModel
-from tests.chunkkit import Harness, harness, resize_recipe
+from tests.chunkkit import Harness, harness, resize_recipe, watched
 from workers.chunk import RetryChunk
 from workers.job_end import RetryEnd, end_job
 from workers.models import LoadedModel
 from workers.runtime import TIME_LIMITS
-from workers.stages.common import StageBatch, StageOutput
-from workers.stages.kinds import STAGES
+from workers.stages.common import StageBatch
 
 
 class FlakyStorage(LocalStorage):
@@ -203,19 +202,15 @@ def test_a_call_out_of_memory_is_halved_until_it_fits_and_only_an_item_too_large
         )
         for index, item_id in enumerate(ids)
     ]
-    real = STAGES["resize"]
     calls: list[int] = []
 
-    def tight_memory(
-        model: LoadedModel, plan: StagePlan, params: ResolvedParams, batch: StageBatch, **kw: bool
-    ) -> StageOutput:
+    def tight_memory(batch: StageBatch) -> None:
         calls.append(len(batch))
         if len(batch) > 2 or "huge" in batch.prompts:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
-        return real(model, plan, params, batch, **kw)
 
     job = harness(client, items, tmp_path / "out")
-    job.stages = {**STAGES, "resize": tight_memory}
+    job.stages = watched("resize", tight_memory)
     job.run_all()
     assert calls[:2] == [6, 3], "the call of six, then its first half"
     results = job.results()
@@ -239,18 +234,14 @@ def test_items_a_time_limit_stops_fail_as_timed_out_and_those_finished_before_ar
     one_at_a_time = ResolvedModel(name="cpu", entry=CPU.entry.model_copy(update={"max_batch": 1}))
     job = setup(tmp_path, redis_server, stages=1, model=one_at_a_time)
     job.time_limits = TIME_LIMITS  # the worker's own
-    real = STAGES["resize"]
     calls: list[int] = []
 
-    def slow(
-        model: LoadedModel, plan: StagePlan, params: ResolvedParams, batch: StageBatch, **kw: bool
-    ) -> StageOutput:
+    def slow(batch: StageBatch) -> None:
         calls.append(len(batch))
         if len(calls) == 2:
             raise SoftTimeLimitExceeded()  # what Celery raises in the task at the soft limit
-        return real(model, plan, params, batch, **kw)
 
-    job.stages = {**STAGES, "resize": slow}
+    job.stages = watched("resize", slow)
     job.run_all()
     results = job.results()
     assert results["a"].status == "succeeded"

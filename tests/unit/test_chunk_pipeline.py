@@ -24,17 +24,16 @@ from jobstate.bits import ones
 from jobstate.storage import LocalStorage, Storage
 from kits.helpers import local_model, stage_plan, write_image
 from schemas.errors import StorageError
-from schemas.job import Defaults, Item, ResolvedParams
-from schemas.messages import StagePlan
+from schemas.job import Defaults, Item
 from schemas.registry import BUILTIN_MODELS, ModelEntry
 from schemas.settings import Settings
-from tests.chunkkit import Harness, harness, resize_recipe
+from tests.chunkkit import Harness, harness, resize_recipe, watched
 from workers.chunk import RetryChunk
 from workers.engine import LOOKAHEAD
 from workers.events import ChunkInfo, EngineEvents, subscribed
 from workers.models import LoadedModel
-from workers.stages.common import StageBatch, StageOutput
-from workers.stages.kinds import STAGES, Stage
+from workers.stages.common import StageBatch
+from workers.stages.kinds import Stage
 
 
 def resize_items(tmp_path: Path, ids: list[str], missing: tuple[str, ...] = ()) -> list[Item]:
@@ -73,25 +72,13 @@ class CountingCalls:
         self.sizes: list[int] = []
         self.before_call = before_call
 
-    def __call__(
-        self,
-        model: LoadedModel,
-        plan: StagePlan,
-        params: ResolvedParams,
-        batch: StageBatch,
-        *,
-        want_images: bool,
-        want_latents: bool,
-    ) -> StageOutput:
+    def seen(self, batch: StageBatch) -> None:
         self.before_call()
         self.sizes.append(len(batch))
-        return STAGES["resize"](
-            model, plan, params, batch, want_images=want_images, want_latents=want_latents
-        )
 
     @property
     def stages(self) -> Mapping[str, Stage]:
-        return {**STAGES, "resize": self}
+        return watched("resize", self.seen)
 
 
 class ImageServer(ThreadingHTTPServer):

@@ -52,7 +52,7 @@ def stage(model: LoadedModel, calls: list[int] | None = None) -> Callable[[Stage
     def run(batch: StageBatch) -> StageOutput:
         if calls is not None:
             calls.append(len(batch))
-        return run_img2img(model, plan, PARAMS, batch, want_images=True, want_latents=True)
+        return run_img2img(model, plan, PARAMS, batch, frozenset({"image", "latent"}))
 
     return run
 

@@ -37,19 +37,17 @@ from jobstate.storage import LocalStorage
 from kits.helpers import local_model, stage_plan, write_image
 from schemas.errors import StorageError
 from schemas.job import Defaults, Item, ResolvedParams
-from schemas.messages import StagePlan
 from schemas.registry import BUILTIN_MODELS
 from schemas.settings import Settings
-from tests.chunkkit import harness
+from tests.chunkkit import harness, watched
 from workers.events import ChunkInfo, EngineEvents, subscribed
 from workers.imageio import image_tensor
 from workers.models import LoadedModel
 from workers.observability import Observability
 from workers.stages import inputs as inputs_module
-from workers.stages.common import StageBatch, StageOutput
+from workers.stages.common import StageBatch
 from workers.stages.img2img import run_img2img
 from workers.stages.inputs import device_images, init_latents
-from workers.stages.kinds import STAGES
 from workers.stages.text2img import run_text2img
 from workers.tiny_models import (
     write_tiny_controlnet_depth,
@@ -275,7 +273,7 @@ def test_img2img_stages_encode_once_where_the_pipeline_fits(
     for reference, plan in plans:
         model = LoadedModel(reference.name, reference.entry)
         sizes = encode_sizes(model.pipeline.vae, monkeypatch)  # shared by the ControlNet pipeline
-        output = run_img2img(model, plan, params, batch, want_images=True, want_latents=False)
+        output = run_img2img(model, plan, params, batch)
         assert output.images is not None and output.images.shape == (3, 32, 32, 3)
         assert sizes == [3], plan.name
 
@@ -289,7 +287,7 @@ def test_kandinsky22_text2img_keeps_its_own_output_conversion(folders: dict[str,
     plan = stage_plan({"type": "text2img"}, reference)
     params = ResolvedParams(guidance_scale=4.0, steps=4, size=(64, 64))
     batch = StageBatch(prompts=PROMPTS, negative_prompts=NEGATIVES, seeds=SEEDS)
-    ours = run_text2img(model, plan, params, batch, want_images=True, want_latents=False).images
+    ours = run_text2img(model, plan, params, batch).images
     assert ours is not None and ours.min() >= 0
     direct = AutoPipelineForText2Image.from_pretrained(folders["kandinsky"])
     direct.set_progress_bar_config(disable=True)
@@ -324,18 +322,6 @@ def test_a_chunk_converts_images_on_the_io_threads_and_reports_its_unet_time(
     threads), and converts none itself."""
     handed: list[StageBatch] = []
 
-    def img2img(
-        model: LoadedModel,
-        plan: StagePlan,
-        params: ResolvedParams,
-        batch: StageBatch,
-        *,
-        want_images: bool,
-        want_latents: bool,
-    ) -> StageOutput:
-        handed.append(batch)
-        return run_img2img(model, plan, params, batch, want_images=want_images, want_latents=want_latents)
-
     def not_on_the_gpus_thread(image: Image.Image, pinned: bool = False) -> torch.Tensor:
         raise AssertionError("the stage converted an image the I/O threads had not")
 
@@ -358,7 +344,7 @@ def test_a_chunk_converts_images_on_the_io_threads_and_reports_its_unet_time(
         settings=Settings(io_threads=2),
         defaults=Defaults(size=(32, 32)),
     )
-    job.stages = {**STAGES, "img2img": img2img}
+    job.stages = watched("img2img", handed.append)
     with subscribed(ChunkTimes()) as times:
         job.run_all()
     assert [result.status for result in job.results().values()] == ["succeeded"] * 3

@@ -44,7 +44,7 @@ def test_batched_stage_equals_diffusers_called_per_item(tiny_sd: LoadedModel, ti
         seeds=[7, 123, 2**40],
     )
     plan = stage_plan({"type": "img2img"}, local_model("tiny-sd", tiny_sd_dir))
-    ours = run_img2img(tiny_sd, plan, PARAMS, batch, want_images=True, want_latents=False).images
+    ours = run_img2img(tiny_sd, plan, PARAMS, batch).images
     assert ours is not None and ours.shape == (3, 32, 32, 3)
 
     direct = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_sd_dir, torch_dtype=torch.float32)
@@ -71,8 +71,8 @@ def test_latents_decode_to_the_pipelines_own_images(tiny_sd: LoadedModel, tiny_s
         images=[sample(4), sample(5)], prompts=["a", "b"], negative_prompts=[None, None], seeds=[1, 2]
     )
     plan = stage_plan({"type": "img2img"}, local_model("tiny-sd", tiny_sd_dir))
-    both = run_img2img(tiny_sd, plan, PARAMS, batch, want_images=True, want_latents=True)
-    images_only = run_img2img(tiny_sd, plan, PARAMS, batch, want_images=True, want_latents=False)
+    both = run_img2img(tiny_sd, plan, PARAMS, batch, frozenset({"image", "latent"}))
+    images_only = run_img2img(tiny_sd, plan, PARAMS, batch)
     assert both.latents is not None and both.latents.shape == (2, 4, 16, 16)
     assert both.images is not None and images_only.images is not None
     np.testing.assert_allclose(both.images, images_only.images, atol=1e-6, rtol=0)

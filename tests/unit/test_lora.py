@@ -142,7 +142,7 @@ def test_the_model_s_own_adapters_apply_to_every_stage_and_to_derived_pipelines(
     text_plan = stage_plan({"type": "text2img"}, model)
     params = ResolvedParams(guidance_scale=7.5, steps=3, size=(32, 32))
     batch = StageBatch(prompts=["a cat"], negative_prompts=[None], seeds=[5])
-    generated = run_text2img(loaded, text_plan, params, batch, want_images=True, want_latents=False).images
+    generated = run_text2img(loaded, text_plan, params, batch).images
     reference = AutoPipelineForText2Image.from_pipe(direct_pipeline(tiny_sd_dir, [(loras["a"], 0.8)]))
     reference.set_progress_bar_config(disable=True)
     expected_text = reference(

@@ -75,9 +75,7 @@ def run(policy: ResizePolicy, image: Image.Image) -> np.ndarray:
     plan = stage_plan({"type": "resize", "resize": policy}, CPU)
     params = ResolvedParams(size=(16, 16), resize=policy)
     batch = StageBatch(prompts=[""], negative_prompts=[None], seeds=[0], images=[image])
-    output = run_resize(
-        LoadedModel("cpu", CPU.entry), plan, params, batch, want_images=True, want_latents=False
-    )
+    output = run_resize(LoadedModel("cpu", CPU.entry), plan, params, batch)
     assert output.images is not None and output.images.shape == (1, 16, 16, 3)
     pixels: np.ndarray = np.asarray(to_pil(output.images[0]))  # as it is written
     return pixels

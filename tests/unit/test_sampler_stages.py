@@ -73,7 +73,7 @@ class Tiny:
         batch = StageBatch(PROMPTS, NEGATIVES, SEEDS, images=IMAGES if img2img else None)
         run = run_img2img if img2img else run_text2img
         with counted(self.model.pipeline.unet) as rows:
-            output = run(self.model, plan, params, batch, want_images=True, want_latents=False)
+            output = run(self.model, plan, params, batch)
         return output, rows[0]
 
     def direct(self, index: int, spec: dict[str, Any], params: ResolvedParams) -> np.ndarray:
@@ -198,7 +198,7 @@ def run(model: LoadedModel, resolved: Any, params: ResolvedParams) -> np.ndarray
     plan = stage_plan({"type": kind}, resolved)
     batch = StageBatch(PROMPTS, NEGATIVES, SEEDS, images=IMAGES if kind == "img2img" else None)
     stage = run_img2img if kind == "img2img" else run_text2img
-    images = stage(model, plan, params, batch, want_images=True, want_latents=False).images
+    images = stage(model, plan, params, batch).images
     assert images is not None
     return images
 
@@ -312,7 +312,7 @@ def test_the_lcm_preset_runs_lcm_with_its_adapter_at_guidance_1_as_diffusers_doe
     assert (params.sampler, params.steps, params.guidance_scale, params.strength) == ("lcm", 4, 1.0, 0.8)
     batch = StageBatch(PROMPTS, NEGATIVES, SEEDS, images=IMAGES)
     with counted(tiny.model.pipeline.unet) as rows:
-        ours = run_img2img(tiny.model, plan, params, batch, want_images=True, want_latents=False).images
+        ours = run_img2img(tiny.model, plan, params, batch).images
     assert ours is not None and rows == [2 * 3]  # 3 of 4 steps, no guidance: one row an item a step
     direct = StableDiffusionImg2ImgPipeline.from_pretrained(tiny.folder)
     direct.set_progress_bar_config(disable=True)

@@ -25,9 +25,7 @@ def outputs(tiny_sd_dir: Path, **options: object) -> np.ndarray:
     rng = np.random.default_rng(0)
     images = [Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")) for _ in range(2)]
     batch = StageBatch(prompts=["a", "b"], negative_prompts=[None, "x"], seeds=[1, 2], images=images)
-    result = run_img2img(
-        model, stage_plan({"type": "img2img"}, resolved), PARAMS, batch, want_images=True, want_latents=False
-    ).images
+    result = run_img2img(model, stage_plan({"type": "img2img"}, resolved), PARAMS, batch).images
     assert result is not None
     return result
 

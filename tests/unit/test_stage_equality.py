@@ -80,7 +80,7 @@ def test_sdxl_refiner_img2img_with_aesthetic_scores(folders: dict[str, Path]) ->
     plan = stage_plan({"type": "img2img", "aesthetic_score": 7.0, "negative_aesthetic_score": 2.0}, resolved)
     params = ResolvedParams(strength=0.6, guidance_scale=5.0, steps=8, size=(32, 32))
     images = [sample(1), sample(2), sample(3)]
-    ours = run_img2img(model, plan, params, batch(images=images), want_images=True, want_latents=False)
+    ours = run_img2img(model, plan, params, batch(images=images))
     direct = StableDiffusionXLImg2ImgPipeline.from_pretrained(folders["tiny-sdxl-refiner"])
     compare(
         ours,
@@ -104,7 +104,7 @@ def test_kandinsky22_img2img(folders: dict[str, Path]) -> None:
     plan = stage_plan({"type": "img2img"}, resolved)
     params = ResolvedParams(strength=0.8, guidance_scale=4.0, steps=8, size=(64, 64))
     images = [sample(1, 64), sample(2, 64), sample(3, 64)]
-    ours = run_img2img(model, plan, params, batch(images=images), want_images=True, want_latents=False)
+    ours = run_img2img(model, plan, params, batch(images=images))
     direct = AutoPipelineForImage2Image.from_pretrained(folders["tiny-kandinsky22"])
     direct.set_progress_bar_config(disable=True)
     # Kandinsky's decoder amplifies batch rounding more than SD's (measured: up to 2e-3 of the [0, 1]
@@ -132,8 +132,6 @@ def test_kandinsky22_img2img(folders: dict[str, Path]) -> None:
         StageBatch(
             prompts=PROMPTS[1:2], negative_prompts=NEGATIVES[1:2], seeds=SEEDS[1:2], images=images[1:2]
         ),
-        want_images=True,
-        want_latents=False,
     )
     assert alone.images is not None
     np.testing.assert_array_equal(
@@ -156,7 +154,7 @@ def test_sd_text2img(folders: dict[str, Path]) -> None:
     model, resolved = loaded("tiny-sd", folders)
     plan = stage_plan({"type": "text2img"}, resolved)
     params = ResolvedParams(guidance_scale=7.5, steps=6, size=(32, 48))
-    ours = run_text2img(model, plan, params, batch(), want_images=True, want_latents=False)
+    ours = run_text2img(model, plan, params, batch())
     assert ours.images is not None and ours.images.shape == (3, 48, 32, 3)
     direct = StableDiffusionPipeline.from_pretrained(
         folders["tiny-sd"], safety_checker=None, requires_safety_checker=False
@@ -191,7 +189,7 @@ def test_x2_latent_upscaler_takes_sd_latents(folders: dict[str, Path]) -> None:
     model, resolved = loaded("tiny-sd-x2-latent-upscaler", folders)
     plan = stage_plan({"type": "upscale"}, resolved)
     params = ResolvedParams(guidance_scale=0.0, steps=4, size=(32, 32))
-    ours = run_upscale(model, plan, params, batch(latents=latents), want_images=True, want_latents=False)
+    ours = run_upscale(model, plan, params, batch(latents=latents))
     assert ours.images is not None and ours.images.shape == (3, 64, 64, 3)
     direct = StableDiffusionLatentUpscalePipeline.from_pretrained(folders["tiny-sd-x2-latent-upscaler"])
     direct.set_progress_bar_config(disable=True)
@@ -214,7 +212,7 @@ def test_x4_upscaler_with_noise_level(folders: dict[str, Path]) -> None:
     plan = stage_plan({"type": "upscale"}, resolved)
     params = ResolvedParams(guidance_scale=9.0, steps=4, size=(32, 32), noise_level=30)
     images = [sample(1, 16), sample(2, 16), sample(3, 16)]
-    ours = run_upscale(model, plan, params, batch(images=images), want_images=True, want_latents=False)
+    ours = run_upscale(model, plan, params, batch(images=images))
     assert ours.images is not None and ours.images.shape == (3, 64, 64, 3)
     direct = StableDiffusionUpscalePipeline.from_pretrained(folders["tiny-sd-x4-upscaler"])
     direct.set_progress_bar_config(disable=True)
@@ -248,8 +246,6 @@ def test_controlnet_img2img(folders: dict[str, Path]) -> None:
         plan,
         params,
         batch(images=images, control_images=controls),
-        want_images=True,
-        want_latents=False,
     )
     direct = StableDiffusionControlNetImg2ImgPipeline.from_pretrained(
         folders["tiny-sd"],
@@ -282,7 +278,7 @@ def test_compel_weighted_prompts(folders: dict[str, Path]) -> None:
     prompts = ["a (cat)1.3 wizard", "astronaut in a jungle--", "(red fox)0.7 in snow"]
     images = [sample(1), sample(2), sample(3)]
     weighted = StageBatch(prompts=prompts, negative_prompts=NEGATIVES, seeds=SEEDS, images=images)
-    ours = run_img2img(model, plan, params, weighted, want_images=True, want_latents=False)
+    ours = run_img2img(model, plan, params, weighted)
     direct = StableDiffusionImg2ImgPipeline.from_pretrained(folders["tiny-sd"])
     direct.set_progress_bar_config(disable=True)
     compel = CompelForSD(direct)
@@ -306,8 +302,6 @@ def test_compel_weighted_prompts(folders: dict[str, Path]) -> None:
         stage_plan({"type": "img2img"}, resolved),
         params,
         weighted,
-        want_images=True,
-        want_latents=False,
     )
     assert plain.images is not None and ours.images is not None
     assert np.abs(plain.images[0] - ours.images[0]).max() > 1e-3, "weights change the result"
@@ -320,7 +314,7 @@ def test_compel_on_the_sdxl_refiners_single_text_encoder(folders: dict[str, Path
     prompts = ["a (cat)1.3 wizard", "astronaut in a jungle--", "(red fox)0.7 in snow"]
     images = [sample(1), sample(2), sample(3)]
     weighted = StageBatch(prompts=prompts, negative_prompts=NEGATIVES, seeds=SEEDS, images=images)
-    ours = run_img2img(model, plan, params, weighted, want_images=True, want_latents=False)
+    ours = run_img2img(model, plan, params, weighted)
     direct = StableDiffusionXLImg2ImgPipeline.from_pretrained(folders["tiny-sdxl-refiner"])
     direct.set_progress_bar_config(disable=True)
     compel = Compel(

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from schemas.errors import StageError
+from schemas.job import SaveKind
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,11 @@ class StageBatch:
     def __len__(self) -> int:
         return len(self.seeds)
 
+
+# What a stage's call returns: its images, its latents, or both. Most calls want images only; a stage
+# whose latents are handed over to the next model wants latents, and decodes images only if saved too.
+Outputs = frozenset[SaveKind]
+IMAGES: Outputs = frozenset({"image"})
 
 # The fields that hold one entry per row, as lists.
 ROW_LISTS = ("prompts", "negative_prompts", "seeds", "images", "control_images", "pixels", "control_pixels")
@@ -296,18 +302,16 @@ DEVICE_OUTPUT = frozenset(
 )
 
 
-def call_pipeline(
-    pipeline: Any, kwargs: dict[str, Any], *, want_images: bool, want_latents: bool
-) -> StageOutput:
+def call_pipeline(pipeline: Any, kwargs: dict[str, Any], outputs: Outputs) -> StageOutput:
     with torch.inference_mode():
-        if not want_latents:
+        if "latent" not in outputs:
             if type(pipeline).__name__ not in DEVICE_OUTPUT:
                 result = pipeline(**kwargs, output_type="np")
                 return StageOutput(images=result.images, nsfw=_flags(result))
             result = pipeline(**kwargs, output_type="pt")
             return to_host(result.images, None, _flags(result))
         latents = pipeline(**kwargs, output_type="latent").images
-        if not want_images:
+        if "image" not in outputs:
             return to_host(None, latents, None)
         images, flags = decoded(pipeline, latents)
         return to_host(images, latents, flags)

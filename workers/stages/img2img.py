@@ -12,7 +12,16 @@ from schemas.job import Img2ImgStage, ResolvedParams
 from schemas.messages import StagePlan
 from workers.models import LoadedModel
 from workers.prompts import prompt_arguments
-from workers.stages.common import StageBatch, StageOutput, batch_input, call_pipeline, check_batch, generators
+from workers.stages.common import (
+    IMAGES,
+    Outputs,
+    StageBatch,
+    StageOutput,
+    batch_input,
+    call_pipeline,
+    check_batch,
+    generators,
+)
 from workers.stages.inputs import control_input, init_latents
 from workers.stages.kandinsky import image_embeddings, is_kandinsky
 
@@ -34,13 +43,7 @@ def check_inputs(plan: StagePlan, params: ResolvedParams, batch: StageBatch) -> 
 
 
 def run_img2img(
-    model: LoadedModel,
-    plan: StagePlan,
-    params: ResolvedParams,
-    batch: StageBatch,
-    *,
-    want_images: bool,
-    want_latents: bool,
+    model: LoadedModel, plan: StagePlan, params: ResolvedParams, batch: StageBatch, outputs: Outputs = IMAGES
 ) -> StageOutput:
     spec = check_inputs(plan, params, batch)
     pipeline = model.img2img(plan.controlnet)
@@ -62,9 +65,7 @@ def run_img2img(
         # The decoder resizes its input to height x width, 512 unless told; keep the input's size.
         kwargs["width"], kwargs["height"] = batch.images[0].size
         kwargs |= image_embeddings(pipeline, batch, seeded)
-        return call_pipeline(
-            pipeline.decoder_pipe, kwargs, want_images=want_images, want_latents=want_latents
-        )
+        return call_pipeline(pipeline.decoder_pipe, kwargs, outputs)
     kwargs |= prompt_arguments(pipeline, batch.prompts, batch.negative_prompts, spec.prompt_syntax)
     kwargs |= sampling
     if plan.controlnet is not None:
@@ -84,4 +85,4 @@ def run_img2img(
     encoded = init_latents(pipeline, batch, seeded)
     if encoded is not None:
         kwargs["image"] = encoded
-    return call_pipeline(pipeline, kwargs, want_images=want_images, want_latents=want_latents)
+    return call_pipeline(pipeline, kwargs, outputs)

@@ -10,7 +10,7 @@ from typing import Protocol
 from schemas.job import ResolvedParams
 from schemas.messages import StagePlan
 from workers.models import LoadedModel
-from workers.stages.common import StageBatch, StageOutput
+from workers.stages.common import IMAGES, Outputs, StageBatch, StageOutput
 from workers.stages.img2img import run_img2img
 from workers.stages.resize import run_resize
 from workers.stages.text2img import run_text2img
@@ -28,9 +28,7 @@ class Stage(Protocol):
         plan: StagePlan,
         params: ResolvedParams,
         batch: StageBatch,
-        *,
-        want_images: bool,
-        want_latents: bool,
+        outputs: Outputs = IMAGES,
     ) -> StageOutput: ...
 
 

@@ -11,20 +11,14 @@ from schemas.job import ResolvedParams
 from schemas.messages import StagePlan
 from workers.imageio import fit_image
 from workers.models import LoadedModel
-from workers.stages.common import StageBatch, StageOutput, check_batch
+from workers.stages.common import IMAGES, Outputs, StageBatch, StageOutput, check_batch
 
 
 def run_resize(
-    model: LoadedModel,
-    plan: StagePlan,
-    params: ResolvedParams,
-    batch: StageBatch,
-    *,
-    want_images: bool,
-    want_latents: bool,
+    model: LoadedModel, plan: StagePlan, params: ResolvedParams, batch: StageBatch, outputs: Outputs = IMAGES
 ) -> StageOutput:
     check_batch(batch, needs_input=True)
-    if batch.images is None or want_latents:
+    if batch.images is None or "latent" in outputs:
         raise StageError("resize works on images only")
     fitted = [fit_image(image, params.size, params.resize) for image in batch.images]
     # 8-bit as decoded: to_pil() takes them as they are, with no round trip through floats.

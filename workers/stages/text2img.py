@@ -11,18 +11,20 @@ from schemas.job import ResolvedParams
 from schemas.messages import StagePlan
 from workers.models import LoadedModel
 from workers.prompts import prompt_arguments
-from workers.stages.common import StageBatch, StageOutput, call_pipeline, check_batch, generators
+from workers.stages.common import (
+    IMAGES,
+    Outputs,
+    StageBatch,
+    StageOutput,
+    call_pipeline,
+    check_batch,
+    generators,
+)
 from workers.stages.kandinsky import image_embeddings, is_kandinsky
 
 
 def run_text2img(
-    model: LoadedModel,
-    plan: StagePlan,
-    params: ResolvedParams,
-    batch: StageBatch,
-    *,
-    want_images: bool,
-    want_latents: bool,
+    model: LoadedModel, plan: StagePlan, params: ResolvedParams, batch: StageBatch, outputs: Outputs = IMAGES
 ) -> StageOutput:
     check_batch(batch, needs_input=False)
     if batch.images is not None or batch.latents is not None:
@@ -43,9 +45,7 @@ def run_text2img(
         if plan.prompt_syntax != "plain":
             raise StageError("prompt_syntax: compel works with SD 1.x and SDXL, not Kandinsky 2.2")
         kwargs |= image_embeddings(pipeline, batch, seeded)
-        return call_pipeline(
-            pipeline.decoder_pipe, kwargs, want_images=want_images, want_latents=want_latents
-        )
+        return call_pipeline(pipeline.decoder_pipe, kwargs, outputs)
     kwargs |= prompt_arguments(pipeline, batch.prompts, batch.negative_prompts, plan.prompt_syntax)
     kwargs |= sampling
-    return call_pipeline(pipeline, kwargs, want_images=want_images, want_latents=want_latents)
+    return call_pipeline(pipeline, kwargs, outputs)

@@ -17,17 +17,20 @@ from schemas.messages import StagePlan
 from schemas.registry import X4_UPSCALER
 from workers.models import LoadedModel
 from workers.prompts import prompt_arguments
-from workers.stages.common import StageBatch, StageOutput, batch_input, call_pipeline, check_batch, generators
+from workers.stages.common import (
+    IMAGES,
+    Outputs,
+    StageBatch,
+    StageOutput,
+    batch_input,
+    call_pipeline,
+    check_batch,
+    generators,
+)
 
 
 def run_upscale(
-    model: LoadedModel,
-    plan: StagePlan,
-    params: ResolvedParams,
-    batch: StageBatch,
-    *,
-    want_images: bool,
-    want_latents: bool,
+    model: LoadedModel, plan: StagePlan, params: ResolvedParams, batch: StageBatch, outputs: Outputs = IMAGES
 ) -> StageOutput:
     check_batch(batch, needs_input=True)
     pipeline = model.upscaler()
@@ -45,4 +48,4 @@ def run_upscale(
                 "the x4 upscaler needs an image: its UNet concatenates image channels to its latents"
             )
         kwargs["noise_level"] = params.noise_level
-    return call_pipeline(pipeline, kwargs, want_images=want_images, want_latents=want_latents)
+    return call_pipeline(pipeline, kwargs, outputs)
