@@ -26,31 +26,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from jobs.registry import Registry  # noqa: E402
-from kits.faults import (  # noqa: E402
-    FaultRow,
-    Lab,
-    bad_images,
-    duplicate_submission,
-    malformed_manifests,
-    multi_host,
-    netns_unavailable,
-    redis_restart,
-    s3_faults,
-    worker_death,
-)
+from kits import faults  # noqa: E402
 from kits.helpers import moto_server  # noqa: E402
 from kits.processes import Workers  # noqa: E402
 
-Scenario = Callable[[Lab], FaultRow]
+Scenario = Callable[[faults.Lab], faults.FaultRow]
 
 SCENARIOS: dict[str, Scenario] = {
-    "worker-sigkill": lambda lab: worker_death(lab, "sigkill"),
-    "worker-sigterm": lambda lab: worker_death(lab, "sigterm"),
-    "poison-chunk": lambda lab: worker_death(lab, "poison"),
-    "redis-restart": lambda lab: redis_restart(lab, strict=False),
-    "s3-errors": s3_faults,
+    "worker-sigkill": lambda lab: faults.worker_death(lab, "sigkill"),
+    "worker-sigterm": lambda lab: faults.worker_death(lab, "sigterm"),
+    "poison-chunk": lambda lab: faults.worker_death(lab, "poison"),
+    "redis-restart": lambda lab: faults.redis_restart(lab, strict=False),
+    "s3-errors": faults.s3_faults,
     # Every output write fails for 40 s: past boto3's 8 attempts, so the task's own retries take over.
-    "s3-outage": lambda lab: s3_faults(
+    "s3-outage": lambda lab: faults.s3_faults(
         lab,
         name="s3-outage",
         kinds=("ServiceUnavailable", "SlowDown", "InternalError"),
@@ -62,7 +51,7 @@ SCENARIOS: dict[str, Scenario] = {
         timeout=240,
     ),
     # Two requests get no answer until the workers' 60 s read timeout has passed.
-    "s3-timeouts": lambda lab: s3_faults(
+    "s3-timeouts": lambda lab: faults.s3_faults(
         lab,
         name="s3-timeouts",
         kinds=("stall",),
@@ -73,7 +62,7 @@ SCENARIOS: dict[str, Scenario] = {
         label="S3 read timeouts (2 requests unanswered past the 60 s client timeout)",
         timeout=240,
     ),
-    "s3-truncated": lambda lab: s3_faults(
+    "s3-truncated": lambda lab: faults.s3_faults(
         lab,
         name="s3-truncated",
         kinds=("truncate",),
@@ -86,7 +75,7 @@ SCENARIOS: dict[str, Scenario] = {
         timeout=60,
         strict=False,
     ),
-    "s3-results-write": lambda lab: s3_faults(
+    "s3-results-write": lambda lab: faults.s3_faults(
         lab,
         name="s3-results",
         kinds=("ServiceUnavailable", "SlowDown", "InternalError"),
@@ -98,10 +87,10 @@ SCENARIOS: dict[str, Scenario] = {
         timeout=150,
         strict=False,
     ),
-    "bad-images": bad_images,
-    "malformed-manifests": lambda lab: malformed_manifests(lab)[0],
-    "duplicate-submission": duplicate_submission,
-    "multi-host": multi_host,
+    "bad-images": faults.bad_images,
+    "malformed-manifests": lambda lab: faults.malformed_manifests(lab)[0],
+    "duplicate-submission": faults.duplicate_submission,
+    "multi-host": faults.multi_host,
 }
 
 
@@ -134,11 +123,11 @@ def main() -> None:
         credentials = {"AWS_ACCESS_KEY_ID": "bench-key-id", "AWS_SECRET_ACCESS_KEY": "bench-secret"}
         with moto_server(root / "moto.log", credentials) as endpoint:
             for name in names:
-                if name == "multi-host" and (reason := netns_unavailable()):
+                if name == "multi-host" and (reason := faults.netns_unavailable()):
                     print(f"{name}: skipped: {reason}", file=sys.stderr)
                     continue
                 workers = Workers(root / name)
-                lab = Lab(root / name, models_yaml, registry, workers, s3_endpoint=endpoint)
+                lab = faults.Lab(root / name, models_yaml, registry, workers, s3_endpoint=endpoint)
                 started = time.monotonic()
                 print(f"{name} ...", file=sys.stderr, flush=True)
                 try:

@@ -48,6 +48,7 @@ from jobs.embedded import EmbeddedRedis, LocalWorker  # noqa: E402
 from jobs.registry import Registry  # noqa: E402
 from jobstate.storage import open_storage  # noqa: E402
 from jobstate.store import JobStore  # noqa: E402
+from kits.benches import add_folders, print_measures, work_dir  # noqa: E402
 from schemas.settings import Settings  # noqa: E402
 from workers.imageio import encode_image, load_input  # noqa: E402
 
@@ -159,18 +160,9 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=10_000)
     parser.add_argument("--producer-items", type=int, default=1_000_000)
     parser.add_argument("--chunk-size", type=int, default=None, help="default: the cpu model's chunk_size")
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", tempfile.gettempdir())))
-    parser.add_argument(
-        "--work-dir",
-        type=Path,
-        default=None,
-        help="where inputs, outputs and Redis live (default: /dev/shm if there is one, else the "
-        "system's temporary folder)",
-    )
+    add_folders(parser)
     args = parser.parse_args()
-    shared_memory = Path("/dev/shm")
-    if args.work_dir is None and shared_memory.is_dir() and os.access(shared_memory, os.W_OK):
-        args.work_dir = shared_memory
+    args.work_dir = work_dir(args)
 
     with tempfile.TemporaryDirectory(prefix="imgjobs-bench-", dir=args.work_dir) as tmp:
         root = Path(tmp)
@@ -216,10 +208,7 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overhead.json").write_text(json.dumps(result, indent=2))
-    print("| measure | value |\n|---|---|")
-    for key, value in result.items():
-        print(f"| {key} | {value} |")
-    print(json.dumps(result))
+    print_measures(result)
 
 
 if __name__ == "__main__":

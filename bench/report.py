@@ -24,6 +24,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from kits.benches import add_folders, work_dir  # noqa: E402
 from kits.reports import JOB_ID, succeeded, write_report_of  # noqa: E402
 
 SIDE = 512
@@ -34,9 +35,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--items", type=int, default=10_000)
-    shm = Path("/dev/shm")
-    parser.add_argument("--work-dir", type=Path, default=shm if shm.is_dir() else Path(tempfile.gettempdir()))
+    add_folders(parser, result=False)
     args = parser.parse_args()
+    args.work_dir = work_dir(args)
 
     base = Path(tempfile.mkdtemp(prefix="imgjobs-report-", dir=args.work_dir))
     try:

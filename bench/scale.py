@@ -44,6 +44,7 @@ from jobs.embedded import EmbeddedRedis, LocalWorker  # noqa: E402
 from jobs.registry import Registry  # noqa: E402
 from jobstate import layout  # noqa: E402
 from jobstate.store import JobStore  # noqa: E402
+from kits.benches import add_folders, work_dir  # noqa: E402
 from kits.processes import wait_ready  # noqa: E402
 from schemas.messages import priority_lists  # noqa: E402
 from schemas.progress import JobStatus  # noqa: E402
@@ -198,12 +199,9 @@ def main() -> None:
     parser.add_argument("--cancel-items", type=int, default=1_000_000)
     parser.add_argument("--e2e-items", type=int, default=1_000_000)
     parser.add_argument("--skip", default="", help="comma-separated: submit, cancel, e2e")
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", tempfile.gettempdir())))
-    parser.add_argument("--work-dir", type=Path, default=None, help="default: /dev/shm if there is one")
+    add_folders(parser)
     args = parser.parse_args()
-    shared = Path("/dev/shm")
-    if args.work_dir is None and shared.is_dir() and os.access(shared, os.W_OK):
-        args.work_dir = shared
+    args.work_dir = work_dir(args)
     skip = {part.strip() for part in args.skip.split(",") if part.strip()}
     result: dict[str, Any] = {"cpus": os.cpu_count(), "work_dir": str(args.work_dir or tempfile.gettempdir())}
     with tempfile.TemporaryDirectory(prefix="imgjobs-scale-", dir=args.work_dir) as tmp:

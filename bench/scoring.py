@@ -60,6 +60,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from kits.benches import print_measures  # noqa: E402
 from schemas.job import ResolvedParams  # noqa: E402
 from schemas.messages import StagePlan  # noqa: E402
 from schemas.registry import ModelEntry, ResolvedModel  # noqa: E402
@@ -225,8 +226,10 @@ def clip_vit_l14(device: str, dtype: torch.dtype) -> ClipScorer:
 
 
 def sd15_pipeline(device: str, dtype: torch.dtype) -> Any:
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from workers.tiny_models import sd_scheduler
 
     torch.manual_seed(0)
     tokenizer = scratch_clip_tokenizer()
@@ -253,14 +256,7 @@ def sd15_pipeline(device: str, dtype: torch.dtype) -> Any:
             pad_token_id=1,
         )
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = sd_scheduler()
     pipeline = StableDiffusionImg2ImgPipeline(
         unet=unet,
         vae=vae,
@@ -486,10 +482,7 @@ def main() -> None:
         return
     if args.end_items:
         found = end_cost(args.end_items)
-        print("| measure | value |\n|---|---|")
-        for key, value in found.items():
-            print(f"| {key} | {value} |")
-        print(json.dumps(found))
+        print_measures(found)
         return
     on_gpu = args.device.startswith("cuda")
     args.batch = args.batch or (16 if on_gpu and args.shapes == "real" else 8)
@@ -545,10 +538,7 @@ def main() -> None:
         result["stage_gflop_per_item"] = round(counted["stage"] / batch / 1e9, 1)
         result["scoring_gflop_per_item"] = round(counted["clip"] / batch / 1e9, 2)
         result["flop_ratio"] = round(counted["clip"] / counted["stage"], 5)
-    print("| measure | value |\n|---|---|")
-    for key, value in result.items():
-        print(f"| {key} | {value} |")
-    print(json.dumps(result))
+    print_measures(result)
 
 
 if __name__ == "__main__":

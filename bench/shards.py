@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from jobs.embedded import EmbeddedRedis, LocalWorker  # noqa: E402
 from jobs.registry import Registry  # noqa: E402
 from jobstate.store import JobStore  # noqa: E402
+from kits.benches import add_folders, work_dir  # noqa: E402
 from kits.helpers import moto_server  # noqa: E402
 from kits.processes import wait_ready  # noqa: E402
 
@@ -236,12 +237,9 @@ def main() -> None:
     parser.add_argument("--files-items", type=int, default=None, help="items of the file-per-item job")
     parser.add_argument("--shards", type=int, default=100)
     parser.add_argument("--skip", default="", help="files or shards")
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", tempfile.gettempdir())))
-    parser.add_argument("--work-dir", type=Path, default=None, help="default: /dev/shm if there is one")
+    add_folders(parser)
     args = parser.parse_args()
-    shared = Path("/dev/shm")
-    if args.work_dir is None and shared.is_dir() and os.access(shared, os.W_OK):
-        args.work_dir = shared
+    args.work_dir = work_dir(args)
     files_items = args.files_items or args.items
     skip = {part.strip() for part in args.skip.split(",") if part.strip()}
     rows: list[dict[str, Any]] = []

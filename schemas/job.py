@@ -174,6 +174,10 @@ def _check_prompt_template(value: str) -> str:
 PromptTemplate = Annotated[str, AfterValidator(_check_prompt_template)]
 DEFAULT_PROMPT_TEMPLATE = "{prompt}"
 SaveKind = Literal["image", "latent"]
+# What a stage's call returns: its images, its latents, or both. Most calls want images only; a stage
+# whose latents are handed over to the next model wants latents, and decodes images only if saved too.
+Outputs = frozenset[SaveKind]
+IMAGES: Outputs = frozenset({"image"})
 MAX_REROLLS = 8
 
 

@@ -17,14 +17,14 @@ from jobstate.seed import seed_job
 from jobstate.storage import Storage, open_storage
 from jobstate.store import JobStore
 from kits.helpers import CPU, stage_plan
-from schemas.job import Defaults, Item, OutputFormat, ResolvedParams
+from schemas.job import IMAGES, Defaults, Item, OutputFormat, Outputs, ResolvedParams
 from schemas.messages import Chunk, ItemResult, JobEnd, StagePlan
 from schemas.registry import ResolvedModel
 from schemas.settings import Settings
 from workers.chunk import WorkerContext, process_chunk
 from workers.job_end import EndContext, end_job
 from workers.models import LoadedModel
-from workers.stages.common import IMAGES, Outputs, StageBatch, StageOutput
+from workers.stages.common import StageBatch, StageOutput
 from workers.stages.kinds import STAGES, Stage
 
 PARAMS = ResolvedParams(size=(16, 16))

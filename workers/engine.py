@@ -50,6 +50,7 @@ from schemas.errors import (
     StageError,
 )
 from schemas.job import (
+    IMAGES,
     Defaults,
     Img2ImgStage,
     ResizeStage,
@@ -77,7 +78,6 @@ from workers.quality import ScoreGate, describe_shortfall
 from workers.samples import SampleReader
 from workers.scoring import dhash
 from workers.stages.common import (
-    IMAGES,
     SplitOutput,
     StageBatch,
     StageOutput,

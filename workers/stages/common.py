@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from schemas.errors import StageError
-from schemas.job import SaveKind
+from schemas.job import Outputs
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,6 @@ class StageBatch:
     def __len__(self) -> int:
         return len(self.seeds)
 
-
-# What a stage's call returns: its images, its latents, or both. Most calls want images only; a stage
-# whose latents are handed over to the next model wants latents, and decodes images only if saved too.
-Outputs = frozenset[SaveKind]
-IMAGES: Outputs = frozenset({"image"})
 
 # The fields that hold one entry per row, as lists.
 ROW_LISTS = ("prompts", "negative_prompts", "seeds", "images", "control_images", "pixels", "control_pixels")

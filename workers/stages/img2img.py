@@ -8,20 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 from schemas.errors import StageError
-from schemas.job import Img2ImgStage, ResolvedParams
+from schemas.job import IMAGES, Img2ImgStage, Outputs, ResolvedParams
 from schemas.messages import StagePlan
 from workers.models import LoadedModel
 from workers.prompts import prompt_arguments
-from workers.stages.common import (
-    IMAGES,
-    Outputs,
-    StageBatch,
-    StageOutput,
-    batch_input,
-    call_pipeline,
-    check_batch,
-    generators,
-)
+from workers.stages.common import StageBatch, StageOutput, batch_input, call_pipeline, check_batch, generators
 from workers.stages.inputs import control_input, init_latents
 from workers.stages.kandinsky import image_embeddings, is_kandinsky
 

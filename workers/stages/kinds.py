@@ -7,10 +7,10 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Protocol
 
-from schemas.job import ResolvedParams
+from schemas.job import IMAGES, Outputs, ResolvedParams
 from schemas.messages import StagePlan
 from workers.models import LoadedModel
-from workers.stages.common import IMAGES, Outputs, StageBatch, StageOutput
+from workers.stages.common import StageBatch, StageOutput
 from workers.stages.img2img import run_img2img
 from workers.stages.resize import run_resize
 from workers.stages.text2img import run_text2img

@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 
 from schemas.errors import StageError
-from schemas.job import ResolvedParams
+from schemas.job import IMAGES, Outputs, ResolvedParams
 from schemas.messages import StagePlan
 from workers.imageio import fit_image
 from workers.models import LoadedModel
-from workers.stages.common import IMAGES, Outputs, StageBatch, StageOutput, check_batch
+from workers.stages.common import StageBatch, StageOutput, check_batch
 
 
 def run_resize(

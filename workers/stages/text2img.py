@@ -7,19 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 from schemas.errors import StageError
-from schemas.job import ResolvedParams
+from schemas.job import IMAGES, Outputs, ResolvedParams
 from schemas.messages import StagePlan
 from workers.models import LoadedModel
 from workers.prompts import prompt_arguments
-from workers.stages.common import (
-    IMAGES,
-    Outputs,
-    StageBatch,
-    StageOutput,
-    call_pipeline,
-    check_batch,
-    generators,
-)
+from workers.stages.common import StageBatch, StageOutput, call_pipeline, check_batch, generators
 from workers.stages.kandinsky import image_embeddings, is_kandinsky
 
 

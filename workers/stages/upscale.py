@@ -12,21 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 from schemas.errors import StageError
-from schemas.job import ResolvedParams
+from schemas.job import IMAGES, Outputs, ResolvedParams
 from schemas.messages import StagePlan
 from schemas.registry import X4_UPSCALER
 from workers.models import LoadedModel
 from workers.prompts import prompt_arguments
-from workers.stages.common import (
-    IMAGES,
-    Outputs,
-    StageBatch,
-    StageOutput,
-    batch_input,
-    call_pipeline,
-    check_batch,
-    generators,
-)
+from workers.stages.common import StageBatch, StageOutput, batch_input, call_pipeline, check_batch, generators
 
 
 def run_upscale(
