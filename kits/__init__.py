@@ -1,7 +1,7 @@
 """What tests and benchmarks both use to run the product for real: worker processes and a pool of them
 (processes.py), job files and small builders (helpers.py), worker metrics (metrics.py), the fault
-scenarios and the S3 fault proxy (faults.py, faultproxy.py), and reports built from results
-(reports.py).
+scenarios and the S3 fault proxy (faults.py, faultproxy.py), reports built from results
+(reports.py), and the benchmarks' folder flags and result tables (benches.py).
 
 It is neither the product nor tests/. No product module imports it and it is not packaged, since
 nothing here is for operators. Benchmarks may import it, which they may not do of tests/: a test
