@@ -54,28 +54,10 @@ import numpy as np
 import redis
 import torch
 from diffusers import (
-    AutoencoderKL,
     AutoPipelineForImage2Image,
-    DDIMScheduler,
-    DDPMScheduler,
     DiffusionPipeline,
-    EulerDiscreteScheduler,
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionUpscalePipeline,
-    StableDiffusionXLImg2ImgPipeline,
-    UNet2DConditionModel,
 )
-from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from PIL import Image
-from transformers import (
-    CLIPConfig,
-    CLIPImageProcessor,
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    CLIPVisionConfig,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -86,6 +68,7 @@ from jobs.registry import Registry  # noqa: E402
 from jobstate import layout  # noqa: E402
 from jobstate.seed import seed_job  # noqa: E402
 from jobstate.store import JobStore  # noqa: E402
+from kits.real_models import add_safety_checker, sd15, sdxl_refiner, x4_upscaler  # noqa: E402
 from schemas.job import Item, Priority  # noqa: E402
 from schemas.messages import Chunk, JobEnd  # noqa: E402
 from schemas.registry import ModelEntry  # noqa: E402
@@ -96,12 +79,6 @@ from workers.job_end import EndContext, end_job  # noqa: E402
 from workers.models import COMPILE_CACHE_ENV, LoadedModel, apply_gpu_settings  # noqa: E402
 from workers.tiny_models import (  # noqa: E402
     MAX_TOKENS,
-    TEXT_DIM,
-    scratch_clip_tokenizer,
-    sd_scheduler,
-    tiny_clip_text_config,
-    tiny_clip_tokenizer,
-    tiny_clip_vision_config,
     write_tiny_sd,
     write_tiny_sd_x4_upscaler,
     write_tiny_sdxl_refiner,
@@ -116,181 +93,6 @@ NEGATIVE = "ugly, blurry, low quality"
 CALLS_PER_CHUNK = 4
 # Seconds of --budget-s a measurement after the (c)-(d) pair must have left to start (GPU estimates).
 NEEDS_S = {"checker": 60, "b1": 30, "recipe": 45}
-
-
-# -- the real architectures, random weights (--tiny takes workers/tiny_models.py's, as the tests do) --
-
-
-def text_config(tokenizer: CLIPTokenizer, **real: Any) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=49408,
-        max_position_embeddings=MAX_TOKENS,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=1,
-        **real,
-    )
-
-
-def sd_vae(blocks: int = 4, sample_size: int = 512) -> AutoencoderKL:
-    return AutoencoderKL(
-        block_out_channels=[128, 256, 512, 512][:blocks],
-        layers_per_block=2,
-        down_block_types=["DownEncoderBlock2D"] * blocks,
-        up_block_types=["UpDecoderBlock2D"] * blocks,
-        latent_channels=4,
-        sample_size=sample_size,
-    )
-
-
-def sd15(scratch: Path) -> Any:
-    tokenizer = tiny_clip_tokenizer(scratch / "tokenizer")
-    # Stable Diffusion 1.5's shapes (the UNet's defaults are SD 1.x's)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    encoder = CLIPTextModel(
-        text_config(
-            tokenizer,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_attention_heads=12,
-            num_hidden_layers=12,
-            hidden_act="quick_gelu",
-        )
-    )
-    with torch.device("cpu"):
-        scheduler = sd_scheduler()
-    return StableDiffusionImg2ImgPipeline(
-        vae=sd_vae(),
-        text_encoder=encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
-def sdxl_refiner(scratch: Path) -> Any:
-    tokenizer = tiny_clip_tokenizer(scratch / "tokenizer_2")
-    unet = UNet2DConditionModel(
-        sample_size=128,
-        block_out_channels=(384, 768, 1536, 1536),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(6, 12, 24, 24),
-        transformer_layers_per_block=4,
-        cross_attention_dim=1280,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2560,
-    )
-    encoder = CLIPTextModelWithProjection(
-        text_config(
-            tokenizer,
-            hidden_size=1280,
-            intermediate_size=5120,
-            num_attention_heads=20,
-            num_hidden_layers=32,
-            projection_dim=1280,
-            hidden_act="gelu",
-        )
-    )
-    with torch.device("cpu"):
-        scheduler = EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            steps_offset=1,
-            timestep_spacing="leading",
-        )
-    return StableDiffusionXLImg2ImgPipeline(
-        vae=sd_vae(sample_size=1024),
-        text_encoder=None,
-        text_encoder_2=encoder,
-        tokenizer=None,
-        tokenizer_2=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        requires_aesthetics_score=True,
-        force_zeros_for_empty_prompt=False,
-    )
-
-
-def x4_upscaler(scratch: Path) -> Any:
-    tokenizer = tiny_clip_tokenizer(scratch / "tokenizer")
-    unet = UNet2DConditionModel(
-        sample_size=128,
-        in_channels=7,
-        out_channels=4,
-        down_block_types=(
-            "DownBlock2D",
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-        ),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(256, 512, 512, 1024),
-        layers_per_block=2,
-        cross_attention_dim=1024,
-        attention_head_dim=8,
-        num_class_embeds=1000,
-        use_linear_projection=True,
-        only_cross_attention=(True, True, True, False),
-    )
-    encoder = CLIPTextModel(
-        text_config(
-            tokenizer,
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_attention_heads=16,
-            num_hidden_layers=23,
-            hidden_act="gelu",
-        )
-    )
-    with torch.device("cpu"):
-        low_res_scheduler, scheduler = DDPMScheduler(), DDIMScheduler()
-    return StableDiffusionUpscalePipeline(
-        vae=sd_vae(blocks=3, sample_size=256),
-        text_encoder=encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        low_res_scheduler=low_res_scheduler,
-        scheduler=scheduler,
-        max_noise_level=350,
-    )
-
-
-def add_safety_checker(pipeline: Any, tiny: bool) -> None:
-    """SD 1.5's safety checker (CLIP ViT-L/14 at 224², random weights; --tiny: the tests' tiny CLIP) and
-    its image processor, in the pipeline's device and dtype: the pipeline then runs it after every
-    decode, on the images it returns, as a default deployment (`safety_checker: true`) does."""
-    if tiny:
-        vision = tiny_clip_vision_config()
-        config = CLIPConfig(
-            text_config=tiny_clip_text_config(scratch_clip_tokenizer()).to_dict(),
-            vision_config=vision.to_dict(),
-            projection_dim=TEXT_DIM,
-        )
-        processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    else:
-        vision = CLIPVisionConfig(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_attention_heads=16,
-            num_hidden_layers=24,
-            patch_size=14,
-            image_size=224,
-            projection_dim=768,
-            hidden_act="quick_gelu",
-        )
-        config = CLIPConfig(vision_config=vision.to_dict(), projection_dim=768)
-        processor = CLIPImageProcessor()  # 224², as SD 1.5's feature_extractor
-    unet = pipeline.unet
-    checker = StableDiffusionSafetyChecker(config).to(unet.device, unet.dtype).eval()
-    pipeline.register_modules(safety_checker=checker, feature_extractor=processor)
 
 
 class Workload:

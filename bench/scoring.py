@@ -61,6 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kits.benches import print_measures  # noqa: E402
+from kits.real_models import sd15  # noqa: E402
 from schemas.job import ResolvedParams  # noqa: E402
 from schemas.messages import StagePlan  # noqa: E402
 from schemas.registry import ModelEntry, ResolvedModel  # noqa: E402
@@ -226,47 +227,9 @@ def clip_vit_l14(device: str, dtype: torch.dtype) -> ClipScorer:
 
 
 def sd15_pipeline(device: str, dtype: torch.dtype) -> Any:
-    from diffusers import AutoencoderKL, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from workers.tiny_models import sd_scheduler
-
     torch.manual_seed(0)
-    tokenizer = scratch_clip_tokenizer()
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    vae = AutoencoderKL(
-        block_out_channels=[128, 256, 512, 512],
-        layers_per_block=2,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        latent_channels=4,
-        sample_size=512,
-    )
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_attention_heads=12,
-            num_hidden_layers=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=1,
-        )
-    )
-    scheduler = sd_scheduler()
-    pipeline = StableDiffusionImg2ImgPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    with tempfile.TemporaryDirectory() as scratch:
+        pipeline = sd15(Path(scratch))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device, dtype)
 
